@@ -1,0 +1,21 @@
+// Row-range kernels of the CPU backend, built once per instruction set (see CMakeLists.txt).
+#pragma once
+
+#include <cstdint>
+
+#include "rlfuse/kernels.h"
+
+namespace rlfuse::cpu {
+
+#define RLFUSE_DECLARE_ROW_KERNELS(isa)                                                \
+  namespace isa {                                                                      \
+  void forward_rows(const TokenLogprobsFwdArgs& args, int64_t begin, int64_t end);   \
+  void backward_rows(const TokenLogprobsBwdArgs& args, int64_t begin, int64_t end);  \
+  }
+
+RLFUSE_DECLARE_ROW_KERNELS(base)
+#if defined(__x86_64__)
+RLFUSE_DECLARE_ROW_KERNELS(avx2)
+#endif
+
+}  // namespace rlfuse::cpu

@@ -1,0 +1,53 @@
+// Torch-free kernel entry points. Every backend honours the same row contract:
+//   logits row r lives at  base + row_offset(r, inner, stride_outer, stride_inner)  (elements),
+//   its V entries are contiguous; tokens are int64 (out-of-range ids give NaN log-probs and never
+//   index memory); all per-row outputs and upstream gradients are contiguous fp32 of length rows.
+#pragma once
+
+#include <cstdint>
+
+namespace rlfuse {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct RowLayout {
+  int64_t rows;          // number of rows (tokens)
+  int64_t inner;         // rows per outer index (>= 1)
+  int64_t stride_outer;  // elements between outer indices
+  int64_t stride_inner;  // elements between consecutive inner rows
+};
+
+struct TokenLogprobsFwdArgs {
+  const void* logits;
+  DType dtype;
+  RowLayout layout;
+  int64_t vocab;
+  const int64_t* tokens;
+  float inv_temp;
+  float* logp;     // [rows]
+  float* entropy;  // [rows]
+  float* lse;      // [rows], saved for the backward
+};
+
+struct TokenLogprobsBwdArgs {
+  const void* logits;
+  DType dtype;
+  RowLayout layout;
+  int64_t vocab;
+  const int64_t* tokens;
+  float inv_temp;
+  const float* lse;         // [rows] from the forward
+  const float* entropy;     // [rows] from the forward
+  const float* grad_logp;   // [rows]
+  const float* grad_entropy;  // [rows]
+  void* grad_logits;        // same dtype as logits; may alias `logits` (in-place backward)
+  RowLayout grad_layout;
+};
+
+// CPU (csrc/cpu), multi-threaded over rows.
+void token_logprobs_fwd_cpu(const TokenLogprobsFwdArgs& args, int num_threads);
+void token_logprobs_bwd_cpu(const TokenLogprobsBwdArgs& args, int num_threads);
+// Instruction set the CPU kernels run with on this machine ("avx2" or "base").
+const char* cpu_isa();
+
+}  // namespace rlfuse

@@ -1,0 +1,830 @@
+"""Benchmarks of rlfuse ops against plain PyTorch: ``rlfuse bench`` / ``python -m rlfuse.bench``.
+
+For one op (``--op``, default ``token_logprobs``) and each dtype, every contender is timed in three
+phases, each the median of ``--repeats`` runs after ``--warmup`` untimed fwd+bwd calls:
+
+- ``fwd``: the forward pass, recording autograd as in training;
+- ``bwd``: ``torch.autograd.backward(outputs, upstream_grads)`` only, on a fresh untimed forward;
+- ``fwd+bwd``: both together.
+
+Contenders are the rlfuse kernel backends available on the device (``cpu``, ``triton``, ``cuda``),
+the plain-PyTorch reference ("torch eager", the baseline of the speed-ups) and ``torch.compile`` of
+that same reference. For the fwd+bwd phase the peak memory is reported as bytes over a baseline taken
+before the inputs were created, and in units of the logits size: a fused backward that writes one
+gradient buffer peaks at "2.00x logits" (the logits themselves plus their gradient). On CUDA this is
+``max_memory_allocated``; on CPU it is the peak resident set size (VmHWM, reset through
+``/proc/self/clear_refs``). For the rlfuse kernels the achieved bandwidth is reported as a
+percentage of the device's measured copy bandwidth, counting the minimum traffic of a fused kernel
+(``token_logprobs``: the forward reads the logits once, the backward reads them and writes the
+gradient).
+
+Results go to stdout as a table, and to ``--out`` as a CSV, a PNG bar plot and a JSON describing
+the environment. New ops plug in through :func:`register_case`: a builder that returns a
+:class:`Case` (how to make inputs, the contenders, the bytes moved).
+
+The exit status is 0 when every rlfuse contender ran, 1 when one of them raised (the failure is also
+reported in the table), 2 for unusable arguments. A failing baseline (e.g. ``torch.compile`` without
+a working C++ compiler) is reported but does not change the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+PHASES = ("fwd", "bwd", "fwd+bwd")
+
+_DTYPE_ALIASES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+# Default problem sizes and repetition counts per device type.
+_DEFAULTS = {
+    "cpu": dict(tokens=2048, vocab=32768, dtypes=("fp32", "bf16"), repeats=5, warmup=1),
+    "cuda": dict(tokens=16384, vocab=151936, dtypes=("bf16",), repeats=20, warmup=3),
+}
+_QUICK = dict(tokens=256, vocab=4096, repeats=1, warmup=1)
+
+# Size of the buffers used to measure the copy bandwidth.
+_COPY_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+
+LOGIT_STD = 2.0
+
+
+# --------------------------------------------------------------------------------------------------
+# What is benchmarked: cases and contenders
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """One set of inputs for a case.
+
+    ``leaves`` are the tensors that receive gradients (their ``.grad`` is cleared before every
+    call); ``upstream`` are the gradients fed to ``torch.autograd.backward`` for the contender's
+    outputs, in the same order as the outputs.
+    """
+
+    tensors: Dict[str, torch.Tensor]
+    leaves: List[torch.Tensor]
+    upstream: List[torch.Tensor]
+
+
+# A contender's forward: takes the inputs, returns the differentiable outputs.
+Forward = Callable[[Inputs], Sequence[torch.Tensor]]
+
+
+@dataclass
+class Contender:
+    name: str
+    make: Callable[[torch.dtype], Forward]  # called once per dtype (e.g. to compile)
+    is_rlfuse: bool = False  # bandwidth figures are reported for rlfuse kernels only
+    slow_first_call: bool = False  # the first call compiles: announce it and report its time
+    first_call_hint: str = ""
+
+
+@dataclass
+class Case:
+    op: str
+    title: str  # e.g. "token_logprobs + entropy, N=2048 V=32768"
+    shape: Dict[str, int]
+    make_inputs: Callable[[torch.dtype], Inputs]
+    contenders: List[Contender]
+    unit_name: str  # the vocabulary-sized input that memory is reported against, e.g. "logits"
+    unit_bytes: Callable[[torch.dtype], int]
+    bytes_moved: Callable[[torch.dtype], Dict[str, int]]  # minimum traffic per phase
+    baseline: str = "torch eager"
+    notes: List[str] = field(default_factory=list)
+
+
+CaseBuilder = Callable[[argparse.Namespace, torch.device], Case]
+CASE_BUILDERS: Dict[str, CaseBuilder] = {}
+
+
+def register_case(op: str) -> Callable[[CaseBuilder], CaseBuilder]:
+    """Register ``builder(args, device) -> Case`` as the benchmark of ``op``."""
+
+    def decorator(builder: CaseBuilder) -> CaseBuilder:
+        CASE_BUILDERS[op] = builder
+        return builder
+
+    return decorator
+
+
+def _rlfuse_backends(args: argparse.Namespace, device: torch.device, notes: List[str]) -> List[str]:
+    """The rlfuse kernel backends to benchmark: the available ones minus "torch", optionally
+    restricted by ``--backends``."""
+    try:
+        from rlfuse.backends import available_backends
+
+        names = [b for b in available_backends(device) if b != "torch"]
+    except Exception as exc:  # the compiled part may be missing: still benchmark the baselines
+        notes.append(f"rlfuse backends unavailable: {_short_error(exc)}")
+        names = []
+    if args.backends:
+        wanted = _split_list(args.backends)
+        for name in wanted:
+            if name not in names:
+                notes.append(f"backend {name!r} requested but not available on {device.type}")
+        names = [b for b in names if b in wanted]
+    return names
+
+
+@register_case("token_logprobs")
+def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case:
+    import rlfuse
+    from rlfuse.reference import token_logprobs_reference
+
+    n, v = args.tokens, args.vocab
+    notes: List[str] = []
+    backends = _rlfuse_backends(args, device, notes)
+
+    def make_inputs(dtype: torch.dtype) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        logits = torch.randn(n, v, generator=gen, device=device, dtype=dtype)
+        logits.mul_(LOGIT_STD).requires_grad_()
+        tokens = torch.randint(0, v, (n,), generator=gen, device=device)
+        g_logp = torch.randn(n, generator=gen, device=device)
+        g_entropy = torch.randn(n, generator=gen, device=device)
+        return Inputs({"logits": logits, "tokens": tokens}, [logits], [g_logp, g_entropy])
+
+    def rlfuse_contender(backend: str) -> Contender:
+        def make(dtype: torch.dtype) -> Forward:
+            def forward(inp: Inputs):
+                t = inp.tensors
+                return rlfuse.token_logprobs(t["logits"], t["tokens"], return_entropy=True,
+                                             backend=backend)
+            return forward
+
+        return Contender(f"rlfuse {backend}", make, is_rlfuse=True,
+                         slow_first_call=backend == "triton", first_call_hint="Triton JIT")
+
+    def make_eager(dtype: torch.dtype) -> Forward:
+        return lambda inp: token_logprobs_reference(inp.tensors["logits"], inp.tensors["tokens"])
+
+    def make_compiled(dtype: torch.dtype) -> Forward:
+        compiled = torch.compile(token_logprobs_reference, dynamic=False)
+        return lambda inp: compiled(inp.tensors["logits"], inp.tensors["tokens"])
+
+    contenders = [rlfuse_contender(b) for b in backends]
+    contenders.append(Contender("torch eager", make_eager))
+    if not args.no_compile:
+        hint = "about 30-60 s on CPU" if device.type == "cpu" else "can take a minute"
+        contenders.append(Contender("torch.compile", make_compiled, slow_first_call=True,
+                                    first_call_hint=hint))
+
+    def unit_bytes(dtype: torch.dtype) -> int:
+        return n * v * _itemsize(dtype)
+
+    def bytes_moved(dtype: torch.dtype) -> Dict[str, int]:
+        # fwd reads the logits once; bwd reads them again and writes a gradient of the same dtype.
+        size = unit_bytes(dtype)
+        return {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size}
+
+    return Case(
+        op="token_logprobs",
+        title=f"token_logprobs + entropy, N={n} V={v}",
+        shape={"tokens": n, "vocab": v},
+        make_inputs=make_inputs,
+        contenders=contenders,
+        unit_name="logits",
+        unit_bytes=unit_bytes,
+        bytes_moved=bytes_moved,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring: time, memory, bandwidth
+# --------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _collect_garbage(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _timed_ms(device: torch.device, body: Callable[[], object]) -> float:
+    """Milliseconds spent by ``body`` on the device (CUDA events) or the host clock (CPU)."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        body()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    body()
+    return (time.perf_counter() - start_s) * 1e3
+
+
+def _run_once(phase: str, forward: Forward, inp: Inputs, device: torch.device) -> float:
+    """Run one phase once and return its time in ms; only the phase itself is timed."""
+    for leaf in inp.leaves:
+        leaf.grad = None
+    if phase == "fwd":
+        kept = []  # the outputs (and their graph) are freed after the timed region
+        return _timed_ms(device, lambda: kept.append(forward(inp)))
+    if phase == "bwd":
+        outputs = forward(inp)
+        _synchronize(device)
+        return _timed_ms(device, lambda: torch.autograd.backward(list(outputs), inp.upstream))
+    if phase == "fwd+bwd":
+        return _timed_ms(device, lambda: torch.autograd.backward(list(forward(inp)), inp.upstream))
+    raise ValueError(f"unknown phase {phase!r}")
+
+
+class MemoryProbe:
+    """Current and peak memory of the device: CUDA allocator statistics, or on Linux CPUs the
+    resident set size of this process (VmRSS, peak VmHWM reset through /proc/self/clear_refs).
+    Every method returns None when the figure cannot be read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda allocated" if device.type == "cuda" else "process RSS"
+        self.available = device.type == "cuda" or self._cpu_probe_works()
+
+    @staticmethod
+    def _status_kib(key: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def _cpu_probe_works(self) -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        return self._status_kib("VmHWM") is not None and self._status_kib("VmRSS") is not None
+
+    def current(self) -> Optional[int]:
+        if not self.available:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        kib = self._status_kib("VmRSS")
+        return None if kib is None else kib * 1024
+
+    def reset_peak(self) -> None:
+        if not self.available:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            self.available = False
+
+    def peak(self) -> Optional[int]:
+        if not self.available:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        kib = self._status_kib("VmHWM")
+        return None if kib is None else kib * 1024
+
+
+def measure_copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
+    """Bytes per second of ``dst.copy_(src)`` on a large buffer (counting the read and the write)."""
+    nbytes = _COPY_BYTES[device.type]
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        nbytes = min(nbytes, free // 4)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    _synchronize(device)
+    ms = statistics.median(_timed_ms(device, lambda: dst.copy_(src)) for _ in range(repeats))
+    del src, dst
+    _collect_garbage(device)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a case
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    contender: str
+    dtype: str
+    is_rlfuse: bool
+    ms: Dict[str, float] = field(default_factory=dict)  # phase -> median ms
+    peak_extra_bytes: Optional[int] = None
+    unit_bytes: int = 0
+    bytes_moved: Dict[str, int] = field(default_factory=dict)
+    first_call_s: Optional[float] = None
+    error: Optional[str] = None
+    speedup: Optional[float] = None  # baseline fwd+bwd time / this fwd+bwd time
+
+    @property
+    def peak_units(self) -> Optional[float]:
+        if self.peak_extra_bytes is None or not self.unit_bytes:
+            return None
+        return self.peak_extra_bytes / self.unit_bytes
+
+    def bandwidth(self, phase: str) -> Optional[float]:
+        """Achieved bytes per second of the phase, for rlfuse kernels."""
+        if not self.is_rlfuse or phase not in self.ms or phase not in self.bytes_moved:
+            return None
+        return self.bytes_moved[phase] / (self.ms[phase] * 1e-3)
+
+
+class Progress:
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+
+    def start(self, label: str) -> None:
+        self.done += 1
+        _log(f"[{self.done}/{self.total}] {label} ...", end="")
+
+    def finish(self, text: str) -> None:
+        _log(f" {text}")
+
+
+def _log(message: str, end: str = "\n") -> None:
+    print(message, end=end, file=sys.stderr, flush=True)
+
+
+def _short_error(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    message = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def _measure(case: Case, contender: Contender, dtype: torch.dtype, device: torch.device,
+             args: argparse.Namespace, probe: MemoryProbe, progress: Progress) -> Result:
+    dname = _DTYPE_NAMES[dtype]
+    result = Result(contender.name, dname, contender.is_rlfuse,
+                    unit_bytes=case.unit_bytes(dtype), bytes_moved=case.bytes_moved(dtype))
+    label = f"{contender.name} {dname}"
+    _collect_garbage(device)
+
+    # Warm-up (compilation happens here), then one fwd+bwd on fresh inputs for the peak memory.
+    # Errors are handled after the `except` block, once the traceback (and the tensors its frames
+    # hold) is gone, so that the memory can really be freed.
+    forward = inp = None
+    try:
+        forward = contender.make(dtype)
+        inp = case.make_inputs(dtype)
+        for i in range(max(1, args.warmup)):
+            if i == 0 and contender.slow_first_call:
+                hint = f"; {contender.first_call_hint}" if contender.first_call_hint else ""
+                _log(f"      {label}: first call compiles{hint} ...", end="")
+                start_s = time.perf_counter()
+                _run_once("fwd+bwd", forward, inp, device)
+                _synchronize(device)
+                result.first_call_s = time.perf_counter() - start_s
+                _log(f" {result.first_call_s:.1f} s")
+            else:
+                _run_once("fwd+bwd", forward, inp, device)
+        inp = None
+        _collect_garbage(device)
+
+        baseline = probe.current()  # before the inputs exist
+        inp = case.make_inputs(dtype)
+        _synchronize(device)
+        probe.reset_peak()
+        _run_once("fwd+bwd", forward, inp, device)
+        _synchronize(device)
+        peak = probe.peak()
+        if baseline is not None and peak is not None:
+            result.peak_extra_bytes = max(0, peak - baseline)
+    except Exception as exc:
+        result.error = _short_error(exc)
+    if result.error:
+        inp = forward = None
+        _collect_garbage(device)
+        _log(f"      {label}: error: {result.error}")
+        for phase in PHASES:
+            progress.start(f"{label} {phase}")
+            progress.finish("skipped (failed in warm-up)")
+        return result
+
+    for phase in PHASES:
+        progress.start(f"{label} {phase}")
+        error = None
+        try:
+            times = [_run_once(phase, forward, inp, device) for _ in range(args.repeats)]
+        except Exception as exc:
+            error = _short_error(exc)
+        if error:
+            _collect_garbage(device)
+            result.error = result.error or f"{phase}: {error}"
+            progress.finish(f"error: {error}")
+            continue
+        result.ms[phase] = statistics.median(times)
+        text = f"{result.ms[phase]:.3f} ms"
+        if phase == "fwd+bwd" and result.peak_units is not None:
+            text += f", peak {_format_peak(result)}"
+        progress.finish(text)
+
+    inp = forward = None
+    _collect_garbage(device)
+    return result
+
+
+def run_case(case: Case, dtypes: Sequence[torch.dtype], device: torch.device,
+             args: argparse.Namespace) -> List[Result]:
+    probe = MemoryProbe(device)
+    if not probe.available:
+        _log("note: peak memory cannot be measured here (reported as n/a)")
+    progress = Progress(len(case.contenders) * len(dtypes) * len(PHASES))
+    results = []
+    for dtype in dtypes:
+        for contender in case.contenders:
+            results.append(_measure(case, contender, dtype, device, args, probe, progress))
+    for result in results:
+        base = next((r for r in results
+                     if r.contender == case.baseline and r.dtype == result.dtype), None)
+        if base and "fwd+bwd" in base.ms and "fwd+bwd" in result.ms:
+            result.speedup = base.ms["fwd+bwd"] / result.ms["fwd+bwd"]
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting: table, CSV, PNG, environment JSON
+# --------------------------------------------------------------------------------------------------
+
+
+def _format_bytes(nbytes: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def _format_peak(result: Result) -> str:
+    if result.peak_extra_bytes is None:
+        return "n/a"
+    units = result.peak_units
+    return f"+{_format_bytes(result.peak_extra_bytes)} ({units:.2f}x logits)"
+
+
+def _format_table(rows: List[List[str]], headers: List[str], right: Sequence[int]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: List[str]) -> str:
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(r) for r in rows])
+
+
+def format_results(case: Case, results: List[Result], copy_bw: Optional[float]) -> str:
+    headers = ["contender", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", "vs eager",
+               f"peak extra ({case.unit_name})", "% copy BW fwd/bwd/f+b"]
+    show_errors = any(r.error for r in results)
+    if show_errors:
+        headers.append("note")
+    rows = []
+    for r in results:
+        if r.error and not r.ms:
+            rows.append([r.contender, r.dtype] + [""] * (len(headers) - 3) + [f"error: {r.error}"])
+            continue
+        cells = [r.contender, r.dtype]
+        cells += [f"{r.ms[p]:.3f}" if p in r.ms else "error" for p in PHASES]
+        cells.append(f"{r.speedup:.2f}x" if r.speedup is not None else "-")
+        cells.append(_format_peak(r).replace(" logits", ""))
+        if r.is_rlfuse and copy_bw:
+            pcts = [f"{100 * r.bandwidth(p) / copy_bw:.0f}" if p in r.ms else "-" for p in PHASES]
+            cells.append(" / ".join(pcts))
+        else:
+            cells.append("-")
+        if show_errors:
+            cells.append(f"error: {r.error}" if r.error else "")
+        rows.append(cells)
+    return _format_table(rows, headers, right={2, 3, 4, 5, 6, 7})
+
+
+def _csv_rows(case: Case, results: List[Result], env: dict) -> List[dict]:
+    copy_bw = env.get("copy_bandwidth_GBps")
+    rows = []
+    for r in results:
+        row = {
+            "op": case.op, "device": env["device"], "device_name": env["device_name"],
+            **case.shape, "dtype": r.dtype, "contender": r.contender,
+            "repeats": env["repeats"],
+        }
+        for p in PHASES:
+            row[f"{p}_ms"] = _round(r.ms.get(p))
+        row["speedup_vs_eager_fwd+bwd"] = _round(r.speedup)
+        row["peak_extra_bytes"] = r.peak_extra_bytes if r.peak_extra_bytes is not None else ""
+        row[f"peak_extra_x_{case.unit_name}"] = _round(r.peak_units)
+        row[f"{case.unit_name}_bytes"] = r.unit_bytes
+        for p in PHASES:
+            bw = r.bandwidth(p)
+            row[f"{p}_GBps"] = _round(bw / 1e9 if bw else None)
+            row[f"{p}_pct_copy_bw"] = _round(100 * bw / 1e9 / copy_bw if bw and copy_bw else None)
+        row["copy_bandwidth_GBps"] = _round(copy_bw)
+        row["first_call_s"] = _round(r.first_call_s)
+        row["error"] = r.error or ""
+        rows.append(row)
+    return rows
+
+
+def _round(x: Optional[float], digits: int = 4) -> object:
+    return "" if x is None else round(x, digits)
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_plot(path: str, case: Case, results: List[Result], device_label: str) -> bool:
+    """Grouped bar plot of the fwd+bwd time per contender and dtype. False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("note: matplotlib is not installed; skipping the PNG plot")
+        return False
+
+    from matplotlib.transforms import blended_transform_factory
+
+    dtypes = list(dict.fromkeys(r.dtype for r in results))
+    contenders = list(dict.fromkeys(r.contender for r in results))
+    by_key = {(r.contender, r.dtype): r for r in results}
+    width = 0.8 / max(1, len(contenders))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.9 * len(dtypes) * len(contenders)), 4.5))
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes units
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    times = []
+    for i, name in enumerate(contenders):
+        color = colors[i % len(colors)]
+        xs, heights, labels = [], [], []
+        for j, dname in enumerate(dtypes):
+            r = by_key.get((name, dname))
+            x = j + (i - (len(contenders) - 1) / 2) * width
+            if r is None:
+                continue
+            if "fwd+bwd" not in r.ms:
+                ax.text(x, 0.02, "failed", transform=bottom, rotation=90, ha="center",
+                        va="bottom", fontsize=8, color=color)
+                continue
+            ms = r.ms["fwd+bwd"]
+            xs.append(x)
+            heights.append(ms)
+            labels.append((f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}")
+                          + (f"\n{r.speedup:.1f}x" if r.speedup is not None else ""))
+        times += heights
+        bars = ax.bar(xs, heights, width, label=name, color=color)
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+    if times and max(times) / max(min(times), 1e-9) > 30:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(dtypes)), dtypes)
+    ax.set_ylabel("fwd+bwd time (ms, lower is better)")
+    ax.set_title(f"{case.title}\n{device_label}", fontsize=10)
+    ax.margins(y=0.2)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "device"
+
+
+def environment(device: torch.device, args: argparse.Namespace) -> dict:
+    env = {
+        "device": device.type,
+        "device_name": _device_name(device),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "seed": args.seed,
+    }
+    for module in ("triton", "rlfuse"):
+        try:
+            env[module] = getattr(__import__(module), "__version__", "unknown")
+        except Exception:
+            env[module] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        env["gpu_memory_bytes"] = props.total_memory
+        env["gpu_multiprocessors"] = props.multi_processor_count
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_list(values: Optional[Sequence[str]]) -> List[str]:
+    out: List[str] = []
+    for value in values or ():
+        out += [v.strip() for v in value.split(",") if v.strip()]
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``rlfuse bench`` options to ``parser``."""
+    parser.add_argument("--op", default="token_logprobs", choices=sorted(CASE_BUILDERS),
+                        help="op to benchmark (default: token_logprobs)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto = cuda if available, else cpu")
+    parser.add_argument("--tokens", "-N", type=int, default=None,
+                        help="number of token positions (default: cpu 2048, cuda 16384)")
+    parser.add_argument("--vocab", "-V", type=int, default=None,
+                        help="vocabulary size (default: cpu 32768, cuda 151936)")
+    parser.add_argument("--dtype", action="append", default=None, metavar="DTYPE",
+                        help="logits dtype: fp32, bf16, fp16; repeatable or comma separated "
+                             "(default: cpu fp32,bf16; cuda bf16)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per phase, the median is reported (default: cpu 5, cuda 20)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed fwd+bwd calls first, at least 1 (default: cpu 1, cuda 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: N={_QUICK['tokens']} V={_QUICK['vocab']}, 1 repeat "
+                             "(explicit --tokens/--vocab/--repeats still win)")
+    parser.add_argument("--backends", action="append", default=None, metavar="NAME",
+                        help="only these rlfuse backends (cpu, triton, cuda); repeatable or comma "
+                             "separated (default: all available)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile contender (its compilation is slow on CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads before running (CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--out", default=os.path.join("bench", "results"),
+                        help="directory for the CSV, PNG and environment JSON "
+                             "(default: bench/results)")
+    parser.add_argument("--no-save", action="store_true",
+                        help="print the table only; write no files")
+
+
+def _resolve(args: argparse.Namespace) -> torch.device:
+    """Pick the device and fill in the device-dependent defaults (in place)."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    defaults = dict(_DEFAULTS[device.type])
+    if args.quick:
+        defaults.update(_QUICK)
+    for name in ("tokens", "vocab", "repeats", "warmup"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    for name in ("tokens", "vocab", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        raise ValueError("--warmup must not be negative")
+    names = _split_list(args.dtype) or list(defaults["dtypes"])
+    unknown = [n for n in names if n.lower() not in _DTYPE_ALIASES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; use fp32, bf16 or fp16")
+    args.dtypes = list(dict.fromkeys(_DTYPE_ALIASES[n.lower()] for n in names))
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args``; returns the exit status."""
+    try:
+        device = _resolve(args)
+    except ValueError as exc:
+        print(f"rlfuse bench: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    case = CASE_BUILDERS[args.op](args, device)
+    env = environment(device, args)
+    device_label = (env["device_name"] if device.type == "cuda"
+                    else f"cpu: {env['cpu_model']}, {env['torch_threads']} threads")
+    _log(f"rlfuse bench: {case.title} on {device_label}; "
+         f"dtypes {', '.join(_DTYPE_NAMES[d] for d in args.dtypes)}; "
+         f"contenders: {', '.join(c.name for c in case.contenders)}")
+    for note in case.notes:
+        _log(f"note: {note}")
+
+    _log("measuring the copy bandwidth ...", end="")
+    copy_bw = measure_copy_bandwidth(device)
+    env["copy_bandwidth_GBps"] = copy_bw / 1e9
+    _log(f" {copy_bw / 1e9:.1f} GB/s")
+
+    results = run_case(case, args.dtypes, device, args)
+
+    sizes = ", ".join(f"{_DTYPE_NAMES[d]} {_format_bytes(case.unit_bytes(d))}" for d in args.dtypes)
+    print(f"{case.title}  |  {device_label}")
+    print(f"median of {args.repeats} runs; copy bandwidth {copy_bw / 1e9:.1f} GB/s; "
+          f"{case.unit_name}: {sizes}; peak = {MemoryProbe(device).kind} over the baseline "
+          f"before the inputs existed")
+    print()
+    print(format_results(case, results, copy_bw))
+    for note in case.notes:
+        print(f"note: {note}")
+
+    if not args.no_save:
+        os.makedirs(args.out, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+        stem = os.path.join(args.out, f"{case.op}_{_sanitize(env['device_name'])}_{stamp}")
+        env.update(op=case.op, shape=case.shape, dtypes=[_DTYPE_NAMES[d] for d in args.dtypes],
+                   contenders=[c.name for c in case.contenders], notes=case.notes,
+                   command=sys.argv)
+        write_csv(stem + ".csv", _csv_rows(case, results, env))
+        written = [stem + ".csv"]
+        if write_plot(stem + ".png", case, results, device_label):
+            written.append(stem + ".png")
+        with open(stem + "_env.json", "w") as f:
+            json.dump(env, f, indent=2, default=str)
+        written.append(stem + "_env.json")
+        print()
+        print("wrote " + ", ".join(written))
+
+    failed = [r for r in results if r.error]
+    if failed:
+        _log(f"{len(failed)} measurement(s) failed: "
+             + "; ".join(f"{r.contender} {r.dtype}" for r in failed))
+    return 1 if any(r.is_rlfuse for r in failed) else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlfuse.bench",
+        description="Benchmark rlfuse ops against torch eager and torch.compile.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

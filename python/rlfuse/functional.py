@@ -1,0 +1,59 @@
+"""Public functions on vocabulary-sized logits."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as check
+from ._layout import row_layout
+from .backends import resolve_backend
+from .ops.token_logprobs import token_logprobs_fwd
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+):
+    """Log-probability of each chosen token (and optionally the entropy) from raw logits.
+
+    Args:
+        logits: ``[..., V]`` float32/float16/bfloat16 (float64 runs on the torch backend). Views
+            whose last dimension is contiguous, e.g. ``logits[:, :-1]``, are read in place.
+        tokens: int32/int64 ids of shape ``logits.shape[:-1]``, each in ``[0, V)``.
+        temperature: ``T > 0``; the distribution is ``softmax(logits / T)``.
+        return_entropy: also return the entropy of that distribution.
+        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.
+        inplace_backward: the backward writes the gradient into ``logits``' own memory (no
+            ``[..., V]`` allocation); ``logits`` must not be used after the backward.
+
+    Returns:
+        ``logp`` (float32, shape ``logits.shape[:-1]``), or ``(logp, entropy)``. Both are
+        differentiable with respect to ``logits`` through one fused gradient kernel.
+    """
+    logp, entropy = _forward(logits, tokens, temperature, backend, inplace_backward)
+    return (logp, entropy) if return_entropy else logp
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """Entropy (natural log) of ``softmax(logits / T)`` per row, float32, differentiable."""
+    check.check_logits(logits)
+    tokens = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    return _forward(logits, tokens, temperature, backend, False)[1]
+
+
+def _forward(logits, tokens, temperature, backend, inplace_backward):
+    check.check_logits(logits)
+    temperature = check.check_temperature(temperature)
+    check.check_tokens(tokens, logits)
+    resolved = resolve_backend(backend, logits.device, "token_logprobs", logits.dtype)
+    if inplace_backward and row_layout(logits) is None:
+        raise ValueError(
+            "inplace_backward=True needs logits whose last dimension is contiguous and whose leading "
+            "dimensions collapse to at most two strides; pass logits.contiguous()"
+        )
+    logp, entropy, _ = token_logprobs_fwd(logits, tokens, temperature, resolved, bool(inplace_backward))
+    return logp, entropy

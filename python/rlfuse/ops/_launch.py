@@ -1,0 +1,76 @@
+"""Uniform launchers over the compiled (C++/CUDA) kernels of ``rlfuse._C``.
+
+Each backend module exposes ``token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp,
+entropy, lse)`` and ``token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy,
+grad_logp, grad_entropy, grad_logits, grad_layout)`` taking tensors; the Triton package has the
+same functions. This module adapts ``rlfuse._C``'s pointer-based entry points to that shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+
+import torch
+
+from ..backends import compiled_extension
+
+DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _cpu_launchers():
+    ext = compiled_extension()
+
+    def fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse):
+        ext.token_logprobs_fwd_cpu(
+            logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
+            logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
+        )
+
+    def bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, grad_logp, grad_entropy, grad_logits,
+            grad_layout):
+        ext.token_logprobs_bwd_cpu(
+            logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
+            lse.data_ptr(), entropy.data_ptr(), grad_logp.data_ptr(), grad_entropy.data_ptr(),
+            grad_logits.data_ptr(), grad_layout, torch.get_num_threads(),
+        )
+
+    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd)
+
+
+def _cuda_launchers():
+    ext = compiled_extension()
+
+    def stream(tensor):
+        return torch.cuda.current_stream(tensor.device).cuda_stream
+
+    def fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse):
+        with torch.cuda.device(logits.device):
+            ext.token_logprobs_fwd_cuda(
+                logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
+                logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(), stream(logits),
+            )
+
+    def bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, grad_logp, grad_entropy, grad_logits,
+            grad_layout):
+        with torch.cuda.device(logits.device):
+            ext.token_logprobs_bwd_cuda(
+                logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
+                lse.data_ptr(), entropy.data_ptr(), grad_logp.data_ptr(), grad_entropy.data_ptr(),
+                grad_logits.data_ptr(), grad_layout, stream(logits),
+            )
+
+    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd)
+
+
+@functools.cache
+def kernels(backend: str, op: str):
+    """The launchers of ``op`` on a kernel backend ("cpu", "cuda" or "triton")."""
+    if backend == "cpu":
+        return _cpu_launchers()
+    if backend == "cuda":
+        return _cuda_launchers()
+    if backend == "triton":
+        return importlib.import_module(f"rlfuse.triton_kernels.{op}")
+    raise ValueError(f"no kernels for backend {backend!r}")

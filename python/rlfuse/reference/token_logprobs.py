@@ -1,0 +1,78 @@
+"""Plain-PyTorch token log-probs and entropy, written from SPEC.md sections 1-2.
+
+Two independent forms:
+
+* :func:`token_logprobs_reference` — the textbook eager computation with autograd (log_softmax,
+  gather, entropy). It is the test oracle (run in float64) and the "torch eager" benchmark baseline.
+* :func:`row_statistics` / :func:`row_gradient` — the explicit forward statistics and the
+  closed-form gradient of SPEC.md section 2, used by the ``backend="torch"`` fallback of the ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x = z / T, computed in at least float32."""
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.to(compute_dtype) / temperature
+
+
+def _entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    probs = log_probs.exp()
+    # A -inf logit contributes 0 * -inf := 0; masking log p (not the product) also keeps the
+    # gradient of those entries at 0 instead of NaN.
+    finite_log_probs = torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
+    return -(probs * finite_log_probs).sum(-1)
+
+
+def token_logprobs_reference(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(logp, entropy)`` of shape ``logits.shape[:-1]``, differentiable in ``logits``.
+
+    Computed in float32 (float64 for float64 logits), materialising the full log-softmax.
+    """
+    log_probs = torch.log_softmax(_scaled(logits, temperature), dim=-1)
+    logp = log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return logp, _entropy_from_log_probs(log_probs)
+
+
+def row_statistics(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward of SPEC.md section 1 without autograd: ``(logp, entropy, lse)``, float32.
+
+    Out-of-range token ids give a NaN log-prob (the Python layer rejects them before this runs).
+    """
+    x = _scaled(logits, temperature)
+    lse = torch.logsumexp(x, dim=-1)
+    log_probs = x - lse.unsqueeze(-1)
+    vocab = x.shape[-1]
+    in_range = (tokens >= 0) & (tokens < vocab)
+    x_target = x.gather(-1, tokens.long().clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(in_range, x_target - lse, torch.full_like(lse, float("nan")))
+    return logp.float(), _entropy_from_log_probs(log_probs).float(), lse.float()
+
+
+def row_gradient(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """SPEC.md section 2: dL/dz = [g_logp (1[j=y] - p) - g_H p (log p + H)] / T, in float32."""
+    log_probs = _scaled(logits, temperature) - lse.unsqueeze(-1)
+    probs = log_probs.exp()
+    g_logp = grad_logp.unsqueeze(-1)
+    g_h = grad_entropy.unsqueeze(-1)
+    grad = torch.where(probs == 0, 0.0, -probs * (g_logp + g_h * (log_probs + entropy.unsqueeze(-1))))
+    vocab = logits.shape[-1]
+    in_range = ((tokens >= 0) & (tokens < vocab)).unsqueeze(-1)
+    target = torch.where(in_range, g_logp, 0.0)
+    grad = grad.scatter_add(-1, tokens.long().clamp(0, vocab - 1).unsqueeze(-1), target)
+    return (grad / temperature).float()

@@ -1,0 +1,192 @@
+"""Per-token log-prob, entropy and their fused gradient, straight from the logits (SPEC.md 1-2).
+
+Row contract shared with the CPU and CUDA backends: row r of the logits starts at element
+``(r // inner) * stride_outer + (r % inner) * stride_inner`` of the base pointer and its ``vocab``
+entries are contiguous. ``layout = (rows, inner, stride_outer, stride_inner)``, in elements.
+"""
+
+import triton
+import triton.language as tl
+
+from ._launch import GPU_BLOCK_V, AotKernel, block_config
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _row_ptr(base_ptr, row, inner, stride_outer, stride_inner):
+    # 64-bit offsets: rows * vocab exceeds 2^31 at realistic sizes.
+    row = row.to(tl.int64)
+    return base_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, tokens_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    inner, stride_outer, stride_inner, vocab, inv_temp,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
+
+    # A chunk is [LANES, VEC]: each lane owns VEC consecutive entries (one 16-byte load), so the
+    # per-chunk max and sums along VEC stay inside a thread. Each lane keeps its own online
+    # softmax, combined across lanes once at the end:
+    #   m = lane max, s = sum exp(x - m), dot = sum exp(x - m) * (x - m).
+    # dot is relative to m (SPEC's t = dot + m * s) so that H = lse - E[x] does not cancel.
+    # Lanes start at -FLT_MAX rather than -inf so that shifts are never -inf - -inf; a lane that
+    # only saw -inf keeps s = dot = 0 and weighs nothing.
+    LANES: tl.constexpr = BLOCK_V // VEC
+    cols = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    m = tl.full([LANES], -FLT_MAX, tl.float32)
+    s = tl.zeros([LANES], tl.float32)
+    dot = tl.zeros([LANES], tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
+        x = z.to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        shift = m - m_new  # <= 0
+        rescale = tl.exp(shift)
+        d = x - m_new[:, None]
+        e = tl.exp(d)  # NaN for NaN entries, which then poisons s and dot
+        # Clamping d makes a -inf entry (e = 0, d = -inf) add 0 * -FLT_MAX = 0, not NaN.
+        chunk_dot = tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)
+        dot = (dot + s * shift) * rescale + chunk_dot
+        s = s * rescale + tl.sum(e, axis=1)
+        m = m_new
+
+    row_max = tl.max(m, axis=0)
+    lane_scale = tl.exp(m - row_max)
+    sum_exp = tl.sum(s * lane_scale, axis=0)
+    sum_dot = tl.sum((dot + s * (m - row_max)) * lane_scale, axis=0)
+    log_sum = tl.log(sum_exp)
+    lse = row_max + log_sum
+    entropy = log_sum - sum_dot / sum_exp
+
+    # Out-of-range token ids give NaN and are never dereferenced.
+    token = tl.load(tokens_ptr + row)
+    valid = (token >= 0) & (token < vocab)
+    z_token = tl.load(logits_row + tl.where(valid, token, 0), mask=valid, other=float("nan"))
+    # x_y - max is exact for the likely tokens; going through lse would round at |lse|'s scale.
+    logp = (z_token.to(tl.float32) * inv_temp - row_max) - log_sum
+
+    tl.store(logp_ptr + row, logp)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr, tokens_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_ptr,
+    inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
+    vocab, inv_temp,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
+    grad_row = _row_ptr(grad_ptr, row, grad_inner, grad_stride_outer, grad_stride_inner)
+    lse = tl.load(lse_ptr + row)
+    entropy = tl.load(entropy_ptr + row)
+    g_logp = tl.load(grad_logp_ptr + row)
+    g_entropy = tl.load(grad_entropy_ptr + row)
+    # Out-of-range ids match no column (the forward already returned NaN for them).
+    token = tl.load(tokens_ptr + row)
+    token = tl.where((token >= 0) & (token < vocab), token, -1).to(tl.int32)
+
+    # dL/dz_j = target * 1[j = y] + p_j * (base + slope * log p_j), all carrying the 1/T factor.
+    target = g_logp * inv_temp
+    base = (-g_logp - g_entropy * entropy) * inv_temp
+    slope = -g_entropy * inv_temp
+
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        mask = offs < vocab
+        z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
+        log_p = z.to(tl.float32) * inv_temp - lse
+        p = tl.exp(log_p)
+        # p = 0 (e.g. a -inf logit) gives exactly 0, not 0 * inf.
+        g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
+        g = tl.where(offs == token, g + target, g)
+        # Same program reads then writes each element, so grad_ptr may alias logits_ptr.
+        tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse, *, block_v=None):
+    """logp, entropy, lse (fp32 [rows]) of the logits rows described by ``layout``.
+
+    ``tokens`` is contiguous int64 [rows]; ``logits`` is only the base pointer. ``block_v``
+    overrides the vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab.
+    """
+    rows, inner, stride_outer, stride_inner = layout
+    if rows == 0:
+        return
+    block, num_warps = block_config(vocab, logits.device, block_v)
+    _token_logprobs_fwd_kernel[(rows,)](
+        logits, tokens, logp, entropy, lse,
+        inner, stride_outer, stride_inner, vocab, float(inv_temp),
+        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), num_warps=num_warps,
+    )
+
+
+def token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, grad_logp,
+                       grad_entropy, grad_logits, grad_layout, *, block_v=None):
+    """Writes dL/dlogits for L with upstream grads ``grad_logp``, ``grad_entropy`` (fp32 [rows]).
+
+    The gradient is stored in ``grad_logits``' dtype at ``grad_layout``'s row offsets;
+    ``grad_logits`` may be ``logits`` itself (same layout) for an in-place backward.
+    """
+    rows, inner, stride_outer, stride_inner = layout
+    grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
+    assert grad_rows == rows, "layout and grad_layout must describe the same rows"
+    if rows == 0:
+        return
+    block, num_warps = block_config(vocab, logits.device, block_v)
+    _token_logprobs_bwd_kernel[(rows,)](
+        logits, tokens, lse, entropy, grad_logp, grad_entropy, grad_logits,
+        inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
+        vocab, float(inv_temp),
+        BLOCK_V=block, num_warps=num_warps,
+    )
+
+
+def _aot_kernels():
+    entries = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        entries.append(AotKernel(
+            name=f"token_logprobs_fwd[{dtype}]",
+            fn=_token_logprobs_fwd_kernel,
+            signature={
+                "logits_ptr": f"*{dtype}", "tokens_ptr": "*i64",
+                "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+                "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
+                "inv_temp": "fp32", "BLOCK_V": "constexpr", "VEC": "constexpr",
+            },
+            constexprs={"BLOCK_V": GPU_BLOCK_V, "VEC": 4 if dtype == "fp32" else 8},
+            num_warps=8,
+            aligned=("logits_ptr", "tokens_ptr", "logp_ptr", "entropy_ptr", "lse_ptr",
+                     "stride_outer", "stride_inner", "vocab"),
+        ))
+        entries.append(AotKernel(
+            name=f"token_logprobs_bwd[{dtype}]",
+            fn=_token_logprobs_bwd_kernel,
+            signature={
+                "logits_ptr": f"*{dtype}", "tokens_ptr": "*i64", "lse_ptr": "*fp32",
+                "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
+                "grad_ptr": f"*{dtype}",
+                "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
+                "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
+                "vocab": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
+            },
+            constexprs={"BLOCK_V": GPU_BLOCK_V},
+            num_warps=8,
+            aligned=("logits_ptr", "tokens_ptr", "lse_ptr", "entropy_ptr", "grad_logp_ptr",
+                     "grad_entropy_ptr", "grad_ptr", "stride_outer", "stride_inner",
+                     "grad_stride_outer", "grad_stride_inner", "vocab"),
+        ))
+    return entries
+
+
+# Specialisations compiled by aot.py: the launchers' GPU configuration for large vocabularies.
+AOT_KERNELS = _aot_kernels()
