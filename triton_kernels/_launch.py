@@ -4,18 +4,18 @@ from dataclasses import dataclass, field
 
 import triton
 
-# Vocab chunk per loop iteration. On GPU 4096 keeps 16 elements per thread at 8 warps (the
-# forward holds 3 fp32 accumulators per element, ~100 registers); the interpreter runs the
-# same loops on small tensors, where a smaller chunk still exercises multi-chunk rows.
+# Vocab chunk per loop iteration. On GPU, 4096 at 8 warps is 16 elements (two 16-byte bf16
+# loads) per thread in flight at under 64 registers, so up to 8 blocks fit on an SM. On CPU
+# (the interpreter) a smaller chunk still exercises multi-chunk rows at test sizes.
 GPU_BLOCK_V = 4096
 INTERPRET_BLOCK_V = 1024
 MIN_BLOCK_V = 32
 
 
-def block_config(vocab, device, block_v=None):
+def block_config(vocab, on_gpu, block_v=None):
     """(BLOCK_V, num_warps) for a kernel that loops over one row of ``vocab`` entries."""
     if block_v is None:
-        cap = GPU_BLOCK_V if device.type == "cuda" else INTERPRET_BLOCK_V
+        cap = GPU_BLOCK_V if on_gpu else INTERPRET_BLOCK_V
         block_v = min(max(triton.next_power_of_2(vocab), MIN_BLOCK_V), cap)
     # About 8 elements per thread (a 16-byte bf16 load), at most 8 warps.
     num_warps = min(max(block_v // 256, 1), 8)

@@ -73,6 +73,8 @@ def compile_entry(entry, arch, workdir):
         "constexprs": dict(entry.constexprs),
         "regs": usage["REG"], "stack": usage["STACK"], "shared": usage["SHARED"],
         "local": usage["LOCAL"],
+        # Shared memory Triton requests at launch (reduction scratch), on top of SHARED.
+        "dynamic_shared": compiled.metadata.shared,
     }
 
 
@@ -87,11 +89,12 @@ def spills(results):
 
 
 def format_table(results):
-    header = f"{'kernel':32s} {'arch':7s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s} {'local':>6s}"
+    header = (f"{'kernel':36s} {'arch':7s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s}"
+              f" {'dyn_shared':>10s} {'local':>6s}")
     rows = [header, "-" * len(header)]
     for r in results:
-        rows.append(f"{r['kernel']:32s} {r['arch']:7s} {r['num_warps']:5d} {r['regs']:5d} "
-                    f"{r['stack']:6d} {r['shared']:7d} {r['local']:6d}")
+        rows.append(f"{r['kernel']:36s} {r['arch']:7s} {r['num_warps']:5d} {r['regs']:5d} "
+                    f"{r['stack']:6d} {r['shared']:7d} {r['dynamic_shared']:10d} {r['local']:6d}")
     return "\n".join(rows)
 
 

@@ -8,9 +8,10 @@ entries are contiguous. ``layout = (rows, inner, stride_outer, stride_inner)``, 
 import triton
 import triton.language as tl
 
-from ._launch import GPU_BLOCK_V, AotKernel, block_config
+from ._launch import AotKernel, block_config
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -18,6 +19,12 @@ def _row_ptr(base_ptr, row, inner, stride_outer, stride_inner):
     # 64-bit offsets: rows * vocab exceeds 2^31 at realistic sizes.
     row = row.to(tl.int64)
     return base_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _exp(x):
+    # Straight to the exp2 instruction: tl.exp adds subnormal-range handling we do not need.
+    return tl.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -47,9 +54,9 @@ def _token_logprobs_fwd_kernel(
         x = z.to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(x, axis=1))
         shift = m - m_new  # <= 0
-        rescale = tl.exp(shift)
+        rescale = _exp(shift)
         d = x - m_new[:, None]
-        e = tl.exp(d)  # NaN for NaN entries, which then poisons s and dot
+        e = _exp(d)  # NaN for NaN entries, which then poisons s and dot
         # Clamping d makes a -inf entry (e = 0, d = -inf) add 0 * -FLT_MAX = 0, not NaN.
         chunk_dot = tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)
         dot = (dot + s * shift) * rescale + chunk_dot
@@ -57,7 +64,7 @@ def _token_logprobs_fwd_kernel(
         m = m_new
 
     row_max = tl.max(m, axis=0)
-    lane_scale = tl.exp(m - row_max)
+    lane_scale = _exp(m - row_max)
     sum_exp = tl.sum(s * lane_scale, axis=0)
     sum_dot = tl.sum((dot + s * (m - row_max)) * lane_scale, axis=0)
     log_sum = tl.log(sum_exp)
@@ -105,7 +112,7 @@ def _token_logprobs_bwd_kernel(
         mask = offs < vocab
         z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
         log_p = z.to(tl.float32) * inv_temp - lse
-        p = tl.exp(log_p)
+        p = _exp(log_p)
         # p = 0 (e.g. a -inf logit) gives exactly 0, not 0 * inf.
         g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
         g = tl.where(offs == token, g + target, g)
@@ -122,7 +129,7 @@ def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, l
     rows, inner, stride_outer, stride_inner = layout
     if rows == 0:
         return
-    block, num_warps = block_config(vocab, logits.device, block_v)
+    block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
     _token_logprobs_fwd_kernel[(rows,)](
         logits, tokens, logp, entropy, lse,
         inner, stride_outer, stride_inner, vocab, float(inv_temp),
@@ -142,7 +149,7 @@ def token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, gr
     assert grad_rows == rows, "layout and grad_layout must describe the same rows"
     if rows == 0:
         return
-    block, num_warps = block_config(vocab, logits.device, block_v)
+    block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
     _token_logprobs_bwd_kernel[(rows,)](
         logits, tokens, lse, entropy, grad_logp, grad_entropy, grad_logits,
         inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
@@ -152,39 +159,42 @@ def token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, gr
 
 
 def _aot_kernels():
+    fwd_sig = {
+        "logits_ptr": "*{dtype}", "tokens_ptr": "*i64",
+        "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
+        "inv_temp": "fp32", "BLOCK_V": "constexpr", "VEC": "constexpr",
+    }
+    bwd_sig = {
+        "logits_ptr": "*{dtype}", "tokens_ptr": "*i64", "lse_ptr": "*fp32",
+        "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
+        "grad_ptr": "*{dtype}",
+        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
+        "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
+        "vocab": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
+    }
+    # What a launch usually specialises as multiples of 16: pointers, strides and a vocab like
+    # 151936 or 128256. "unaligned" is a vocab like 50257 (scalar loads).
+    fwd_aligned = ("logits_ptr", "tokens_ptr", "logp_ptr", "entropy_ptr", "lse_ptr",
+                   "stride_outer", "stride_inner", "vocab")
+    bwd_aligned = ("logits_ptr", "tokens_ptr", "lse_ptr", "entropy_ptr", "grad_logp_ptr",
+                   "grad_entropy_ptr", "grad_ptr", "stride_outer", "stride_inner",
+                   "grad_stride_outer", "grad_stride_inner", "vocab")
+    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
+    block, num_warps = block_config(151936, on_gpu=True)
     entries = []
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype, aligned in (("bf16", True), ("fp16", True), ("fp32", True), ("bf16", False)):
+        tag = dtype if aligned else f"{dtype},unaligned"
         entries.append(AotKernel(
-            name=f"token_logprobs_fwd[{dtype}]",
-            fn=_token_logprobs_fwd_kernel,
-            signature={
-                "logits_ptr": f"*{dtype}", "tokens_ptr": "*i64",
-                "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
-                "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
-                "inv_temp": "fp32", "BLOCK_V": "constexpr", "VEC": "constexpr",
-            },
-            constexprs={"BLOCK_V": GPU_BLOCK_V, "VEC": 4 if dtype == "fp32" else 8},
-            num_warps=8,
-            aligned=("logits_ptr", "tokens_ptr", "logp_ptr", "entropy_ptr", "lse_ptr",
-                     "stride_outer", "stride_inner", "vocab"),
-        ))
+            name=f"token_logprobs_fwd[{tag}]", fn=_token_logprobs_fwd_kernel,
+            signature={k: v.format(dtype=dtype) for k, v in fwd_sig.items()},
+            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype]},
+            num_warps=num_warps, aligned=fwd_aligned if aligned else ()))
         entries.append(AotKernel(
-            name=f"token_logprobs_bwd[{dtype}]",
-            fn=_token_logprobs_bwd_kernel,
-            signature={
-                "logits_ptr": f"*{dtype}", "tokens_ptr": "*i64", "lse_ptr": "*fp32",
-                "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
-                "grad_ptr": f"*{dtype}",
-                "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
-                "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
-                "vocab": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
-            },
-            constexprs={"BLOCK_V": GPU_BLOCK_V},
-            num_warps=8,
-            aligned=("logits_ptr", "tokens_ptr", "lse_ptr", "entropy_ptr", "grad_logp_ptr",
-                     "grad_entropy_ptr", "grad_ptr", "stride_outer", "stride_inner",
-                     "grad_stride_outer", "grad_stride_inner", "vocab"),
-        ))
+            name=f"token_logprobs_bwd[{tag}]", fn=_token_logprobs_bwd_kernel,
+            signature={k: v.format(dtype=dtype) for k, v in bwd_sig.items()},
+            constexprs={"BLOCK_V": block},
+            num_warps=num_warps, aligned=bwd_aligned if aligned else ()))
     return entries
 
 

@@ -15,6 +15,8 @@ int cuda_device_count() {
   return count;
 }
 
-const char* cuda_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+const char* cuda_error_string(int error) {
+  return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
 
 }  // namespace rlfuse

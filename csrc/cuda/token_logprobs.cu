@@ -9,10 +9,10 @@
 // vector) brings the vectors to a 16-byte boundary, so any row stride still gets vector loads.
 //
 // The per-element math is row_math.h's, re-arranged for the GPU: exponentials run as exp2 on the
-// special function unit (ex2.approx, 2 ulp), with 1/T and log2(e) folded into one FFMA. The
-// forward is ~8 instructions per element and the backward ~9 (the literal push()/grad_element(),
-// with an IEEE expf per element, cost ~13 and ~18), which keeps bf16 rows memory-bound on
-// H200/B200-class bandwidth, not just on H100.
+// special function unit (ex2.approx, 2 ulp), with 1/T and log2(e) folded into one FFMA. Forward
+// and backward then cost ~8 SASS instructions per element (the literal push()/grad_element(), with
+// an IEEE expf each, cost ~13 and ~18), which leaves bf16 rows issue headroom at H200/B200-class
+// bandwidth, not just at H100's.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -81,7 +81,7 @@ template <typename T>
 __device__ __forceinline__ RowSplit split_row(const T* row, int64_t vocab) {
   constexpr int64_t kSize = Pack<T>::kSize;
   const auto element_address = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) / sizeof(T));
-  const int64_t to_boundary = -element_address & (kSize - 1);
+  const int64_t to_boundary = -element_address & (kSize - 1);  // elements to the next boundary
   RowSplit split;
   split.head = static_cast<int>(to_boundary < vocab ? to_boundary : vocab);
   split.vectors = (vocab - split.head) / kSize;
@@ -161,7 +161,8 @@ __device__ __forceinline__ RowStats block_reduce(RowStats s, RowStats* warp_stat
 }
 
 template <typename T, int kBlock>
-__global__ void __launch_bounds__(kBlock, 1024 / kBlock) token_logprobs_fwd_kernel(TokenLogprobsFwdArgs args) {
+__global__ void __launch_bounds__(kBlock, 1024 / kBlock)
+    token_logprobs_fwd_kernel(TokenLogprobsFwdArgs args) {
   using Vec = Pack<T>;
   constexpr int kSize = Vec::kSize;
   __shared__ RowStats warp_stats[kBlock / kWarpSize];
@@ -202,7 +203,8 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) token_logprobs_fwd_kern
     if (tid == 0) {
       const int64_t target = args.tokens[row];
       const bool in_range = target >= 0 && target < vocab;  // never index with a bad id
-      const RowResult result = finalize(stats, in_range ? to_float(logits[target]) * inv_temp : NAN);
+      const float x_target = in_range ? to_float(logits[target]) * inv_temp : NAN;
+      const RowResult result = finalize(stats, x_target);
       args.logp[row] = result.logp;
       args.entropy[row] = result.entropy;
       args.lse[row] = result.lse;
@@ -222,21 +224,27 @@ struct ElementGrad {
   float target;
 
   __device__ __forceinline__ ElementGrad(const GradCoeffs& c, float lse, float inv_temp)
-      : scale(inv_temp * kLog2e), shift(lse * kLog2e), base(c.base), slope2(c.slope * kLn2), target(c.target) {}
+      : scale(inv_temp * kLog2e),
+        shift(lse * kLog2e),
+        base(c.base),
+        slope2(c.slope * kLn2),
+        target(c.target) {}
 
   __device__ __forceinline__ float operator()(float z, bool is_target) const {
     const float log2_p = fmaf(z, scale, -shift);
     const float p = fast_exp2(log2_p);  // NaN stays NaN
     // The clamp only changes entries with p = 0, keeping the bracket finite for z = -inf.
-    const float g = p * fmaf(slope2, fmaxf(log2_p, kMinLog2Prob), base);
-    return is_target ? g + target : g;
+    const float g = __fmul_rn(p, fmaf(slope2, fmaxf(log2_p, kMinLog2Prob), base));
+    // _rn: no FMA contraction, so the vector and scalar paths round alike (in-place == not).
+    return is_target ? __fadd_rn(g, target) : g;
   }
 };
 
 // `logits` and `grad_logits` may alias (in-place backward): no __restrict__, and each element is
 // read by the thread that writes it, before it writes it.
 template <typename T, int kBlock>
-__global__ void __launch_bounds__(kBlock, 1024 / kBlock) token_logprobs_bwd_kernel(TokenLogprobsBwdArgs args) {
+__global__ void __launch_bounds__(kBlock, 1024 / kBlock)
+    token_logprobs_bwd_kernel(TokenLogprobsBwdArgs args) {
   using Vec = Pack<T>;
   constexpr int kSize = Vec::kSize;
 
@@ -250,16 +258,18 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) token_logprobs_bwd_kern
     const T* logits = static_cast<const T*>(args.logits) +
                       row_offset(row, layout.inner, layout.stride_outer, layout.stride_inner);
     T* grad = static_cast<T*>(args.grad_logits) +
-              row_offset(row, grad_layout.inner, grad_layout.stride_outer, grad_layout.stride_inner);
-    const GradCoeffs coeffs = grad_coeffs(args.grad_logp[row], args.grad_entropy[row], args.entropy[row], inv_temp);
+              row_offset(row, grad_layout.inner, grad_layout.stride_outer,
+                         grad_layout.stride_inner);
+    const GradCoeffs coeffs =
+        grad_coeffs(args.grad_logp[row], args.grad_entropy[row], args.entropy[row], inv_temp);
     const ElementGrad element_grad(coeffs, args.lse[row], inv_temp);
     const int64_t target = args.tokens[row];
     const auto scalar_grad = [&](int64_t col) {
       grad[col] = from_float<T>(element_grad(to_float(logits[col]), col == target));
     };
 
-    const auto misalignment = reinterpret_cast<uintptr_t>(logits) ^ reinterpret_cast<uintptr_t>(grad);
-    if (misalignment % kVecBytes != 0) {
+    const uintptr_t phase = reinterpret_cast<uintptr_t>(logits) ^ reinterpret_cast<uintptr_t>(grad);
+    if (phase % kVecBytes != 0) {
       // No common 16-byte boundary for input and output: scalar, still coalesced.
       for (int64_t col = tid; col < vocab; col += kBlock) scalar_grad(col);
       continue;
@@ -272,14 +282,17 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) token_logprobs_bwd_kern
     // The target as (vector, lane); vector -1 when it is not in [head, tail).
     const bool target_in_vectors = target >= split.head && target < split.tail;
     const int64_t target_vec = target_in_vectors ? (target - split.head) / kSize : -1;
-    const int target_lane = target_in_vectors ? static_cast<int>((target - split.head) % kSize) : -1;
+    const int target_lane =
+        target_in_vectors ? static_cast<int>((target - split.head) % kSize) : -1;
 
     const Vec* in = reinterpret_cast<const Vec*>(logits + split.head);
     Vec* out = reinterpret_cast<Vec*>(grad + split.head);
     const auto pack_grad = [&](const Vec& pack, int lane) {
       Vec g;
 #pragma unroll
-      for (int k = 0; k < kSize; ++k) g.v[k] = from_float<T>(element_grad(to_float(pack.v[k]), k == lane));
+      for (int k = 0; k < kSize; ++k) {
+        g.v[k] = from_float<T>(element_grad(to_float(pack.v[k]), k == lane));
+      }
       return g;
     };
     // Only one vector holds the target: the others take a copy with the lane tests folded away.
@@ -343,7 +356,9 @@ int dispatch(const Args& args, void* stream) {
 
 }  // namespace
 
-int token_logprobs_fwd_cuda(const TokenLogprobsFwdArgs& args, void* stream) { return dispatch(args, stream); }
+int token_logprobs_fwd_cuda(const TokenLogprobsFwdArgs& args, void* stream) {
+  return dispatch(args, stream);
+}
 
 int token_logprobs_bwd_cuda(const TokenLogprobsBwdArgs& args, void* stream) {
   // The kernel writes layout.rows gradient rows.

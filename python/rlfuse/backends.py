@@ -7,8 +7,8 @@ and ``torch`` (the plain-PyTorch reference, always available).
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -20,39 +20,39 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 CUDA_PREFERENCE = {"token_logprobs": ("cuda", "triton", "torch")}
 
 
-@functools.cache
+def _import_extension():
+    try:
+        return importlib.import_module("rlfuse._C"), None
+    except ImportError as error:
+        return None, str(error)
+
+
+# Resolved once at import: backend choice must be a constant for torch.compile to trace through.
+_EXTENSION, _EXTENSION_ERROR = _import_extension()
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Triton decides between GPU and interpreter kernels when its kernel modules are imported.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def compiled_extension():
     """``rlfuse._C``, or None when the package was not built (e.g. a source checkout)."""
-    try:
-        return importlib.import_module("rlfuse._C")
-    except ImportError:
-        return None
+    return _EXTENSION
 
 
 def extension_import_error() -> str | None:
-    try:
-        importlib.import_module("rlfuse._C")
-    except ImportError as error:
-        return str(error)
-    return None
+    return _EXTENSION_ERROR
+
+
+def triton_installed() -> bool:
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.cache
-def triton_kernels():
-    """``rlfuse.triton_kernels``, or None when Triton is not installed."""
-    try:
-        return importlib.import_module("rlfuse.triton_kernels")
-    except ImportError:
-        return None
+    return _TRITON_INTERPRET
 
 
 def cuda_kernels_built() -> bool:
-    ext = compiled_extension()
-    return bool(ext is not None and ext.cuda_compiled)
+    return bool(_EXTENSION is not None and _EXTENSION.cuda_compiled)
 
 
 def available_backends(device: torch.device | str) -> list[str]:
@@ -62,12 +62,12 @@ def available_backends(device: torch.device | str) -> list[str]:
     if device.type == "cuda":
         if cuda_kernels_built():
             names.append("cuda")
-        if triton_kernels() is not None and not triton_interpreting():
+        if _TRITON_INSTALLED and not _TRITON_INTERPRET:
             names.append("triton")
     elif device.type == "cpu":
-        if compiled_extension() is not None:
+        if _EXTENSION is not None:
             names.append("cpu")
-        if triton_interpreting() and triton_kernels() is not None:
+        if _TRITON_INSTALLED and _TRITON_INTERPRET:
             names.append("triton")
     names.append("torch")
     return names

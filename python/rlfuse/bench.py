@@ -189,7 +189,7 @@ def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case
     contenders = [rlfuse_contender(b) for b in backends]
     contenders.append(Contender("torch eager", make_eager))
     if not args.no_compile:
-        hint = "about 30-60 s on CPU" if device.type == "cpu" else "can take a minute"
+        hint = "up to a minute on CPU" if device.type == "cpu" else "can take a minute"
         contenders.append(Contender("torch.compile", make_compiled, slow_first_call=True,
                                     first_call_hint=hint))
 
@@ -348,6 +348,7 @@ class Result:
     dtype: str
     is_rlfuse: bool
     ms: Dict[str, float] = field(default_factory=dict)  # phase -> median ms
+    samples: Dict[str, List[float]] = field(default_factory=dict)  # phase -> every timed run, ms
     peak_extra_bytes: Optional[int] = None
     unit_bytes: int = 0
     bytes_moved: Dict[str, int] = field(default_factory=dict)
@@ -452,10 +453,11 @@ def _measure(case: Case, contender: Contender, dtype: torch.dtype, device: torch
             result.error = result.error or f"{phase}: {error}"
             progress.finish(f"error: {error}")
             continue
+        result.samples[phase] = times
         result.ms[phase] = statistics.median(times)
         text = f"{result.ms[phase]:.3f} ms"
         if phase == "fwd+bwd" and result.peak_units is not None:
-            text += f", peak {_format_peak(result)}"
+            text += f", peak {_format_peak(result, case.unit_name)}"
         progress.finish(text)
 
     inp = forward = None
@@ -493,11 +495,12 @@ def _format_bytes(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
-def _format_peak(result: Result) -> str:
+def _format_peak(result: Result, unit_name: str = "") -> str:
+    """E.g. "+512.00 MiB (2.00x logits)"."""
     if result.peak_extra_bytes is None:
         return "n/a"
-    units = result.peak_units
-    return f"+{_format_bytes(result.peak_extra_bytes)} ({units:.2f}x logits)"
+    unit = f" {unit_name}" if unit_name else ""
+    return f"+{_format_bytes(result.peak_extra_bytes)} ({result.peak_units:.2f}x{unit})"
 
 
 def _format_table(rows: List[List[str]], headers: List[str], right: Sequence[int]) -> str:
@@ -514,7 +517,8 @@ def _format_table(rows: List[List[str]], headers: List[str], right: Sequence[int
 
 
 def format_results(case: Case, results: List[Result], copy_bw: Optional[float]) -> str:
-    headers = ["contender", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", "vs eager",
+    baseline = case.baseline.replace("torch ", "")
+    headers = ["contender", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", f"vs {baseline}",
                f"peak extra ({case.unit_name})", "% copy BW fwd/bwd/f+b"]
     show_errors = any(r.error for r in results)
     if show_errors:
@@ -527,7 +531,7 @@ def format_results(case: Case, results: List[Result], copy_bw: Optional[float]) 
         cells = [r.contender, r.dtype]
         cells += [f"{r.ms[p]:.3f}" if p in r.ms else "error" for p in PHASES]
         cells.append(f"{r.speedup:.2f}x" if r.speedup is not None else "-")
-        cells.append(_format_peak(r).replace(" logits", ""))
+        cells.append(_format_peak(r))
         if r.is_rlfuse and copy_bw:
             pcts = [f"{100 * r.bandwidth(p) / copy_bw:.0f}" if p in r.ms else "-" for p in PHASES]
             cells.append(" / ".join(pcts))
@@ -550,6 +554,8 @@ def _csv_rows(case: Case, results: List[Result], env: dict) -> List[dict]:
         }
         for p in PHASES:
             row[f"{p}_ms"] = _round(r.ms.get(p))
+            row[f"{p}_ms_min"] = _round(min(r.samples[p]) if p in r.samples else None)
+            row[f"{p}_ms_max"] = _round(max(r.samples[p]) if p in r.samples else None)
         row["speedup_vs_eager_fwd+bwd"] = _round(r.speedup)
         row["peak_extra_bytes"] = r.peak_extra_bytes if r.peak_extra_bytes is not None else ""
         row[f"peak_extra_x_{case.unit_name}"] = _round(r.peak_units)

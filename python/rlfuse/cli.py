@@ -18,8 +18,7 @@ def info_lines() -> list[str]:
         f"rlfuse {rlfuse.__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}",
     ]
-    triton = backends.triton_kernels()
-    if triton is not None:
+    if backends.triton_installed():
         import triton as triton_package
 
         mode = " (interpreter, TRITON_INTERPRET=1)" if backends.triton_interpreting() else ""
