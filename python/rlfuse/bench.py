@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -85,9 +85,9 @@ class Inputs:
     outputs, in the same order as the outputs.
     """
 
-    tensors: Dict[str, torch.Tensor]
-    leaves: List[torch.Tensor]
-    upstream: List[torch.Tensor]
+    tensors: dict[str, torch.Tensor]
+    leaves: list[torch.Tensor]
+    upstream: list[torch.Tensor]
 
 
 # A contender's forward: takes the inputs, returns the differentiable outputs.
@@ -107,18 +107,18 @@ class Contender:
 class Case:
     op: str
     title: str  # e.g. "token_logprobs + entropy, N=2048 V=32768"
-    shape: Dict[str, int]
+    shape: dict[str, int]
     make_inputs: Callable[[torch.dtype], Inputs]
-    contenders: List[Contender]
+    contenders: list[Contender]
     unit_name: str  # the vocabulary-sized input that memory is reported against, e.g. "logits"
     unit_bytes: Callable[[torch.dtype], int]
-    bytes_moved: Callable[[torch.dtype], Dict[str, int]]  # minimum traffic per phase
+    bytes_moved: Callable[[torch.dtype], dict[str, int]]  # minimum traffic per phase
     baseline: str = "torch eager"
-    notes: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 CaseBuilder = Callable[[argparse.Namespace, torch.device], Case]
-CASE_BUILDERS: Dict[str, CaseBuilder] = {}
+CASE_BUILDERS: dict[str, CaseBuilder] = {}
 
 
 def register_case(op: str) -> Callable[[CaseBuilder], CaseBuilder]:
@@ -131,7 +131,7 @@ def register_case(op: str) -> Callable[[CaseBuilder], CaseBuilder]:
     return decorator
 
 
-def _rlfuse_backends(args: argparse.Namespace, device: torch.device, notes: List[str]) -> List[str]:
+def _rlfuse_backends(args: argparse.Namespace, device: torch.device, notes: list[str]) -> list[str]:
     """The rlfuse kernel backends to benchmark: the available ones minus "torch", optionally
     restricted by ``--backends``."""
     try:
@@ -156,7 +156,7 @@ def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case
     from rlfuse.reference import token_logprobs_reference
 
     n, v = args.tokens, args.vocab
-    notes: List[str] = []
+    notes: list[str] = []
     backends = _rlfuse_backends(args, device, notes)
 
     def make_inputs(dtype: torch.dtype) -> Inputs:
@@ -194,9 +194,9 @@ def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case
                                     first_call_hint=hint))
 
     def unit_bytes(dtype: torch.dtype) -> int:
-        return n * v * _itemsize(dtype)
+        return n * v * dtype.itemsize
 
-    def bytes_moved(dtype: torch.dtype) -> Dict[str, int]:
+    def bytes_moved(dtype: torch.dtype) -> dict[str, int]:
         # fwd reads the logits once; bwd reads them again and writes a gradient of the same dtype.
         size = unit_bytes(dtype)
         return {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size}
@@ -273,7 +273,7 @@ class MemoryProbe:
         self.available = device.type == "cuda" or self._cpu_probe_works()
 
     @staticmethod
-    def _status_kib(key: str) -> Optional[int]:
+    def _status_kib(key: str) -> int | None:
         try:
             with open("/proc/self/status") as status:
                 for line in status:
@@ -291,7 +291,7 @@ class MemoryProbe:
             return False
         return self._status_kib("VmHWM") is not None and self._status_kib("VmRSS") is not None
 
-    def current(self) -> Optional[int]:
+    def current(self) -> int | None:
         if not self.available:
             return None
         if self.device.type == "cuda":
@@ -311,7 +311,7 @@ class MemoryProbe:
         except OSError:
             self.available = False
 
-    def peak(self) -> Optional[int]:
+    def peak(self) -> int | None:
         if not self.available:
             return None
         if self.device.type == "cuda":
@@ -347,22 +347,22 @@ class Result:
     contender: str
     dtype: str
     is_rlfuse: bool
-    ms: Dict[str, float] = field(default_factory=dict)  # phase -> median ms
-    samples: Dict[str, List[float]] = field(default_factory=dict)  # phase -> every timed run, ms
-    peak_extra_bytes: Optional[int] = None
+    ms: dict[str, float] = field(default_factory=dict)  # phase -> median ms
+    samples: dict[str, list[float]] = field(default_factory=dict)  # phase -> every timed run, ms
+    peak_extra_bytes: int | None = None
     unit_bytes: int = 0
-    bytes_moved: Dict[str, int] = field(default_factory=dict)
-    first_call_s: Optional[float] = None
-    error: Optional[str] = None
-    speedup: Optional[float] = None  # baseline fwd+bwd time / this fwd+bwd time
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+    first_call_s: float | None = None
+    error: str | None = None
+    speedup: float | None = None  # baseline fwd+bwd time / this fwd+bwd time
 
     @property
-    def peak_units(self) -> Optional[float]:
+    def peak_units(self) -> float | None:
         if self.peak_extra_bytes is None or not self.unit_bytes:
             return None
         return self.peak_extra_bytes / self.unit_bytes
 
-    def bandwidth(self, phase: str) -> Optional[float]:
+    def bandwidth(self, phase: str) -> float | None:
         """Achieved bytes per second of the phase, for rlfuse kernels."""
         if not self.is_rlfuse or phase not in self.ms or phase not in self.bytes_moved:
             return None
@@ -466,7 +466,7 @@ def _measure(case: Case, contender: Contender, dtype: torch.dtype, device: torch
 
 
 def run_case(case: Case, dtypes: Sequence[torch.dtype], device: torch.device,
-             args: argparse.Namespace) -> List[Result]:
+             args: argparse.Namespace) -> list[Result]:
     probe = MemoryProbe(device)
     if not probe.available:
         _log("note: peak memory cannot be measured here (reported as n/a)")
@@ -503,11 +503,11 @@ def _format_peak(result: Result, unit_name: str = "") -> str:
     return f"+{_format_bytes(result.peak_extra_bytes)} ({result.peak_units:.2f}x{unit})"
 
 
-def _format_table(rows: List[List[str]], headers: List[str], right: Sequence[int]) -> str:
+def _format_table(rows: list[list[str]], headers: list[str], right: Sequence[int]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
 
-    def line(cells: List[str]) -> str:
+    def line(cells: list[str]) -> str:
         parts = [c.rjust(w) if i in right else c.ljust(w)
                  for i, (c, w) in enumerate(zip(cells, widths))]
         return "  ".join(parts).rstrip()
@@ -516,7 +516,7 @@ def _format_table(rows: List[List[str]], headers: List[str], right: Sequence[int
     return "\n".join([line(headers), rule] + [line(r) for r in rows])
 
 
-def format_results(case: Case, results: List[Result], copy_bw: Optional[float]) -> str:
+def format_results(case: Case, results: list[Result], copy_bw: float | None) -> str:
     baseline = case.baseline.replace("torch ", "")
     headers = ["contender", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", f"vs {baseline}",
                f"peak extra ({case.unit_name})", "% copy BW fwd/bwd/f+b"]
@@ -543,7 +543,7 @@ def format_results(case: Case, results: List[Result], copy_bw: Optional[float]) 
     return _format_table(rows, headers, right={2, 3, 4, 5, 6, 7})
 
 
-def _csv_rows(case: Case, results: List[Result], env: dict) -> List[dict]:
+def _csv_rows(case: Case, results: list[Result], env: dict) -> list[dict]:
     copy_bw = env.get("copy_bandwidth_GBps")
     rows = []
     for r in results:
@@ -571,18 +571,18 @@ def _csv_rows(case: Case, results: List[Result], env: dict) -> List[dict]:
     return rows
 
 
-def _round(x: Optional[float], digits: int = 4) -> object:
+def _round(x: float | None, digits: int = 4) -> object:
     return "" if x is None else round(x, digits)
 
 
-def write_csv(path: str, rows: List[dict]) -> None:
+def write_csv(path: str, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def write_plot(path: str, case: Case, results: List[Result], device_label: str) -> bool:
+def write_plot(path: str, case: Case, results: list[Result], device_label: str) -> bool:
     """Grouped bar plot of the fwd+bwd time per contender and dtype. False if matplotlib is missing."""
     try:
         import matplotlib
@@ -593,6 +593,7 @@ def write_plot(path: str, case: Case, results: List[Result], device_label: str) 
         _log("note: matplotlib is not installed; skipping the PNG plot")
         return False
 
+    from matplotlib.patches import Patch
     from matplotlib.transforms import blended_transform_factory
 
     dtypes = list(dict.fromkeys(r.dtype for r in results))
@@ -602,7 +603,7 @@ def write_plot(path: str, case: Case, results: List[Result], device_label: str) 
     fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.9 * len(dtypes) * len(contenders)), 4.5))
     bottom = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes units
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    times = []
+    times, legend = [], []
     for i, name in enumerate(contenders):
         color = colors[i % len(colors)]
         xs, heights, labels = [], [], []
@@ -621,15 +622,16 @@ def write_plot(path: str, case: Case, results: List[Result], device_label: str) 
             labels.append((f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}")
                           + (f"\n{r.speedup:.1f}x" if r.speedup is not None else ""))
         times += heights
-        bars = ax.bar(xs, heights, width, label=name, color=color)
+        bars = ax.bar(xs, heights, width, color=color)
         ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+        legend.append(Patch(color=color, label=name))
     if times and max(times) / max(min(times), 1e-9) > 30:
         ax.set_yscale("log")
     ax.set_xticks(range(len(dtypes)), dtypes)
     ax.set_ylabel("fwd+bwd time (ms, lower is better)")
     ax.set_title(f"{case.title}\n{device_label}", fontsize=10)
     ax.margins(y=0.2)
-    ax.legend(fontsize=8)
+    ax.legend(handles=legend, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -692,8 +694,8 @@ def environment(device: torch.device, args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _split_list(values: Optional[Sequence[str]]) -> List[str]:
-    out: List[str] = []
+def _split_list(values: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
     for value in values or ():
         out += [v.strip() for v in value.split(",") if v.strip()]
     return out
@@ -824,7 +826,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r.is_rlfuse for r in failed) else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rlfuse.bench",
         description="Benchmark rlfuse ops against torch eager and torch.compile.")
