@@ -9,6 +9,7 @@ namespace rlfuse {
 // Each returns a cudaError_t as int (0 = success); launches are asynchronous on `stream`.
 int token_logprobs_fwd_cuda(const TokenLogprobsFwdArgs& args, void* stream);
 int token_logprobs_bwd_cuda(const TokenLogprobsBwdArgs& args, void* stream);
+int policy_loss_fused_cuda(const PolicyLossFusedArgs& args, void* stream);
 
 // Runtime helpers for the bindings.
 int cuda_device_count();             // 0 when no driver / no device

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "rlfuse/token_loss.h"
+
 namespace rlfuse {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -44,9 +46,32 @@ struct TokenLogprobsBwdArgs {
   RowLayout grad_layout;
 };
 
+// Fused policy loss (DESIGN.md "fused path"): per row, the statistics pass, token_loss() from
+// token_loss.h, then the gradient pass, all in one kernel; the backward only rescales.
+struct PolicyLossFusedArgs {
+  const void* logits;
+  DType dtype;
+  RowLayout layout;
+  int64_t vocab;
+  const int64_t* tokens;
+  float inv_temp;
+  const float* advantages;     // [rows]
+  const float* old_logp;       // [rows]
+  const float* ref_logp;       // [rows]
+  const float* policy_weight;  // [rows]
+  const float* weight;         // [rows]
+  TokenLossParams params;
+  float* loss;      // [rows] weighted per-token loss (their sum is the loss)
+  float* logp;      // [rows]
+  float* entropy;   // [rows]
+  void* grad_logits;  // same dtype as logits; may alias `logits` (in-place)
+  RowLayout grad_layout;
+};
+
 // CPU (csrc/cpu), multi-threaded over rows.
 void token_logprobs_fwd_cpu(const TokenLogprobsFwdArgs& args, int num_threads);
 void token_logprobs_bwd_cpu(const TokenLogprobsBwdArgs& args, int num_threads);
+void policy_loss_fused_cpu(const PolicyLossFusedArgs& args, int num_threads);
 // Instruction set the CPU kernels run with on this machine ("avx2" or "base").
 const char* cpu_isa();
 

@@ -1,0 +1,164 @@
+// Per-token policy-loss math of the fused path (SPEC.md sections 3 and 5), shared by the CPU and
+// CUDA kernels. Given one token's log-prob and entropy (from the row statistics) and its per-token
+// inputs, returns the weighted loss and the upstream gradients on logp and H that the row-gradient
+// step (row_math.h: grad_coeffs / grad_element) turns into the logits' gradient.
+//
+// The Python reference (python/rlfuse/reference/policy_loss.py) is the specification this mirrors.
+#pragma once
+
+#include "rlfuse/row_math.h"
+
+namespace rlfuse {
+
+enum PolicyKind : int { kPpo = 0, kGppo = 1, kCispo = 2, kSapo = 3, kPspo = 4, kReinforce = 5 };
+enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kK3Plus = 4, kKlAbs = 5 };
+enum CispoMode : int { kCispoTwoSided = 0, kCispoUpper = 1, kCispoCap = 2 };
+
+struct TokenLossParams {
+  int policy;       // PolicyKind
+  int kl;           // KlKind
+  int cispo_mode;   // CispoMode
+  float clip_low;   // eps_low; < 0 means no lower bound (cispo only)
+  float clip_high;  // eps_high (cispo "cap" mode: the cap itself)
+  float dual_clip;  // c of dual-clip PPO; <= 0 means off
+  float delta;      // INTELLECT-2 upper clamp of r before clipping; <= 0 means off
+  float gppo_beta_low;
+  float gppo_beta_high;
+  float sapo_tau_pos;
+  float sapo_tau_neg;
+  float pspo_alpha;
+  float kl_coef;
+  float entropy_coef;
+};
+
+struct TokenLossInputs {
+  float logp;
+  float entropy;
+  float old_logp;
+  float ref_logp;
+  float advantage;
+  float policy_weight;  // aggregation weight x rollout correction x any other per-token factor
+  float weight;         // aggregation weight for the KL and entropy terms
+};
+
+struct TokenLoss {
+  float loss;       // weighted: summing over tokens gives the aggregated loss
+  float g_logp;     // d loss / d logp
+  float g_entropy;  // d loss / d H
+};
+
+RLFUSE_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Policy term (unweighted): value and d/dlogp.
+struct Term {
+  float value;
+  float grad;
+};
+
+RLFUSE_HD Term policy_term(const TokenLossParams& p, float logp, float old_logp, float a) {
+  const float raw_log_ratio = logp - old_logp;
+  const float log_ratio = clampf(raw_log_ratio, -20.0f, 20.0f);
+  // A clamp that bites zeroes the token's gradient (verl convention).
+  const float ratio_grad_gate = (raw_log_ratio == log_ratio) ? 1.0f : 0.0f;
+  float r = expf(log_ratio);
+  float dr = r * ratio_grad_gate;  // d r / d logp
+
+  switch (p.policy) {
+    case kReinforce:
+      return Term{-a * logp, -a};
+    case kPspo:
+      return Term{-a * ((1.0f - p.pspo_alpha) * r + p.pspo_alpha), -a * (1.0f - p.pspo_alpha) * dr};
+    case kSapo: {
+      const float tau = a > 0.0f ? p.sapo_tau_pos : p.sapo_tau_neg;
+      const float s = 1.0f / (1.0f + expf(-tau * (r - 1.0f)));
+      return Term{-a * (4.0f / tau) * s, -a * 4.0f * s * (1.0f - s) * dr};
+    }
+    case kCispo: {
+      float w = r;
+      if (p.cispo_mode == kCispoCap) {
+        w = r < p.clip_high ? r : p.clip_high;
+      } else {
+        const float upper = 1.0f + p.clip_high;
+        w = r < upper ? r : upper;
+        if (p.cispo_mode == kCispoTwoSided && p.clip_low >= 0.0f) {
+          const float lower = 1.0f - p.clip_low;
+          w = w > lower ? w : lower;
+        }
+      }
+      return Term{-w * a * logp, -w * a};  // w is detached
+    }
+    default:
+      break;
+  }
+
+  // ppo / gppo. delta (two-sided PPO) first caps r; a cap that bites stops the gradient.
+  if (p.delta > 0.0f && r > p.delta) {
+    r = p.delta;
+    dr = 0.0f;
+  }
+  const float low = 1.0f - p.clip_low, high = 1.0f + p.clip_high;
+  // Strict inequalities: a ratio exactly on a boundary is unclipped and keeps its gradient.
+  const bool clipped_high = a > 0.0f && r > high;
+  const bool clipped_low = a < 0.0f && r < low;
+  Term t{-a * r, -a * dr};
+  if (clipped_high) {
+    t = Term{-a * high, p.policy == kGppo ? -p.gppo_beta_high * high * a : 0.0f};
+  } else if (clipped_low) {
+    t = Term{-a * low, p.policy == kGppo ? -p.gppo_beta_low * low * a : 0.0f};
+  }
+  if (p.dual_clip > 0.0f && a < 0.0f && t.value > -p.dual_clip * a) {
+    t = Term{-p.dual_clip * a, 0.0f};
+  }
+  return t;
+}
+
+// KL penalty to the reference policy (unweighted, without coefficient): value and d/dlogp.
+RLFUSE_HD Term kl_term(int kind, float logp, float ref_logp) {
+  const float diff = logp - ref_logp;
+  switch (kind) {
+    case kK1:
+      return Term{diff, 1.0f};
+    case kK2:
+      return Term{0.5f * diff * diff, diff};
+    case kKlAbs:
+      return Term{fabsf(diff), diff > 0.0f ? 1.0f : (diff < 0.0f ? -1.0f : 0.0f)};
+    case kK3:
+    case kK3Plus: {
+      const float raw = ref_logp - logp;
+      const float d = clampf(raw, -20.0f, 20.0f);
+      const float e = expf(d);
+      const float k3_raw = e - d - 1.0f;
+      const float k3 = clampf(k3_raw, -10.0f, 10.0f);
+      if (kind == kK3Plus) return Term{k3, diff};  // value of k3, gradient of k2
+      // d k3 / d logp = -(e - 1), zero where either clamp bites.
+      const bool live = raw == d && k3_raw == k3;
+      return Term{k3, live ? 1.0f - e : 0.0f};
+    }
+    default:
+      return Term{0.0f, 0.0f};
+  }
+}
+
+RLFUSE_HD TokenLoss token_loss(const TokenLossParams& p, const TokenLossInputs& in) {
+  TokenLoss out{0.0f, 0.0f, 0.0f};
+  // Zero weights skip the math, so masked tokens never turn garbage inputs into NaN.
+  if (in.policy_weight != 0.0f) {
+    const Term t = policy_term(p, in.logp, in.old_logp, in.advantage);
+    out.loss += in.policy_weight * t.value;
+    out.g_logp += in.policy_weight * t.grad;
+  }
+  if (in.weight != 0.0f) {
+    if (p.kl != kKlNone && p.kl_coef != 0.0f) {
+      const Term k = kl_term(p.kl, in.logp, in.ref_logp);
+      out.loss += in.weight * p.kl_coef * k.value;
+      out.g_logp += in.weight * p.kl_coef * k.grad;
+    }
+    if (p.entropy_coef != 0.0f) {
+      out.loss -= in.weight * p.entropy_coef * in.entropy;
+      out.g_entropy -= in.weight * p.entropy_coef;
+    }
+  }
+  return out;
+}
+
+}  // namespace rlfuse
