@@ -54,6 +54,27 @@ TokenLogprobsBwdArgs bwd_args(uintptr_t logits, int dtype, const py::tuple& layo
                               as_ptr<void>(grad_logits), as_layout(grad_layout)};
 }
 
+TokenLossParams as_params(const py::tuple& t) {
+  if (t.size() != 14) throw std::invalid_argument("rlfuse._C: TokenLossParams must have 14 fields");
+  auto f = [&](size_t i) { return t[i].cast<float>(); };
+  return TokenLossParams{t[0].cast<int>(), t[1].cast<int>(), t[2].cast<int>(), f(3), f(4), f(5), f(6),
+                         f(7), f(8), f(9), f(10), f(11), f(12), f(13)};
+}
+
+// policy_loss_fused(logits, dtype, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp,
+//                   policy_weight, weight, params, loss, logp, entropy, grad_logits, grad_layout)
+PolicyLossFusedArgs fused_args(const py::args& a) {
+  if (a.size() != 17) throw std::invalid_argument("rlfuse._C: policy_loss_fused takes 17 arguments + 1");
+  auto ptr = [&](size_t i) { return a[i].cast<uintptr_t>(); };
+  return PolicyLossFusedArgs{as_ptr<const void>(ptr(0)), as_dtype(a[1].cast<int>()), as_layout(a[2].cast<py::tuple>()),
+                             a[3].cast<int64_t>(), as_ptr<const int64_t>(ptr(4)),
+                             static_cast<float>(a[5].cast<double>()), as_ptr<const float>(ptr(6)),
+                             as_ptr<const float>(ptr(7)), as_ptr<const float>(ptr(8)), as_ptr<const float>(ptr(9)),
+                             as_ptr<const float>(ptr(10)), as_params(a[11].cast<py::tuple>()), as_ptr<float>(ptr(12)),
+                             as_ptr<float>(ptr(13)), as_ptr<float>(ptr(14)), as_ptr<void>(ptr(15)),
+                             as_layout(a[16].cast<py::tuple>())};
+}
+
 #if defined(RLFUSE_WITH_CUDA)
 void check_cuda(int error, const char* what) {
   if (error != 0) throw std::runtime_error(std::string("rlfuse: ") + what + " failed: " + cuda_error_string(error));
@@ -91,6 +112,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("inv_temp"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
       py::arg("grad_logits"), py::arg("grad_layout"), py::arg("num_threads"));
 
+  // policy_loss_fused_cpu(<17 fused arguments>, num_threads)
+  m.def("policy_loss_fused_cpu", [](py::args a) {
+    const int num_threads = a[a.size() - 1].cast<int>();
+    const auto args = fused_args(py::args(a[py::slice(0, a.size() - 1, 1)]));
+    py::gil_scoped_release release;
+    policy_loss_fused_cpu(args, num_threads);
+  });
+
 #if defined(RLFUSE_WITH_CUDA)
   m.attr("cuda_compiled") = true;
   m.attr("cuda_archs") = std::string(RLFUSE_CUDA_ARCHS_STR);
@@ -111,6 +140,12 @@ PYBIND11_MODULE(_C, m) {
                                    grad_entropy, grad_logits, grad_layout);
         check_cuda(token_logprobs_bwd_cuda(args, as_ptr<void>(stream)), "token_logprobs backward kernel");
       });
+  // policy_loss_fused_cuda(<17 fused arguments>, stream)
+  m.def("policy_loss_fused_cuda", [](py::args a) {
+    const auto stream = a[a.size() - 1].cast<uintptr_t>();
+    const auto args = fused_args(py::args(a[py::slice(0, a.size() - 1, 1)]));
+    check_cuda(policy_loss_fused_cuda(args, as_ptr<void>(stream)), "policy_loss fused kernel");
+  });
 #else
   m.attr("cuda_compiled") = false;
   m.attr("cuda_archs") = std::string();

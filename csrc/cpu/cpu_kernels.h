@@ -11,6 +11,7 @@ namespace rlfuse::cpu {
   namespace isa {                                                                      \
   void forward_rows(const TokenLogprobsFwdArgs& args, int64_t begin, int64_t end);   \
   void backward_rows(const TokenLogprobsBwdArgs& args, int64_t begin, int64_t end);  \
+  void policy_loss_rows(const PolicyLossFusedArgs& args, int64_t begin, int64_t end); \
   }
 
 RLFUSE_DECLARE_ROW_KERNELS(base)

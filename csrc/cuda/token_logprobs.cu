@@ -1,26 +1,10 @@
 // Token log-probs, entropy and their gradient on the GPU (SPEC.md sections 1-2).
 //
-// One thread block per row (blocks loop over rows past kMaxGrid). The forward reads each logit
-// once: every thread keeps online softmax statistics over its elements, then a fixed-order block
-// reduction merges them. The backward reads each logit once and writes its gradient once. No
-// atomics anywhere, so results are bitwise reproducible.
-//
-// A row is walked as [scalar head | 16-byte vectors | scalar tail]; the head (shorter than one
-// vector) brings the vectors to a 16-byte boundary, so any row stride still gets vector loads.
-//
-// The per-element math is row_math.h's, re-arranged for the GPU: exponentials run as exp2 on the
-// special function unit (ex2.approx, 2 ulp), with 1/T and log2(e) folded into one FFMA. Forward
-// and backward then cost ~8 SASS instructions per element (the literal push()/grad_element(), with
-// an IEEE expf each, cost ~13 and ~18), which leaves bf16 rows issue headroom at H200/B200-class
-// bandwidth, not just at H100's.
+// The forward is row_kernels.cuh's statistics pass plus the target's logit; the backward is its
+// gradient pass with the coefficients of the given upstream gradients. See row_kernels.cuh for the
+// row walk, the vectorisation and the exp2 formulation.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cfloat>
-#include <cstdint>
+#include "row_kernels.cuh"
 
 #include "rlfuse/cuda_kernels.h"
 #include "rlfuse/row_math.h"
@@ -28,182 +12,18 @@
 namespace rlfuse {
 namespace {
 
-constexpr int kVecBytes = 16;
-constexpr int kUnroll = 4;                     // 16-byte loads in flight per thread
-constexpr int kWarpSize = 32;
-constexpr int kLargeBlock = 512;               // V ~ 150K bf16: ~37 vectors per thread
-constexpr int kSmallBlock = 128;               // short rows: fewer idle threads, cheaper reduction
-constexpr int64_t kLargeRowBytes = 64 * 1024;  // rows at least this long use kLargeBlock
-constexpr int64_t kMaxGrid = 65535;            // more rows than this: blocks loop over rows
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kMinLog2Prob = -160.0f;        // 2^-160 is 0 in fp32 (even as a subnormal)
-
-// ---- element access ---------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// 16 bytes of logits, loaded or stored as one vector.
-template <typename T>
-struct alignas(kVecBytes) Pack {
-  static constexpr int kSize = kVecBytes / sizeof(T);
-  T v[kSize];
-};
-
-template <typename T>
-__device__ __forceinline__ void unpack(const Pack<T>& pack, float* z) {
-#pragma unroll
-  for (int k = 0; k < Pack<T>::kSize; ++k) z[k] = to_float(pack.v[k]);
-}
-
-// A row split so that [head, tail) is whole 16-byte vectors. Logits pointers are always
-// element-aligned (torch guarantees it), so the head is shorter than one vector.
-struct RowSplit {
-  int head;         // scalar elements before the first aligned vector
-  int64_t vectors;  // 16-byte vectors in [head, tail)
-  int64_t tail;     // first scalar element after the vectors
-};
-
-template <typename T>
-__device__ __forceinline__ RowSplit split_row(const T* row, int64_t vocab) {
-  constexpr int64_t kSize = Pack<T>::kSize;
-  const auto element_address = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) / sizeof(T));
-  const int64_t to_boundary = -element_address & (kSize - 1);  // elements to the next boundary
-  RowSplit split;
-  split.head = static_cast<int>(to_boundary < vocab ? to_boundary : vocab);
-  split.vectors = (vocab - split.head) / kSize;
-  split.tail = split.head + split.vectors * kSize;
-  return split;
-}
-
-// 2^x on the special function unit; results below 2^-126 flush to 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// ---- forward ----------------------------------------------------------------------------------
-
-// One thread's online softmax statistics, kept on the raw logits z (x = z / T is applied once, in
-// stats()): sum = sum exp((z - max_z) / T), dot_z = sum exp((z - max_z) / T) * z.
-// add() is push() for a whole chunk: one rescale per chunk, then independent exponentials.
-struct ThreadStats {
-  float max_z = -INFINITY;
-  float sum = 0.0f;
-  float dot_z = 0.0f;
-
-  template <int N>
-  __device__ __forceinline__ void add(const float (&z)[N], float inv_temp) {
-    float new_max = max_z;
-#pragma unroll
-    for (int k = 0; k < N; ++k) new_max = fmaxf(new_max, z[k]);  // skips NaN: caught by `sum`
-    const float ref = new_max == -INFINITY ? 0.0f : new_max;      // all -inf so far: every e is 0
-    const float rescale = expf((max_z - ref) * inv_temp);         // exactly 1 if the max held
-    sum *= rescale;
-    dot_z *= rescale;
-    max_z = new_max;
-    const float scale = inv_temp * kLog2e;
-    const float shift = ref * scale;
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const float e = fast_exp2(fmaf(z[k], scale, -shift));  // exp((z - ref) / T)
-      sum += e;
-      dot_z = fmaf(e, fmaxf(z[k], -FLT_MAX), dot_z);  // z = -inf adds 0, not 0 * -inf
-    }
-  }
-
-  // As RowStats of x. A NaN or +inf logit leaves `sum` NaN; it is moved into `max` so merge()
-  // propagates it even past partial stats that are all -inf.
-  __device__ __forceinline__ RowStats stats(float inv_temp) const {
-    return RowStats{sum != sum ? NAN : max_z * inv_temp, sum, dot_z * inv_temp};
-  }
-};
-
-__device__ __forceinline__ RowStats shuffle_xor(RowStats s, int mask) {
-  constexpr unsigned kAll = 0xffffffffu;
-  return RowStats{__shfl_xor_sync(kAll, s.max, mask), __shfl_xor_sync(kAll, s.sum, mask),
-                  __shfl_xor_sync(kAll, s.dot, mask)};
-}
-
-__device__ __forceinline__ RowStats warp_reduce(RowStats s) {
-#pragma unroll
-  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) s = merge(s, shuffle_xor(s, mask));
-  return s;
-}
-
-// Fixed-order block reduction; the result is valid in thread 0. Ends with a barrier so the next
-// row may reuse `warp_stats`.
-template <int kBlock>
-__device__ __forceinline__ RowStats block_reduce(RowStats s, RowStats* warp_stats) {
-  constexpr int kWarps = kBlock / kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  s = warp_reduce(s);
-  if (lane == 0) warp_stats[warp] = s;
-  __syncthreads();
-  if (warp == 0) s = warp_reduce(lane < kWarps ? warp_stats[lane] : empty_stats());
-  __syncthreads();
-  return s;
-}
+using namespace row_kernels;  // NOLINT(build/namespaces): this file's own building blocks
 
 template <typename T, int kBlock>
-__global__ void __launch_bounds__(kBlock, 1024 / kBlock)
+__global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
     token_logprobs_fwd_kernel(TokenLogprobsFwdArgs args) {
-  using Vec = Pack<T>;
-  constexpr int kSize = Vec::kSize;
   __shared__ RowStats warp_stats[kBlock / kWarpSize];
 
-  const RowLayout& layout = args.layout;
-  const int64_t vocab = args.vocab;
-  const float inv_temp = args.inv_temp;
-  const int tid = threadIdx.x;
-
-  for (int64_t row = blockIdx.x; row < layout.rows; row += gridDim.x) {
-    const T* logits = static_cast<const T*>(args.logits) +
-                      row_offset(row, layout.inner, layout.stride_outer, layout.stride_inner);
-    const RowSplit split = split_row(logits, vocab);
-    const Vec* vecs = reinterpret_cast<const Vec*>(logits + split.head);
-    ThreadStats thread_stats;
-
-    // Head and tail are each shorter than one vector: one element per thread at most.
-    if (tid < split.head) thread_stats.add({to_float(logits[tid])}, inv_temp);
-    if (tid < vocab - split.tail) thread_stats.add({to_float(logits[split.tail + tid])}, inv_temp);
-
-    int64_t i = tid;
-    for (; i + (kUnroll - 1) * kBlock < split.vectors; i += kUnroll * kBlock) {
-      Vec pack[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) pack[u] = vecs[i + u * kBlock];  // all loads first
-      float z[kUnroll * kSize];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) unpack(pack[u], z + u * kSize);
-      thread_stats.add(z, inv_temp);
-    }
-    for (; i < split.vectors; i += kBlock) {
-      float z[kSize];
-      unpack(vecs[i], z);
-      thread_stats.add(z, inv_temp);
-    }
-
-    const RowStats stats = block_reduce<kBlock>(thread_stats.stats(inv_temp), warp_stats);
-    if (tid == 0) {
-      const int64_t target = args.tokens[row];
-      const bool in_range = target >= 0 && target < vocab;  // never index with a bad id
-      const float x_target = in_range ? to_float(logits[target]) * inv_temp : NAN;
+  for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
+    const T* logits = row_pointer<T>(args.logits, args.layout, row);
+    const RowStats stats = row_stats<T, kBlock>(logits, args.vocab, args.inv_temp, warp_stats);
+    if (threadIdx.x == 0) {
+      const float x_target = target_logit(logits, args.vocab, args.tokens[row], args.inv_temp);
       const RowResult result = finalize(stats, x_target);
       args.logp[row] = result.logp;
       args.entropy[row] = result.entropy;
@@ -212,152 +32,37 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock)
   }
 }
 
-// ---- backward ---------------------------------------------------------------------------------
+template <typename T, int kBlock>
+__global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
+    token_logprobs_bwd_kernel(TokenLogprobsBwdArgs args) {
+  for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
+    const T* logits = row_pointer<T>(args.logits, args.layout, row);
+    T* grad = row_pointer<T>(args.grad_logits, args.grad_layout, row);
+    const GradCoeffs coeffs = grad_coeffs(args.grad_logp[row], args.grad_entropy[row],
+                                          args.entropy[row], args.inv_temp);
+    const ElementGrad element_grad(coeffs, args.lse[row], args.inv_temp);
+    row_grad<T, kBlock>(logits, grad, args.vocab, args.tokens[row], element_grad);
+  }
+}
 
-// grad_element() in log2 units: with l = log2 p_j = (z_j / T - lse) * log2(e),
-//   grad_j = 2^l * (base + slope * ln2 * l) + target * 1[j = y].
-struct ElementGrad {
-  float scale;   // log2(e) / T
-  float shift;   // lse * log2(e)
-  float base;
-  float slope2;  // slope * ln2
-  float target;
-
-  __device__ __forceinline__ ElementGrad(const GradCoeffs& c, float lse, float inv_temp)
-      : scale(inv_temp * kLog2e),
-        shift(lse * kLog2e),
-        base(c.base),
-        slope2(c.slope * kLn2),
-        target(c.target) {}
-
-  __device__ __forceinline__ float operator()(float z, bool is_target) const {
-    const float log2_p = fmaf(z, scale, -shift);
-    const float p = fast_exp2(log2_p);  // NaN stays NaN
-    // The clamp only changes entries with p = 0, keeping the bracket finite for z = -inf.
-    const float g = __fmul_rn(p, fmaf(slope2, fmaxf(log2_p, kMinLog2Prob), base));
-    // _rn: no FMA contraction, so the vector and scalar paths round alike (in-place == not).
-    return is_target ? __fadd_rn(g, target) : g;
+struct FwdLauncher {
+  template <typename T, int kBlock>
+  static void launch(const TokenLogprobsFwdArgs& args, unsigned grid, cudaStream_t stream) {
+    token_logprobs_fwd_kernel<T, kBlock><<<grid, kBlock, 0, stream>>>(args);
   }
 };
 
-// `logits` and `grad_logits` may alias (in-place backward): no __restrict__, and each element is
-// read by the thread that writes it, before it writes it.
-template <typename T, int kBlock>
-__global__ void __launch_bounds__(kBlock, 1024 / kBlock)
-    token_logprobs_bwd_kernel(TokenLogprobsBwdArgs args) {
-  using Vec = Pack<T>;
-  constexpr int kSize = Vec::kSize;
-
-  const RowLayout& layout = args.layout;
-  const RowLayout& grad_layout = args.grad_layout;
-  const int64_t vocab = args.vocab;
-  const float inv_temp = args.inv_temp;
-  const int tid = threadIdx.x;
-
-  for (int64_t row = blockIdx.x; row < layout.rows; row += gridDim.x) {
-    const T* logits = static_cast<const T*>(args.logits) +
-                      row_offset(row, layout.inner, layout.stride_outer, layout.stride_inner);
-    T* grad = static_cast<T*>(args.grad_logits) +
-              row_offset(row, grad_layout.inner, grad_layout.stride_outer,
-                         grad_layout.stride_inner);
-    const GradCoeffs coeffs =
-        grad_coeffs(args.grad_logp[row], args.grad_entropy[row], args.entropy[row], inv_temp);
-    const ElementGrad element_grad(coeffs, args.lse[row], inv_temp);
-    const int64_t target = args.tokens[row];
-    const auto scalar_grad = [&](int64_t col) {
-      grad[col] = from_float<T>(element_grad(to_float(logits[col]), col == target));
-    };
-
-    const uintptr_t phase = reinterpret_cast<uintptr_t>(logits) ^ reinterpret_cast<uintptr_t>(grad);
-    if (phase % kVecBytes != 0) {
-      // No common 16-byte boundary for input and output: scalar, still coalesced.
-      for (int64_t col = tid; col < vocab; col += kBlock) scalar_grad(col);
-      continue;
-    }
-
-    const RowSplit split = split_row(logits, vocab);
-    if (tid < split.head) scalar_grad(tid);
-    if (tid < vocab - split.tail) scalar_grad(split.tail + tid);
-
-    // The target as (vector, lane); vector -1 when it is not in [head, tail).
-    const bool target_in_vectors = target >= split.head && target < split.tail;
-    const int64_t target_vec = target_in_vectors ? (target - split.head) / kSize : -1;
-    const int target_lane =
-        target_in_vectors ? static_cast<int>((target - split.head) % kSize) : -1;
-
-    const Vec* in = reinterpret_cast<const Vec*>(logits + split.head);
-    Vec* out = reinterpret_cast<Vec*>(grad + split.head);
-    const auto pack_grad = [&](const Vec& pack, int lane) {
-      Vec g;
-#pragma unroll
-      for (int k = 0; k < kSize; ++k) {
-        g.v[k] = from_float<T>(element_grad(to_float(pack.v[k]), k == lane));
-      }
-      return g;
-    };
-    // Only one vector holds the target: the others take a copy with the lane tests folded away.
-    const auto vector_grad = [&](const Vec& pack, int64_t index) {
-      return index == target_vec ? pack_grad(pack, target_lane) : pack_grad(pack, -1);
-    };
-
-    int64_t i = tid;
-    for (; i + (kUnroll - 1) * kBlock < split.vectors; i += kUnroll * kBlock) {
-      // All loads before any store: with possible aliasing the compiler may not reorder them.
-      Vec pack[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) pack[u] = in[i + u * kBlock];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) out[i + u * kBlock] = vector_grad(pack[u], i + u * kBlock);
-    }
-    for (; i < split.vectors; i += kBlock) out[i] = vector_grad(in[i], i);
+struct BwdLauncher {
+  template <typename T, int kBlock>
+  static void launch(const TokenLogprobsBwdArgs& args, unsigned grid, cudaStream_t stream) {
+    token_logprobs_bwd_kernel<T, kBlock><<<grid, kBlock, 0, stream>>>(args);
   }
-}
-
-// ---- launch -----------------------------------------------------------------------------------
-
-bool valid_layout(const RowLayout& layout) { return layout.rows >= 0 && layout.inner >= 1; }
-
-template <typename T, int kBlock>
-void launch_kernel(const TokenLogprobsFwdArgs& args, unsigned grid, cudaStream_t stream) {
-  token_logprobs_fwd_kernel<T, kBlock><<<grid, kBlock, 0, stream>>>(args);
-}
-
-template <typename T, int kBlock>
-void launch_kernel(const TokenLogprobsBwdArgs& args, unsigned grid, cudaStream_t stream) {
-  token_logprobs_bwd_kernel<T, kBlock><<<grid, kBlock, 0, stream>>>(args);
-}
-
-template <typename T, typename Args>
-int launch(const Args& args, cudaStream_t stream) {
-  const auto grid = static_cast<unsigned>(std::min(args.layout.rows, kMaxGrid));
-  if (args.vocab * static_cast<int64_t>(sizeof(T)) >= kLargeRowBytes) {
-    launch_kernel<T, kLargeBlock>(args, grid, stream);
-  } else {
-    launch_kernel<T, kSmallBlock>(args, grid, stream);
-  }
-  return static_cast<int>(cudaGetLastError());
-}
-
-template <typename Args>
-int dispatch(const Args& args, void* stream) {
-  if (!valid_layout(args.layout) || args.vocab < 0) return static_cast<int>(cudaErrorInvalidValue);
-  if (args.layout.rows == 0 || args.vocab == 0) return static_cast<int>(cudaSuccess);
-  const auto cuda_stream = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case DType::kFloat32:
-      return launch<float>(args, cuda_stream);
-    case DType::kFloat16:
-      return launch<__half>(args, cuda_stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(args, cuda_stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
-}
+};
 
 }  // namespace
 
 int token_logprobs_fwd_cuda(const TokenLogprobsFwdArgs& args, void* stream) {
-  return dispatch(args, stream);
+  return dispatch<FwdLauncher>(args, stream);
 }
 
 int token_logprobs_bwd_cuda(const TokenLogprobsBwdArgs& args, void* stream) {
@@ -365,7 +70,7 @@ int token_logprobs_bwd_cuda(const TokenLogprobsBwdArgs& args, void* stream) {
   if (!valid_layout(args.grad_layout) || args.grad_layout.rows != args.layout.rows) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  return dispatch(args, stream);
+  return dispatch<BwdLauncher>(args, stream);
 }
 
 }  // namespace rlfuse

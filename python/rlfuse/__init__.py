@@ -7,8 +7,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: F401  (registers the torch.library ops)
+from . import nn, ops  # noqa: F401  (ops registers the torch.library ops)
 from .backends import available_backends
+from .config import LossConfig
 from .functional import entropy, token_logprobs
+from .losses import LossOutput, policy_loss
 
-__all__ = ["__version__", "token_logprobs", "entropy", "available_backends"]
+__all__ = ["__version__", "token_logprobs", "entropy", "policy_loss", "LossConfig", "LossOutput", "nn",
+           "available_backends"]

@@ -17,7 +17,10 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
 # Preferred kernel for CUDA tensors, per op, first available wins. Update from `make gpu-check`
 # benchmarks (bench/results/); until a GPU run says otherwise the CUDA C++ kernel comes first.
-CUDA_PREFERENCE = {"token_logprobs": ("cuda", "triton", "torch")}
+CUDA_PREFERENCE = {
+    "token_logprobs": ("cuda", "triton", "torch"),
+    "policy_loss": ("cuda", "triton", "torch"),
+}
 
 
 def _import_extension():

@@ -101,10 +101,13 @@ RLFUSE_HD Term policy_term(const TokenLossParams& p, float logp, float old_logp,
   const bool clipped_high = a > 0.0f && r > high;
   const bool clipped_low = a < 0.0f && r < low;
   Term t{-a * r, -a * dr};
+  // GPPO keeps a bounded gradient on clipped tokens: d/dlogp of beta * bound * A * r / sg(r),
+  // gated like every ratio gradient (dr / r is 1, or 0 where a clamp bit).
+  const float gate = dr / r;
   if (clipped_high) {
-    t = Term{-a * high, p.policy == kGppo ? -p.gppo_beta_high * high * a : 0.0f};
+    t = Term{-a * high, p.policy == kGppo ? -p.gppo_beta_high * high * a * gate : 0.0f};
   } else if (clipped_low) {
-    t = Term{-a * low, p.policy == kGppo ? -p.gppo_beta_low * low * a : 0.0f};
+    t = Term{-a * low, p.policy == kGppo ? -p.gppo_beta_low * low * a * gate : 0.0f};
   }
   if (p.dual_clip > 0.0f && a < 0.0f && t.value > -p.dual_clip * a) {
     t = Term{-p.dual_clip * a, 0.0f};

@@ -36,7 +36,24 @@ def _cpu_launchers():
             grad_logits.data_ptr(), grad_layout, torch.get_num_threads(),
         )
 
-    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd)
+    def fused(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
+              params, loss, logp, entropy, grad_logits, grad_layout):
+        ext.policy_loss_fused_cpu(*_fused_pointers(
+            logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
+            params, loss, logp, entropy, grad_logits, grad_layout), torch.get_num_threads())
+
+    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused)
+
+
+def _fused_pointers(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight,
+                    weight, params, loss, logp, entropy, grad_logits, grad_layout):
+    """The 17 positional arguments of rlfuse._C.policy_loss_fused_* (see csrc/bindings.cpp)."""
+    return (
+        logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
+        advantages.data_ptr(), old_logp.data_ptr(), ref_logp.data_ptr(), policy_weight.data_ptr(),
+        weight.data_ptr(), tuple(params), loss.data_ptr(), logp.data_ptr(), entropy.data_ptr(),
+        grad_logits.data_ptr(), grad_layout,
+    )
 
 
 def _cuda_launchers():
@@ -61,16 +78,25 @@ def _cuda_launchers():
                 grad_logits.data_ptr(), grad_layout, stream(logits),
             )
 
-    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd)
+    def fused(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
+              params, loss, logp, entropy, grad_logits, grad_layout):
+        with torch.cuda.device(logits.device):
+            ext.policy_loss_fused_cuda(*_fused_pointers(
+                logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
+                params, loss, logp, entropy, grad_logits, grad_layout), stream(logits))
+
+    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused)
 
 
 @functools.cache
+def _compiled_launchers(backend: str):
+    return _cpu_launchers() if backend == "cpu" else _cuda_launchers()
+
+
 def kernels(backend: str, op: str):
     """The launchers of ``op`` on a kernel backend ("cpu", "cuda" or "triton")."""
-    if backend == "cpu":
-        return _cpu_launchers()
-    if backend == "cuda":
-        return _cuda_launchers()
+    if backend in ("cpu", "cuda"):
+        return _compiled_launchers(backend)
     if backend == "triton":
         return importlib.import_module(f"rlfuse.triton_kernels.{op}")
     raise ValueError(f"no kernels for backend {backend!r}")

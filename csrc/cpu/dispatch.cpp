@@ -1,5 +1,5 @@
-// CPU backend of token_logprobs: splits rows over threads and runs the row kernels built for
-// the best instruction set this CPU supports (AVX2+FMA+F16C on x86-64 where present).
+// CPU backend entry points: split rows over threads and run the row kernels built for the best
+// instruction set this CPU supports (AVX2+FMA+F16C on x86-64 where present).
 #include "cpu_kernels.h"
 #include "parallel.h"
 #include "rlfuse/kernels.h"
@@ -39,6 +39,10 @@ void token_logprobs_fwd_cpu(const TokenLogprobsFwdArgs& args, int num_threads) {
 
 void token_logprobs_bwd_cpu(const TokenLogprobsBwdArgs& args, int num_threads) {
   run_rows(args, num_threads, &cpu::base::backward_rows, RLFUSE_AVX2_ROWS(backward_rows));
+}
+
+void policy_loss_fused_cpu(const PolicyLossFusedArgs& args, int num_threads) {
+  run_rows(args, num_threads, &cpu::base::policy_loss_rows, RLFUSE_AVX2_ROWS(policy_loss_rows));
 }
 
 const char* cpu_isa() { return use_avx2() ? "avx2" : "base"; }

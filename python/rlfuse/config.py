@@ -1,0 +1,180 @@
+"""``LossConfig``: every knob of the policy-loss family (SPEC.md sections 3-7), with presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+POLICY_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "reinforce", "gspo", "gspo_token", "gmpo",
+                 "clip_cov", "kl_cov", "troll")
+TOKEN_LOCAL_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "reinforce")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3+", "abs")
+CISPO_MODES = ("two_sided", "upper", "cap")
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "seq_truncate", "seq_mask")
+AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which policy loss, and all its knobs. Field names are public API (DESIGN.md).
+
+    ``clip_low`` / ``clip_high`` are eps_low / eps_high of the ratio clip (GMPO: in log space; CISPO
+    "cap" mode: ``clip_high`` is the cap itself, TRL/Liger's convention). ``dual_clip`` and
+    ``delta`` are off when None. ``rollout_correction`` multiplies the policy term only (as verl),
+    never the KL or entropy terms.
+    """
+
+    loss: str = "ppo"
+    clip_low: float | None = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    delta: float | None = None
+    cispo_mode: str = "two_sided"
+    gppo_beta_low: float = 1.0
+    gppo_beta_high: float = 1.0
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    pspo_alpha: float = 0.1
+    cov_ratio: float = 2e-4
+    cov_lb: float = 1.0
+    cov_ub: float = 5.0
+    kl_cov_coef: float = 1.0
+    seed: int = 0
+    entropy_quantile: float | None = None
+    kl: str | None = None
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    rollout_correction: str | None = None
+    rollout_cap: float = 2.0
+    rollout_cap_low: float | None = None
+    aggregation: str = "token-mean"
+    norm_tokens: float | None = None
+    norm_length: float | None = None
+    temperature: float = 1.0
+    troll_eps: float = 0.05
+    troll_alpha: float = 1.0
+    troll_k: int = 64
+    troll_threshold: float = 1e-5
+
+    def __post_init__(self):
+        def fail(name, message):
+            raise ValueError(f"LossConfig.{name} {message}, got {getattr(self, name)!r}")
+
+        def finite(name, low=None, low_inclusive=True, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, "must be a finite number")
+            if low is not None and (value < low or (value == low and not low_inclusive)):
+                fail(name, f"must be {'>=' if low_inclusive else '>'} {low}")
+
+        def choice(name, options, allow_none=False):
+            value = getattr(self, name)
+            if not (value is None and allow_none) and value not in options:
+                fail(name, f"must be one of {options}" + (" or None" if allow_none else ""))
+
+        choice("loss", POLICY_LOSSES)
+        choice("cispo_mode", CISPO_MODES)
+        choice("kl", KL_ESTIMATORS, allow_none=True)
+        choice("rollout_correction", ROLLOUT_CORRECTIONS, allow_none=True)
+        choice("aggregation", AGGREGATIONS)
+        finite("clip_low", 0.0, allow_none=self.loss == "cispo")
+        finite("clip_high", 0.0)
+        finite("dual_clip", 1.0, low_inclusive=False, allow_none=True)
+        finite("delta", 1.0, low_inclusive=False, allow_none=True)
+        for name in ("gppo_beta_low", "gppo_beta_high", "pspo_alpha", "kl_coef", "kl_cov_coef", "cov_lb"):
+            finite(name, 0.0)
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "rollout_cap", "temperature", "troll_eps"):
+            finite(name, 0.0, low_inclusive=False)
+        finite("entropy_coef")
+        finite("troll_alpha", 0.0)
+        finite("cov_ub", self.cov_lb, low_inclusive=False)
+        finite("rollout_cap_low", 0.0, allow_none=True)
+        finite("norm_tokens", 0.0, low_inclusive=False, allow_none=True)
+        finite("norm_length", 0.0, low_inclusive=False, allow_none=True)
+        if not 0.0 < self.cov_ratio <= 1.0:
+            fail("cov_ratio", "must be in (0, 1]")
+        if self.entropy_quantile is not None and not 0.0 < self.entropy_quantile <= 1.0:
+            fail("entropy_quantile", "must be in (0, 1] or None")
+        if self.loss not in ("ppo", "gppo", "gspo_token", "clip_cov") and self.dual_clip is not None:
+            fail("dual_clip", f"applies to ppo-style losses, not {self.loss!r}")
+        if self.loss == "cispo" and self.cispo_mode == "cap" and self.clip_high <= 0:
+            fail("clip_high", "is the CISPO cap in 'cap' mode and must be > 0")
+        if self.rollout_cap_low is not None and self.rollout_cap_low > self.rollout_cap:
+            fail("rollout_cap_low", "must not exceed rollout_cap")
+        if not isinstance(self.troll_k, int) or self.troll_k < 1:
+            fail("troll_k", "must be a positive integer")
+        if not 0.0 < self.troll_threshold < 1.0:
+            fail("troll_threshold", "must be in (0, 1)")
+
+    def replace(self, **overrides) -> "LossConfig":
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def token_local(self) -> bool:
+        """True when the loss can take the fused path (one kernel: loss + gradient per row)."""
+        return self.loss in TOKEN_LOCAL_LOSSES and self.entropy_quantile is None
+
+    # --- presets: published defaults; keyword arguments override any field ----------------------
+
+    @classmethod
+    def grpo(cls, **overrides):
+        """GRPO (DeepSeekMath): clip 0.2, k3 KL to the reference with beta 0.04, per-sequence mean."""
+        return cls(**{"loss": "ppo", "clip_low": 0.2, "clip_high": 0.2, "kl": "k3", "kl_coef": 0.04,
+                      "aggregation": "seq-mean-token-mean", **overrides})
+
+    @classmethod
+    def dapo(cls, **overrides):
+        """DAPO: clip-higher (0.2 / 0.28), token-mean, no KL."""
+        return cls(**{"loss": "ppo", "clip_low": 0.2, "clip_high": 0.28, "aggregation": "token-mean", **overrides})
+
+    @classmethod
+    def dr_grpo(cls, **overrides):
+        """Dr. GRPO: clip 0.2, token sums divided by a constant length (set norm_length), no KL."""
+        return cls(**{"loss": "ppo", "clip_low": 0.2, "clip_high": 0.2, "aggregation": "seq-mean-token-sum-norm",
+                      **overrides})
+
+    @classmethod
+    def gppo(cls, **overrides):
+        """GPPO (Klear-Reasoner): PPO forward, bounded gradients on clipped tokens, dual clip 10."""
+        return cls(**{"loss": "gppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 10.0, **overrides})
+
+    @classmethod
+    def cispo(cls, **overrides):
+        """CISPO (MiniMax-M1): detached IS weight min(r, 1 + eps_high), no lower bound."""
+        return cls(**{"loss": "cispo", "cispo_mode": "upper", "clip_low": None, "clip_high": 0.28, **overrides})
+
+    @classmethod
+    def sapo(cls, **overrides):
+        """SAPO: soft sigmoid gate, tau 1.0 (A > 0) / 1.05 (A < 0), per-sequence mean."""
+        return cls(**{"loss": "sapo", "sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05,
+                      "aggregation": "seq-mean-token-mean", **overrides})
+
+    @classmethod
+    def pspo(cls, **overrides):
+        """PSPO: ratio smoothed towards 1 with alpha 0.1."""
+        return cls(**{"loss": "pspo", "pspo_alpha": 0.1, **overrides})
+
+    @classmethod
+    def gspo(cls, **overrides):
+        """GSPO: sequence-level length-normalised ratio, clip 3e-4 / 4e-4, no KL."""
+        return cls(**{"loss": "gspo", "clip_low": 3e-4, "clip_high": 4e-4, "aggregation": "seq-mean-token-mean",
+                      **overrides})
+
+    @classmethod
+    def gmpo(cls, **overrides):
+        """GMPO: geometric mean of token ratios, clip (-0.4, 0.4) in log space."""
+        return cls(**{"loss": "gmpo", "clip_low": 0.4, "clip_high": 0.4, **overrides})
+
+    @classmethod
+    def clip_cov(cls, **overrides):
+        """Clip-Cov: PPO with a random 2e-4 of high-covariance tokens detached (lb 1, ub 5)."""
+        return cls(**{"loss": "clip_cov", "clip_low": 0.2, "clip_high": 0.2, "cov_ratio": 2e-4, "cov_lb": 1.0,
+                      "cov_ub": 5.0, **overrides})
+
+    @classmethod
+    def kl_cov(cls, **overrides):
+        """KL-Cov: unclipped -A r plus |logp - old| on the top 2e-3 tokens by covariance."""
+        return cls(**{"loss": "kl_cov", "cov_ratio": 2e-3, "kl_cov_coef": 1.0, **overrides})

@@ -1,0 +1,260 @@
+"""``rlfuse.policy_loss``: the PPO/GRPO family from raw logits, in one call (SPEC.md sections 3-6).
+
+Token-local variants (ppo, dapo, gppo, cispo, sapo, pspo, reinforce, with KL, entropy bonus,
+rollout correction and any aggregation) take the fused path: one kernel per row computes the loss
+and writes the gradient. Everything else (gspo, gspo_token, gmpo, clip_cov, kl_cov, the
+high-entropy mask) takes the general path: fused ``token_logprobs`` for the log-probs and entropy,
+then the per-token math of ``rlfuse.reference`` on ``[N]``-sized tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import _validation as check
+from . import reference as ref
+from .backends import resolve_backend
+from .config import LossConfig
+from .functional import token_logprobs
+from .ops.policy_loss import FusedPolicyLoss, TokenLossParams
+
+RATIO_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov")
+PPO_CLIPPED = ("ppo", "gppo", "clip_cov", "gspo_token")
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar, differentiable
+    logprobs: Tensor  # per token, fp32, detached
+    entropy: Tensor  # per token, fp32, detached
+    metrics: dict = field(default_factory=dict)  # detached scalars; metrics["path"] is a string
+
+
+@dataclass
+class _Batch:
+    """Inputs flattened to tokens [N] plus the sequence structure."""
+
+    logits: Tensor  # [..., V] as given (padded [B, T, V] or packed [N, V])
+    tokens: Tensor  # as given
+    cu_seqlens: Tensor  # [S + 1] int64, on the logits' device
+    mask: Tensor  # [N] fp32
+    advantages: Tensor  # [N] fp32
+    old: Tensor | None
+    ref: Tensor | None
+    rollout: Tensor | None
+    norm_length: float | None
+
+
+def policy_loss(
+    logits: Tensor,
+    tokens: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    config: LossConfig | None = None,
+    old_topk=None,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+    path: str = "auto",
+) -> LossOutput:
+    """One policy-loss computation from logits. See README.md for the variants and conventions.
+
+    Args:
+        logits: padded ``[B, T, V]`` (with ``mask [B, T]``) or packed ``[N, V]`` (with
+            ``cu_seqlens [S + 1]`` and optionally ``mask [N]``).
+        tokens: chosen ids, ``logits.shape[:-1]``.
+        advantages: per token (``logits.shape[:-1]``) or per sequence (``[B]`` / ``[S]``).
+        old_logprobs / ref_logprobs / rollout_logprobs: per-token log-probs of the behaviour policy,
+            the reference policy (for ``config.kl``) and the inference engine (for
+            ``config.rollout_correction``).
+        config: a ``LossConfig`` (default ``LossConfig.dapo()``).
+        backend: kernel backend, as for ``token_logprobs``.
+        inplace_backward: write the logits' gradient into the logits buffer (no ``[N, V]`` memory).
+        path: ``"auto"`` (fused for token-local variants on kernel backends), ``"fused"`` or
+            ``"general"``.
+    """
+    config = LossConfig.dapo() if config is None else config
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a rlfuse.LossConfig, got {type(config).__name__}")
+    if config.loss == "troll":
+        raise NotImplementedError("loss='troll' is not implemented yet (TROLL is a separate work item)")
+    if old_topk is not None:
+        raise ValueError("old_topk is only used by loss='troll'")
+    if path not in ("auto", "fused", "general"):
+        raise ValueError(f"path must be 'auto', 'fused' or 'general', got {path!r}")
+    if path == "fused" and not config.token_local:
+        raise ValueError(f"loss={config.loss!r} (entropy_quantile={config.entropy_quantile}) has no fused path")
+    batch = _prepare(logits, tokens, advantages, old_logprobs, ref_logprobs, rollout_logprobs, mask, cu_seqlens,
+                     config)
+    resolved = resolve_backend(backend, logits.device, "policy_loss", logits.dtype)
+    if path == "fused" and resolved == "torch":
+        raise ValueError("the fused path needs a kernel backend; backend='torch' is the general path")
+
+    aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, config.replace(norm_length=batch.norm_length))
+    policy_weight = aggregation
+    if config.rollout_correction is not None:
+        rollout_w = ref.rollout_correction_weights(batch.old, batch.rollout, batch.mask, batch.cu_seqlens, config)
+        policy_weight = policy_weight * rollout_w
+    use_fused = config.token_local and path != "general" and resolved != "torch"
+    if use_fused:
+        loss, logp, entropy = _fused(batch, policy_weight, aggregation, config, resolved, inplace_backward)
+    else:
+        loss, logp, entropy = _general(batch, policy_weight, aggregation, config, resolved, inplace_backward)
+    metrics = _metrics(batch, logp.detach(), entropy.detach(), config, policy_weight)
+    metrics["path"] = "fused" if use_fused else "general"
+    shape = tokens.shape
+    return LossOutput(loss, logp.detach().view(shape), entropy.detach().view(shape), metrics)
+
+
+def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
+    zeros = torch.zeros_like(batch.advantages)
+    per_token = (
+        batch.advantages,
+        batch.old if batch.old is not None else zeros,
+        batch.ref if batch.ref is not None else zeros,
+        policy_weight.contiguous(),
+        weight.contiguous(),
+    )
+    params = TokenLossParams.from_config(config)
+    return FusedPolicyLoss.apply(batch.logits, batch.tokens, per_token, config.temperature, params, backend,
+                                 bool(inplace_backward))
+
+
+def _general(batch, policy_weight, weight, config, backend, inplace_backward):
+    logp, entropy = token_logprobs(batch.logits, batch.tokens, temperature=config.temperature, return_entropy=True,
+                                   backend=backend, inplace_backward=inplace_backward)
+    logp, entropy = logp.reshape(-1), entropy.reshape(-1)
+    if config.entropy_quantile is not None:
+        policy_weight = policy_weight * ref.entropy_minority_mask(entropy, batch.mask, config.entropy_quantile)
+    a, old, mask, cu = batch.advantages, batch.old, batch.mask, batch.cu_seqlens
+    penalties = ref.penalty_terms(logp, entropy, batch.ref, weight, config).sum()
+    if config.loss == "gspo":
+        return ref.gspo_loss(logp, old, a, mask, cu, config) + penalties, logp, entropy
+    if config.loss == "gmpo":
+        return ref.gmpo_loss(logp, old, a, mask, cu, config) + penalties, logp, entropy
+    if config.loss == "gspo_token":
+        term = ref.gspo_token_term(logp, old, a, mask, cu, config)
+    elif config.loss == "clip_cov":
+        term = ref.clip_cov_term(logp, old, a, mask, config)
+    elif config.loss == "kl_cov":
+        term = ref.kl_cov_term(logp, old, a, mask, config)
+    else:
+        term = ref.policy_term(logp, old, a, config)
+    return ref.weighted(term, policy_weight).sum() + penalties, logp, entropy
+
+
+def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens, config) -> _Batch:
+    check.check_logits(logits)
+    check.check_tokens(tokens, logits)
+    device = logits.device
+    if logits.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for packed [N, V] logits; padded [B, T, V] logits take mask [B, T]")
+        batch_size, seq_len = tokens.shape
+        cu = torch.arange(batch_size + 1, device=device, dtype=torch.int64) * seq_len
+        norm_length = config.norm_length if config.norm_length is not None else float(seq_len)
+    elif logits.dim() == 2:
+        n = tokens.shape[0]
+        cu = _check_cu_seqlens(cu_seqlens, n, device)
+        norm_length = config.norm_length
+    else:
+        raise ValueError(f"logits must be padded [B, T, V] or packed [N, V], got shape {tuple(logits.shape)}")
+    if config.aggregation == "seq-mean-token-sum-norm" and norm_length is None:
+        raise ValueError("aggregation='seq-mean-token-sum-norm' with packed inputs needs config.norm_length")
+    n_tokens, n_seqs = tokens.numel(), cu.numel() - 1
+    flat_mask = _per_token("mask", mask, tokens, required=False)
+    flat_mask = torch.ones(n_tokens, device=device) if flat_mask is None else (flat_mask != 0).float()
+
+    adv = _as_tensor("advantages", advantages, device)
+    if adv.shape == tokens.shape:
+        flat_adv = adv.reshape(-1).float()
+    elif adv.dim() == 1 and adv.shape[0] == n_seqs:
+        flat_adv = torch.repeat_interleave(adv.float(), cu.diff(), output_size=n_tokens)
+    else:
+        raise ValueError(
+            f"advantages must be per token {tuple(tokens.shape)} or per sequence ({n_seqs},), got {tuple(adv.shape)}"
+        )
+    needs_old = config.loss in RATIO_LOSSES or config.rollout_correction is not None
+    needs_ref = config.kl is not None and config.kl_coef != 0
+    return _Batch(
+        logits=logits, tokens=tokens, cu_seqlens=cu, mask=flat_mask, advantages=flat_adv.contiguous(),
+        old=_per_token("old_logprobs", old, tokens, needs_old, f"loss={config.loss!r}"),
+        ref=_per_token("ref_logprobs", ref_lp, tokens, needs_ref, f"kl={config.kl!r}"),
+        rollout=_per_token("rollout_logprobs", rollout, tokens, config.rollout_correction is not None,
+                           f"rollout_correction={config.rollout_correction!r}"),
+        norm_length=norm_length,
+    )
+
+
+def _as_tensor(name, value, device):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but logits are on {device}")
+    return value
+
+
+def _per_token(name, value, tokens, required, reason=""):
+    """A per-token tensor flattened to fp32 [N]; None when not given (an error if required)."""
+    if value is None:
+        if required:
+            raise ValueError(f"{name} is required by {reason}")
+        return None
+    value = _as_tensor(name, value, tokens.device)
+    if value.shape != tokens.shape:
+        raise ValueError(f"{name} must have the tokens' shape {tuple(tokens.shape)}, got {tuple(value.shape)}")
+    return value.detach().reshape(-1).float().contiguous()
+
+
+def _check_cu_seqlens(cu_seqlens, n_tokens, device):
+    if cu_seqlens is None:
+        return torch.tensor([0, n_tokens], device=device, dtype=torch.int64)
+    cu = _as_tensor("cu_seqlens", cu_seqlens, device)
+    if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [S + 1] of sequence offsets")
+    cu = cu.to(torch.int64)
+    if int(cu[0]) != 0 or int(cu[-1]) != n_tokens:
+        raise ValueError(f"cu_seqlens must start at 0 and end at N = {n_tokens}, got {int(cu[0])} ... {int(cu[-1])}")
+    if bool((cu.diff() < 0).any()):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return cu
+
+
+def _metrics(batch, logp, entropy, config, policy_weight) -> dict:
+    """Detached scalar diagnostics over valid tokens (no host synchronisation)."""
+    valid = batch.mask > 0
+    count = valid.sum()
+    denominator = count.clamp(min=1).float()
+
+    def mean(values):
+        return (values.float() * valid).sum() / denominator
+
+    metrics = {"valid_tokens": count.float(), "entropy": mean(entropy)}
+    if batch.old is not None:
+        r = ref.ratio(logp, batch.old)
+        nan = torch.full_like(denominator, float("nan"))
+        metrics["approx_kl"] = mean(batch.old - logp)
+        metrics["ratio_mean"] = mean(r)
+        metrics["ratio_min"] = torch.where(count > 0, r.masked_fill(~valid, float("inf")).min(), nan)
+        metrics["ratio_max"] = torch.where(count > 0, r.masked_fill(~valid, float("-inf")).max(), nan)
+        if config.loss in PPO_CLIPPED and config.clip_low is not None:
+            a = batch.advantages
+            metrics["clip_frac_low"] = mean((a < 0) & (r < 1.0 - config.clip_low))
+            metrics["clip_frac_high"] = mean((a > 0) & (r > 1.0 + config.clip_high))
+            if config.dual_clip is not None:
+                metrics["clip_frac_dual"] = mean((a < 0) & (r > config.dual_clip))
+    if batch.ref is not None and config.kl is not None:
+        metrics["kl_ref"] = mean(ref.kl_term(logp, batch.ref, config.kl))
+    if config.rollout_correction is not None:
+        w = ref.rollout_correction_weights(batch.old, batch.rollout, batch.mask, batch.cu_seqlens, config)
+        metrics["rollout_weight_mean"] = mean(w)
+        metrics["rollout_weight_min"] = w.masked_fill(~valid, float("inf")).min()
+        metrics["rollout_weight_max"] = w.masked_fill(~valid, float("-inf")).max()
+        metrics["rollout_dropped_frac"] = mean(w == 0)
+    return metrics
