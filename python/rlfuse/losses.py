@@ -233,7 +233,7 @@ def _metrics(batch, logp, entropy, config, policy_weight) -> dict:
     denominator = count.clamp(min=1).float()
 
     def mean(values):
-        return (values.float() * valid).sum() / denominator
+        return torch.where(valid, values.float(), 0.0).sum() / denominator
 
     metrics = {"valid_tokens": count.float(), "entropy": mean(entropy)}
     if batch.old is not None:

@@ -182,7 +182,8 @@ def entropy_minority_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
 def _per_sequence(values, mask, cu_seqlens):
     """Masked per-sequence mean of a per-token tensor, and the valid-token counts."""
     lengths = segment_sum(mask, cu_seqlens)
-    return segment_sum(values * mask, cu_seqlens) / lengths.clamp(min=1.0), lengths
+    masked = torch.where(mask > 0, values, torch.zeros_like(values))  # never NaN * 0
+    return segment_sum(masked, cu_seqlens) / lengths.clamp(min=1.0), lengths
 
 
 def _broadcast(seq_values, cu_seqlens, n):
@@ -226,8 +227,8 @@ def _covariance(logp, advantages, mask):
     valid = mask > 0
     n = valid.sum().clamp(min=1)
     lp = logp.detach()
-    mean_a = (advantages * mask).sum() / n
-    mean_lp = (lp * mask).sum() / n
+    mean_a = torch.where(valid, advantages, 0.0).sum() / n
+    mean_lp = torch.where(valid, lp, 0.0).sum() / n
     return (advantages - mean_a) * (lp - mean_lp), valid
 
 
