@@ -214,6 +214,91 @@ def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case
     )
 
 
+@register_case("policy_loss")
+def _policy_loss_case(args: argparse.Namespace, device: torch.device) -> Case:
+    """The fused dapo loss (and gspo, through the general path) vs the same loss in torch eager."""
+    import rlfuse
+    from rlfuse import LossConfig
+    from rlfuse.reference import token_logprobs_reference
+
+    n, v = args.tokens, args.vocab
+    notes: list[str] = ["rlfuse dapo takes the fused path; rlfuse gspo the general path (one sequence per 128 tokens)"]
+    backends = _rlfuse_backends(args, device, notes)
+    seq_len = 128
+    dapo, gspo = LossConfig.dapo(), LossConfig.gspo()
+
+    def make_inputs(dtype: torch.dtype) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        logits = torch.randn(n, v, generator=gen, device=device, dtype=dtype)
+        logits.mul_(LOGIT_STD).requires_grad_()
+        tokens = torch.randint(0, v, (n,), generator=gen, device=device)
+        with torch.no_grad():
+            old = token_logprobs_reference(logits, tokens)[0] + 0.1 * torch.randn(n, generator=gen, device=device)
+        advantages = torch.randn(n, generator=gen, device=device)
+        mask = torch.rand(n, generator=gen, device=device) > 0.1
+        cu_seqlens = torch.arange(0, n + 1, seq_len, device=device)
+        if cu_seqlens[-1] != n:
+            cu_seqlens = torch.cat([cu_seqlens, torch.tensor([n], device=device)])
+        tensors = {"logits": logits, "tokens": tokens, "old": old, "advantages": advantages, "mask": mask,
+                   "cu_seqlens": cu_seqlens}
+        return Inputs(tensors, [logits], [torch.ones((), device=device)])
+
+    def rlfuse_contender(backend: str, config, label: str) -> Contender:
+        def make(dtype: torch.dtype) -> Forward:
+            def forward(inp: Inputs):
+                t = inp.tensors
+                out = rlfuse.policy_loss(t["logits"], t["tokens"], t["advantages"], old_logprobs=t["old"],
+                                         mask=t["mask"], cu_seqlens=t["cu_seqlens"], config=config, backend=backend)
+                return [out.loss]
+            return forward
+
+        return Contender(f"rlfuse {backend} {label}", make, is_rlfuse=True,
+                         slow_first_call=backend == "triton", first_call_hint="Triton JIT")
+
+    def eager_dapo(logits, tokens, advantages, old, mask):
+        # What a trainer writes by hand: log-softmax, gather, clipped ratio, token mean.
+        logp, _ = token_logprobs_reference(logits, tokens)
+        ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+        clipped = torch.clamp(ratio, 1.0 - dapo.clip_low, 1.0 + dapo.clip_high)
+        losses = torch.maximum(-advantages * ratio, -advantages * clipped)
+        return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+    def make_eager(dtype: torch.dtype) -> Forward:
+        return lambda inp: [eager_dapo(*(inp.tensors[k] for k in ("logits", "tokens", "advantages", "old", "mask")))]
+
+    def make_compiled(dtype: torch.dtype) -> Forward:
+        compiled = torch.compile(eager_dapo, dynamic=False)
+        return lambda inp: [compiled(*(inp.tensors[k] for k in ("logits", "tokens", "advantages", "old", "mask")))]
+
+    contenders = [rlfuse_contender(b, dapo, "dapo") for b in backends]
+    contenders += [rlfuse_contender(b, gspo, "gspo") for b in backends]
+    contenders.append(Contender("torch eager", make_eager))
+    if not args.no_compile:
+        hint = "up to a minute on CPU" if device.type == "cpu" else "can take a minute"
+        contenders.append(Contender("torch.compile", make_compiled, slow_first_call=True, first_call_hint=hint))
+
+    def unit_bytes(dtype: torch.dtype) -> int:
+        return n * v * dtype.itemsize
+
+    def bytes_moved(dtype: torch.dtype) -> dict[str, int]:
+        # The floor of a fused loss: read the logits once, write the gradient once (DESIGN.md's 4 B/elem
+        # for bf16). The forward already does both; the backward moves nothing when grad_output is 1.
+        size = unit_bytes(dtype)
+        return {"fwd": 2 * size, "fwd+bwd": 2 * size}
+
+    return Case(
+        op="policy_loss",
+        title=f"policy_loss (dapo fused, gspo general), N={n} V={v}",
+        shape={"tokens": n, "vocab": v},
+        make_inputs=make_inputs,
+        contenders=contenders,
+        unit_name="logits",
+        unit_bytes=unit_bytes,
+        bytes_moved=bytes_moved,
+        notes=notes,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Measuring: time, memory, bandwidth
 # --------------------------------------------------------------------------------------------------
@@ -533,7 +618,7 @@ def format_results(case: Case, results: list[Result], copy_bw: float | None) -> 
         cells.append(f"{r.speedup:.2f}x" if r.speedup is not None else "-")
         cells.append(_format_peak(r))
         if r.is_rlfuse and copy_bw:
-            pcts = [f"{100 * r.bandwidth(p) / copy_bw:.0f}" if p in r.ms else "-" for p in PHASES]
+            pcts = [f"{100 * r.bandwidth(p) / copy_bw:.0f}" if r.bandwidth(p) else "-" for p in PHASES]
             cells.append(" / ".join(pcts))
         else:
             cells.append("-")
