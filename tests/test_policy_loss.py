@@ -299,3 +299,15 @@ def test_stop_gradient_variants_follow_the_spec_table(generator):
                                -torch.clamp(r, max=1.5) * adv)
     k3plus = C(loss="reinforce", kl="k3+", kl_coef=1.0)
     torch.testing.assert_close(grad_of(k3plus), -adv + (logp.detach() - ref_lp))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_masked_rows_with_garbage_logits_get_zero_gradient(backend, generator):
+    """Masked tokens' rows are written as zeros, whatever their logits hold (padding may be garbage)."""
+    batch = make_batch(generator)
+    batch["mask"][0, 3] = False
+    batch["logits"][0, 3, 5] = float("nan")
+    out, grad = run(batch, C.dapo(), backend, path="fused")
+    assert torch.isfinite(out.loss)
+    assert torch.all(grad[0, 3] == 0)
+    assert torch.isfinite(grad).all()

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <cstring>
 
 #include "rlfuse/kernels.h"
 #include "rlfuse/row_math.h"
@@ -69,6 +70,17 @@ struct alignas(kVecBytes) Pack {
   static constexpr int kSize = kVecBytes / sizeof(T);
   T v[kSize];
 };
+
+// One 16-byte load. Reading a Pack member-wise through a reference compiles to one load per
+// element; this never does.
+template <typename T>
+__device__ __forceinline__ Pack<T> load(const Pack<T>* address) {
+  static_assert(sizeof(Pack<T>) == sizeof(uint4), "a Pack is one 16-byte vector");
+  const uint4 bits = *reinterpret_cast<const uint4*>(address);
+  Pack<T> pack;
+  memcpy(&pack, &bits, sizeof(pack));
+  return pack;
+}
 
 template <typename T>
 __device__ __forceinline__ void unpack(const Pack<T>& pack, float* z) {
@@ -200,7 +212,7 @@ __device__ __forceinline__ RowStats row_stats(const T* logits, int64_t vocab, fl
   for (; i + (kUnroll - 1) * kBlock < split.vectors; i += kUnroll * kBlock) {
     Vec pack[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) pack[u] = vecs[i + u * kBlock];  // all loads first
+    for (int u = 0; u < kUnroll; ++u) pack[u] = load(vecs + i + u * kBlock);  // loads first
     float z[kUnroll * kSize];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) unpack(pack[u], z + u * kSize);
@@ -208,7 +220,7 @@ __device__ __forceinline__ RowStats row_stats(const T* logits, int64_t vocab, fl
   }
   for (; i < split.vectors; i += kBlock) {
     float z[kSize];
-    unpack(vecs[i], z);
+    unpack(load(vecs + i), z);
     thread_stats.add(z, inv_temp);
   }
 
@@ -300,11 +312,11 @@ __device__ __forceinline__ void row_grad(const T* logits, T* grad, int64_t vocab
     // All loads before any store: with possible aliasing the compiler may not reorder them.
     Vec pack[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) pack[u] = in[i + u * kBlock];
+    for (int u = 0; u < kUnroll; ++u) pack[u] = load(in + i + u * kBlock);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) out[i + u * kBlock] = vector_grad(pack[u], i + u * kBlock);
   }
-  for (; i < split.vectors; i += kBlock) out[i] = vector_grad(in[i], i);
+  for (; i < split.vectors; i += kBlock) out[i] = vector_grad(load(in + i), i);
 }
 
 // Writes zeros over one row, by the whole block, without reading anything.

@@ -57,14 +57,16 @@ struct PolicyLossFusedArgs {
   float inv_temp;
   const float* advantages;     // [rows]
   const float* old_logp;       // [rows]
-  const float* ref_logp;       // [rows]
+  const float* ref_logp;       // [rows]; may be null when params.kl == kKlNone or kl_coef == 0
   const float* policy_weight;  // [rows]
   const float* weight;         // [rows]
   TokenLossParams params;
   float* loss;      // [rows] weighted per-token loss (their sum is the loss)
   float* logp;      // [rows]
   float* entropy;   // [rows]
-  void* grad_logits;  // same dtype as logits; may alias `logits` (in-place)
+  void* grad_logits;  // same dtype as logits; may alias `logits` (in-place). Rows whose token has
+                      // zero loss gradient (g_logp = g_H = 0: masked, clipped) are written as zeros
+                      // without reading the logits again, so garbage in masked rows never leaks.
   RowLayout grad_layout;
 };
 
