@@ -10,6 +10,8 @@ namespace rlfuse {
 int token_logprobs_fwd_cuda(const TokenLogprobsFwdArgs& args, void* stream);
 int token_logprobs_bwd_cuda(const TokenLogprobsBwdArgs& args, void* stream);
 int policy_loss_fused_cuda(const PolicyLossFusedArgs& args, void* stream);
+int kl_div_fwd_cuda(const KlDivFwdArgs& args, void* stream);
+int kl_div_bwd_cuda(const KlDivBwdArgs& args, void* stream);
 
 // Runtime helpers for the bindings.
 int cuda_device_count();             // 0 when no driver / no device

@@ -70,10 +70,56 @@ struct PolicyLossFusedArgs {
   RowLayout grad_layout;
 };
 
+// Full-vocabulary KL between two logit rows (SPEC.md section 5, last bullet): p = softmax(x),
+// q = softmax(y), x = logits * inv_temp, y = other * inv_temp, both of `dtype`.
+//   direction 0 (forward): KL(p || q);  direction 1 (reverse): KL(q || p).
+// Forward: one read of both rows. Entries where the distribution being averaged over is 0
+// contribute nothing (0 * inf := 0); a token p > 0 where q = 0 makes the forward KL +inf.
+enum KlDirection : int { kKlForward = 0, kKlReverse = 1 };
+
+struct KlDivFwdArgs {
+  const void* logits;
+  const void* other;
+  DType dtype;
+  RowLayout layout;
+  RowLayout other_layout;
+  int64_t vocab;
+  float inv_temp;
+  int direction;     // KlDirection
+  float* kl;         // [rows]
+  float* lse;        // [rows] logsumexp(x), saved for the backward
+  float* other_lse;  // [rows] logsumexp(y)
+};
+
+// Backward: one more read of both rows, writes of the requested gradients (each may be null):
+//   forward: dKL/dx_j = p_j (log p_j - log q_j - KL),  dKL/dy_j = q_j - p_j
+//   reverse: dKL/dx_j = p_j - q_j,                     dKL/dy_j = q_j (log q_j - log p_j - KL)
+// times grad_kl[row] * inv_temp, stored in `dtype`.
+struct KlDivBwdArgs {
+  const void* logits;
+  const void* other;
+  DType dtype;
+  RowLayout layout;
+  RowLayout other_layout;
+  int64_t vocab;
+  float inv_temp;
+  int direction;
+  const float* kl;
+  const float* lse;
+  const float* other_lse;
+  const float* grad_kl;  // [rows]
+  void* grad_logits;     // nullable; contiguous rows or any RowLayout below
+  RowLayout grad_layout;
+  void* grad_other;      // nullable
+  RowLayout grad_other_layout;
+};
+
 // CPU (csrc/cpu), multi-threaded over rows.
 void token_logprobs_fwd_cpu(const TokenLogprobsFwdArgs& args, int num_threads);
 void token_logprobs_bwd_cpu(const TokenLogprobsBwdArgs& args, int num_threads);
 void policy_loss_fused_cpu(const PolicyLossFusedArgs& args, int num_threads);
+void kl_div_fwd_cpu(const KlDivFwdArgs& args, int num_threads);
+void kl_div_bwd_cpu(const KlDivBwdArgs& args, int num_threads);
 // Instruction set the CPU kernels run with on this machine ("avx2" or "base").
 const char* cpu_isa();
 
