@@ -75,6 +75,34 @@ PolicyLossFusedArgs fused_args(const py::args& a) {
                              as_layout(a[16].cast<py::tuple>())};
 }
 
+// kl_div_fwd(logits, other, dtype, layout, other_layout, vocab, inv_temp, direction, kl, lse, other_lse)
+KlDivFwdArgs kl_fwd_args(const py::args& a) {
+  if (a.size() != 11) throw std::invalid_argument("rlfuse._C: kl_div_fwd takes 11 arguments + 1");
+  auto ptr = [&](size_t i) { return a[i].cast<uintptr_t>(); };
+  return KlDivFwdArgs{as_ptr<const void>(ptr(0)), as_ptr<const void>(ptr(1)), as_dtype(a[2].cast<int>()),
+                      as_layout(a[3].cast<py::tuple>()), as_layout(a[4].cast<py::tuple>()), a[5].cast<int64_t>(),
+                      static_cast<float>(a[6].cast<double>()), a[7].cast<int>(), as_ptr<float>(ptr(8)),
+                      as_ptr<float>(ptr(9)), as_ptr<float>(ptr(10))};
+}
+
+// kl_div_bwd(logits, other, dtype, layout, other_layout, vocab, inv_temp, direction, kl, lse, other_lse,
+//            grad_kl, grad_logits (0 = none), grad_layout, grad_other (0 = none), grad_other_layout)
+KlDivBwdArgs kl_bwd_args(const py::args& a) {
+  if (a.size() != 16) throw std::invalid_argument("rlfuse._C: kl_div_bwd takes 16 arguments + 1");
+  auto ptr = [&](size_t i) { return a[i].cast<uintptr_t>(); };
+  return KlDivBwdArgs{as_ptr<const void>(ptr(0)), as_ptr<const void>(ptr(1)), as_dtype(a[2].cast<int>()),
+                      as_layout(a[3].cast<py::tuple>()), as_layout(a[4].cast<py::tuple>()), a[5].cast<int64_t>(),
+                      static_cast<float>(a[6].cast<double>()), a[7].cast<int>(), as_ptr<const float>(ptr(8)),
+                      as_ptr<const float>(ptr(9)), as_ptr<const float>(ptr(10)), as_ptr<const float>(ptr(11)),
+                      as_ptr<void>(ptr(12)), as_layout(a[13].cast<py::tuple>()), as_ptr<void>(ptr(14)),
+                      as_layout(a[15].cast<py::tuple>())};
+}
+
+// Splits py::args into the kernel arguments and the trailing launch argument (threads or stream).
+std::pair<py::args, py::handle> split_last(const py::args& a) {
+  return {py::args(a[py::slice(0, a.size() - 1, 1)]), a[a.size() - 1]};
+}
+
 #if defined(RLFUSE_WITH_CUDA)
 void check_cuda(int error, const char* what) {
   if (error != 0) throw std::runtime_error(std::string("rlfuse: ") + what + " failed: " + cuda_error_string(error));
@@ -112,12 +140,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("inv_temp"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
       py::arg("grad_logits"), py::arg("grad_layout"), py::arg("num_threads"));
 
-  // policy_loss_fused_cpu(<17 fused arguments>, num_threads)
+  // <op>_cpu(<kernel arguments>, num_threads), GIL released while the kernel runs.
   m.def("policy_loss_fused_cpu", [](py::args a) {
-    const int num_threads = a[a.size() - 1].cast<int>();
-    const auto args = fused_args(py::args(a[py::slice(0, a.size() - 1, 1)]));
+    auto [kernel_args, threads] = split_last(a);
+    const auto args = fused_args(kernel_args);
+    const int num_threads = threads.cast<int>();  // while holding the GIL
     py::gil_scoped_release release;
     policy_loss_fused_cpu(args, num_threads);
+  });
+  m.def("kl_div_fwd_cpu", [](py::args a) {
+    auto [kernel_args, threads] = split_last(a);
+    const auto args = kl_fwd_args(kernel_args);
+    const int num_threads = threads.cast<int>();  // while holding the GIL
+    py::gil_scoped_release release;
+    kl_div_fwd_cpu(args, num_threads);
+  });
+  m.def("kl_div_bwd_cpu", [](py::args a) {
+    auto [kernel_args, threads] = split_last(a);
+    const auto args = kl_bwd_args(kernel_args);
+    const int num_threads = threads.cast<int>();  // while holding the GIL
+    py::gil_scoped_release release;
+    kl_div_bwd_cpu(args, num_threads);
   });
 
 #if defined(RLFUSE_WITH_CUDA)
@@ -140,11 +183,19 @@ PYBIND11_MODULE(_C, m) {
                                    grad_entropy, grad_logits, grad_layout);
         check_cuda(token_logprobs_bwd_cuda(args, as_ptr<void>(stream)), "token_logprobs backward kernel");
       });
-  // policy_loss_fused_cuda(<17 fused arguments>, stream)
+  // <op>_cuda(<kernel arguments>, stream): asynchronous on the stream.
   m.def("policy_loss_fused_cuda", [](py::args a) {
-    const auto stream = a[a.size() - 1].cast<uintptr_t>();
-    const auto args = fused_args(py::args(a[py::slice(0, a.size() - 1, 1)]));
-    check_cuda(policy_loss_fused_cuda(args, as_ptr<void>(stream)), "policy_loss fused kernel");
+    auto [kernel_args, stream] = split_last(a);
+    check_cuda(policy_loss_fused_cuda(fused_args(kernel_args), as_ptr<void>(stream.cast<uintptr_t>())),
+               "policy_loss fused kernel");
+  });
+  m.def("kl_div_fwd_cuda", [](py::args a) {
+    auto [kernel_args, stream] = split_last(a);
+    check_cuda(kl_div_fwd_cuda(kl_fwd_args(kernel_args), as_ptr<void>(stream.cast<uintptr_t>())), "kl_div forward");
+  });
+  m.def("kl_div_bwd_cuda", [](py::args a) {
+    auto [kernel_args, stream] = split_last(a);
+    check_cuda(kl_div_bwd_cuda(kl_bwd_args(kernel_args), as_ptr<void>(stream.cast<uintptr_t>())), "kl_div backward");
   });
 #else
   m.attr("cuda_compiled") = false;

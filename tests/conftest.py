@@ -37,3 +37,19 @@ def kernel_backends(device: str = "cpu") -> list[str]:
 def generator():
     """A fresh random stream per test (seeded so a failure reproduces)."""
     return torch.Generator().manual_seed(1234)
+
+
+# (device, backend) pairs: every backend on every device present; GPU ones skip without a GPU.
+TARGETS = [pytest.param(("cpu", b), id=f"cpu-{b}") for b in kernel_backends("cpu")] + [
+    pytest.param(("cuda", b), id=f"cuda-{b}", marks=pytest.mark.gpu)
+    for b in (kernel_backends("cuda") if HAS_CUDA else ["cuda", "triton"])
+]
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    """A (device, backend) pair to run on; GPU pairs skip without a GPU."""
+    device, backend = request.param
+    if device == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    return request.param

@@ -9,20 +9,7 @@ import rlfuse
 from _oracle import grad_tolerance, oracle, value_tolerance
 from conftest import HAS_CUDA, kernel_backends
 
-# (device, backend) pairs: every backend on every device present; GPU ones skip without a GPU.
-TARGETS = [pytest.param(("cpu", b), id=f"cpu-{b}") for b in kernel_backends("cpu")] + [
-    pytest.param(("cuda", b), id=f"cuda-{b}", marks=pytest.mark.gpu)
-    for b in (kernel_backends("cuda") if HAS_CUDA else ["cuda", "triton"])
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(params=TARGETS)
-def target(request):
-    device, backend = request.param
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
-    return request.param
 
 
 def _rows_for(target, vocab: int) -> int:

@@ -12,6 +12,8 @@ namespace rlfuse::cpu {
   void forward_rows(const TokenLogprobsFwdArgs& args, int64_t begin, int64_t end);   \
   void backward_rows(const TokenLogprobsBwdArgs& args, int64_t begin, int64_t end);  \
   void policy_loss_rows(const PolicyLossFusedArgs& args, int64_t begin, int64_t end); \
+  void kl_div_fwd_rows(const KlDivFwdArgs& args, int64_t begin, int64_t end);         \
+  void kl_div_bwd_rows(const KlDivBwdArgs& args, int64_t begin, int64_t end);         \
   }
 
 RLFUSE_DECLARE_ROW_KERNELS(base)

@@ -45,6 +45,14 @@ void policy_loss_fused_cpu(const PolicyLossFusedArgs& args, int num_threads) {
   run_rows(args, num_threads, &cpu::base::policy_loss_rows, RLFUSE_AVX2_ROWS(policy_loss_rows));
 }
 
+void kl_div_fwd_cpu(const KlDivFwdArgs& args, int num_threads) {
+  run_rows(args, num_threads, &cpu::base::kl_div_fwd_rows, RLFUSE_AVX2_ROWS(kl_div_fwd_rows));
+}
+
+void kl_div_bwd_cpu(const KlDivBwdArgs& args, int num_threads) {
+  run_rows(args, num_threads, &cpu::base::kl_div_bwd_rows, RLFUSE_AVX2_ROWS(kl_div_bwd_rows));
+}
+
 const char* cpu_isa() { return use_avx2() ? "avx2" : "base"; }
 
 }  // namespace rlfuse

@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 from . import nn, ops  # noqa: F401  (ops registers the torch.library ops)
 from .backends import available_backends
 from .config import LossConfig
-from .functional import entropy, token_logprobs
+from .functional import entropy, kl_divergence, token_logprobs
 from .losses import LossOutput, policy_loss
 
-__all__ = ["__version__", "token_logprobs", "entropy", "policy_loss", "LossConfig", "LossOutput", "nn",
+__all__ = ["__version__", "token_logprobs", "entropy", "kl_divergence", "policy_loss", "LossConfig", "LossOutput", "nn",
            "available_backends"]

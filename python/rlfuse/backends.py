@@ -20,6 +20,7 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 CUDA_PREFERENCE = {
     "token_logprobs": ("cuda", "triton", "torch"),
     "policy_loss": ("cuda", "triton", "torch"),
+    "kl_div": ("cuda", "triton", "torch"),
 }
 
 

@@ -7,6 +7,7 @@ import torch
 from . import _validation as check
 from ._layout import row_layout
 from .backends import resolve_backend
+from .ops.kl_div import DIRECTIONS, kl_div_fwd
 from .ops.token_logprobs import token_logprobs_fwd
 
 
@@ -57,3 +58,41 @@ def _forward(logits, tokens, temperature, backend, inplace_backward):
         )
     logp, entropy, _ = token_logprobs_fwd(logits, tokens, temperature, resolved, bool(inplace_backward))
     return logp, entropy
+
+
+def kl_divergence(
+    logits: torch.Tensor,
+    other_logits: torch.Tensor,
+    direction: str = "forward",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Full-vocabulary KL per row between ``p = softmax(logits / T)`` and ``q = softmax(other_logits / T)``.
+
+    ``direction="forward"`` gives KL(p || q), ``"reverse"`` KL(q || p). Returns float32 of shape
+    ``logits.shape[:-1]``, differentiable with respect to both inputs (a gradient is computed only
+    for inputs that require it). Neither distribution is materialised: the forward reads both rows
+    once. ``mask`` (same shape as the result) zeroes masked rows' values and gradients.
+    """
+    check.check_logits(logits)
+    check.check_logits(other_logits, "other_logits")
+    if other_logits.shape != logits.shape:
+        raise ValueError(
+            f"other_logits must have the logits' shape {tuple(logits.shape)} (same vocabulary), "
+            f"got {tuple(other_logits.shape)}"
+        )
+    if other_logits.dtype != logits.dtype:
+        raise TypeError(f"other_logits must have the logits' dtype {logits.dtype}, got {other_logits.dtype}")
+    if other_logits.device != logits.device:
+        raise ValueError(f"other_logits are on {other_logits.device} but logits are on {logits.device}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    temperature = check.check_temperature(temperature)
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != logits.shape[:-1]):
+        raise ValueError(f"mask must be a tensor of shape {tuple(logits.shape[:-1])}")
+    resolved = resolve_backend(backend, logits.device, "kl_div", logits.dtype)
+    kl, _, _ = kl_div_fwd(logits, other_logits, temperature, DIRECTIONS[direction], resolved)
+    if mask is not None:
+        kl = torch.where(mask.to(device=kl.device, dtype=torch.bool), kl, torch.zeros_like(kl))
+    return kl

@@ -8,6 +8,7 @@ same functions. This module adapts ``rlfuse._C``'s pointer-based entry points to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import types
@@ -42,7 +43,31 @@ def _cpu_launchers():
             logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
             params, loss, logp, entropy, grad_logits, grad_layout), torch.get_num_threads())
 
-    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused)
+    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused,
+                                 **_kl_launchers(ext.kl_div_fwd_cpu, ext.kl_div_bwd_cpu,
+                                                 lambda tensor: torch.get_num_threads(),
+                                                 lambda tensor: contextlib.nullcontext()))
+
+
+def _kl_launchers(fwd_entry, bwd_entry, launch_arg, device_guard):
+    """kl_div_fwd / kl_div_bwd over rlfuse._C entry points; launch_arg(tensor) is threads or stream."""
+
+    def ptr(tensor):
+        return 0 if tensor is None else tensor.data_ptr()
+
+    def kl_div_fwd(logits, layout, other, other_layout, vocab, inv_temp, direction, kl, lse, other_lse):
+        with device_guard(logits):
+            fwd_entry(logits.data_ptr(), other.data_ptr(), DTYPE_TAGS[logits.dtype], layout, other_layout, vocab,
+                      inv_temp, direction, kl.data_ptr(), lse.data_ptr(), other_lse.data_ptr(), launch_arg(logits))
+
+    def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, kl, lse, other_lse, grad_kl,
+                   grad_logits, grad_layout, grad_other, grad_other_layout):
+        with device_guard(logits):
+            bwd_entry(logits.data_ptr(), other.data_ptr(), DTYPE_TAGS[logits.dtype], layout, other_layout, vocab,
+                      inv_temp, direction, kl.data_ptr(), lse.data_ptr(), other_lse.data_ptr(), grad_kl.data_ptr(),
+                      ptr(grad_logits), grad_layout, ptr(grad_other), grad_other_layout, launch_arg(logits))
+
+    return {"kl_div_fwd": kl_div_fwd, "kl_div_bwd": kl_div_bwd}
 
 
 def _fused_pointers(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight,
@@ -85,7 +110,9 @@ def _cuda_launchers():
                 logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
                 params, loss, logp, entropy, grad_logits, grad_layout), stream(logits))
 
-    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused)
+    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused,
+                                 **_kl_launchers(ext.kl_div_fwd_cuda, ext.kl_div_bwd_cuda, stream,
+                                                 lambda tensor: torch.cuda.device(tensor.device)))
 
 
 @functools.cache

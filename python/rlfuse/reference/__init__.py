@@ -1,5 +1,6 @@
 """Plain-PyTorch implementations written from SPEC.md: the test oracle and the ``torch`` backend."""
 
+from .kl_div import kl_divergence_reference, kl_gradients, kl_statistics
 from .policy_loss import (
     aggregation_weights,
     clip_cov_term,
@@ -20,7 +21,8 @@ from .policy_loss import (
 from .token_logprobs import row_gradient, row_statistics, token_logprobs_reference
 
 __all__ = [
-    "token_logprobs_reference", "row_statistics", "row_gradient", "aggregation_weights", "clip_cov_term",
+    "token_logprobs_reference", "row_statistics", "row_gradient", "kl_divergence_reference", "kl_statistics",
+    "kl_gradients", "aggregation_weights", "clip_cov_term",
     "entropy_minority_mask", "gmpo_loss", "gspo_loss", "gspo_token_term", "kl_cov_term", "kl_term",
     "penalty_terms", "policy_term", "ratio", "rollout_correction_weights", "segment_sum", "token_loss", "weighted",
 ]

@@ -1,0 +1,106 @@
+// Row kernels of the CPU full-vocabulary KL (kernels.h KlDivFwdArgs / KlDivBwdArgs): the forward
+// reads both rows once, chunk by chunk; the backward reads them again and writes the gradients.
+#include <algorithm>
+#include <cmath>
+
+#include "cpu_kernels.h"
+#include "row_kernels.h"
+
+namespace rlfuse::cpu::RLFUSE_CPU_ISA {
+namespace {
+
+// Online statistics of one distribution and its cross term with the other row:
+//   max, sum = sum exp(u - max), cross = sum exp(u - max) * (u - v).
+struct CrossStats {
+  float max = -INFINITY;
+  float sum = 0.0f;
+  float cross = 0.0f;
+};
+
+// Adds a chunk of u (with the other row's v) to `s`; n is a multiple of kLanes, padding is -inf.
+RLFUSE_ALWAYS_INLINE void accumulate_cross(const float* u, const float* v, int64_t n, CrossStats& s) {
+  const float m = chunk_max(u, n);
+  if (m != m || s.max != s.max) {
+    s = CrossStats{NAN, NAN, NAN};
+    return;
+  }
+  if (m > s.max) {
+    const float scale = s.max == -INFINITY ? 0.0f : std::exp(s.max - m);
+    s.sum *= scale;
+    s.cross *= scale;
+    s.max = m;
+  }
+  if (s.max == -INFINITY) return;
+  const Vec mv = splat(s.max);
+  Vec sum = splat(0.0f), cross = splat(0.0f);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const Vec uu = load_vec(u + i);
+    const Vec e = exp_nonpositive(uu - mv);
+    sum += e;
+    cross += e == 0.0f ? splat(0.0f) : e * (uu - load_vec(v + i));  // 0 * inf := 0
+  }
+  s.sum += lane_sum(sum);
+  s.cross += lane_sum(cross);
+}
+
+}  // namespace
+
+void kl_div_fwd_rows(const KlDivFwdArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float x[kChunk];
+  alignas(64) float y[kChunk];
+  const int64_t esize = element_size(a.dtype);
+  for (int64_t row = begin; row < end; ++row) {
+    const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
+    const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+    CrossStats p, q;
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      load_scaled(src_x + start * esize, a.dtype, n, a.inv_temp, x);
+      load_scaled(src_y + start * esize, a.dtype, n, a.inv_temp, y);
+      const int64_t padded = pad_to_lanes(x, n);
+      pad_to_lanes(y, n);
+      accumulate_cross(x, y, padded, p);
+      accumulate_cross(y, x, padded, q);
+    }
+    const float lse_p = p.max + std::log(p.sum);
+    const float lse_q = q.max + std::log(q.sum);
+    a.kl[row] = a.direction == kKlForward ? p.cross / p.sum - lse_p + lse_q : q.cross / q.sum - lse_q + lse_p;
+    a.lse[row] = lse_p;
+    a.other_lse[row] = lse_q;
+  }
+}
+
+void kl_div_bwd_rows(const KlDivBwdArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float x[kChunk];
+  alignas(64) float y[kChunk];
+  const int64_t esize = element_size(a.dtype);
+  const bool forward = a.direction == kKlForward;
+  for (int64_t row = begin; row < end; ++row) {
+    const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
+    const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+    char* dst_x = a.grad_logits ? const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row)) : nullptr;
+    char* dst_y = a.grad_other ? const_cast<char*>(row_pointer(a.grad_other, a.dtype, a.grad_other_layout, row)) : nullptr;
+    const float g = a.grad_kl[row] * a.inv_temp;
+    const Vec lse_p = splat(a.lse[row]), lse_q = splat(a.other_lse[row]), kl = splat(a.kl[row]);
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      load_scaled(src_x + start * esize, a.dtype, n, a.inv_temp, x);
+      load_scaled(src_y + start * esize, a.dtype, n, a.inv_temp, y);
+      const int64_t padded = pad_to_lanes(x, n);
+      pad_to_lanes(y, n);
+      for (int64_t i = 0; i < padded; i += kLanes) {
+        const Vec log_p = load_vec(x + i) - lse_p, log_q = load_vec(y + i) - lse_q;
+        const Vec p = exp_nonpositive(log_p), q = exp_nonpositive(log_q);
+        // The distribution averaged over carries the log-ratio term; 0 where it is 0.
+        const Vec gx = forward ? (p == 0.0f ? splat(0.0f) : p * (log_p - log_q - kl)) : p - q;
+        const Vec gy = forward ? q - p : (q == 0.0f ? splat(0.0f) : q * (log_q - log_p - kl));
+        store_vec(x + i, g * gx);
+        store_vec(y + i, g * gy);
+      }
+      if (dst_x) store_converted(x, n, a.dtype, dst_x + start * esize);
+      if (dst_y) store_converted(y, n, a.dtype, dst_y + start * esize);
+    }
+  }
+}
+
+}  // namespace rlfuse::cpu::RLFUSE_CPU_ISA
