@@ -311,3 +311,34 @@ def test_fused_masked_rows_with_garbage_logits_get_zero_gradient(backend, genera
     assert torch.isfinite(out.loss)
     assert torch.all(grad[0, 3] == 0)
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_full_vocabulary_kl_penalty(direction, backend, generator):
+    batch = make_batch(generator)
+    ref_logits = batch["logits"] + 0.5 * torch.randn(batch["logits"].shape, generator=generator)
+    config = C.dapo(kl_full_coef=0.3, kl_full_direction=direction)
+    logits = batch["logits"].clone().requires_grad_(True)
+    kwargs = {k: v for k, v in batch.items() if k != "logits"}
+    out = rlfuse.policy_loss(logits, config=config, backend=backend, ref_logits=ref_logits, **kwargs)
+    out.loss.backward()
+    assert out.metrics["path"] == "general"
+    # Oracle: the dapo loss plus 0.3 * token-mean of the float64 KL.
+    base_loss, base_grad = oracle(batch, C.dapo())
+    x = batch["logits"].double().requires_grad_(True)
+    kl = rlfuse.reference.kl_divergence_reference(x, ref_logits.double(), direction)
+    m = batch["mask"].double()
+    penalty = 0.3 * (kl * m).sum() / m.sum()
+    penalty.backward()
+    assert_matches(out, logits.grad, base_loss + penalty.detach(), base_grad + x.grad)
+    torch.testing.assert_close(out.metrics["kl_full"].double(), (kl * m).sum().detach() / m.sum(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_kl_full_metric_without_penalty_and_missing_ref_logits(generator):
+    batch = make_batch(generator)
+    out = rlfuse.policy_loss(**batch, ref_logits=batch["logits"].clone())
+    assert out.metrics["path"] == "fused" and out.metrics["kl_full"].item() == 0.0
+    with pytest.raises(ValueError, match="ref_logits is required by kl_full_coef"):
+        rlfuse.policy_loss(**batch, config=C.dapo(kl_full_coef=0.1))

@@ -22,7 +22,9 @@ class LossConfig:
     ``clip_low`` / ``clip_high`` are eps_low / eps_high of the ratio clip (GMPO: in log space; CISPO
     "cap" mode: ``clip_high`` is the cap itself, TRL/Liger's convention). ``dual_clip`` and
     ``delta`` are off when None. ``rollout_correction`` multiplies the policy term only (as verl),
-    never the KL or entropy terms.
+    never the KL or entropy terms. ``kl_full_coef`` adds the full-vocabulary KL to the reference
+    policy's logits (``policy_loss(..., ref_logits=...)``) in ``kl_full_direction``, aggregated like
+    the other per-token terms (general path).
     """
 
     loss: str = "ppo"
@@ -44,6 +46,8 @@ class LossConfig:
     entropy_quantile: float | None = None
     kl: str | None = None
     kl_coef: float = 0.0
+    kl_full_coef: float = 0.0
+    kl_full_direction: str = "forward"
     entropy_coef: float = 0.0
     rollout_correction: str | None = None
     rollout_cap: float = 2.0
@@ -80,11 +84,13 @@ class LossConfig:
         choice("kl", KL_ESTIMATORS, allow_none=True)
         choice("rollout_correction", ROLLOUT_CORRECTIONS, allow_none=True)
         choice("aggregation", AGGREGATIONS)
+        choice("kl_full_direction", ("forward", "reverse"))
         finite("clip_low", 0.0, allow_none=self.loss == "cispo")
         finite("clip_high", 0.0)
         finite("dual_clip", 1.0, low_inclusive=False, allow_none=True)
         finite("delta", 1.0, low_inclusive=False, allow_none=True)
-        for name in ("gppo_beta_low", "gppo_beta_high", "pspo_alpha", "kl_coef", "kl_cov_coef", "cov_lb"):
+        for name in ("gppo_beta_low", "gppo_beta_high", "pspo_alpha", "kl_coef", "kl_full_coef", "kl_cov_coef",
+                     "cov_lb"):
             finite(name, 0.0)
         for name in ("sapo_tau_pos", "sapo_tau_neg", "rollout_cap", "temperature", "troll_eps"):
             finite(name, 0.0, low_inclusive=False)
@@ -115,7 +121,7 @@ class LossConfig:
     @property
     def token_local(self) -> bool:
         """True when the loss can take the fused path (one kernel: loss + gradient per row)."""
-        return self.loss in TOKEN_LOCAL_LOSSES and self.entropy_quantile is None
+        return self.loss in TOKEN_LOCAL_LOSSES and self.entropy_quantile is None and self.kl_full_coef == 0
 
     # --- presets: published defaults; keyword arguments override any field ----------------------
 

@@ -62,6 +62,7 @@ def policy_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
     path: str = "auto",
+    ref_logits: Tensor | None = None,
 ) -> LossOutput:
     """One policy-loss computation from logits. See README.md for the variants and conventions.
 
@@ -78,6 +79,8 @@ def policy_loss(
         inplace_backward: write the logits' gradient into the logits buffer (no ``[N, V]`` memory).
         path: ``"auto"`` (fused for token-local variants on kernel backends), ``"fused"`` or
             ``"general"``.
+        ref_logits: the reference policy's logits (same shape as ``logits``), for the full-vocabulary
+            KL penalty ``config.kl_full_coef``; when given, ``metrics["kl_full"]`` reports it.
     """
     config = LossConfig.dapo() if config is None else config
     if not isinstance(config, LossConfig):
@@ -95,6 +98,10 @@ def policy_loss(
     resolved = resolve_backend(backend, logits.device, "policy_loss", logits.dtype)
     if path == "fused" and resolved == "torch":
         raise ValueError("the fused path needs a kernel backend; backend='torch' is the general path")
+    if config.kl_full_coef != 0 and ref_logits is None:
+        raise ValueError("ref_logits is required by kl_full_coef != 0")
+    if inplace_backward and ref_logits is not None:
+        raise ValueError("inplace_backward cannot be combined with ref_logits (the KL reads the logits again)")
 
     aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, config.replace(norm_length=batch.norm_length))
     policy_weight = aggregation
@@ -107,9 +114,25 @@ def policy_loss(
     else:
         loss, logp, entropy = _general(batch, policy_weight, aggregation, config, resolved, inplace_backward)
     metrics = _metrics(batch, logp.detach(), entropy.detach(), config, policy_weight)
+    if ref_logits is not None:
+        kl_full = _full_kl(logits, ref_logits, config, resolved)
+        if config.kl_full_coef != 0:
+            loss = loss + config.kl_full_coef * ref.weighted(kl_full, aggregation).sum()
+        valid = batch.mask > 0
+        metrics["kl_full"] = torch.where(valid, kl_full.detach(), 0.0).sum() / valid.sum().clamp(min=1)
     metrics["path"] = "fused" if use_fused else "general"
     shape = tokens.shape
     return LossOutput(loss, logp.detach().view(shape), entropy.detach().view(shape), metrics)
+
+
+def _full_kl(logits, ref_logits, config, backend):
+    """Per-token full-vocabulary KL to the reference logits, flattened to [N] (no gradient to them)."""
+    from .functional import kl_divergence
+
+    with torch.set_grad_enabled(torch.is_grad_enabled() and config.kl_full_coef != 0):
+        kl = kl_divergence(logits, ref_logits.detach(), config.kl_full_direction, config.temperature,
+                           backend=backend)
+    return kl.reshape(-1)
 
 
 def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
