@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-KERNEL_MODULES = ("token_logprobs",)
+KERNEL_MODULES = ("token_logprobs", "policy_loss")
 ARCHS = (80, 90, 100)
 
 
@@ -89,11 +89,12 @@ def spills(results):
 
 
 def format_table(results):
-    header = (f"{'kernel':36s} {'arch':7s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s}"
+    width = max([36] + [len(r["kernel"]) for r in results])
+    header = (f"{'kernel':{width}s} {'arch':7s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'shared':>7s}"
               f" {'dyn_shared':>10s} {'local':>6s}")
     rows = [header, "-" * len(header)]
     for r in results:
-        rows.append(f"{r['kernel']:36s} {r['arch']:7s} {r['num_warps']:5d} {r['regs']:5d} "
+        rows.append(f"{r['kernel']:{width}s} {r['arch']:7s} {r['num_warps']:5d} {r['regs']:5d} "
                     f"{r['stack']:6d} {r['shared']:7d} {r['dynamic_shared']:10d} {r['local']:6d}")
     return "\n".join(rows)
 

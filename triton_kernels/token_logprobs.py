@@ -28,14 +28,8 @@ def _exp(x):
 
 
 @triton.jit
-def _token_logprobs_fwd_kernel(
-    logits_ptr, tokens_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    inner, stride_outer, stride_inner, vocab, inv_temp,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
-
+def _row_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """(row_max, log_sum, entropy) of x = z * inv_temp over one row: lse = row_max + log_sum."""
     # A chunk is [LANES, VEC]: each lane owns VEC consecutive entries (one 16-byte load), so the
     # per-chunk max and sums along VEC stay inside a thread. Each lane keeps its own online
     # softmax, combined across lanes once at the end:
@@ -68,15 +62,60 @@ def _token_logprobs_fwd_kernel(
     sum_exp = tl.sum(s * lane_scale, axis=0)
     sum_dot = tl.sum((dot + s * (m - row_max)) * lane_scale, axis=0)
     log_sum = tl.log(sum_exp)
-    lse = row_max + log_sum
     entropy = log_sum - sum_dot / sum_exp
+    return row_max, log_sum, entropy
 
-    # Out-of-range token ids give NaN and are never dereferenced.
-    token = tl.load(tokens_ptr + row)
+
+@triton.jit
+def _token_logp(logits_row, token, vocab, inv_temp, row_max, log_sum):
+    """logp = x_y - lse of the row's token; NaN for an out-of-range id, which is never loaded."""
     valid = (token >= 0) & (token < vocab)
     z_token = tl.load(logits_row + tl.where(valid, token, 0), mask=valid, other=float("nan"))
     # x_y - max is exact for the likely tokens; going through lse would round at |lse|'s scale.
-    logp = (z_token.to(tl.float32) * inv_temp - row_max) - log_sum
+    return (z_token.to(tl.float32) * inv_temp - row_max) - log_sum
+
+
+@triton.jit
+def _grad_coeffs(g_logp, g_entropy, entropy, inv_temp):
+    """(target, base, slope) of dL/dz_j = target * 1[j = y] + p_j * (base + slope * log p_j)."""
+    target = g_logp * inv_temp
+    base = (-g_logp - g_entropy * entropy) * inv_temp
+    slope = -g_entropy * inv_temp
+    return target, base, slope
+
+
+@triton.jit
+def _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, target, base, slope,
+                    BLOCK_V: tl.constexpr):
+    """Writes every element of one gradient row (in grad_row's dtype) from its coefficients."""
+    # Out-of-range ids match no column (the forward already returned NaN for them).
+    token = tl.where((token >= 0) & (token < vocab), token, -1).to(tl.int32)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        mask = offs < vocab
+        z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
+        log_p = z.to(tl.float32) * inv_temp - lse
+        p = _exp(log_p)
+        # p = 0 (e.g. a -inf logit) gives exactly 0, not 0 * inf.
+        g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
+        g = tl.where(offs == token, g + target, g)
+        # Same program reads then writes each element, so grad_row may alias logits_row.
+        tl.store(grad_row + offs, g.to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, tokens_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    inner, stride_outer, stride_inner, vocab, inv_temp,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
+    row_max, log_sum, entropy = _row_stats(logits_row, vocab, inv_temp, BLOCK_V, VEC)
+    lse = row_max + log_sum
+    token = tl.load(tokens_ptr + row)
+    logp = _token_logp(logits_row, token, vocab, inv_temp, row_max, log_sum)
 
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
@@ -97,27 +136,10 @@ def _token_logprobs_bwd_kernel(
     entropy = tl.load(entropy_ptr + row)
     g_logp = tl.load(grad_logp_ptr + row)
     g_entropy = tl.load(grad_entropy_ptr + row)
-    # Out-of-range ids match no column (the forward already returned NaN for them).
     token = tl.load(tokens_ptr + row)
-    token = tl.where((token >= 0) & (token < vocab), token, -1).to(tl.int32)
-
     # dL/dz_j = target * 1[j = y] + p_j * (base + slope * log p_j), all carrying the 1/T factor.
-    target = g_logp * inv_temp
-    base = (-g_logp - g_entropy * entropy) * inv_temp
-    slope = -g_entropy * inv_temp
-
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + cols
-        mask = offs < vocab
-        z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
-        log_p = z.to(tl.float32) * inv_temp - lse
-        p = _exp(log_p)
-        # p = 0 (e.g. a -inf logit) gives exactly 0, not 0 * inf.
-        g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
-        g = tl.where(offs == token, g + target, g)
-        # Same program reads then writes each element, so grad_ptr may alias logits_ptr.
-        tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    target, base, slope = _grad_coeffs(g_logp, g_entropy, entropy, inv_temp)
+    _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, target, base, slope, BLOCK_V)
 
 
 def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse, *, block_v=None):

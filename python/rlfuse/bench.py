@@ -299,6 +299,64 @@ def _policy_loss_case(args: argparse.Namespace, device: torch.device) -> Case:
     )
 
 
+@register_case("kl")
+def _kl_case(args: argparse.Namespace, device: torch.device) -> Case:
+    """Full-vocabulary forward KL with gradients for both inputs vs two log-softmaxes in torch."""
+    import rlfuse
+    from rlfuse.reference import kl_divergence_reference
+
+    n, v = args.tokens, args.vocab
+    notes: list[str] = []
+    backends = _rlfuse_backends(args, device, notes)
+
+    def make_inputs(dtype: torch.dtype) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        logits = torch.randn(n, v, generator=gen, device=device, dtype=dtype).mul_(LOGIT_STD).requires_grad_()
+        other = torch.randn(n, v, generator=gen, device=device, dtype=dtype).mul_(LOGIT_STD).requires_grad_()
+        upstream = torch.randn(n, generator=gen, device=device)
+        return Inputs({"logits": logits, "other": other}, [logits, other], [upstream])
+
+    def rlfuse_contender(backend: str) -> Contender:
+        def make(dtype: torch.dtype) -> Forward:
+            return lambda inp: [rlfuse.kl_divergence(inp.tensors["logits"], inp.tensors["other"], backend=backend)]
+
+        return Contender(f"rlfuse {backend}", make, is_rlfuse=True, slow_first_call=backend == "triton",
+                         first_call_hint="Triton JIT")
+
+    def make_eager(dtype: torch.dtype) -> Forward:
+        return lambda inp: [kl_divergence_reference(inp.tensors["logits"], inp.tensors["other"])]
+
+    def make_compiled(dtype: torch.dtype) -> Forward:
+        compiled = torch.compile(kl_divergence_reference, dynamic=False)
+        return lambda inp: [compiled(inp.tensors["logits"], inp.tensors["other"])]
+
+    contenders = [rlfuse_contender(b) for b in backends]
+    contenders.append(Contender("torch eager", make_eager))
+    if not args.no_compile:
+        hint = "up to a minute on CPU" if device.type == "cpu" else "can take a minute"
+        contenders.append(Contender("torch.compile", make_compiled, slow_first_call=True, first_call_hint=hint))
+
+    def unit_bytes(dtype: torch.dtype) -> int:
+        return n * v * dtype.itemsize
+
+    def bytes_moved(dtype: torch.dtype) -> dict[str, int]:
+        # Forward reads both inputs; backward reads both again and writes both gradients.
+        size = unit_bytes(dtype)
+        return {"fwd": 2 * size, "bwd": 4 * size, "fwd+bwd": 6 * size}
+
+    return Case(
+        op="kl",
+        title=f"kl_divergence (forward, both gradients), N={n} V={v}",
+        shape={"tokens": n, "vocab": v},
+        make_inputs=make_inputs,
+        contenders=contenders,
+        unit_name="logits",
+        unit_bytes=unit_bytes,
+        bytes_moved=bytes_moved,
+        notes=notes,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Measuring: time, memory, bandwidth
 # --------------------------------------------------------------------------------------------------
