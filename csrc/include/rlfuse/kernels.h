@@ -114,11 +114,31 @@ struct KlDivBwdArgs {
   RowLayout grad_other_layout;
 };
 
+// Row top-k with the row statistics (TROLL's sparse support, sparse_logprobs): in one pass over
+// each row, the k largest x = z * inv_temp in descending order (ties: lower id first) and the
+// token_logprobs forward outputs. Slots past the row's finite entries (k > V, or -inf entries)
+// hold id -1 and value -inf. NaN rows: NaN statistics, ids unspecified but in [-1, V).
+struct RowTopkArgs {
+  const void* logits;
+  DType dtype;
+  RowLayout layout;
+  int64_t vocab;
+  const int64_t* tokens;
+  float inv_temp;
+  int64_t k;
+  int32_t* topk_ids;    // [rows, k]
+  float* topk_values;   // [rows, k], x values
+  float* logp;          // [rows]
+  float* entropy;       // [rows]
+  float* lse;           // [rows]
+};
+
 // CPU (csrc/cpu), multi-threaded over rows.
 void token_logprobs_fwd_cpu(const TokenLogprobsFwdArgs& args, int num_threads);
 void token_logprobs_bwd_cpu(const TokenLogprobsBwdArgs& args, int num_threads);
 void policy_loss_fused_cpu(const PolicyLossFusedArgs& args, int num_threads);
 void kl_div_fwd_cpu(const KlDivFwdArgs& args, int num_threads);
+void row_topk_cpu(const RowTopkArgs& args, int num_threads);
 void kl_div_bwd_cpu(const KlDivBwdArgs& args, int num_threads);
 // Instruction set the CPU kernels run with on this machine ("avx2" or "base").
 const char* cpu_isa();
