@@ -98,6 +98,18 @@ KlDivBwdArgs kl_bwd_args(const py::args& a) {
                       as_layout(a[15].cast<py::tuple>())};
 }
 
+// row_topk(logits, dtype, layout, vocab, tokens, inv_temp, k, topk_ids, topk_values, logp, entropy, lse)
+RowTopkArgs topk_args(const py::args& a) {
+  if (a.size() != 12) throw std::invalid_argument("rlfuse._C: row_topk takes 12 arguments + 1");
+  auto ptr = [&](size_t i) { return a[i].cast<uintptr_t>(); };
+  const int64_t k = a[6].cast<int64_t>();
+  if (k < 1) throw std::invalid_argument("rlfuse._C: row_topk needs k >= 1");
+  return RowTopkArgs{as_ptr<const void>(ptr(0)), as_dtype(a[1].cast<int>()), as_layout(a[2].cast<py::tuple>()),
+                     a[3].cast<int64_t>(), as_ptr<const int64_t>(ptr(4)), static_cast<float>(a[5].cast<double>()),
+                     k, as_ptr<int32_t>(ptr(7)), as_ptr<float>(ptr(8)), as_ptr<float>(ptr(9)), as_ptr<float>(ptr(10)),
+                     as_ptr<float>(ptr(11))};
+}
+
 // Splits py::args into the kernel arguments and the trailing launch argument (threads or stream).
 std::pair<py::args, py::handle> split_last(const py::args& a) {
   return {py::args(a[py::slice(0, a.size() - 1, 1)]), a[a.size() - 1]};
@@ -155,6 +167,13 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     kl_div_fwd_cpu(args, num_threads);
   });
+  m.def("row_topk_cpu", [](py::args a) {
+    auto [kernel_args, threads] = split_last(a);
+    const auto args = topk_args(kernel_args);
+    const int num_threads = threads.cast<int>();
+    py::gil_scoped_release release;
+    row_topk_cpu(args, num_threads);
+  });
   m.def("kl_div_bwd_cpu", [](py::args a) {
     auto [kernel_args, threads] = split_last(a);
     const auto args = kl_bwd_args(kernel_args);
@@ -192,6 +211,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("kl_div_fwd_cuda", [](py::args a) {
     auto [kernel_args, stream] = split_last(a);
     check_cuda(kl_div_fwd_cuda(kl_fwd_args(kernel_args), as_ptr<void>(stream.cast<uintptr_t>())), "kl_div forward");
+  });
+  m.def("row_topk_cuda", [](py::args a) {
+    auto [kernel_args, stream] = split_last(a);
+    check_cuda(row_topk_cuda(topk_args(kernel_args), as_ptr<void>(stream.cast<uintptr_t>())), "row_topk");
   });
   m.def("kl_div_bwd_cuda", [](py::args a) {
     auto [kernel_args, stream] = split_last(a);

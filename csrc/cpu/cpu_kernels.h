@@ -14,6 +14,7 @@ namespace rlfuse::cpu {
   void policy_loss_rows(const PolicyLossFusedArgs& args, int64_t begin, int64_t end); \
   void kl_div_fwd_rows(const KlDivFwdArgs& args, int64_t begin, int64_t end);         \
   void kl_div_bwd_rows(const KlDivBwdArgs& args, int64_t begin, int64_t end);         \
+  void row_topk_rows(const RowTopkArgs& args, int64_t begin, int64_t end);             \
   }
 
 RLFUSE_DECLARE_ROW_KERNELS(base)

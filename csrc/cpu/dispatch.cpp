@@ -53,6 +53,10 @@ void kl_div_bwd_cpu(const KlDivBwdArgs& args, int num_threads) {
   run_rows(args, num_threads, &cpu::base::kl_div_bwd_rows, RLFUSE_AVX2_ROWS(kl_div_bwd_rows));
 }
 
+void row_topk_cpu(const RowTopkArgs& args, int num_threads) {
+  run_rows(args, num_threads, &cpu::base::row_topk_rows, RLFUSE_AVX2_ROWS(row_topk_rows));
+}
+
 const char* cpu_isa() { return use_avx2() ? "avx2" : "base"; }
 
 }  // namespace rlfuse

@@ -21,6 +21,7 @@ CUDA_PREFERENCE = {
     "token_logprobs": ("cuda", "triton", "torch"),
     "policy_loss": ("cuda", "triton", "torch"),
     "kl_div": ("cuda", "triton", "torch"),
+    "row_topk": ("cuda", "triton", "torch"),
 }
 
 

@@ -181,6 +181,12 @@ class LossConfig:
                       "cov_ub": 5.0, **overrides})
 
     @classmethod
+    def troll(cls, **overrides):
+        """TROLL: KL trust-region projection (eps 0.05) on the top-64 support, alpha 1, no clipping."""
+        return cls(**{"loss": "troll", "troll_eps": 0.05, "troll_alpha": 1.0, "troll_k": 64,
+                      "troll_threshold": 1e-5, **overrides})
+
+    @classmethod
     def kl_cov(cls, **overrides):
         """KL-Cov: unclipped -A r plus |logp - old| on the top 2e-3 tokens by covariance."""
         return cls(**{"loss": "kl_cov", "cov_ratio": 2e-3, "kl_cov_coef": 1.0, **overrides})

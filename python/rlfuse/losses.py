@@ -16,12 +16,13 @@ from torch import Tensor
 
 from . import _validation as check
 from . import reference as ref
+from . import troll
 from .backends import resolve_backend
 from .config import LossConfig
 from .functional import token_logprobs
 from .ops.policy_loss import FusedPolicyLoss, TokenLossParams
 
-RATIO_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov")
+RATIO_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll")
 PPO_CLIPPED = ("ppo", "gppo", "clip_cov", "gspo_token")
 
 
@@ -85,9 +86,9 @@ def policy_loss(
     config = LossConfig.dapo() if config is None else config
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be a rlfuse.LossConfig, got {type(config).__name__}")
-    if config.loss == "troll":
-        raise NotImplementedError("loss='troll' is not implemented yet (TROLL is a separate work item)")
-    if old_topk is not None:
+    if config.loss == "troll" and old_topk is None:
+        raise ValueError("old_topk is required by loss='troll': pass rlfuse.sparse_logprobs(old_logits, tokens)")
+    if config.loss != "troll" and old_topk is not None:
         raise ValueError("old_topk is only used by loss='troll'")
     if path not in ("auto", "fused", "general"):
         raise ValueError(f"path must be 'auto', 'fused' or 'general', got {path!r}")
@@ -109,11 +110,19 @@ def policy_loss(
         rollout_w = ref.rollout_correction_weights(batch.old, batch.rollout, batch.mask, batch.cu_seqlens, config)
         policy_weight = policy_weight * rollout_w
     use_fused = config.token_local and path != "general" and resolved != "torch"
-    if use_fused:
+    troll_terms = None
+    if config.loss == "troll":
+        if inplace_backward:
+            raise ValueError("inplace_backward is not supported by loss='troll' (its gradient is a sparse scatter)")
+        troll.check_old_topk(old_topk, tokens, logits.shape[-1])
+        loss, logp, entropy, troll_terms = _troll(batch, old_topk, policy_weight, aggregation, config, resolved)
+    elif use_fused:
         loss, logp, entropy = _fused(batch, policy_weight, aggregation, config, resolved, inplace_backward)
     else:
         loss, logp, entropy = _general(batch, policy_weight, aggregation, config, resolved, inplace_backward)
     metrics = _metrics(batch, logp.detach(), entropy.detach(), config, policy_weight)
+    if troll_terms is not None:
+        metrics.update(_troll_metrics(troll_terms, batch.mask > 0))
     if ref_logits is not None:
         kl_full = _full_kl(logits, ref_logits, config, resolved)
         if config.kl_full_coef != 0:
@@ -123,6 +132,35 @@ def policy_loss(
     metrics["path"] = "fused" if use_fused else "general"
     shape = tokens.shape
     return LossOutput(loss, logp.detach().view(shape), entropy.detach().view(shape), metrics)
+
+
+def _troll(batch, old_topk, policy_weight, weight, config, backend):
+    """TROLL (SPEC.md section 7): projection on the sparse support; KL / entropy terms as usual."""
+    terms = troll.troll_token_loss(batch.logits, batch.tokens, batch.advantages, batch.old, old_topk, config, backend)
+    loss = ref.weighted(terms.loss, policy_weight).sum()
+    logp, entropy = terms.logp, terms.entropy
+    if (config.kl is not None and config.kl_coef != 0) or config.entropy_coef != 0:
+        # The penalties need differentiable log-probs / entropy: one more fused pass.
+        logp, entropy = token_logprobs(batch.logits, batch.tokens, temperature=config.temperature,
+                                       return_entropy=True, backend=backend)
+        logp, entropy = logp.reshape(-1), entropy.reshape(-1)
+        loss = loss + ref.penalty_terms(logp, entropy, batch.ref, weight, config).sum()
+    return loss, logp, entropy, terms
+
+
+def _troll_metrics(terms, valid) -> dict:
+    count = valid.sum().clamp(min=1).float()
+
+    def mean(values):
+        return torch.where(valid, values.float(), 0.0).sum() / count
+
+    return {
+        "troll_projected_frac": mean(terms.eta > 0),
+        "troll_eta_mean": mean(terms.eta),
+        "troll_kl_before": mean(terms.kl_before),
+        "troll_kl_after": mean(terms.kl_after),
+        "troll_support_mean": mean(terms.support),
+    }
 
 
 def _full_kl(logits, ref_logits, config, backend):

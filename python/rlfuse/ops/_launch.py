@@ -23,6 +23,12 @@ DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 def _cpu_launchers():
     ext = compiled_extension()
 
+    def threads(tensor):
+        return torch.get_num_threads()
+
+    def no_guard(tensor):
+        return contextlib.nullcontext()
+
     def fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse):
         ext.token_logprobs_fwd_cpu(
             logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
@@ -44,9 +50,18 @@ def _cpu_launchers():
             params, loss, logp, entropy, grad_logits, grad_layout), torch.get_num_threads())
 
     return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused,
-                                 **_kl_launchers(ext.kl_div_fwd_cpu, ext.kl_div_bwd_cpu,
-                                                 lambda tensor: torch.get_num_threads(),
-                                                 lambda tensor: contextlib.nullcontext()))
+                                 **_kl_launchers(ext.kl_div_fwd_cpu, ext.kl_div_bwd_cpu, threads, no_guard),
+                                 **_topk_launcher(ext.row_topk_cpu, threads, no_guard))
+
+
+def _topk_launcher(entry, launch_arg, device_guard):
+    def row_topk(logits, layout, vocab, tokens, inv_temp, k, ids, values, logp, entropy, lse):
+        with device_guard(logits):
+            entry(logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp, k,
+                  ids.data_ptr(), values.data_ptr(), logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(),
+                  launch_arg(logits))
+
+    return {"row_topk": row_topk}
 
 
 def _kl_launchers(fwd_entry, bwd_entry, launch_arg, device_guard):
@@ -87,6 +102,9 @@ def _cuda_launchers():
     def stream(tensor):
         return torch.cuda.current_stream(tensor.device).cuda_stream
 
+    def device_guard(tensor):
+        return torch.cuda.device(tensor.device)
+
     def fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse):
         with torch.cuda.device(logits.device):
             ext.token_logprobs_fwd_cuda(
@@ -111,8 +129,8 @@ def _cuda_launchers():
                 params, loss, logp, entropy, grad_logits, grad_layout), stream(logits))
 
     return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused,
-                                 **_kl_launchers(ext.kl_div_fwd_cuda, ext.kl_div_bwd_cuda, stream,
-                                                 lambda tensor: torch.cuda.device(tensor.device)))
+                                 **_kl_launchers(ext.kl_div_fwd_cuda, ext.kl_div_bwd_cuda, stream, device_guard),
+                                 **_topk_launcher(ext.row_topk_cuda, stream, device_guard))
 
 
 @functools.cache

@@ -1,0 +1,67 @@
+// Row kernel of the CPU row top-k (kernels.h RowTopkArgs): the statistics pass and a bounded
+// selection in the same walk over each row. A chunk's entries are compared with the current k-th
+// value first (vectorised), so only the rare candidates touch the heap.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "row_kernels.h"
+
+namespace rlfuse::cpu::RLFUSE_CPU_ISA {
+namespace {
+
+struct Entry {
+  float value;
+  int32_t id;
+};
+
+// Strict "ranks before": larger value first, then lower id.
+RLFUSE_ALWAYS_INLINE bool ranks_before(const Entry& a, const Entry& b) {
+  return a.value > b.value || (a.value == b.value && a.id < b.id);
+}
+
+}  // namespace
+
+void row_topk_rows(const RowTopkArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float buf[kChunk];
+  const int64_t esize = element_size(a.dtype);
+  std::vector<Entry> heap;  // min-heap by rank: heap.front() is the current k-th entry
+  heap.reserve(static_cast<size_t>(a.k));
+  const auto worse_on_top = [](const Entry& x, const Entry& y) { return ranks_before(x, y); };
+  for (int64_t row = begin; row < end; ++row) {
+    const char* src = row_pointer(a.logits, a.dtype, a.layout, row);
+    const RowResult stats = row_statistics(src, a.dtype, a.vocab, a.inv_temp, a.tokens[row], buf);
+    heap.clear();
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      load_scaled(src + start * esize, a.dtype, n, a.inv_temp, buf);
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = buf[i];
+        if (!(v > -INFINITY)) continue;  // -inf and NaN never enter the selection
+        const Entry e{v, static_cast<int32_t>(start + i)};
+        if (static_cast<int64_t>(heap.size()) < a.k) {
+          heap.push_back(e);
+          std::push_heap(heap.begin(), heap.end(), worse_on_top);
+        } else if (ranks_before(e, heap.front())) {
+          std::pop_heap(heap.begin(), heap.end(), worse_on_top);
+          heap.back() = e;
+          std::push_heap(heap.begin(), heap.end(), worse_on_top);
+        }
+      }
+    }
+    std::sort(heap.begin(), heap.end(), ranks_before);
+    int32_t* ids = a.topk_ids + row * a.k;
+    float* values = a.topk_values + row * a.k;
+    for (int64_t j = 0; j < a.k; ++j) {
+      const bool filled = j < static_cast<int64_t>(heap.size());
+      ids[j] = filled ? heap[j].id : -1;
+      values[j] = filled ? heap[j].value : -INFINITY;
+    }
+    a.logp[row] = stats.logp;
+    a.entropy[row] = stats.entropy;
+    a.lse[row] = stats.lse;
+  }
+}
+
+}  // namespace rlfuse::cpu::RLFUSE_CPU_ISA

@@ -1,0 +1,55 @@
+"""``rlfuse::row_topk``: each row's k largest scaled logits with the row statistics, in one pass.
+
+No gradient: TROLL and ``sparse_logprobs`` use it to choose a sparse support; values on the support
+are gathered again (differentiably) by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._layout import as_rows
+from ._launch import kernels
+
+
+def _torch_row_topk(logits, tokens, temperature, k):
+    x = reference.token_logprobs._scaled(logits, temperature).float()
+    vocab = x.shape[-1]
+    # Stable descending sort: ties keep the lower id first, as the kernels do.
+    values, ids = torch.sort(x, dim=-1, descending=True, stable=True)
+    values, ids = values[..., :k], ids[..., :k].to(torch.int32)
+    if k > vocab:
+        pad = list(x.shape[:-1]) + [k - vocab]
+        values = torch.cat([values, values.new_full(pad, float("-inf"))], -1)
+        ids = torch.cat([ids, ids.new_full(pad, -1)], -1)
+    ids = torch.where(values > float("-inf"), ids, torch.full_like(ids, -1))
+    logp, entropy, lse = reference.row_statistics(logits, tokens, temperature)
+    return ids, values, logp, entropy, lse
+
+
+@torch.library.custom_op("rlfuse::row_topk", mutates_args=())
+def row_topk(logits: Tensor, tokens: Tensor, temperature: float, k: int, backend: str
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "torch":
+        return _torch_row_topk(logits, tokens, temperature, k)
+    rows_view, layout = as_rows(logits)
+    lead = logits.shape[:-1]
+    ids = torch.empty(*lead, k, dtype=torch.int32, device=logits.device)
+    values = torch.empty(*lead, k, dtype=torch.float32, device=logits.device)
+    logp, entropy, lse = (torch.empty(lead, dtype=torch.float32, device=logits.device) for _ in range(3))
+    if layout[0] > 0:
+        kernels(backend, "row_topk").row_topk(
+            rows_view, layout, logits.shape[-1], tokens.reshape(-1).to(torch.int64).contiguous(), 1.0 / temperature,
+            k, ids, values, logp, entropy, lse,
+        )
+    return ids, values, logp, entropy, lse
+
+
+@row_topk.register_fake
+def _(logits, tokens, temperature, k, backend):
+    lead = logits.shape[:-1]
+    per_row = [logits.new_empty(lead, dtype=torch.float32) for _ in range(3)]
+    return (logits.new_empty(*lead, k, dtype=torch.int32), logits.new_empty(*lead, k, dtype=torch.float32),
+            *per_row)

@@ -1,0 +1,220 @@
+"""TROLL: trust-region projection of the new policy onto a KL ball around the old one, on a sparse
+support of each token's most probable tokens (SPEC.md section 7, arXiv 2510.03817).
+
+* :func:`sparse_logprobs` extracts what a trainer stores for the old policy, next to its old
+  log-probs: per token, the most probable ids and their (full-vocabulary) log-probs.
+* :func:`troll_token_loss` is the per-token loss used by ``policy_loss(config=LossConfig.troll())``.
+
+The support is small (at most 2k + 1 ids per token), so the projection itself runs in float64 on
+``[N, 2k + 1]`` tensors; the only vocabulary-sized work is the one-pass top-k kernel and the gather
+of the support's logits, whose gradient is a sparse scatter (logits outside the support get none).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _validation as check
+from .backends import resolve_backend
+from .ops.row_topk import row_topk
+
+LOG_FLOOR = math.log(1e-12)  # old log-prob of support tokens the old policy did not keep
+ETA_RANGE = (1e-7, 1e2)
+BISECTION_STEPS = 64  # on log(eta), in float64: far below 1e-7 relative error in the KL
+
+
+@dataclass(frozen=True)
+class SparseLogprobs:
+    """A policy's most probable tokens per position: ``ids`` (int32, -1 past ``count``),
+    ``logprobs`` (float32, full-vocabulary normalised, -inf past ``count``) of shape ``[..., k]``,
+    ``count`` (int32 ``[...]``) and the ``vocab`` size they were taken from."""
+
+    ids: Tensor
+    logprobs: Tensor
+    count: Tensor
+    vocab: int
+
+    def to(self, device) -> "SparseLogprobs":
+        return SparseLogprobs(self.ids.to(device), self.logprobs.to(device), self.count.to(device), self.vocab)
+
+
+def _kept(values: Tensor, ids: Tensor, lse: Tensor, tokens: Tensor, threshold: float):
+    """Keep the sorted top entries until their cumulative probability reaches 1 - threshold, then
+    make sure the chosen token is in (appended, or replacing the last slot when all k are used)."""
+    k = ids.shape[-1]
+    logprobs = values - lse.unsqueeze(-1)
+    cumulative_before = torch.cumsum(logprobs.exp(), -1) - logprobs.exp()
+    keep = (ids >= 0) & (cumulative_before < 1.0 - threshold)
+    count = keep.sum(-1)
+    has_token = ((ids == tokens.unsqueeze(-1).to(ids.dtype)) & keep).any(-1)
+    slot = torch.clamp(count, max=k - 1)
+    ids = torch.where(keep, ids, torch.full_like(ids, -1))
+    logprobs = torch.where(keep, logprobs, torch.full_like(logprobs, float("-inf")))
+    return ids, logprobs, count, has_token, slot
+
+
+def sparse_logprobs(logits: Tensor, tokens: Tensor, k: int = 64, threshold: float = 1e-5, temperature: float = 1.0,
+                    backend: str = "auto") -> SparseLogprobs:
+    """Per position, the most probable tokens until ``k`` or cumulative probability >= 1 - threshold,
+    always including the chosen token, with their log-probs. One pass over each row (a streaming
+    top-k; no sort of the vocabulary). No gradient."""
+    check.check_logits(logits)
+    check.check_tokens(tokens, logits)
+    temperature = check.check_temperature(temperature)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    resolved = resolve_backend(backend, logits.device, "row_topk", logits.dtype)
+    with torch.no_grad():
+        ids, values, token_logp, _, lse = row_topk(logits.detach(), tokens, temperature, k, resolved)
+        ids, logprobs, count, has_token, slot = _kept(values, ids, lse, tokens, threshold)
+        missing = ~has_token
+        index = slot.unsqueeze(-1)
+        ids = torch.where(missing.unsqueeze(-1),
+                          ids.scatter(-1, index, tokens.to(torch.int32).unsqueeze(-1)), ids)
+        logprobs = torch.where(missing.unsqueeze(-1), logprobs.scatter(-1, index, token_logp.unsqueeze(-1)), logprobs)
+        count = torch.where(missing, slot + 1, count).to(torch.int32)
+    return SparseLogprobs(ids, logprobs, count, logits.shape[-1])
+
+
+# --- the projection --------------------------------------------------------------------------------
+
+
+def _masked_log_softmax(values: Tensor, valid: Tensor) -> Tensor:
+    return torch.log_softmax(values.masked_fill(~valid, float("-inf")), -1).masked_fill(~valid, float("-inf"))
+
+
+def _expectation(log_q: Tensor, values: Tensor, valid: Tensor) -> Tensor:
+    return torch.where(valid, log_q.exp() * values.masked_fill(~valid, 0.0), 0.0).sum(-1)
+
+
+def kl_on_support(log_a: Tensor, log_b: Tensor, valid: Tensor) -> Tensor:
+    """KL(a || b) over the valid entries of log-distributions on the support."""
+    return _expectation(log_a, log_a - log_b, valid)
+
+
+def _project(a: Tensor, b: Tensor, valid: Tensor, eta: Tensor) -> Tensor:
+    mixed = (a + eta.unsqueeze(-1) * b) / (1.0 + eta.unsqueeze(-1))
+    return _masked_log_softmax(mixed, valid)
+
+
+def solve_eta(a: Tensor, b: Tensor, valid: Tensor, eps: float) -> Tensor:
+    """eta per row: 0 where KL(a || b) <= eps, else the root of KL(q_eta || b) = eps found by
+    bisection on log(eta) in [1e-7, 1e2] (KL(q_eta || b) decreases in eta)."""
+    active = kl_on_support(a, b, valid) > eps
+    low = torch.full_like(a[..., 0], math.log(ETA_RANGE[0]))
+    high = torch.full_like(low, math.log(ETA_RANGE[1]))
+    for _ in range(BISECTION_STEPS):
+        mid = 0.5 * (low + high)
+        too_far = kl_on_support(_project(a, b, valid, mid.exp()), b, valid) > eps
+        low = torch.where(too_far, mid, low)
+        high = torch.where(too_far, high, mid)
+    return torch.where(active, (0.5 * (low + high)).exp(), torch.zeros_like(low))
+
+
+class TrollProjection(torch.autograd.Function):
+    """log q = projection of log-distribution ``a`` onto {KL(q || b) <= eps}, with the closed-form
+    implicit gradient of SPEC.md section 7 step 5. Float64 in, float64 out; ``b`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, a, b, valid, eps):
+        eta = solve_eta(a, b, valid, eps)
+        log_q = _project(a, b, valid, eta)
+        ctx.save_for_backward(log_q, a - b, valid, eta)
+        ctx.mark_non_differentiable(eta)
+        return log_q, eta
+
+    @staticmethod
+    def backward(ctx, grad_log_q, _grad_eta):
+        log_q, d, valid, eta = ctx.saved_tensors
+        q = torch.where(valid, log_q.exp(), 0.0)
+        g = torch.where(valid, grad_log_q, 0.0)
+        d = torch.where(valid, d, 0.0)
+        d_centered = d - (q * d).sum(-1, keepdim=True)
+        variance = (q * d_centered**2).sum(-1, keepdim=True)
+        implicit = torch.where(
+            (eta > 0).unsqueeze(-1) & (variance > 0),
+            q * d_centered * (g * d_centered).sum(-1, keepdim=True) / variance.clamp(min=1e-300),
+            0.0,
+        )
+        grad_a = (g - q * g.sum(-1, keepdim=True) - implicit) / (1.0 + eta.unsqueeze(-1))
+        return torch.where(valid, grad_a, 0.0), None, None, None
+
+
+# --- the loss -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrollTerms:
+    loss: Tensor  # [N] per-token TROLL loss (unweighted), differentiable in the logits
+    eta: Tensor  # [N]
+    kl_before: Tensor  # [N] KL(a || b)
+    kl_after: Tensor  # [N] KL(q || b)
+    support: Tensor  # [N] support size
+    logp: Tensor  # [N] log-prob of the chosen token (full vocabulary), detached
+    entropy: Tensor  # [N], detached
+
+
+def check_old_topk(old_topk, tokens: Tensor, vocab: int) -> None:
+    if not isinstance(old_topk, SparseLogprobs):
+        raise TypeError("old_topk must be the rlfuse.sparse_logprobs(...) of the old policy")
+    if old_topk.vocab != vocab:
+        raise ValueError(f"old_topk was built for a vocabulary of {old_topk.vocab}, the logits have {vocab}")
+    if old_topk.ids.shape[:-1] != tokens.shape or old_topk.logprobs.shape != old_topk.ids.shape:
+        raise ValueError(
+            f"old_topk must have shape tokens.shape + (k,) = {tuple(tokens.shape)} + (k,), "
+            f"got ids {tuple(old_topk.ids.shape)} and logprobs {tuple(old_topk.logprobs.shape)}"
+        )
+    if old_topk.ids.device != tokens.device:
+        raise ValueError(f"old_topk is on {old_topk.ids.device} but the tokens are on {tokens.device}")
+
+
+def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config, backend) -> TrollTerms:
+    """Per-token TROLL loss on flattened tokens (advantages / old_logprobs are float32 [N])."""
+    vocab = logits.shape[-1]
+    temperature = config.temperature
+    new_ids, new_values, logp, entropy, new_lse = row_topk(logits.detach(), tokens, temperature, config.troll_k,
+                                                           backend)
+    new_ids, _, _, _, _ = _kept(new_values, new_ids, new_lse, tokens, config.troll_threshold)
+    lead = tokens.shape
+    old_ids = old_topk.ids.to(torch.int64)
+    old_lp = old_topk.logprobs.double()
+    token_ids = tokens.to(torch.int64).unsqueeze(-1)
+    # Candidates in priority order: old kept (their stored log-prob), the chosen token (old_logprobs),
+    # new kept (floor). A stable sort groups duplicates with the highest-priority copy first.
+    candidates = torch.cat([old_ids, token_ids, new_ids.to(torch.int64)], -1)
+    old_values = torch.cat([
+        old_lp,
+        old_logprobs.double().reshape(lead).unsqueeze(-1),
+        torch.full(new_ids.shape, LOG_FLOOR, dtype=torch.float64, device=logits.device),
+    ], -1)
+    support_ids, order = torch.sort(candidates, dim=-1, stable=True)
+    b_raw = old_values.gather(-1, order)
+    first = torch.ones_like(support_ids, dtype=torch.bool)
+    first[..., 1:] = support_ids[..., 1:] != support_ids[..., :-1]
+    valid = first & (support_ids >= 0)
+    safe_ids = support_ids.clamp(min=0)
+
+    x = logits.gather(-1, safe_ids.to(logits.device)).double() / temperature  # differentiable, sparse
+    a = _masked_log_softmax(x, valid)
+    b = _masked_log_softmax(torch.where(valid, b_raw.masked_fill(torch.isnan(b_raw), LOG_FLOOR), 0.0), valid)
+    log_q, eta = TrollProjection.apply(a, b, valid, config.troll_eps)
+
+    at_token = valid & (support_ids == token_ids)
+    log_q_y = torch.where(at_token, log_q, 0.0).sum(-1)
+    b_y = torch.where(at_token, b, 0.0).sum(-1)
+    adv = advantages.double().reshape(lead)
+    policy = -adv * torch.exp(log_q_y - b_y)
+    trust = kl_on_support(a, log_q.detach(), valid)
+    loss = policy + config.troll_alpha * trust
+    with torch.no_grad():
+        kl_before = kl_on_support(a, b, valid)
+        kl_after = kl_on_support(log_q, b, valid)
+    return TrollTerms(loss.float().reshape(-1), eta.float().reshape(-1), kl_before.float().reshape(-1),
+                      kl_after.float().reshape(-1), valid.sum(-1).float().reshape(-1), logp.reshape(-1),
+                      entropy.reshape(-1))

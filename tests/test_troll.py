@@ -1,0 +1,229 @@
+"""TROLL: sparse_logprobs, the trust-region projection and the loss, vs independent float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rlfuse
+from rlfuse import LossConfig
+from rlfuse.troll import TrollProjection, kl_on_support, solve_eta
+from conftest import kernel_backends
+
+BACKENDS = kernel_backends("cpu")
+
+
+def reference_sparse(logits, tokens, k, threshold, temperature=1.0, include_token=True):
+    """Per row, in plain Python over a float64 stable sort: kept ids, log-probs, count."""
+    log_probs = torch.log_softmax(logits.double() / temperature, -1)
+    rows = log_probs.reshape(-1, logits.shape[-1])
+    ids_out, lp_out, counts = [], [], []
+    for row, y in zip(rows, tokens.reshape(-1).tolist()):
+        order = torch.sort(row, descending=True, stable=True).indices.tolist()
+        kept, cumulative = [], 0.0
+        for j in order:
+            if len(kept) == k or cumulative >= 1.0 - threshold or row[j] == -math.inf:
+                break
+            kept.append(j)
+            cumulative += math.exp(row[j])
+        if include_token and y not in kept:
+            kept = kept + [y] if len(kept) < k else kept[:-1] + [y]
+        counts.append(len(kept))
+        ids_out.append(kept + [-1] * (k - len(kept)))
+        lp_out.append([row[j].item() for j in kept] + [-math.inf] * (k - len(kept)))
+    shape = tuple(tokens.shape) + (k,)
+    return (torch.tensor(ids_out).reshape(shape), torch.tensor(lp_out, dtype=torch.float64).reshape(shape),
+            torch.tensor(counts))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k, threshold, vocab", [(8, 1e-5, 300), (16, 0.2, 1000), (4, 1e-5, 3), (64, 1e-5, 10)])
+def test_sparse_logprobs(backend, k, threshold, vocab, generator):
+    logits = torch.randn(2, 3, vocab, generator=generator) * 3
+    tokens = torch.randint(0, vocab, (2, 3), generator=generator)
+    tokens[0, 0] = logits[0, 0].argmin()  # an improbable chosen token must still be kept
+    out = rlfuse.sparse_logprobs(logits, tokens, k=k, threshold=threshold, backend=backend)
+    ids, lp, count = reference_sparse(logits, tokens, k, threshold)
+    assert out.ids.dtype == torch.int32 and out.logprobs.dtype == torch.float32 and out.vocab == vocab
+    assert torch.equal(out.count.reshape(-1).long(), count)
+    assert torch.equal(out.ids.long(), ids)
+    torch.testing.assert_close(out.logprobs.double(), lp, atol=2e-5, rtol=1e-5)
+    assert (out.ids == tokens.unsqueeze(-1)).any(-1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_logprobs_ties_and_minus_inf(backend, generator):
+    logits = (torch.randn(4, 200, generator=generator) * 2).round() / 2  # many exact ties
+    logits[1, 50:] = float("-inf")
+    logits[2, :] = float("-inf")
+    logits[2, [3, 9]] = 0.0  # two finite entries, tied
+    tokens = torch.tensor([5, 7, 9, 11])
+    out = rlfuse.sparse_logprobs(logits, tokens, k=32, threshold=1e-5, backend=backend)
+    ids, lp, count = reference_sparse(logits, tokens, 32, 1e-5)
+    assert torch.equal(out.ids.long(), ids) and torch.equal(out.count.long(), count)
+    torch.testing.assert_close(out.logprobs.double(), lp, atol=2e-5, rtol=1e-5)
+
+
+def test_sparse_logprobs_bad_input():
+    logits, tokens = torch.randn(2, 10), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        rlfuse.sparse_logprobs(logits, tokens, k=0)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        rlfuse.sparse_logprobs(logits, tokens, threshold=1.0)
+    with pytest.raises(ValueError, match="tokens must lie in"):
+        rlfuse.sparse_logprobs(logits, torch.tensor([1, 10]))
+
+
+def _log_dists(generator, rows, size, spread):
+    a = torch.log_softmax(torch.randn(rows, size, generator=generator, dtype=torch.float64) * spread, -1)
+    b = torch.log_softmax(torch.randn(rows, size, generator=generator, dtype=torch.float64) * spread, -1)
+    return a, b, torch.ones(rows, size, dtype=torch.bool)
+
+
+def test_projection_inside_the_bound_is_untouched(generator):
+    a, _, valid = _log_dists(generator, 4, 9, 1.0)
+    b = torch.log_softmax(a + 0.01 * torch.randn(a.shape, generator=generator, dtype=torch.float64), -1)
+    log_q, eta = TrollProjection.apply(a, b, valid, 0.05)
+    assert torch.all(eta == 0)
+    torch.testing.assert_close(log_q, a)
+
+
+def test_projection_far_outside_ends_on_the_bound(generator):
+    a, b, valid = _log_dists(generator, 6, 12, 3.0)
+    assert torch.all(kl_on_support(a, b, valid) > 1.0)
+    log_q, eta = TrollProjection.apply(a, b, valid, 0.05)
+    assert torch.all(eta > 0)
+    torch.testing.assert_close(kl_on_support(log_q, b, valid), torch.full((6,), 0.05, dtype=torch.float64),
+                               rtol=1e-7, atol=0)
+
+
+def test_projection_gradcheck(generator):
+    a, b, valid = _log_dists(generator, 3, 7, 2.0)
+    a[0] = torch.log_softmax(b[0] + 0.01 * torch.randn(7, generator=generator, dtype=torch.float64), -1)  # inside
+    valid[2, 5:] = False  # a shorter support
+    a[2] = torch.log_softmax(a[2].masked_fill(~valid[2], float("-inf")), -1)
+    b[2] = torch.log_softmax(b[2].masked_fill(~valid[2], float("-inf")), -1)
+    a = a.masked_fill(~valid, 0.0).requires_grad_(True)
+
+    def fn(a_in):
+        log_q, _ = TrollProjection.apply(a_in, b.masked_fill(~valid, 0.0), valid, 0.05)
+        return log_q.masked_fill(~valid, 0.0)
+
+    torch.autograd.gradcheck(fn, (a,), eps=1e-7, atol=1e-6)
+
+
+def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_topk, config):
+    """Dense float64 TROLL on the same support, with an independent eta solver and the implicit
+    gradient obtained by autograd through one Newton step at the converged eta."""
+    vocab = logits.shape[-1]
+    x_full = (logits.detach().double() / config.temperature).requires_grad_(True)
+    log_p = torch.log_softmax(x_full, -1)
+    # The new policy's part of the support: its top tokens only (SPEC.md section 7 adds {y} separately).
+    new = reference_sparse(logits, tokens, config.troll_k, config.troll_threshold, config.temperature,
+                           include_token=False)[0]
+    total = 0.0
+    mask_weights = []
+    flat_x = log_p.reshape(-1, vocab)
+    for i, y in enumerate(tokens.reshape(-1).tolist()):
+        old_ids = [j for j in old_topk.ids.reshape(-1, old_topk.ids.shape[-1])[i].tolist() if j >= 0]
+        old_lp = dict(zip(old_ids, old_topk.logprobs.reshape(-1, old_topk.ids.shape[-1])[i].double().tolist()))
+        old_lp.setdefault(y, old_logprobs.reshape(-1)[i].item())
+        support = sorted(set(old_ids) | {y} | {j for j in new.reshape(-1, new.shape[-1])[i].tolist() if j >= 0})
+        idx = torch.tensor(support)
+        a = torch.log_softmax(flat_x[i, idx], -1)
+        b = torch.log_softmax(torch.tensor([old_lp.get(j, math.log(1e-12)) for j in support], dtype=torch.float64), -1)
+
+        def kl_q(eta, a_values):
+            log_q = torch.log_softmax((a_values + eta * b) / (1 + eta), -1)
+            return (log_q.exp() * (log_q - b)).sum(), log_q
+
+        kl_ab = (a.exp() * (a - b)).sum()
+        if kl_ab.item() <= config.troll_eps:
+            log_q = a
+        else:
+            lo, hi = math.log(1e-7), math.log(1e2)
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if kl_q(math.exp(mid), a.detach())[0].item() > config.troll_eps else (lo, mid)
+            eta0 = torch.tensor(math.exp(0.5 * (lo + hi)), dtype=torch.float64, requires_grad=True)
+            value, _ = kl_q(eta0, a.detach())
+            (slope,) = torch.autograd.grad(value, eta0)
+            kl_live, _ = kl_q(eta0.detach(), a)
+            eta = eta0.detach() - (kl_live - config.troll_eps) / slope  # value eta0, implicit gradient in a
+            _, log_q = kl_q(eta, a)
+        pos = support.index(y)
+        adv = advantages.reshape(-1)[i].double()
+        loss_i = -adv * torch.exp(log_q[pos] - b[pos]) + config.troll_alpha * (a.exp() * (a - log_q.detach())).sum()
+        mask_weights.append(loss_i)
+    losses = torch.stack(mask_weights)
+    total = losses.mean()  # token-mean, every token valid
+    total.backward()
+    return total.detach(), x_full.grad / config.temperature
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [0.05, 50.0])
+def test_troll_loss_matches_dense_reference(backend, eps, generator):
+    vocab, k = 120, 8
+    logits = torch.randn(2, 5, vocab, generator=generator) * 2
+    tokens = torch.randint(0, vocab, (2, 5), generator=generator)
+    old_logits = logits + 0.7 * torch.randn(logits.shape, generator=generator)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=k, backend="torch")
+    old_logprobs = torch.log_softmax(old_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    advantages = torch.randn(2, 5, generator=generator)
+    config = LossConfig.troll(troll_k=k, troll_eps=eps, temperature=0.9)
+    leaf = logits.clone().requires_grad_(True)
+    out = rlfuse.policy_loss(leaf, tokens, advantages, old_logprobs=old_logprobs, old_topk=old_topk, config=config,
+                             backend=backend)
+    out.loss.backward()
+    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old_logprobs, old_topk, config)
+    torch.testing.assert_close(out.loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-4)
+    assert (leaf.grad != 0).sum() <= out.metrics["troll_support_mean"] * tokens.numel()  # sparse gradient
+    if eps == 50.0:
+        assert out.metrics["troll_projected_frac"].item() == 0.0
+    else:
+        assert out.metrics["troll_projected_frac"].item() > 0.0
+        assert out.metrics["troll_kl_after"].item() <= eps + 1e-6
+
+
+def test_troll_k_at_least_vocab(generator):
+    vocab = 6
+    logits = torch.randn(3, vocab, generator=generator)
+    tokens = torch.randint(0, vocab, (3,), generator=generator)
+    old_topk = rlfuse.sparse_logprobs(logits + 1.0 * torch.randn(3, vocab, generator=generator), tokens, k=10)
+    old_logprobs = old_topk.logprobs.gather(-1, (old_topk.ids == tokens[:, None]).int().argmax(-1, keepdim=True))
+    leaf = logits.clone().requires_grad_(True)
+    out = rlfuse.policy_loss(leaf, tokens, torch.ones(3), old_logprobs=old_logprobs.squeeze(-1), old_topk=old_topk,
+                             config=LossConfig.troll(troll_k=10))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(leaf.grad).all()
+    assert out.metrics["troll_support_mean"].item() == vocab
+
+
+def test_old_topk_mismatch_errors(generator):
+    logits = torch.randn(2, 3, 50, generator=generator)
+    tokens = torch.randint(0, 50, (2, 3), generator=generator)
+    old = torch.zeros(2, 3)
+    config = LossConfig.troll(troll_k=4)
+    other_vocab = rlfuse.sparse_logprobs(torch.randn(2, 3, 60), tokens, k=4)
+    with pytest.raises(ValueError, match="vocabulary of 60"):
+        rlfuse.policy_loss(logits, tokens, old, old_logprobs=old, old_topk=other_vocab, config=config)
+    other_shape = rlfuse.sparse_logprobs(torch.randn(3, 2, 50), tokens.T, k=4)
+    with pytest.raises(ValueError, match="old_topk must have shape"):
+        rlfuse.policy_loss(logits, tokens, old, old_logprobs=old, old_topk=other_shape, config=config)
+    with pytest.raises(ValueError, match="old_topk is required by loss='troll'"):
+        rlfuse.policy_loss(logits, tokens, old, old_logprobs=old, config=config)
+    with pytest.raises(ValueError, match="old_topk is only used by loss='troll'"):
+        rlfuse.policy_loss(logits, tokens, old, old_logprobs=old, old_topk=other_vocab)
+
+
+def test_solve_eta_reaches_the_bound_to_1e7(generator):
+    a, b, valid = _log_dists(generator, 5, 40, 2.5)
+    eta = solve_eta(a, b, valid, 0.1)
+    from rlfuse.troll import _project
+
+    kl = kl_on_support(_project(a, b, valid, eta), b, valid)
+    torch.testing.assert_close(kl, torch.full_like(kl, 0.1), rtol=1e-7, atol=0)
