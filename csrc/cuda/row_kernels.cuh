@@ -131,12 +131,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // ---- statistics pass --------------------------------------------------------------------------
 
 // One thread's online softmax statistics, kept on the raw logits z (x = z / T is applied once, in
-// stats()): sum = sum exp((z - max_z) / T), dot_z = sum exp((z - max_z) / T) * z.
-// add() is push() for a whole chunk: one rescale per chunk, then independent exponentials.
+// stats()): sum = sum exp((z - max_z) / T), dot = sum exp((z - max_z) / T) * (z - max_z).
+// `dot` is centred on the running max, as RowStats.dot (row_math.h), so H = log(sum) - dot / sum
+// does not cancel for large logits. add() is push() for a whole chunk: one rescale per chunk,
+// then independent exponentials.
 struct ThreadStats {
   float max_z = -INFINITY;
   float sum = 0.0f;
-  float dot_z = 0.0f;
+  float dot = 0.0f;
 
   template <int N>
   __device__ __forceinline__ void add(const float (&z)[N], float inv_temp) {
@@ -144,24 +146,25 @@ struct ThreadStats {
 #pragma unroll
     for (int k = 0; k < N; ++k) new_max = fmaxf(new_max, z[k]);  // skips NaN: caught by `sum`
     const float ref = new_max == -INFINITY ? 0.0f : new_max;      // all -inf so far: every e is 0
-    const float rescale = expf((max_z - ref) * inv_temp);         // exactly 1 if the max held
+    const float old_ref = max_z == -INFINITY ? ref : max_z;        // nothing accumulated yet: no shift
+    const float rescale = expf((max_z - ref) * inv_temp);          // exactly 1 if the max held
+    dot = (dot + sum * (old_ref - ref)) * rescale;                 // re-centre on the new max
     sum *= rescale;
-    dot_z *= rescale;
     max_z = new_max;
     const float scale = inv_temp * kLog2e;
-    const float shift = ref * scale;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float e = fast_exp2(fmaf(z[k], scale, -shift));  // exp((z - ref) / T)
+      const float centred = z[k] - ref;
+      const float e = fast_exp2(centred * scale);  // exp((z - ref) / T)
       sum += e;
-      dot_z = fmaf(e, fmaxf(z[k], -FLT_MAX), dot_z);  // z = -inf adds 0, not 0 * -inf
+      dot = fmaf(e, fmaxf(centred, -FLT_MAX), dot);  // z = -inf adds 0, not 0 * -inf
     }
   }
 
   // As RowStats of x. A NaN or +inf logit leaves `sum` NaN; it is moved into `max` so merge()
   // propagates it even past partial stats that are all -inf.
   __device__ __forceinline__ RowStats stats(float inv_temp) const {
-    return RowStats{sum != sum ? NAN : max_z * inv_temp, sum, dot_z * inv_temp};
+    return RowStats{sum != sum ? NAN : max_z * inv_temp, sum, dot * inv_temp};
   }
 };
 
