@@ -357,6 +357,66 @@ def _kl_case(args: argparse.Namespace, device: torch.device) -> Case:
     )
 
 
+@register_case("troll")
+def _troll_case(args: argparse.Namespace, device: torch.device) -> Case:
+    """TROLL (K = 64) forward+backward against the fused dapo loss on the same inputs."""
+    import rlfuse
+    from rlfuse import LossConfig
+
+    n, v = args.tokens, args.vocab
+    notes: list[str] = ["old_topk (sparse_logprobs of the old logits) is precomputed, as a trainer stores it"]
+    backends = _rlfuse_backends(args, device, notes)
+    troll, dapo = LossConfig.troll(), LossConfig.dapo()
+
+    def make_inputs(dtype: torch.dtype) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        logits = torch.randn(n, v, generator=gen, device=device, dtype=dtype).mul_(LOGIT_STD)
+        tokens = torch.randint(0, v, (n,), generator=gen, device=device)
+        old_logits = logits + 0.3 * torch.randn(n, v, generator=gen, device=device, dtype=dtype)
+        old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=troll.troll_k)
+        old = rlfuse.token_logprobs(old_logits, tokens)
+        del old_logits
+        logits.requires_grad_()
+        tensors = {"logits": logits, "tokens": tokens, "old": old, "advantages": torch.randn(n, generator=gen,
+                                                                                           device=device)}
+        return Inputs(dict(tensors, old_topk=old_topk), [logits], [torch.ones((), device=device)])
+
+    def contender(backend: str, config, label: str) -> Contender:
+        def make(dtype: torch.dtype) -> Forward:
+            def forward(inp: Inputs):
+                t = inp.tensors
+                old_topk = t["old_topk"] if config.loss == "troll" else None
+                return [rlfuse.policy_loss(t["logits"], t["tokens"], t["advantages"], old_logprobs=t["old"],
+                                           old_topk=old_topk, config=config, backend=backend).loss]
+            return forward
+
+        return Contender(f"rlfuse {backend} {label}", make, is_rlfuse=True, slow_first_call=backend == "triton",
+                         first_call_hint="Triton JIT")
+
+    contenders = []
+    for backend in backends:
+        contenders += [contender(backend, troll, "troll"), contender(backend, dapo, "dapo")]
+    baseline = f"rlfuse {backends[0]} dapo" if backends else "torch eager"
+    if not backends:
+        notes.append("no rlfuse kernel backend available: nothing to compare")
+
+    def unit_bytes(dtype: torch.dtype) -> int:
+        return n * v * dtype.itemsize
+
+    return Case(
+        op="troll",
+        title=f"policy_loss troll (K=64) vs fused dapo, N={n} V={v}",
+        shape={"tokens": n, "vocab": v},
+        make_inputs=make_inputs,
+        contenders=contenders,
+        unit_name="logits",
+        unit_bytes=unit_bytes,
+        bytes_moved=lambda dtype: {"fwd+bwd": 2 * unit_bytes(dtype)},
+        baseline=baseline,
+        notes=notes,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Measuring: time, memory, bandwidth
 # --------------------------------------------------------------------------------------------------
