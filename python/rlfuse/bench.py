@@ -150,6 +150,23 @@ def _rlfuse_backends(args: argparse.Namespace, device: torch.device, notes: list
     return names
 
 
+def _torch_contenders(args: argparse.Namespace, device: torch.device, fn: Callable, names: Sequence[str],
+                      wrap: Callable = lambda out: out) -> list[Contender]:
+    """"torch eager" (``fn`` on the named input tensors) and, unless --no-compile, "torch.compile" of it."""
+
+    def contender_for(function: Callable) -> Callable[[torch.dtype], Forward]:
+        return lambda dtype: (lambda inp: wrap(function(*(inp.tensors[k] for k in names))))
+
+    contenders = [Contender("torch eager", contender_for(fn))]
+    if not args.no_compile:
+        hint = "up to a minute on CPU" if device.type == "cpu" else "can take a minute"
+        # Compiled lazily, once per dtype, when the contender is first made.
+        contenders.append(Contender(
+            "torch.compile", lambda dtype: contender_for(torch.compile(fn, dynamic=False))(dtype),
+            slow_first_call=True, first_call_hint=hint))
+    return contenders
+
+
 @register_case("token_logprobs")
 def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case:
     import rlfuse
@@ -179,19 +196,8 @@ def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case
         return Contender(f"rlfuse {backend}", make, is_rlfuse=True,
                          slow_first_call=backend == "triton", first_call_hint="Triton JIT")
 
-    def make_eager(dtype: torch.dtype) -> Forward:
-        return lambda inp: token_logprobs_reference(inp.tensors["logits"], inp.tensors["tokens"])
-
-    def make_compiled(dtype: torch.dtype) -> Forward:
-        compiled = torch.compile(token_logprobs_reference, dynamic=False)
-        return lambda inp: compiled(inp.tensors["logits"], inp.tensors["tokens"])
-
     contenders = [rlfuse_contender(b) for b in backends]
-    contenders.append(Contender("torch eager", make_eager))
-    if not args.no_compile:
-        hint = "up to a minute on CPU" if device.type == "cpu" else "can take a minute"
-        contenders.append(Contender("torch.compile", make_compiled, slow_first_call=True,
-                                    first_call_hint=hint))
+    contenders += _torch_contenders(args, device, token_logprobs_reference, ("logits", "tokens"))
 
     def unit_bytes(dtype: torch.dtype) -> int:
         return n * v * dtype.itemsize
@@ -263,19 +269,10 @@ def _policy_loss_case(args: argparse.Namespace, device: torch.device) -> Case:
         losses = torch.maximum(-advantages * ratio, -advantages * clipped)
         return (losses * mask).sum() / mask.sum().clamp(min=1)
 
-    def make_eager(dtype: torch.dtype) -> Forward:
-        return lambda inp: [eager_dapo(*(inp.tensors[k] for k in ("logits", "tokens", "advantages", "old", "mask")))]
-
-    def make_compiled(dtype: torch.dtype) -> Forward:
-        compiled = torch.compile(eager_dapo, dynamic=False)
-        return lambda inp: [compiled(*(inp.tensors[k] for k in ("logits", "tokens", "advantages", "old", "mask")))]
-
     contenders = [rlfuse_contender(b, dapo, "dapo") for b in backends]
     contenders += [rlfuse_contender(b, gspo, "gspo") for b in backends]
-    contenders.append(Contender("torch eager", make_eager))
-    if not args.no_compile:
-        hint = "up to a minute on CPU" if device.type == "cpu" else "can take a minute"
-        contenders.append(Contender("torch.compile", make_compiled, slow_first_call=True, first_call_hint=hint))
+    contenders += _torch_contenders(args, device, eager_dapo, ("logits", "tokens", "advantages", "old", "mask"),
+                                    wrap=lambda loss: [loss])
 
     def unit_bytes(dtype: torch.dtype) -> int:
         return n * v * dtype.itemsize
@@ -323,18 +320,9 @@ def _kl_case(args: argparse.Namespace, device: torch.device) -> Case:
         return Contender(f"rlfuse {backend}", make, is_rlfuse=True, slow_first_call=backend == "triton",
                          first_call_hint="Triton JIT")
 
-    def make_eager(dtype: torch.dtype) -> Forward:
-        return lambda inp: [kl_divergence_reference(inp.tensors["logits"], inp.tensors["other"])]
-
-    def make_compiled(dtype: torch.dtype) -> Forward:
-        compiled = torch.compile(kl_divergence_reference, dynamic=False)
-        return lambda inp: [compiled(inp.tensors["logits"], inp.tensors["other"])]
-
     contenders = [rlfuse_contender(b) for b in backends]
-    contenders.append(Contender("torch eager", make_eager))
-    if not args.no_compile:
-        hint = "up to a minute on CPU" if device.type == "cpu" else "can take a minute"
-        contenders.append(Contender("torch.compile", make_compiled, slow_first_call=True, first_call_hint=hint))
+    contenders += _torch_contenders(args, device, kl_divergence_reference, ("logits", "other"),
+                                    wrap=lambda kl: [kl])
 
     def unit_bytes(dtype: torch.dtype) -> int:
         return n * v * dtype.itemsize
