@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-KERNEL_MODULES = ("token_logprobs", "policy_loss")
+KERNEL_MODULES = ("token_logprobs", "policy_loss", "kl_div")
 ARCHS = (80, 90, 100)
 
 

@@ -2,6 +2,7 @@
 // reads both rows once, chunk by chunk; the backward reads them again and writes the gradients.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "cpu_kernels.h"
 #include "row_kernels.h"
@@ -81,6 +82,11 @@ void kl_div_bwd_rows(const KlDivBwdArgs& a, int64_t begin, int64_t end) {
     char* dst_x = a.grad_logits ? const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row)) : nullptr;
     char* dst_y = a.grad_other ? const_cast<char*>(row_pointer(a.grad_other, a.dtype, a.grad_other_layout, row)) : nullptr;
     const float g = a.grad_kl[row] * a.inv_temp;
+    if (g == 0.0f) {  // masked row: zeros, without reading (possibly garbage) logits
+      if (dst_x) std::memset(dst_x, 0, a.vocab * esize);
+      if (dst_y) std::memset(dst_y, 0, a.vocab * esize);
+      continue;
+    }
     const Vec lse_p = splat(a.lse[row]), lse_q = splat(a.other_lse[row]), kl = splat(a.kl[row]);
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);

@@ -94,7 +94,8 @@ struct KlDivFwdArgs {
 // Backward: one more read of both rows, writes of the requested gradients (each may be null):
 //   forward: dKL/dx_j = p_j (log p_j - log q_j - KL),  dKL/dy_j = q_j - p_j
 //   reverse: dKL/dx_j = p_j - q_j,                     dKL/dy_j = q_j (log q_j - log p_j - KL)
-// times grad_kl[row] * inv_temp, stored in `dtype`.
+// times grad_kl[row] * inv_temp, stored in `dtype`. Rows with grad_kl == 0 are written as zeros
+// without reading the inputs (masked rows may hold garbage).
 struct KlDivBwdArgs {
   const void* logits;
   const void* other;
