@@ -130,11 +130,12 @@ def _kl_div_bwd_kernel(
         # Same program reads then writes each element: a gradient may alias its own input.
         if GRAD_X:
             gx_fwd = tl.where(p == 0.0, 0.0, p * ((zx - zy) * inv_temp + c_fwd))
-            gx = g * tl.where(forward, gx_fwd, p - q)
+            # g == 0 (a masked row) writes zeros even where the row holds NaN / inf.
+            gx = tl.where(g == 0.0, 0.0, g * tl.where(forward, gx_fwd, p - q))
             tl.store(grad_row + offs, gx.to(grad_ptr.dtype.element_ty), mask=mask)
         if GRAD_Y:
             gy_rev = tl.where(q == 0.0, 0.0, q * ((zy - zx) * inv_temp + c_rev))
-            gy = g * tl.where(forward, q - p, gy_rev)
+            gy = tl.where(g == 0.0, 0.0, g * tl.where(forward, q - p, gy_rev))
             tl.store(grad_other_row + offs, gy.to(grad_other_ptr.dtype.element_ty), mask=mask)
 
 

@@ -54,4 +54,5 @@ def kl_gradients(logits, other, kl, lse_p, lse_q, grad_kl, direction, temperatur
     else:
         grad_x = p - q
         grad_y = torch.where(q == 0, 0.0, q * (log_q - log_p - k))
-    return (g * grad_x).float(), (g * grad_y).float()
+    # A zero upstream gradient (masked row) gives exact zeros, whatever the row holds.
+    return (torch.where(g == 0, 0.0, g * grad_x).float(), torch.where(g == 0, 0.0, g * grad_y).float())
