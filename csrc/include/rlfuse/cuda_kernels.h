@@ -12,6 +12,7 @@ int token_logprobs_bwd_cuda(const TokenLogprobsBwdArgs& args, void* stream);
 int policy_loss_fused_cuda(const PolicyLossFusedArgs& args, void* stream);
 int kl_div_fwd_cuda(const KlDivFwdArgs& args, void* stream);
 int row_topk_cuda(const RowTopkArgs& args, void* stream);
+int sample_cuda(const SampleArgs& args, void* stream);
 int kl_div_bwd_cuda(const KlDivBwdArgs& args, void* stream);
 
 // Runtime helpers for the bindings.

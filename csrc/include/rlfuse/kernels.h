@@ -134,12 +134,46 @@ struct RowTopkArgs {
   float* lse;           // [rows]
 };
 
+// Sampling (SPEC.md section 8), num_samples draws per row. Per row: temperature T (T == 0:
+// greedy), or with `adaptive` T = t_min + (t_max - t_min) * clamp((H1 - h_low) / (h_high - h_low), 0, 1)
+// from the row's entropy H1 at temperature 1. Then, on x = z / T, the kept set is
+// {j : x_j >= threshold}, threshold = max(t_k, t_p, t_min_p):
+//   t_k: the top_k-th largest x (top_k <= 0 or >= vocab: -inf);
+//   t_p: the largest t with mass{x_j >= max(t, t_k)} >= top_p * mass{x_j >= t_k} (top_p >= 1: -inf);
+//   t_min_p: max x + log(min_p) (min_p <= 0: -inf).
+// Ties at a threshold are all kept. Thresholds are found without sorting (e.g. bisection on the
+// order-preserving integer key of x, one counting pass per step). The draw is Gumbel-max over
+// the kept set: argmax_j (x_j + G_j), ties to the lower id, G_j = -log(-log u_j) with
+//   u_j = ((rng_bits(seed[row], sample, j) >> 8) + 0.5) * 2^-24   (see rng_bits in row_math.h).
+// Outputs per draw: token, its log-prob under the kept set renormalised (0 when greedy) and under
+// the unfiltered temperature-T distribution (T = 1 when greedy); per row: the unfiltered entropy
+// at T (T = 1 when greedy). Rows with NaN, or with no finite entry, are rejected by the caller.
+struct SampleArgs {
+  const void* logits;
+  DType dtype;
+  RowLayout layout;
+  int64_t vocab;
+  const float* temperature;  // [rows]
+  const int32_t* top_k;      // [rows]
+  const float* top_p;        // [rows]
+  const float* min_p;        // [rows]
+  const uint64_t* seed;      // [rows]
+  int64_t num_samples;
+  int adaptive;              // 0 or 1
+  float t_min, t_max, h_low, h_high;
+  int64_t* tokens;           // [rows, num_samples]
+  float* logprobs;           // [rows, num_samples]
+  float* raw_logprobs;       // [rows, num_samples]
+  float* entropy;            // [rows]
+};
+
 // CPU (csrc/cpu), multi-threaded over rows.
 void token_logprobs_fwd_cpu(const TokenLogprobsFwdArgs& args, int num_threads);
 void token_logprobs_bwd_cpu(const TokenLogprobsBwdArgs& args, int num_threads);
 void policy_loss_fused_cpu(const PolicyLossFusedArgs& args, int num_threads);
 void kl_div_fwd_cpu(const KlDivFwdArgs& args, int num_threads);
 void row_topk_cpu(const RowTopkArgs& args, int num_threads);
+void sample_cpu(const SampleArgs& args, int num_threads);
 void kl_div_bwd_cpu(const KlDivBwdArgs& args, int num_threads);
 // Instruction set the CPU kernels run with on this machine ("avx2" or "base").
 const char* cpu_isa();

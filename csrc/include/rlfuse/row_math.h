@@ -113,4 +113,28 @@ RLFUSE_HD int64_t row_offset(int64_t row, int64_t inner, int64_t stride_outer, i
   return (row / inner) * stride_outer + (row % inner) * stride_inner;
 }
 
+// Counter-based random bits for sampling, keyed by (seed, sample, vocabulary position): a row's
+// draws depend only on its own seed, never on the batch it sits in. lowbias32 mixing (public
+// domain integer hash); all arithmetic is uint32 with wrap-around, so every backend agrees.
+RLFUSE_HD uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7feb352du;
+  h ^= h >> 15;
+  h *= 0x846ca68bu;
+  h ^= h >> 16;
+  return h;
+}
+
+// The per-(row, sample) part of the key; rng_bits(seed, sample, j) = mix32(row_key + j * golden).
+RLFUSE_HD uint32_t rng_row_key(uint64_t seed, uint32_t sample) {
+  uint32_t h = mix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u);
+  h = mix32(h ^ static_cast<uint32_t>(seed >> 32));
+  return mix32(h ^ sample);
+}
+
+RLFUSE_HD uint32_t rng_bits(uint32_t row_key, uint32_t j) { return mix32(row_key + j * 0x9e3779b9u); }
+
+// Uniform in (0, 1) from 24 random bits.
+RLFUSE_HD float rng_uniform(uint32_t bits) { return (static_cast<float>(bits >> 8) + 0.5f) * 5.9604644775390625e-8f; }
+
 }  // namespace rlfuse
