@@ -110,6 +110,21 @@ RowTopkArgs topk_args(const py::args& a) {
                      as_ptr<float>(ptr(11))};
 }
 
+// sample(logits, dtype, layout, vocab, temperature, top_k, top_p, min_p, seed, num_samples, adaptive,
+//        (t_min, t_max, h_low, h_high), tokens, logprobs, raw_logprobs, entropy)
+SampleArgs sample_args(const py::args& a) {
+  if (a.size() != 16) throw std::invalid_argument("rlfuse._C: sample takes 16 arguments + 1");
+  auto ptr = [&](size_t i) { return a[i].cast<uintptr_t>(); };
+  const auto adaptive = a[11].cast<py::tuple>();
+  if (adaptive.size() != 4) throw std::invalid_argument("rlfuse._C: adaptive temperature needs 4 values");
+  return SampleArgs{as_ptr<const void>(ptr(0)), as_dtype(a[1].cast<int>()), as_layout(a[2].cast<py::tuple>()),
+                    a[3].cast<int64_t>(), as_ptr<const float>(ptr(4)), as_ptr<const int32_t>(ptr(5)),
+                    as_ptr<const float>(ptr(6)), as_ptr<const float>(ptr(7)), as_ptr<const uint64_t>(ptr(8)),
+                    a[9].cast<int64_t>(), a[10].cast<int>(), adaptive[0].cast<float>(), adaptive[1].cast<float>(),
+                    adaptive[2].cast<float>(), adaptive[3].cast<float>(), as_ptr<int64_t>(ptr(12)),
+                    as_ptr<float>(ptr(13)), as_ptr<float>(ptr(14)), as_ptr<float>(ptr(15))};
+}
+
 // Splits py::args into the kernel arguments and the trailing launch argument (threads or stream).
 std::pair<py::args, py::handle> split_last(const py::args& a) {
   return {py::args(a[py::slice(0, a.size() - 1, 1)]), a[a.size() - 1]};
@@ -174,6 +189,13 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     row_topk_cpu(args, num_threads);
   });
+  m.def("sample_cpu", [](py::args a) {
+    auto [kernel_args, threads] = split_last(a);
+    const auto args = sample_args(kernel_args);
+    const int num_threads = threads.cast<int>();
+    py::gil_scoped_release release;
+    sample_cpu(args, num_threads);
+  });
   m.def("kl_div_bwd_cpu", [](py::args a) {
     auto [kernel_args, threads] = split_last(a);
     const auto args = kl_bwd_args(kernel_args);
@@ -215,6 +237,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("row_topk_cuda", [](py::args a) {
     auto [kernel_args, stream] = split_last(a);
     check_cuda(row_topk_cuda(topk_args(kernel_args), as_ptr<void>(stream.cast<uintptr_t>())), "row_topk");
+  });
+  m.def("sample_cuda", [](py::args a) {
+    auto [kernel_args, stream] = split_last(a);
+    check_cuda(sample_cuda(sample_args(kernel_args), as_ptr<void>(stream.cast<uintptr_t>())), "sample");
   });
   m.def("kl_div_bwd_cuda", [](py::args a) {
     auto [kernel_args, stream] = split_last(a);

@@ -57,6 +57,10 @@ void row_topk_cpu(const RowTopkArgs& args, int num_threads) {
   run_rows(args, num_threads, &cpu::base::row_topk_rows, RLFUSE_AVX2_ROWS(row_topk_rows));
 }
 
+void sample_cpu(const SampleArgs& args, int num_threads) {
+  run_rows(args, num_threads, &cpu::base::sample_rows, RLFUSE_AVX2_ROWS(sample_rows));
+}
+
 const char* cpu_isa() { return use_avx2() ? "avx2" : "base"; }
 
 }  // namespace rlfuse

@@ -67,6 +67,31 @@ RLFUSE_ALWAYS_INLINE Vec exp_nonpositive(Vec t) {
   return t < -87.0f ? splat(0.0f) : scaled;
 }
 
+// log(v) lane-wise for positive normal v (Cephes logf: v = m * 2^e with m in [sqrt(1/2), sqrt(2)),
+// degree-8 polynomial in m - 1), about 2 ulp.
+RLFUSE_ALWAYS_INLINE Vec log_positive(Vec v) {
+  typedef uint32_t VecU __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  const VecU bits = __builtin_bit_cast(VecU, v);
+  VecInt exponent = __builtin_bit_cast(VecInt, bits >> 23) - 127;
+  Vec m = __builtin_bit_cast(Vec, (bits & 0x007FFFFFu) | 0x3F800000u);  // in [1, 2)
+  const auto big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  exponent = big ? exponent + 1 : exponent;
+  const Vec x = m - 1.0f;
+  Vec p = splat(7.0376836292e-2f);
+  p = p * x - 1.1514610310e-1f;
+  p = p * x + 1.1676998740e-1f;
+  p = p * x - 1.2420140846e-1f;
+  p = p * x + 1.4249322787e-1f;
+  p = p * x - 1.6668057665e-1f;
+  p = p * x + 2.0000714765e-1f;
+  p = p * x - 2.4999993993e-1f;
+  p = p * x + 3.3333331174e-1f;
+  const Vec z = x * x;
+  const Vec e = __builtin_convertvector(exponent, Vec);
+  return x + (p * x * z - 0.5f * z) + e * 0.693147180559945f;
+}
+
 // Loads `n` elements of one row, converts to fp32 and multiplies by inv_temp.
 RLFUSE_ALWAYS_INLINE void load_scaled(const void* src, DType dtype, int64_t n, float inv_temp, float* dst) {
   switch (dtype) {

@@ -12,7 +12,8 @@ from .backends import available_backends
 from .config import LossConfig
 from .functional import entropy, kl_divergence, token_logprobs
 from .losses import LossOutput, policy_loss
+from .sampling import SampleOutput, sample
 from .troll import SparseLogprobs, sparse_logprobs
 
-__all__ = ["__version__", "token_logprobs", "entropy", "kl_divergence", "policy_loss", "sparse_logprobs", "SparseLogprobs", "LossConfig", "LossOutput", "nn",
+__all__ = ["__version__", "token_logprobs", "entropy", "kl_divergence", "policy_loss", "sparse_logprobs", "SparseLogprobs", "sample", "SampleOutput", "LossConfig", "LossOutput", "nn",
            "available_backends"]

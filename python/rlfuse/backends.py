@@ -22,6 +22,7 @@ CUDA_PREFERENCE = {
     "policy_loss": ("cuda", "triton", "torch"),
     "kl_div": ("cuda", "triton", "torch"),
     "row_topk": ("cuda", "triton", "torch"),
+    "sample": ("cuda", "triton", "torch"),
 }
 
 

@@ -51,7 +51,8 @@ def _cpu_launchers():
 
     return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused,
                                  **_kl_launchers(ext.kl_div_fwd_cpu, ext.kl_div_bwd_cpu, threads, no_guard),
-                                 **_topk_launcher(ext.row_topk_cpu, threads, no_guard))
+                                 **_topk_launcher(ext.row_topk_cpu, threads, no_guard),
+                                 **_sample_launcher(ext.sample_cpu, threads, no_guard))
 
 
 def _topk_launcher(entry, launch_arg, device_guard):
@@ -62,6 +63,18 @@ def _topk_launcher(entry, launch_arg, device_guard):
                   launch_arg(logits))
 
     return {"row_topk": row_topk}
+
+
+def _sample_launcher(entry, launch_arg, device_guard):
+    def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_samples, adaptive, t_min, t_max,
+               h_low, h_high, tokens, logprobs, raw_logprobs, entropy):
+        with device_guard(logits):
+            entry(logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, temperature.data_ptr(),
+                  top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), seed.data_ptr(), num_samples, int(adaptive),
+                  (t_min, t_max, h_low, h_high), tokens.data_ptr(), logprobs.data_ptr(), raw_logprobs.data_ptr(),
+                  entropy.data_ptr(), launch_arg(logits))
+
+    return {"sample": sample}
 
 
 def _kl_launchers(fwd_entry, bwd_entry, launch_arg, device_guard):
@@ -130,7 +143,8 @@ def _cuda_launchers():
 
     return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused,
                                  **_kl_launchers(ext.kl_div_fwd_cuda, ext.kl_div_bwd_cuda, stream, device_guard),
-                                 **_topk_launcher(ext.row_topk_cuda, stream, device_guard))
+                                 **_topk_launcher(ext.row_topk_cuda, stream, device_guard),
+                                 **_sample_launcher(ext.sample_cuda, stream, device_guard))
 
 
 @functools.cache

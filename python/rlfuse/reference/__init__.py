@@ -18,11 +18,12 @@ from .policy_loss import (
     token_loss,
     weighted,
 )
+from .sampling import sample_reference
 from .token_logprobs import row_gradient, row_statistics, token_logprobs_reference
 
 __all__ = [
     "token_logprobs_reference", "row_statistics", "row_gradient", "kl_divergence_reference", "kl_statistics",
     "kl_gradients", "aggregation_weights", "clip_cov_term",
     "entropy_minority_mask", "gmpo_loss", "gspo_loss", "gspo_token_term", "kl_cov_term", "kl_term",
-    "penalty_terms", "policy_term", "ratio", "rollout_correction_weights", "segment_sum", "token_loss", "weighted",
+    "penalty_terms", "policy_term", "ratio", "rollout_correction_weights", "segment_sum", "token_loss", "weighted", "sample_reference",
 ]

@@ -1,0 +1,147 @@
+// Row kernel of the CPU sampler (kernels.h SampleArgs): the row is converted to fp32 once, then
+// thresholds are found by bisection over its values (counting / summing passes, no sort) and each
+// draw is one exponential race over the kept entries: argmax_j e_j / E_j with E_j = -log(u_j),
+// which is Gumbel-max, argmax_j x_j - log(-log u_j), with one logarithm per entry.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "row_kernels.h"
+
+namespace rlfuse::cpu::RLFUSE_CPU_ISA {
+namespace {
+
+// Order-preserving map between floats (not NaN) and uint32.
+RLFUSE_ALWAYS_INLINE uint32_t order_key(float f) {
+  const uint32_t u = float_to_bits(f);
+  return (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+RLFUSE_ALWAYS_INLINE float from_order_key(uint32_t k) {
+  return bits_to_float((k & 0x80000000u) ? k & 0x7FFFFFFFu : ~k);
+}
+
+struct RowSummary {
+  float max;
+  float sum;  // sum exp(x - max)
+  float entropy;
+};
+
+// max, sum exp(x - max) and entropy of x[0, padded) (padding is -inf); e[i] = exp(x[i] - max).
+RowSummary summarise(const float* x, float* e, int64_t padded) {
+  RowStats stats = empty_stats();
+  stats.max = chunk_max(x, padded);
+  accumulate_chunk(x, padded, stats);
+  const Vec m = splat(stats.max);
+  for (int64_t i = 0; i < padded; i += kLanes) store_vec(e + i, exp_nonpositive(load_vec(x + i) - m));
+  return RowSummary{stats.max, stats.sum, std::log(stats.sum) - stats.dot / stats.sum};
+}
+
+int64_t count_at_least(const float* x, int64_t padded, float t) {
+  VecInt count = VecInt{} + 0;
+  const Vec tv = splat(t);
+  for (int64_t i = 0; i < padded; i += kLanes) count -= (load_vec(x + i) >= tv);  // true is -1
+  int64_t total = 0;
+  for (int l = 0; l < kLanes; ++l) total += count[l];
+  return total;
+}
+
+float mass_at_least(const float* x, const float* e, int64_t padded, float t) {
+  Vec sum = splat(0.0f);
+  const Vec tv = splat(t);
+  for (int64_t i = 0; i < padded; i += kLanes) sum += load_vec(x + i) >= tv ? load_vec(e + i) : splat(0.0f);
+  return lane_sum(sum);
+}
+
+// The largest value t among x such that keep(t) holds (keep is monotone: true for small t).
+template <typename Keep>
+float largest_threshold(float low, float high, Keep keep) {
+  uint32_t lo = order_key(low), hi = order_key(high);
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (keep(from_order_key(mid))) lo = mid; else hi = mid - 1;
+  }
+  return from_order_key(lo);
+}
+
+}  // namespace
+
+void sample_rows(const SampleArgs& a, int64_t begin, int64_t end) {
+  const int64_t padded = (a.vocab + kLanes - 1) / kLanes * kLanes;
+  std::vector<float> x_buf(padded), e_buf(padded);
+  float* x = x_buf.data();
+  float* e = e_buf.data();
+  for (int64_t row = begin; row < end; ++row) {
+    const char* src = row_pointer(a.logits, a.dtype, a.layout, row);
+    float temperature = a.temperature[row];
+    if (a.adaptive) {
+      load_scaled(src, a.dtype, a.vocab, 1.0f, x);
+      pad_to_lanes(x, a.vocab);
+      const float h1 = summarise(x, e, padded).entropy;
+      const float span = a.h_high - a.h_low;
+      const float w = span > 0.0f ? std::min(1.0f, std::max(0.0f, (h1 - a.h_low) / span)) : (h1 >= a.h_high ? 1.0f : 0.0f);
+      temperature = a.t_min + (a.t_max - a.t_min) * w;
+    }
+    const bool greedy = temperature == 0.0f;
+    load_scaled(src, a.dtype, a.vocab, greedy ? 1.0f : 1.0f / temperature, x);
+    pad_to_lanes(x, a.vocab);
+    const RowSummary summary = summarise(x, e, padded);
+    const float lse = summary.max + std::log(summary.sum);
+    a.entropy[row] = summary.entropy;
+    int64_t* tokens = a.tokens + row * a.num_samples;
+    float* logprobs = a.logprobs + row * a.num_samples;
+    float* raw = a.raw_logprobs + row * a.num_samples;
+
+    if (greedy) {
+      const int64_t best = std::max_element(x, x + a.vocab) - x;  // first maximum
+      for (int64_t s = 0; s < a.num_samples; ++s) {
+        tokens[s] = best;
+        logprobs[s] = 0.0f;
+        raw[s] = x[best] - lse;
+      }
+      continue;
+    }
+
+    // Thresholds, in order: top-k, then top-p among the survivors, then min-p.
+    float lowest = summary.max;
+    for (int64_t i = 0; i < a.vocab; ++i) lowest = x[i] > -INFINITY ? std::min(lowest, x[i]) : lowest;
+    float threshold = -INFINITY;
+    const int64_t k = a.top_k[row];
+    if (k > 0 && k < a.vocab) {
+      threshold = largest_threshold(lowest, summary.max, [&](float t) { return count_at_least(x, padded, t) >= k; });
+    }
+    const float top_p = a.top_p[row];
+    if (top_p < 1.0f) {
+      const float from = std::max(threshold, lowest);
+      const float target = top_p * mass_at_least(x, e, padded, from);
+      threshold = largest_threshold(from, summary.max, [&](float t) { return mass_at_least(x, e, padded, t) >= target; });
+    }
+    if (a.min_p[row] > 0.0f) threshold = std::max(threshold, summary.max + std::log(a.min_p[row]));
+    const float kept_lse = summary.max + std::log(mass_at_least(x, e, padded, threshold));
+
+    for (int64_t s = 0; s < a.num_samples; ++s) {
+      const uint32_t key = rng_row_key(a.seed[row], static_cast<uint32_t>(s));
+      float best_score = -1.0f;
+      int64_t best = -1;
+      for (int64_t start = 0; start < a.vocab; start += kLanes) {
+        Vec u;
+        for (int l = 0; l < kLanes; ++l) u[l] = rng_uniform(rng_bits(key, static_cast<uint32_t>(start + l)));
+        // Race: score_j = e_j / E_j, E_j = -log(u_j) > 0; excluded entries score -1.
+        const Vec score = load_vec(x + start) >= splat(threshold) ? load_vec(e + start) / -log_positive(u)
+                                                                    : splat(-1.0f);
+        for (int l = 0; l < kLanes && start + l < a.vocab; ++l) {
+          if (score[l] > best_score) {
+            best_score = score[l];
+            best = start + l;
+          }
+        }
+      }
+      tokens[s] = best;
+      logprobs[s] = x[best] - kept_lse;
+      raw[s] = x[best] - lse;
+    }
+  }
+}
+
+}  // namespace rlfuse::cpu::RLFUSE_CPU_ISA

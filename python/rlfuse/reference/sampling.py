@@ -1,0 +1,83 @@
+"""Plain-PyTorch sampling (SPEC.md section 8): sort-based filtering, the same counter-based random
+numbers as the kernels (row_math.h rng_bits), Gumbel-max. The test oracle and the ``torch`` backend."""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & MASK32
+    return h ^ (h >> 16)
+
+
+def rng_uniform(seed: torch.Tensor, num_samples: int, vocab: int) -> torch.Tensor:
+    """u[row, sample, j] in (0, 1) for per-row int64 seeds, bit-exact with the kernels' rng_uniform."""
+    seed = seed.to(torch.int64)
+    low, high = seed & MASK32, (seed >> 32) & MASK32
+    key = _mix32(_mix32(low ^ 0x9E3779B9) ^ high)
+    samples = torch.arange(num_samples, dtype=torch.int64, device=seed.device)
+    key = _mix32(key.unsqueeze(-1) ^ samples)  # [rows, S]
+    j = torch.arange(vocab, dtype=torch.int64, device=seed.device)
+    bits = _mix32((key.unsqueeze(-1) + j * 0x9E3779B9) & MASK32)
+    return ((bits >> 8).to(torch.float32) + 0.5) * 5.9604644775390625e-8
+
+
+def kept_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """The kept set of SPEC.md section 8 on scaled logits x [rows, V] (ties at thresholds kept)."""
+    vocab = x.shape[-1]
+    values = torch.sort(x, dim=-1, descending=True).values
+    keep = torch.ones_like(x, dtype=torch.bool)
+    k = top_k.to(torch.int64)
+    use_k = (k > 0) & (k < vocab)
+    t_k = values.gather(-1, (k.clamp(1, vocab) - 1).unsqueeze(-1)).squeeze(-1)
+    t_k = torch.where(use_k, t_k, torch.full_like(t_k, float("-inf")))
+    keep &= x >= t_k.unsqueeze(-1)
+    # top-p over the survivors: the smallest prefix of the sorted survivors with mass >= p * their mass.
+    probs = torch.softmax(values.double(), -1)
+    surviving = values >= t_k.unsqueeze(-1)
+    mass = torch.where(surviving, probs, 0.0)
+    cumulative = mass.cumsum(-1)
+    total = mass.sum(-1, keepdim=True)
+    needed = cumulative >= top_p.double().unsqueeze(-1) * total
+    first = torch.where(needed.any(-1), needed.int().argmax(-1), torch.zeros_like(k))
+    t_p = values.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+    t_p = torch.where(top_p < 1.0, t_p, torch.full_like(t_p, float("-inf")))
+    keep &= x >= t_p.unsqueeze(-1)
+    t_min = x.max(-1).values + torch.log(min_p.clamp(min=1e-38))
+    t_min = torch.where(min_p > 0, t_min, torch.full_like(t_min, float("-inf")))
+    return keep & (x >= t_min.unsqueeze(-1))
+
+
+def row_temperature(logits, temperature, adaptive):
+    if adaptive is None:
+        return temperature
+    t_min, t_max, h_low, h_high = adaptive
+    log_p = torch.log_softmax(logits.float(), -1)
+    h1 = -(torch.where(log_p > float("-inf"), log_p.exp() * log_p, 0.0)).sum(-1)
+    w = ((h1 - h_low) / (h_high - h_low)).clamp(0.0, 1.0) if h_high > h_low else (h1 >= h_high).float()
+    return t_min + (t_max - t_min) * w
+
+
+def sample_reference(logits, temperature, top_k, top_p, min_p, seed, num_samples=1, adaptive=None):
+    """(tokens [rows, S], logprobs, raw_logprobs [rows, S], entropy [rows]) for 2-D logits and per-row
+    parameter tensors."""
+    temperature = row_temperature(logits, temperature, adaptive)
+    greedy = temperature == 0
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    x = logits.float() / scale.unsqueeze(-1)
+    log_p = torch.log_softmax(x, -1)
+    entropy = -(torch.where(log_p > float("-inf"), log_p.exp() * log_p, 0.0)).sum(-1)
+    keep = kept_mask(x, top_k, top_p, min_p)
+    kept_log_p = torch.log_softmax(x.masked_fill(~keep, float("-inf")), -1)
+    gumbel = -torch.log(-torch.log(rng_uniform(seed, num_samples, x.shape[-1])))  # [rows, S, V]
+    drawn = torch.argmax((x.unsqueeze(1) + gumbel).masked_fill(~keep.unsqueeze(1), float("-inf")), -1)
+    drawn = torch.where(greedy.unsqueeze(-1), torch.argmax(x, -1, keepdim=True), drawn)  # [rows, S]
+    logprobs = torch.where(greedy.unsqueeze(-1), 0.0, kept_log_p.gather(-1, drawn))
+    return drawn, logprobs, log_p.gather(-1, drawn), entropy
