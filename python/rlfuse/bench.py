@@ -64,6 +64,8 @@ _DEFAULTS = {
     "cuda": dict(tokens=16384, vocab=151936, dtypes=("bf16",), repeats=20, warmup=3),
 }
 _QUICK = dict(tokens=256, vocab=4096, repeats=1, warmup=1)
+# Ops whose default shape is the same on every device (sampling: a decode step's batch).
+_OP_DEFAULTS = {"sample": dict(tokens=256, vocab=151936, dtypes=("fp32", "bf16"))}
 
 # Size of the buffers used to measure the copy bandwidth.
 _COPY_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
@@ -405,6 +407,65 @@ def _troll_case(args: argparse.Namespace, device: torch.device) -> Case:
     )
 
 
+@register_case("sample")
+def _sample_case(args: argparse.Namespace, device: torch.device) -> Case:
+    """top-k 50 + top-p 0.9 sampling with log-probs: rlfuse vs torch's sort-based sampler."""
+    import rlfuse
+
+    n, v = args.tokens, args.vocab
+    top_k, top_p, temperature = 50, 0.9, 0.8
+    notes: list[str] = [f"temperature {temperature}, top_k {top_k}, top_p {top_p}; forward only (no backward)"]
+    backends = _rlfuse_backends(args, device, notes)
+
+    def make_inputs(dtype: torch.dtype) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        logits = torch.randn(n, v, generator=gen, device=device, dtype=dtype).mul_(LOGIT_STD)
+        return Inputs({"logits": logits}, [], [])
+
+    def rlfuse_contender(backend: str) -> Contender:
+        def make(dtype: torch.dtype) -> Forward:
+            def forward(inp: Inputs):
+                out = rlfuse.sample(inp.tensors["logits"], temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=0, backend=backend)
+                return [out.tokens, out.logprobs]
+            return forward
+
+        return Contender(f"rlfuse {backend}", make, is_rlfuse=True, slow_first_call=backend == "triton",
+                         first_call_hint="Triton JIT")
+
+    def torch_sort_sampler(logits):
+        # The usual PyTorch sampler (HF / vLLM style): full sort, cumulative softmax, multinomial.
+        x = logits.float() / temperature
+        values, ids = torch.sort(x, dim=-1, descending=True)
+        values[..., top_k:] = float("-inf")
+        probs = torch.softmax(values, -1)
+        outside = probs.cumsum(-1) - probs > top_p
+        values = values.masked_fill(outside, float("-inf"))
+        choice = torch.multinomial(torch.softmax(values, -1), 1)
+        tokens = ids.gather(-1, choice).squeeze(-1)
+        logprobs = torch.log_softmax(values, -1).gather(-1, choice).squeeze(-1)
+        return [tokens, logprobs]
+
+    contenders = [rlfuse_contender(b) for b in backends]
+    contenders += _torch_contenders(args, device, torch_sort_sampler, ("logits",))
+
+    def unit_bytes(dtype: torch.dtype) -> int:
+        return n * v * dtype.itemsize
+
+    return Case(
+        op="sample",
+        title=f"sample (top-k {top_k}, top-p {top_p}) with log-probs, B={n} V={v}",
+        shape={"tokens": n, "vocab": v},
+        make_inputs=make_inputs,
+        contenders=contenders,
+        unit_name="logits",
+        unit_bytes=unit_bytes,
+        bytes_moved=lambda dtype: {"fwd": unit_bytes(dtype), "fwd+bwd": unit_bytes(dtype)},
+        baseline="torch eager",
+        notes=notes,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Measuring: time, memory, bandwidth
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +498,12 @@ def _timed_ms(device: torch.device, body: Callable[[], object]) -> float:
     return (time.perf_counter() - start_s) * 1e3
 
 
+def _backward(outputs, inp: Inputs) -> None:
+    """Backward of a contender's outputs; forward-only ops (no upstream gradients) have none."""
+    if inp.upstream:
+        torch.autograd.backward(list(outputs), inp.upstream)
+
+
 def _run_once(phase: str, forward: Forward, inp: Inputs, device: torch.device) -> float:
     """Run one phase once and return its time in ms; only the phase itself is timed."""
     for leaf in inp.leaves:
@@ -447,9 +514,9 @@ def _run_once(phase: str, forward: Forward, inp: Inputs, device: torch.device) -
     if phase == "bwd":
         outputs = forward(inp)
         _synchronize(device)
-        return _timed_ms(device, lambda: torch.autograd.backward(list(outputs), inp.upstream))
+        return _timed_ms(device, lambda: _backward(outputs, inp))
     if phase == "fwd+bwd":
-        return _timed_ms(device, lambda: torch.autograd.backward(list(forward(inp)), inp.upstream))
+        return _timed_ms(device, lambda: _backward(forward(inp), inp))
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -938,6 +1005,7 @@ def _resolve(args: argparse.Namespace) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     defaults = dict(_DEFAULTS[device.type])
+    defaults.update(_OP_DEFAULTS.get(args.op, {}))
     if args.quick:
         defaults.update(_QUICK)
     for name in ("tokens", "vocab", "repeats", "warmup"):
