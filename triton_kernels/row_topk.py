@@ -137,7 +137,8 @@ def _aot_kernels():
     block, num_warps = block_config(151936, on_gpu=True)
     K, block_s = _select_config(64, block)
     entries = []
-    for dtype, is_aligned in (("bf16", True), ("fp16", True), ("fp32", True), ("bf16", False)):
+    # bf16 and fp32 cover both load widths; every entry costs ~10-30 s of compile time in CI.
+    for dtype, is_aligned in (("bf16", True), ("fp32", True)):
         tag = dtype if is_aligned else f"{dtype},unaligned"
         entries.append(AotKernel(
             name=f"row_topk[{tag},K={K}]", fn=_row_topk_kernel,

@@ -1,0 +1,310 @@
+"""Sampling from logit rows with temperature, top-k, top-p and min-p (SPEC.md 8, kernels.h SampleArgs).
+
+One program per row, rows following the row contract of token_logprobs.py
+(``layout = (rows, inner, stride_outer, stride_inner)``). Per row:
+
+1. Temperature: ``temperature[row]``, or with ``adaptive``
+   ``T = t_min + (t_max - t_min) * clamp((H1 - h_low) / (h_high - h_low), 0, 1)`` from the
+   entropy H1 at temperature 1 (one extra statistics pass). ``T == 0`` is greedy: every draw is
+   the argmax of z (lower id on ties) with log-prob 0, and the raw log-prob and entropy are
+   taken at T = 1.
+2. One statistics pass over x = z / T: max, lse, entropy (online, as token_logprobs._row_stats),
+   plus the smallest finite x and the number of finite entries.
+3. Thresholds without sorting, by bisection on the order-preserving int32 key of x (the float's
+   bits with the magnitude flipped for negatives, -0.0 taken as +0.0; integer order is float
+   order). Each bisection step is one pass counting the entries with key >= mid and summing
+   their exp(x - max). The answer is always the key of an entry, so at most 32 steps, over
+   [key(min finite x), key(max x)]:
+     t_k: the largest key with count >= top_k (only if 0 < top_k < number of finite entries);
+     t_p: the largest key >= t_k with mass >= top_p * mass(t_k) (only if top_p < 1).
+   min-p then raises the threshold to max x + log(min_p) (if min_p > 0; never above max x).
+   The kept set is {j : key(x_j) >= threshold}: ties at a threshold are all kept. Its mass is
+   already known from the bisection unless min-p raised the threshold (then one more pass).
+4. Per draw s, one pass: argmax over kept j of x_j + G_j (Gumbel-max, ties to the lower id),
+   G_j = -log(-log u_j), u_j from the counter-based generator of row_math.h
+   (mix32 / rng_row_key / rng_bits / rng_uniform, uint32 wrap-around arithmetic), keyed by
+   (seed[row], s, j) only, so a row's draws do not depend on its batch position.
+
+Outputs: tokens[row, s] (int64), logprobs[row, s] = x_tok - lse(kept set),
+raw_logprobs[row, s] = x_tok - lse(all), entropy[row] of the unfiltered distribution at T.
+Rows with NaN or without a finite entry are the caller's to reject (kernels.h).
+"""
+
+import triton
+import triton.language as tl
+
+from ._launch import AotKernel, block_config
+from .token_logprobs import _exp, _row_ptr
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+INT32_MAX = tl.constexpr(2**31 - 1)
+# row_math.h constants: lowbias32 multipliers, the golden-ratio increment, 2^-24.
+MIX_MUL1 = tl.constexpr(0x7FEB352D)
+MIX_MUL2 = tl.constexpr(0x846CA68B)
+GOLDEN = tl.constexpr(0x9E3779B9)
+TWO_POW_M24 = tl.constexpr(5.9604644775390625e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based random numbers (row_math.h), all uint32 with wrap-around.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _mix32(h):
+    h ^= h >> 16
+    h *= MIX_MUL1
+    h ^= h >> 15
+    h *= MIX_MUL2
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _rng_row_key(seed, sample):
+    """rng_row_key(seed, sample): ``seed`` int64 (its uint64 bits), ``sample`` uint32."""
+    h = _mix32(seed.to(tl.uint32) ^ GOLDEN)  # int -> narrower int truncates: the low 32 bits
+    h = _mix32(h ^ (seed >> 32).to(tl.uint32))  # bits 32..63 whatever the shift fills in
+    return _mix32(h ^ sample)
+
+
+@triton.jit
+def _gumbel(row_key, j):
+    """G_j = -log(-log u_j), u_j = ((rng_bits(row_key, j) >> 8) + 0.5) * 2^-24 in (0, 1)."""
+    bits = _mix32(row_key + j.to(tl.uint32) * GOLDEN)
+    u = ((bits >> 8).to(tl.float32) + 0.5) * TWO_POW_M24
+    return -tl.log(-tl.log(u))
+
+
+# ---------------------------------------------------------------------------------------------
+# Row passes.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _scaled(z, temp):
+    """x = z / T in fp32 (IEEE division, as the contract's x = z / T)."""
+    return tl.math.div_rn(z.to(tl.float32), temp)
+
+
+@triton.jit
+def _key(x):
+    """int32 key with the order of x (-0.0 as +0.0); -inf below every finite x."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ INT32_MAX)
+
+
+@triton.jit
+def _key_value(key):
+    """The float whose _key is ``key``."""
+    bits = tl.where(key >= 0, key, key ^ INT32_MAX)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sample_stats(logits_row, vocab, temp, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """(max, log sum exp(x - max), entropy, sum exp(x - max), min finite x, #finite) of x = z / T.
+
+    Lane-wise online softmax over [LANES, VEC] chunks, as token_logprobs._row_stats.
+    """
+    LANES: tl.constexpr = BLOCK_V // VEC
+    cols = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    m = tl.full([LANES], -FLT_MAX, tl.float32)
+    s = tl.zeros([LANES], tl.float32)
+    dot = tl.zeros([LANES], tl.float32)
+    lo = tl.full([LANES], float("inf"), tl.float32)
+    n = tl.zeros([LANES], tl.int32)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
+        x = _scaled(z, temp)
+        finite = x > float("-inf")
+        lo = tl.minimum(lo, tl.min(tl.where(finite, x, float("inf")), axis=1))
+        n += tl.sum(finite.to(tl.int32), axis=1)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        shift = m - m_new  # <= 0
+        rescale = _exp(shift)
+        d = x - m_new[:, None]
+        e = _exp(d)
+        chunk_dot = tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)  # -inf entries add 0, not NaN
+        dot = (dot + s * shift) * rescale + chunk_dot
+        s = s * rescale + tl.sum(e, axis=1)
+        m = m_new
+
+    row_max = tl.max(m, axis=0)
+    lane_scale = _exp(m - row_max)
+    sum_exp = tl.sum(s * lane_scale, axis=0)
+    sum_dot = tl.sum((dot + s * (m - row_max)) * lane_scale, axis=0)
+    log_sum = tl.log(sum_exp)
+    entropy = log_sum - sum_dot / sum_exp
+    return row_max, log_sum, entropy, sum_exp, tl.min(lo, axis=0), tl.sum(n, axis=0)
+
+
+@triton.jit
+def _count_mass(logits_row, vocab, temp, row_max, key_ge, BLOCK_V: tl.constexpr):
+    """(#entries, sum exp(x - max)) over the entries with _key(x) >= key_ge (int32)."""
+    cols = tl.arange(0, BLOCK_V)
+    count = tl.zeros([BLOCK_V], tl.int32)
+    mass = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
+        x = _scaled(z, temp)
+        keep = _key(x) >= key_ge  # masked (-inf) entries never: key_ge >= key(min finite)
+        count += keep.to(tl.int32)
+        mass += tl.where(keep, _exp(x - row_max), 0.0)
+    return tl.sum(count, axis=0), tl.sum(mass, axis=0)
+
+
+@triton.jit
+def _bisect(logits_row, vocab, temp, row_max, lo, hi, lo_mass, need_count, need_mass,
+            BLOCK_V: tl.constexpr):
+    """Largest key in [lo, hi] (int64) where the predicate holds, assuming it holds at lo:
+    count >= need_count and mass >= need_mass (both monotone). Returns (key, its mass)."""
+    while lo < hi:
+        mid = lo + ((hi - lo + 1) >> 1)
+        count, mass = _count_mass(logits_row, vocab, temp, row_max, mid.to(tl.int32), BLOCK_V)
+        ok = (count >= need_count) & (mass >= need_mass)
+        lo = tl.where(ok, mid, lo)
+        lo_mass = tl.where(ok, mass, lo_mass)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo, lo_mass
+
+
+@triton.jit
+def _draw(logits_row, vocab, temp, thr_key, row_key, use_gumbel, BLOCK_V: tl.constexpr):
+    """argmax over j with _key(x_j) >= thr_key of x_j + G_j (G = 0 unless use_gumbel), lower
+    id on ties. Returns the id (int32)."""
+    cols = tl.arange(0, BLOCK_V)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_id = tl.zeros([BLOCK_V], tl.int32)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
+        x = _scaled(z, temp)
+        g = tl.where(use_gumbel, _gumbel(row_key, offs), 0.0)
+        score = tl.where(_key(x) >= thr_key, x + g, float("-inf"))
+        # Strictly greater: each lane sees increasing ids, so it keeps its first best.
+        better = score > best
+        best = tl.where(better, score, best)
+        best_id = tl.where(better, offs, best_id)
+    top = tl.max(best, axis=0)
+    # Lanes that never saw a kept entry hold -inf < top (the row has a finite kept entry).
+    return tl.min(tl.where(best == top, best_id, INT32_MAX), axis=0)
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,
+    tokens_ptr, logprobs_ptr, raw_logprobs_ptr, entropy_ptr,
+    inner, stride_outer, stride_inner, vocab, num_samples,
+    adaptive, t_min, t_max, h_low, h_high,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
+
+    temp = tl.load(temperature_ptr + row)
+    if adaptive != 0:
+        _, _, h1, _, _, _ = _sample_stats(logits_row, vocab, 1.0, BLOCK_V, VEC)
+        frac = tl.minimum(tl.maximum((h1 - h_low) / (h_high - h_low), 0.0), 1.0)
+        temp = t_min + (t_max - t_min) * frac
+    stochastic = temp != 0.0  # T == 0: greedy
+    temp = tl.where(stochastic, temp, 1.0)
+
+    row_max, log_sum, entropy, sum_exp, x_min, n_finite = _sample_stats(
+        logits_row, vocab, temp, BLOCK_V, VEC)
+    tl.store(entropy_ptr + row, entropy)
+
+    top_k = tl.load(top_k_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    min_p = tl.load(min_p_ptr + row)
+    key_min = _key(x_min).to(tl.int64)
+    key_max = _key(row_max).to(tl.int64)
+
+    # Top-k: the largest key with count{key >= t} >= top_k. top_k >= #finite keeps every
+    # finite entry, the same set as threshold -inf (-inf entries never win a draw).
+    k_active = (top_k > 0) & (top_k < n_finite) & stochastic
+    lo = key_min
+    lo, kept_mass = _bisect(logits_row, vocab, temp, row_max, lo, tl.where(k_active, key_max, lo),
+                            sum_exp, top_k, 0.0, BLOCK_V)
+    # Top-p over the top-k survivors: the largest key >= t_k with mass >= top_p * mass(t_k).
+    p_active = (top_p < 1.0) & stochastic
+    lo, kept_mass = _bisect(logits_row, vocab, temp, row_max, lo, tl.where(p_active, key_max, lo),
+                            kept_mass, 0, top_p * kept_mass, BLOCK_V)
+    thr_key = lo.to(tl.int32)
+    # Min-p from the max, never above the max (so the kept set is never empty).
+    if (min_p > 0.0) & stochastic:
+        minp_key = tl.minimum(_key(row_max + tl.log(min_p)), key_max.to(tl.int32))
+        if minp_key > thr_key:
+            thr_key = minp_key
+            _, kept_mass = _count_mass(logits_row, vocab, temp, row_max, thr_key, BLOCK_V)
+    log_kept = tl.log(kept_mass)
+
+    seed = tl.load(seed_ptr + row)
+    out = row * num_samples
+    token = tl.zeros([], tl.int32)
+    logp = tl.zeros([], tl.float32)
+    raw_logp = tl.zeros([], tl.float32)
+    for s in range(0, num_samples):
+        # Greedy rows draw once and repeat it.
+        if (s == 0) | stochastic:
+            row_key = _rng_row_key(seed, tl.cast(s, tl.uint32))
+            token = _draw(logits_row, vocab, temp, thr_key, row_key, stochastic, BLOCK_V)
+            x_tok = _scaled(tl.load(logits_row + token), temp)
+            logp = tl.where(stochastic, (x_tok - row_max) - log_kept, 0.0)
+            raw_logp = (x_tok - row_max) - log_sum
+        tl.store(tokens_ptr + out + s, token.to(tl.int64))
+        tl.store(logprobs_ptr + out + s, logp)
+        tl.store(raw_logprobs_ptr + out + s, raw_logp)
+
+
+def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_samples, adaptive,
+           t_min, t_max, h_low, h_high, tokens, logprobs, raw_logprobs, entropy, *, block_v=None):
+    """Draws ``num_samples`` tokens per row (kernels.h SampleArgs).
+
+    ``logits`` is only the base pointer, rows described by ``layout``. Per row (contiguous):
+    ``temperature``, ``top_p``, ``min_p`` fp32, ``top_k`` int32, ``seed`` int64 (its uint64
+    bits). ``adaptive`` (bool) replaces the temperature by the entropy map over
+    ``t_min, t_max, h_low, h_high``. Writes ``tokens`` int64 and ``logprobs``, ``raw_logprobs``
+    fp32 (contiguous [rows, num_samples]) and ``entropy`` fp32 [rows]. ``block_v`` overrides the
+    vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab.
+    """
+    rows, inner, stride_outer, stride_inner = layout
+    if rows == 0:
+        return
+    block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
+    _sample_kernel[(rows,)](
+        logits, temperature, top_k, top_p, min_p, seed,
+        tokens, logprobs, raw_logprobs, entropy,
+        inner, stride_outer, stride_inner, vocab, int(num_samples),
+        int(bool(adaptive)), float(t_min), float(t_max), float(h_low), float(h_high),
+        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), num_warps=num_warps,
+    )
+
+
+def _aot_kernels():
+    sig = {
+        "logits_ptr": "*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i32",
+        "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64",
+        "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "raw_logprobs_ptr": "*fp32",
+        "entropy_ptr": "*fp32",
+        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
+        "num_samples": "i32", "adaptive": "i32",
+        "t_min": "fp32", "t_max": "fp32", "h_low": "fp32", "h_high": "fp32",
+        "BLOCK_V": "constexpr", "VEC": "constexpr",
+    }
+    # As in token_logprobs: pointers, strides and vocab usually multiples of 16.
+    aligned = tuple(k for k, v in sig.items() if v.startswith("*")) + (
+        "stride_outer", "stride_inner", "vocab")
+    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
+    block, num_warps = block_config(151936, on_gpu=True)
+    entries = []
+    for dtype, is_aligned in (("bf16", True), ("fp16", True), ("fp32", True), ("bf16", False)):
+        tag = dtype if is_aligned else f"{dtype},unaligned"
+        entries.append(AotKernel(
+            name=f"sample[{tag}]", fn=_sample_kernel,
+            signature={name: t.format(dtype=dtype) for name, t in sig.items()},
+            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype]},
+            num_warps=num_warps, aligned=aligned if is_aligned else ()))
+    return entries
+
+
+# Specialisations compiled by aot.py: the launcher's GPU configuration for large vocabularies.
+AOT_KERNELS = _aot_kernels()
