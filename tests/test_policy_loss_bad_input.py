@@ -108,9 +108,15 @@ def test_config_of_wrong_type(batch):
         rlfuse.policy_loss(**batch, config={"loss": "ppo"})
 
 
-def test_troll_is_not_available_yet(batch):
-    with pytest.raises(NotImplementedError, match="troll"):
-        rlfuse.policy_loss(**batch, config=LossConfig(loss="troll"))
+def test_troll_needs_old_topk(batch):
+    with pytest.raises(ValueError, match="old_topk is required"):
+        rlfuse.policy_loss(**batch, config=LossConfig.troll())
+
+
+def test_old_topk_only_with_troll(batch):
+    old_topk = rlfuse.sparse_logprobs(batch["logits"], batch["tokens"], k=4)
+    with pytest.raises(ValueError, match="old_topk is only used"):
+        rlfuse.policy_loss(**batch, old_topk=old_topk)
 
 
 def test_token_ids_out_of_range(batch):

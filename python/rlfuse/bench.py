@@ -169,6 +169,29 @@ def _torch_contenders(args: argparse.Namespace, device: torch.device, fn: Callab
     return contenders
 
 
+def _rlfuse_contender(backend: str, call: Callable[[dict, str], list], label: str = "") -> Contender:
+    """rlfuse on ``backend``: ``call(tensors, backend)`` returns the outputs to backpropagate from."""
+    name = f"rlfuse {backend} {label}".rstrip()
+    return Contender(name, lambda dtype: (lambda inp: call(inp.tensors, backend)), is_rlfuse=True,
+                     slow_first_call=backend == "triton", first_call_hint="Triton JIT")
+
+
+def _logits_case(op: str, title: str, args: argparse.Namespace, make_inputs: Callable[[torch.dtype], Inputs],
+                 contenders: list[Contender], traffic: dict[str, int], notes: list[str],
+                 baseline: str = "torch eager") -> Case:
+    """A case over [N, V] logits: memory is reported in units of the logits, and ``traffic`` gives the
+    minimum bytes moved per phase as multiples of the logits' size."""
+    n, v = args.tokens, args.vocab
+
+    def unit_bytes(dtype: torch.dtype) -> int:
+        return n * v * dtype.itemsize
+
+    return Case(op=op, title=f"{title}, N={n} V={v}", shape={"tokens": n, "vocab": v}, make_inputs=make_inputs,
+                contenders=contenders, unit_name="logits", unit_bytes=unit_bytes,
+                bytes_moved=lambda dtype: {phase: k * unit_bytes(dtype) for phase, k in traffic.items()},
+                baseline=baseline, notes=notes)
+
+
 @register_case("token_logprobs")
 def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case:
     import rlfuse
@@ -187,39 +210,14 @@ def _token_logprobs_case(args: argparse.Namespace, device: torch.device) -> Case
         g_entropy = torch.randn(n, generator=gen, device=device)
         return Inputs({"logits": logits, "tokens": tokens}, [logits], [g_logp, g_entropy])
 
-    def rlfuse_contender(backend: str) -> Contender:
-        def make(dtype: torch.dtype) -> Forward:
-            def forward(inp: Inputs):
-                t = inp.tensors
-                return rlfuse.token_logprobs(t["logits"], t["tokens"], return_entropy=True,
-                                             backend=backend)
-            return forward
+    def call(t: dict, backend: str):
+        return rlfuse.token_logprobs(t["logits"], t["tokens"], return_entropy=True, backend=backend)
 
-        return Contender(f"rlfuse {backend}", make, is_rlfuse=True,
-                         slow_first_call=backend == "triton", first_call_hint="Triton JIT")
-
-    contenders = [rlfuse_contender(b) for b in backends]
+    contenders = [_rlfuse_contender(b, call) for b in backends]
     contenders += _torch_contenders(args, device, token_logprobs_reference, ("logits", "tokens"))
-
-    def unit_bytes(dtype: torch.dtype) -> int:
-        return n * v * dtype.itemsize
-
-    def bytes_moved(dtype: torch.dtype) -> dict[str, int]:
-        # fwd reads the logits once; bwd reads them again and writes a gradient of the same dtype.
-        size = unit_bytes(dtype)
-        return {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size}
-
-    return Case(
-        op="token_logprobs",
-        title=f"token_logprobs + entropy, N={n} V={v}",
-        shape={"tokens": n, "vocab": v},
-        make_inputs=make_inputs,
-        contenders=contenders,
-        unit_name="logits",
-        unit_bytes=unit_bytes,
-        bytes_moved=bytes_moved,
-        notes=notes,
-    )
+    # fwd reads the logits once; bwd reads them again and writes a gradient of the same dtype.
+    return _logits_case("token_logprobs", "token_logprobs + entropy", args, make_inputs, contenders,
+                        {"fwd": 1, "bwd": 2, "fwd+bwd": 3}, notes)
 
 
 @register_case("policy_loss")
@@ -251,17 +249,12 @@ def _policy_loss_case(args: argparse.Namespace, device: torch.device) -> Case:
                    "cu_seqlens": cu_seqlens}
         return Inputs(tensors, [logits], [torch.ones((), device=device)])
 
-    def rlfuse_contender(backend: str, config, label: str) -> Contender:
-        def make(dtype: torch.dtype) -> Forward:
-            def forward(inp: Inputs):
-                t = inp.tensors
-                out = rlfuse.policy_loss(t["logits"], t["tokens"], t["advantages"], old_logprobs=t["old"],
-                                         mask=t["mask"], cu_seqlens=t["cu_seqlens"], config=config, backend=backend)
-                return [out.loss]
-            return forward
-
-        return Contender(f"rlfuse {backend} {label}", make, is_rlfuse=True,
-                         slow_first_call=backend == "triton", first_call_hint="Triton JIT")
+    def loss_with(config):
+        def call(t: dict, backend: str):
+            return [rlfuse.policy_loss(t["logits"], t["tokens"], t["advantages"], old_logprobs=t["old"],
+                                       mask=t["mask"], cu_seqlens=t["cu_seqlens"], config=config,
+                                       backend=backend).loss]
+        return call
 
     def eager_dapo(logits, tokens, advantages, old, mask):
         # What a trainer writes by hand: log-softmax, gather, clipped ratio, token mean.
@@ -271,31 +264,14 @@ def _policy_loss_case(args: argparse.Namespace, device: torch.device) -> Case:
         losses = torch.maximum(-advantages * ratio, -advantages * clipped)
         return (losses * mask).sum() / mask.sum().clamp(min=1)
 
-    contenders = [rlfuse_contender(b, dapo, "dapo") for b in backends]
-    contenders += [rlfuse_contender(b, gspo, "gspo") for b in backends]
+    contenders = [_rlfuse_contender(b, loss_with(dapo), "dapo") for b in backends]
+    contenders += [_rlfuse_contender(b, loss_with(gspo), "gspo") for b in backends]
     contenders += _torch_contenders(args, device, eager_dapo, ("logits", "tokens", "advantages", "old", "mask"),
                                     wrap=lambda loss: [loss])
-
-    def unit_bytes(dtype: torch.dtype) -> int:
-        return n * v * dtype.itemsize
-
-    def bytes_moved(dtype: torch.dtype) -> dict[str, int]:
-        # The floor of a fused loss: read the logits once, write the gradient once (DESIGN.md's 4 B/elem
-        # for bf16). The forward already does both; the backward moves nothing when grad_output is 1.
-        size = unit_bytes(dtype)
-        return {"fwd": 2 * size, "fwd+bwd": 2 * size}
-
-    return Case(
-        op="policy_loss",
-        title=f"policy_loss (dapo fused, gspo general), N={n} V={v}",
-        shape={"tokens": n, "vocab": v},
-        make_inputs=make_inputs,
-        contenders=contenders,
-        unit_name="logits",
-        unit_bytes=unit_bytes,
-        bytes_moved=bytes_moved,
-        notes=notes,
-    )
+    # The floor of a fused loss: read the logits once, write the gradient once (DESIGN.md's 4 B/elem
+    # for bf16). The forward already does both; the backward moves nothing when grad_output is 1.
+    return _logits_case("policy_loss", "policy_loss (dapo fused, gspo general)", args, make_inputs, contenders,
+                        {"fwd": 2, "fwd+bwd": 2}, notes)
 
 
 @register_case("kl")
@@ -315,36 +291,15 @@ def _kl_case(args: argparse.Namespace, device: torch.device) -> Case:
         upstream = torch.randn(n, generator=gen, device=device)
         return Inputs({"logits": logits, "other": other}, [logits, other], [upstream])
 
-    def rlfuse_contender(backend: str) -> Contender:
-        def make(dtype: torch.dtype) -> Forward:
-            return lambda inp: [rlfuse.kl_divergence(inp.tensors["logits"], inp.tensors["other"], backend=backend)]
+    def call(t: dict, backend: str):
+        return [rlfuse.kl_divergence(t["logits"], t["other"], backend=backend)]
 
-        return Contender(f"rlfuse {backend}", make, is_rlfuse=True, slow_first_call=backend == "triton",
-                         first_call_hint="Triton JIT")
-
-    contenders = [rlfuse_contender(b) for b in backends]
+    contenders = [_rlfuse_contender(b, call) for b in backends]
     contenders += _torch_contenders(args, device, kl_divergence_reference, ("logits", "other"),
                                     wrap=lambda kl: [kl])
-
-    def unit_bytes(dtype: torch.dtype) -> int:
-        return n * v * dtype.itemsize
-
-    def bytes_moved(dtype: torch.dtype) -> dict[str, int]:
-        # Forward reads both inputs; backward reads both again and writes both gradients.
-        size = unit_bytes(dtype)
-        return {"fwd": 2 * size, "bwd": 4 * size, "fwd+bwd": 6 * size}
-
-    return Case(
-        op="kl",
-        title=f"kl_divergence (forward, both gradients), N={n} V={v}",
-        shape={"tokens": n, "vocab": v},
-        make_inputs=make_inputs,
-        contenders=contenders,
-        unit_name="logits",
-        unit_bytes=unit_bytes,
-        bytes_moved=bytes_moved,
-        notes=notes,
-    )
+    # Forward reads both inputs; backward reads both again and writes both gradients.
+    return _logits_case("kl", "kl_divergence (forward, both gradients)", args, make_inputs, contenders,
+                        {"fwd": 2, "bwd": 4, "fwd+bwd": 6}, notes)
 
 
 @register_case("troll")
@@ -371,40 +326,22 @@ def _troll_case(args: argparse.Namespace, device: torch.device) -> Case:
                                                                                            device=device)}
         return Inputs(dict(tensors, old_topk=old_topk), [logits], [torch.ones((), device=device)])
 
-    def contender(backend: str, config, label: str) -> Contender:
-        def make(dtype: torch.dtype) -> Forward:
-            def forward(inp: Inputs):
-                t = inp.tensors
-                old_topk = t["old_topk"] if config.loss == "troll" else None
-                return [rlfuse.policy_loss(t["logits"], t["tokens"], t["advantages"], old_logprobs=t["old"],
-                                           old_topk=old_topk, config=config, backend=backend).loss]
-            return forward
-
-        return Contender(f"rlfuse {backend} {label}", make, is_rlfuse=True, slow_first_call=backend == "triton",
-                         first_call_hint="Triton JIT")
+    def loss_with(config):
+        def call(t: dict, backend: str):
+            old_topk = t["old_topk"] if config.loss == "troll" else None
+            return [rlfuse.policy_loss(t["logits"], t["tokens"], t["advantages"], old_logprobs=t["old"],
+                                       old_topk=old_topk, config=config, backend=backend).loss]
+        return call
 
     contenders = []
     for backend in backends:
-        contenders += [contender(backend, troll, "troll"), contender(backend, dapo, "dapo")]
+        contenders += [_rlfuse_contender(backend, loss_with(troll), "troll"),
+                       _rlfuse_contender(backend, loss_with(dapo), "dapo")]
     baseline = f"rlfuse {backends[0]} dapo" if backends else "torch eager"
     if not backends:
         notes.append("no rlfuse kernel backend available: nothing to compare")
-
-    def unit_bytes(dtype: torch.dtype) -> int:
-        return n * v * dtype.itemsize
-
-    return Case(
-        op="troll",
-        title=f"policy_loss troll (K=64) vs fused dapo, N={n} V={v}",
-        shape={"tokens": n, "vocab": v},
-        make_inputs=make_inputs,
-        contenders=contenders,
-        unit_name="logits",
-        unit_bytes=unit_bytes,
-        bytes_moved=lambda dtype: {"fwd+bwd": 2 * unit_bytes(dtype)},
-        baseline=baseline,
-        notes=notes,
-    )
+    return _logits_case("troll", "policy_loss troll (K=64) vs fused dapo", args, make_inputs, contenders,
+                        {"fwd+bwd": 2}, notes, baseline=baseline)
 
 
 @register_case("sample")
@@ -422,16 +359,10 @@ def _sample_case(args: argparse.Namespace, device: torch.device) -> Case:
         logits = torch.randn(n, v, generator=gen, device=device, dtype=dtype).mul_(LOGIT_STD)
         return Inputs({"logits": logits}, [], [])
 
-    def rlfuse_contender(backend: str) -> Contender:
-        def make(dtype: torch.dtype) -> Forward:
-            def forward(inp: Inputs):
-                out = rlfuse.sample(inp.tensors["logits"], temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=0, backend=backend)
-                return [out.tokens, out.logprobs]
-            return forward
-
-        return Contender(f"rlfuse {backend}", make, is_rlfuse=True, slow_first_call=backend == "triton",
-                         first_call_hint="Triton JIT")
+    def call(t: dict, backend: str):
+        out = rlfuse.sample(t["logits"], temperature=temperature, top_k=top_k, top_p=top_p, seed=0,
+                            backend=backend)
+        return [out.tokens, out.logprobs]
 
     def torch_sort_sampler(logits):
         # The usual PyTorch sampler (HF / vLLM style): full sort, cumulative softmax, multinomial.
@@ -446,24 +377,10 @@ def _sample_case(args: argparse.Namespace, device: torch.device) -> Case:
         logprobs = torch.log_softmax(values, -1).gather(-1, choice).squeeze(-1)
         return [tokens, logprobs]
 
-    contenders = [rlfuse_contender(b) for b in backends]
+    contenders = [_rlfuse_contender(b, call) for b in backends]
     contenders += _torch_contenders(args, device, torch_sort_sampler, ("logits",))
-
-    def unit_bytes(dtype: torch.dtype) -> int:
-        return n * v * dtype.itemsize
-
-    return Case(
-        op="sample",
-        title=f"sample (top-k {top_k}, top-p {top_p}) with log-probs, B={n} V={v}",
-        shape={"tokens": n, "vocab": v},
-        make_inputs=make_inputs,
-        contenders=contenders,
-        unit_name="logits",
-        unit_bytes=unit_bytes,
-        bytes_moved=lambda dtype: {"fwd": unit_bytes(dtype), "fwd+bwd": unit_bytes(dtype)},
-        baseline="torch eager",
-        notes=notes,
-    )
+    return _logits_case("sample", f"sample (top-k {top_k}, top-p {top_p}) with log-probs", args, make_inputs,
+                        contenders, {"fwd": 1, "fwd+bwd": 1}, notes)
 
 
 # --------------------------------------------------------------------------------------------------

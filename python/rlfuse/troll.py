@@ -23,8 +23,8 @@ from .backends import resolve_backend
 from .ops.row_topk import row_topk
 
 LOG_FLOOR = math.log(1e-12)  # old log-prob of support tokens the old policy did not keep
-ETA_RANGE = (1e-7, 1e2)
-BISECTION_STEPS = 64  # on log(eta), in float64: far below 1e-7 relative error in the KL
+NEWTON_MAX_STEPS = 64  # a safeguarded step never does worse than bisection; typically < 10 are needed
+NEWTON_TOLERANCE = 1e-10  # relative error in KL(q || b) = eps (float64)
 
 
 @dataclass(frozen=True)
@@ -99,22 +99,40 @@ def kl_on_support(log_a: Tensor, log_b: Tensor, valid: Tensor) -> Tensor:
 
 
 def _project(a: Tensor, b: Tensor, valid: Tensor, eta: Tensor) -> Tensor:
-    mixed = (a + eta.unsqueeze(-1) * b) / (1.0 + eta.unsqueeze(-1))
-    return _masked_log_softmax(mixed, valid)
+    return _project_s(a, b, valid, 1.0 / (1.0 + eta))
+
+
+def _project_s(a: Tensor, b: Tensor, valid: Tensor, s: Tensor) -> Tensor:
+    """log q for s = 1 / (1 + eta): log_softmax(s a + (1 - s) b) = log_softmax((a + eta b) / (1 + eta))."""
+    return _masked_log_softmax(b + s.unsqueeze(-1) * (a - b), valid)
 
 
 def solve_eta(a: Tensor, b: Tensor, valid: Tensor, eps: float) -> Tensor:
-    """eta per row: 0 where KL(a || b) <= eps, else the root of KL(q_eta || b) = eps found by
-    bisection on log(eta) in [1e-7, 1e2] (KL(q_eta || b) decreases in eta)."""
+    """eta per row: 0 where KL(a || b) <= eps, else the root of KL(q_eta || b) = eps.
+
+    Safeguarded Newton in s = 1 / (1 + eta) in (0, 1]: with d = a - b, KL(s) = s E_q[d] - log E_b[e^(s d)]
+    increases from 0 at s = 0 to KL(a || b) at s = 1 with slope s Var_q(d), so [0, 1] brackets the root;
+    a Newton step that leaves the current bracket is replaced by bisection. Converges quadratically
+    (a handful of steps to float64 precision instead of ~50 bisection passes)."""
+    d = torch.where(valid, a - b, 0.0)
     active = kl_on_support(a, b, valid) > eps
-    low = torch.full_like(a[..., 0], math.log(ETA_RANGE[0]))
-    high = torch.full_like(low, math.log(ETA_RANGE[1]))
-    for _ in range(BISECTION_STEPS):
-        mid = 0.5 * (low + high)
-        too_far = kl_on_support(_project(a, b, valid, mid.exp()), b, valid) > eps
-        low = torch.where(too_far, mid, low)
-        high = torch.where(too_far, high, mid)
-    return torch.where(active, (0.5 * (low + high)).exp(), torch.zeros_like(low))
+    s_low = torch.zeros_like(a[..., 0])  # KL(s_low) <= eps
+    s_high = torch.ones_like(s_low)  # KL(s_high) > eps on active rows
+    s = s_high.clone()
+    for step in range(NEWTON_MAX_STEPS):
+        log_q = _project_s(a, b, valid, s)
+        q = torch.where(valid, log_q.exp(), 0.0)
+        mean = (q * d).sum(-1)
+        variance = (q * (d - mean.unsqueeze(-1)) ** 2).sum(-1)
+        residual = torch.where(valid, q * (log_q - b), 0.0).sum(-1) - eps
+        s_low = torch.where(residual <= 0, s, s_low)
+        s_high = torch.where(residual > 0, s, s_high)
+        newton = s - residual / (s * variance).clamp(min=1e-300)
+        inside = (newton >= s_low) & (newton <= s_high)  # inclusive: a converged row stays put
+        s = torch.where(active, torch.where(inside, newton, 0.5 * (s_low + s_high)), s)
+        if step % 4 == 3 and not bool(((residual.abs() > NEWTON_TOLERANCE * eps) & active).any()):
+            break
+    return torch.where(active, 1.0 / s - 1.0, torch.zeros_like(s))
 
 
 class TrollProjection(torch.autograd.Function):
