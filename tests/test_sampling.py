@@ -8,11 +8,15 @@ import pytest
 import torch
 
 import rlfuse
+from rlfuse._layout import as_rows
+from rlfuse.ops._launch import kernels
 from rlfuse.reference.sampling import kept_mask
 from conftest import kernel_backends
 
 BACKENDS = kernel_backends("cpu")
 DRAWS = 100_000
+requires_cpu_and_triton = pytest.mark.skipif(
+    not {"cpu", "triton"} <= set(BACKENDS), reason="needs the CPU kernels and Triton (interpreter)")
 
 MODES = {
     "temperature": dict(temperature=0.7),
@@ -131,6 +135,97 @@ def test_minus_inf_entries_never_drawn(backend, generator):
     logits[:, ::3] = float("-inf")
     out = rlfuse.sample(logits, seed=2, num_samples=500, top_p=0.99, backend=backend)
     assert torch.all(out.tokens % 3 != 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_or_empty_rows_raise(backend):
+    for bad in ([[0.0, float("nan")], [1.0, 2.0]], [[0.0, 1.0], [float("-inf"), float("-inf")]]):
+        with pytest.raises(ValueError, match="contain NaN or have no finite entry"):
+            rlfuse.sample(torch.tensor(bad), seed=0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows_match_contiguous(backend, generator):
+    """A [3, 4, V] view with permuted leading dims (row layout without a copy) draws as its copy."""
+    base = torch.randn(3, 2, 40, generator=generator) * 2
+    view = base.transpose(0, 1)
+    seeds = torch.arange(6) * 7 + 1
+    kwargs = dict(top_k=torch.tensor([0, 5, 0, 0, 60, 0]), seed=seeds, num_samples=3, backend=backend)
+    out = rlfuse.sample(view, **kwargs)
+    ref = rlfuse.sample(view.contiguous(), **kwargs)
+    assert out.tokens.shape == (2, 3, 3)
+    assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.entropy, ref.entropy)
+
+
+# Triton against the CPU kernel, at the kernel level (launch overrides exercise multi-chunk rows
+# and partial draw blocks). Same counter-based random numbers and thresholds: equal tokens except
+# at float near-ties, which these seeded inputs do not have.
+def _kernel_draws(backend, logits, temperature, top_k, top_p, min_p, seeds, num_samples, adaptive=None,
+                  **overrides):
+    rows_view, layout = as_rows(logits)
+    rows, vocab = layout[0], logits.shape[-1]
+    tokens = torch.empty(rows, num_samples, dtype=torch.int64)
+    logprobs = torch.empty(rows, num_samples)
+    raw = torch.empty(rows, num_samples)
+    entropy = torch.empty(rows)
+    kernels(backend, "sample").sample(
+        rows_view, layout, vocab, temperature.float(), top_k.int(), top_p.float(), min_p.float(), seeds, num_samples,
+        adaptive is not None, *(adaptive or (0.0, 0.0, 0.0, 0.0)), tokens, logprobs, raw, entropy, **overrides)
+    return tokens, logprobs, raw, entropy
+
+
+def _mixed_rows(generator, dtype, vocab=200):
+    logits = torch.randn(8, vocab, generator=generator) * 2.5
+    logits[2, ::5] = float("-inf")
+    logits[4, 100:] = float("-inf")  # top_k 150 > #finite entries: every finite one kept
+    logits[3, 17] = logits[3, 60] = logits[3].max() + 1  # greedy tie: the lower id
+    params = dict(
+        temperature=torch.tensor([1.0, 0.7, 1.3, 0.0, 1.0, 0.9, 1.1, 0.8]),
+        top_k=torch.tensor([0, 5, 0, 3, 150, 20, 1, 0]),
+        top_p=torch.tensor([1.0, 1.0, 0.8, 0.5, 0.9, 0.95, 1.0, 1e-6]),
+        min_p=torch.tensor([0.0, 0.0, 0.0, 0.1, 0.05, 0.02, 0.0, 0.3]),
+        seeds=torch.arange(8, dtype=torch.int64) * 1_000_003 - 4,  # negative seeds too
+    )
+    return logits.to(dtype), params
+
+
+def _assert_same_draws(ours, ref):
+    assert torch.equal(ours[0], ref[0])
+    for a, b in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@requires_cpu_and_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_tokens_equal_cpu_tokens(dtype, generator):
+    logits, params = _mixed_rows(generator, dtype)
+    ref = _kernel_draws("cpu", logits, num_samples=5, **params)
+    assert torch.equal(ref[0][3], torch.full((5,), 17))
+    _assert_same_draws(_kernel_draws("triton", logits, num_samples=5, **params), ref)
+
+
+@requires_cpu_and_triton
+@pytest.mark.parametrize("block_v, s_block", [(64, 1), (64, 4)])
+def test_triton_launch_configs_equal_cpu(block_v, s_block, generator):
+    """Multi-chunk rows (V = 200 over 64-wide chunks), one draw per pass (the GPU path for large
+    vocabularies) and a partial last draw block (5 draws, 4 per pass)."""
+    logits, params = _mixed_rows(generator, torch.float32)
+    ref = _kernel_draws("cpu", logits, num_samples=5, **params)
+    _assert_same_draws(_kernel_draws("triton", logits, num_samples=5, block_v=block_v, s_block=s_block, **params),
+                       ref)
+
+
+@requires_cpu_and_triton
+@pytest.mark.parametrize("adaptive", [(0.5, 1.5, 1.0, 2.5), (0.0, 2.0, 3.0, 3.0)])
+def test_triton_adaptive_temperature_equals_cpu(adaptive, generator):
+    """Including h_low == h_high (a step at h_high) and t_min = 0 (greedy below it)."""
+    logits = torch.randn(6, 50, generator=generator) * torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0, 8.0])[:, None]
+    zeros = torch.zeros(6)
+    params = dict(temperature=torch.ones(6), top_k=torch.zeros(6, dtype=torch.int32), top_p=torch.ones(6),
+                  min_p=zeros, seeds=torch.arange(6, dtype=torch.int64) + 9, adaptive=adaptive)
+    ref = _kernel_draws("cpu", logits, num_samples=4, **params)
+    _assert_same_draws(_kernel_draws("triton", logits, num_samples=4, **params), ref)
 
 
 def test_bad_input():

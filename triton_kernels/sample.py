@@ -8,8 +8,9 @@ One program per row, rows following the row contract of token_logprobs.py
    entropy H1 at temperature 1 (one extra statistics pass). ``T == 0`` is greedy: every draw is
    the argmax of z (lower id on ties) with log-prob 0, and the raw log-prob and entropy are
    taken at T = 1.
-2. One statistics pass over x = z / T: max, lse, entropy (online, as token_logprobs._row_stats),
-   plus the smallest finite x and the number of finite entries.
+2. One statistics pass over x = z * (1 / T) (1 / T rounded once per row, as inv_temp elsewhere):
+   max, lse, entropy (online, as token_logprobs._row_stats), plus the smallest finite x and the
+   number of finite entries.
 3. Thresholds without sorting, by bisection on the order-preserving int32 key of x (the float's
    bits with the magnitude flipped for negatives, -0.0 taken as +0.0; integer order is float
    order). Each bisection step is one pass counting the entries with key >= mid and summing
@@ -20,10 +21,21 @@ One program per row, rows following the row contract of token_logprobs.py
    min-p then raises the threshold to max x + log(min_p) (if min_p > 0; never above max x).
    The kept set is {j : key(x_j) >= threshold}: ties at a threshold are all kept. Its mass is
    already known from the bisection unless min-p raised the threshold (then one more pass).
-4. Per draw s, one pass: argmax over kept j of x_j + G_j (Gumbel-max, ties to the lower id),
+4. Draws: argmax over kept j of x_j + G_j (Gumbel-max, ties to the lower id),
    G_j = -log(-log u_j), u_j from the counter-based generator of row_math.h
    (mix32 / rng_row_key / rng_bits / rng_uniform, uint32 wrap-around arithmetic), keyed by
-   (seed[row], s, j) only, so a row's draws do not depend on its batch position.
+   (seed[row], s, j) only, so a row's draws do not depend on its batch position. S_BLOCK draws
+   share one pass over the row ([S_BLOCK, BLOCK_V] score tiles): 1 on GPU for large
+   vocabularies (a 1-D chunk, the row_topk/token_logprobs register budget), more for small rows
+   and in the interpreter. Greedy rows draw once and repeat the token.
+
+The same random bits and thresholds as the CPU kernel (csrc/cpu/sample_rows.cpp, which races
+exp(x_j - max) / -log u_j instead: the same argmax up to float rounding at near-ties).
+
+Interpreter: every call of a @triton.jit helper costs about a millisecond under
+TRITON_INTERPRET=1 (the interpreter re-patches triton.language per call), so the loop bodies
+(statistics, bisection steps, draws) inline _scaled / _key / _exp / _gumbel instead of calling
+them; the generated GPU code is the same.
 
 Outputs: tokens[row, s] (int64), logprobs[row, s] = x_tok - lse(kept set),
 raw_logprobs[row, s] = x_tok - lse(all), entropy[row] of the unfiltered distribution at T.
@@ -34,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._launch import AotKernel, block_config
-from .token_logprobs import _exp, _row_ptr
+from .token_logprobs import LOG2E, _row_ptr
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -78,9 +90,10 @@ def _gumbel(row_key, j):
 # Row passes.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _scaled(z, temp):
-    """x = z / T in fp32 (IEEE division, as the contract's x = z / T)."""
-    return tl.math.div_rn(z.to(tl.float32), temp)
+def _scaled(z, inv_temp):
+    """x = z * (1 / T) in fp32, 1 / T rounded once per row (a division per element would cost
+    twice the registers and spill)."""
+    return z.to(tl.float32) * inv_temp
 
 
 @triton.jit
@@ -98,8 +111,8 @@ def _key_value(key):
 
 
 @triton.jit
-def _sample_stats(logits_row, vocab, temp, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """(max, log sum exp(x - max), entropy, sum exp(x - max), min finite x, #finite) of x = z / T.
+def _sample_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """(max, log sum exp(x - max), entropy, sum exp(x - max), min finite x, #finite) of x.
 
     Lane-wise online softmax over [LANES, VEC] chunks, as token_logprobs._row_stats.
     """
@@ -113,22 +126,22 @@ def _sample_stats(logits_row, vocab, temp, BLOCK_V: tl.constexpr, VEC: tl.conste
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
         z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-        x = _scaled(z, temp)
+        x = z.to(tl.float32) * inv_temp  # _scaled, inline (see "Interpreter" above)
         finite = x > float("-inf")
         lo = tl.minimum(lo, tl.min(tl.where(finite, x, float("inf")), axis=1))
         n += tl.sum(finite.to(tl.int32), axis=1)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         shift = m - m_new  # <= 0
-        rescale = _exp(shift)
+        rescale = tl.exp2(shift * LOG2E)
         d = x - m_new[:, None]
-        e = _exp(d)
+        e = tl.exp2(d * LOG2E)
         chunk_dot = tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)  # -inf entries add 0, not NaN
         dot = (dot + s * shift) * rescale + chunk_dot
         s = s * rescale + tl.sum(e, axis=1)
         m = m_new
 
     row_max = tl.max(m, axis=0)
-    lane_scale = _exp(m - row_max)
+    lane_scale = tl.exp2((m - row_max) * LOG2E)
     sum_exp = tl.sum(s * lane_scale, axis=0)
     sum_dot = tl.sum((dot + s * (m - row_max)) * lane_scale, axis=0)
     log_sum = tl.log(sum_exp)
@@ -137,7 +150,7 @@ def _sample_stats(logits_row, vocab, temp, BLOCK_V: tl.constexpr, VEC: tl.conste
 
 
 @triton.jit
-def _count_mass(logits_row, vocab, temp, row_max, key_ge, BLOCK_V: tl.constexpr):
+def _count_mass(logits_row, vocab, inv_temp, row_max, key_ge, BLOCK_V: tl.constexpr):
     """(#entries, sum exp(x - max)) over the entries with _key(x) >= key_ge (int32)."""
     cols = tl.arange(0, BLOCK_V)
     count = tl.zeros([BLOCK_V], tl.int32)
@@ -145,21 +158,37 @@ def _count_mass(logits_row, vocab, temp, row_max, key_ge, BLOCK_V: tl.constexpr)
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
         z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-        x = _scaled(z, temp)
-        keep = _key(x) >= key_ge  # masked (-inf) entries never: key_ge >= key(min finite)
+        x = z.to(tl.float32) * inv_temp
+        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+        keep = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= key_ge  # _key(x) >= key_ge
+        # Masked (-inf) entries are never kept: key_ge >= key(min finite x).
         count += keep.to(tl.int32)
-        mass += tl.where(keep, _exp(x - row_max), 0.0)
+        mass += tl.where(keep, tl.exp2((x - row_max) * LOG2E), 0.0)
     return tl.sum(count, axis=0), tl.sum(mass, axis=0)
 
 
 @triton.jit
-def _bisect(logits_row, vocab, temp, row_max, lo, hi, lo_mass, need_count, need_mass,
+def _bisect(logits_row, vocab, inv_temp, row_max, lo, hi, lo_mass, need_count, need_mass,
             BLOCK_V: tl.constexpr):
     """Largest key in [lo, hi] (int64) where the predicate holds, assuming it holds at lo:
     count >= need_count and mass >= need_mass (both monotone). Returns (key, its mass)."""
+    cols = tl.arange(0, BLOCK_V)
     while lo < hi:
         mid = lo + ((hi - lo + 1) >> 1)
-        count, mass = _count_mass(logits_row, vocab, temp, row_max, mid.to(tl.int32), BLOCK_V)
+        key_ge = mid.to(tl.int32)
+        # _count_mass(..., key_ge), inline.
+        count_v = tl.zeros([BLOCK_V], tl.int32)
+        mass_v = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
+            x = z.to(tl.float32) * inv_temp
+            bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+            keep = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= key_ge
+            count_v += keep.to(tl.int32)
+            mass_v += tl.where(keep, tl.exp2((x - row_max) * LOG2E), 0.0)
+        count = tl.sum(count_v, axis=0)
+        mass = tl.sum(mass_v, axis=0)
         ok = (count >= need_count) & (mass >= need_mass)
         lo = tl.where(ok, mid, lo)
         lo_mass = tl.where(ok, mass, lo_mass)
@@ -168,7 +197,7 @@ def _bisect(logits_row, vocab, temp, row_max, lo, hi, lo_mass, need_count, need_
 
 
 @triton.jit
-def _draw(logits_row, vocab, temp, thr_key, row_key, use_gumbel, BLOCK_V: tl.constexpr):
+def _draw_one(logits_row, vocab, inv_temp, thr_key, row_key, use_gumbel, BLOCK_V: tl.constexpr):
     """argmax over j with _key(x_j) >= thr_key of x_j + G_j (G = 0 unless use_gumbel), lower
     id on ties. Returns the id (int32)."""
     cols = tl.arange(0, BLOCK_V)
@@ -177,9 +206,20 @@ def _draw(logits_row, vocab, temp, thr_key, row_key, use_gumbel, BLOCK_V: tl.con
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
         z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-        x = _scaled(z, temp)
-        g = tl.where(use_gumbel, _gumbel(row_key, offs), 0.0)
-        score = tl.where(_key(x) >= thr_key, x + g, float("-inf"))
+        x = z.to(tl.float32) * inv_temp
+        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+        # _key(x) >= thr_key; masked (-inf) entries never pass: thr_key >= key(min finite x).
+        kept = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= thr_key
+        # _gumbel(row_key, offs), inline.
+        h = row_key + offs.to(tl.uint32) * GOLDEN
+        h ^= h >> 16
+        h *= MIX_MUL1
+        h ^= h >> 15
+        h *= MIX_MUL2
+        h ^= h >> 16
+        u = ((h >> 8).to(tl.float32) + 0.5) * TWO_POW_M24
+        g = tl.where(use_gumbel, -tl.log(-tl.log(u)), 0.0)
+        score = tl.where(kept, x + g, float("-inf"))
         # Strictly greater: each lane sees increasing ids, so it keeps its first best.
         better = score > best
         best = tl.where(better, score, best)
@@ -190,12 +230,50 @@ def _draw(logits_row, vocab, temp, thr_key, row_key, use_gumbel, BLOCK_V: tl.con
 
 
 @triton.jit
+def _draw(logits_row, vocab, inv_temp, thr_key, seed, s0, use_gumbel, BLOCK_V: tl.constexpr,
+          S_BLOCK: tl.constexpr):
+    """Draws s0 .. s0 + S_BLOCK - 1 of the row ([S_BLOCK] int32 ids), as _draw_one with the keys
+    rng_row_key(seed, s). With S_BLOCK > 1 each chunk of the row is loaded once for all the
+    draws, scored as an [S_BLOCK, BLOCK_V] tile; S_BLOCK == 1 keeps the 1-D chunk (a 2-D tile of
+    one row costs registers and a shared-memory layout conversion on GPU)."""
+    if S_BLOCK == 1:
+        row_key = _rng_row_key(seed, tl.cast(s0, tl.uint32))
+        token = _draw_one(logits_row, vocab, inv_temp, thr_key, row_key, use_gumbel, BLOCK_V)
+        return tl.zeros([S_BLOCK], tl.int32) + token
+    else:
+        row_keys = _rng_row_key(seed, (s0 + tl.arange(0, S_BLOCK)).to(tl.uint32))
+        cols = tl.arange(0, BLOCK_V)
+        best = tl.full([S_BLOCK, BLOCK_V], float("-inf"), tl.float32)
+        best_id = tl.zeros([S_BLOCK, BLOCK_V], tl.int32)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
+            x = z.to(tl.float32) * inv_temp
+            bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+            kept = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= thr_key
+            h = row_keys[:, None] + offs[None, :].to(tl.uint32) * GOLDEN  # _gumbel, inline
+            h ^= h >> 16
+            h *= MIX_MUL1
+            h ^= h >> 15
+            h *= MIX_MUL2
+            h ^= h >> 16
+            u = ((h >> 8).to(tl.float32) + 0.5) * TWO_POW_M24
+            g = tl.where(use_gumbel, -tl.log(-tl.log(u)), 0.0)
+            score = tl.where(kept[None, :], x[None, :] + g, float("-inf"))
+            better = score > best
+            best = tl.where(better, score, best)
+            best_id = tl.where(better, offs[None, :], best_id)
+        top = tl.max(best, axis=1)
+        return tl.min(tl.where(best == top[:, None], best_id, INT32_MAX), axis=1)
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,
     tokens_ptr, logprobs_ptr, raw_logprobs_ptr, entropy_ptr,
     inner, stride_outer, stride_inner, vocab, num_samples,
     adaptive, t_min, t_max, h_low, h_high,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, S_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
@@ -203,13 +281,17 @@ def _sample_kernel(
     temp = tl.load(temperature_ptr + row)
     if adaptive != 0:
         _, _, h1, _, _, _ = _sample_stats(logits_row, vocab, 1.0, BLOCK_V, VEC)
-        frac = tl.minimum(tl.maximum((h1 - h_low) / (h_high - h_low), 0.0), 1.0)
+        span = h_high - h_low
+        # span == 0: a step at h_high (as the CPU kernel), not 0 / 0.
+        frac = tl.where(h1 >= h_high, 1.0, 0.0)
+        if span > 0.0:
+            frac = tl.minimum(tl.maximum(tl.math.div_rn(h1 - h_low, span), 0.0), 1.0)
         temp = t_min + (t_max - t_min) * frac
-    stochastic = temp != 0.0  # T == 0: greedy
-    temp = tl.where(stochastic, temp, 1.0)
+    stochastic = temp != 0.0  # T == 0: greedy, statistics at T = 1
+    inv_temp = tl.math.div_rn(1.0, tl.where(stochastic, temp, 1.0))
 
     row_max, log_sum, entropy, sum_exp, x_min, n_finite = _sample_stats(
-        logits_row, vocab, temp, BLOCK_V, VEC)
+        logits_row, vocab, inv_temp, BLOCK_V, VEC)
     tl.store(entropy_ptr + row, entropy)
 
     top_k = tl.load(top_k_ptr + row)
@@ -222,11 +304,11 @@ def _sample_kernel(
     # finite entry, the same set as threshold -inf (-inf entries never win a draw).
     k_active = (top_k > 0) & (top_k < n_finite) & stochastic
     lo = key_min
-    lo, kept_mass = _bisect(logits_row, vocab, temp, row_max, lo, tl.where(k_active, key_max, lo),
+    lo, kept_mass = _bisect(logits_row, vocab, inv_temp, row_max, lo, tl.where(k_active, key_max, lo),
                             sum_exp, top_k, 0.0, BLOCK_V)
     # Top-p over the top-k survivors: the largest key >= t_k with mass >= top_p * mass(t_k).
     p_active = (top_p < 1.0) & stochastic
-    lo, kept_mass = _bisect(logits_row, vocab, temp, row_max, lo, tl.where(p_active, key_max, lo),
+    lo, kept_mass = _bisect(logits_row, vocab, inv_temp, row_max, lo, tl.where(p_active, key_max, lo),
                             kept_mass, 0, top_p * kept_mass, BLOCK_V)
     thr_key = lo.to(tl.int32)
     # Min-p from the max, never above the max (so the kept set is never empty).
@@ -234,29 +316,48 @@ def _sample_kernel(
         minp_key = tl.minimum(_key(row_max + tl.log(min_p)), key_max.to(tl.int32))
         if minp_key > thr_key:
             thr_key = minp_key
-            _, kept_mass = _count_mass(logits_row, vocab, temp, row_max, thr_key, BLOCK_V)
+            _, kept_mass = _count_mass(logits_row, vocab, inv_temp, row_max, thr_key, BLOCK_V)
     log_kept = tl.log(kept_mass)
 
     seed = tl.load(seed_ptr + row)
     out = row * num_samples
-    token = tl.zeros([], tl.int32)
-    logp = tl.zeros([], tl.float32)
-    raw_logp = tl.zeros([], tl.float32)
-    for s in range(0, num_samples):
+    samples = tl.arange(0, S_BLOCK)
+    tokens = tl.zeros([S_BLOCK], tl.int32)
+    logp = tl.zeros([S_BLOCK], tl.float32)
+    raw_logp = tl.zeros([S_BLOCK], tl.float32)
+    for s0 in range(0, num_samples, S_BLOCK):
         # Greedy rows draw once and repeat it.
-        if (s == 0) | stochastic:
-            row_key = _rng_row_key(seed, tl.cast(s, tl.uint32))
-            token = _draw(logits_row, vocab, temp, thr_key, row_key, stochastic, BLOCK_V)
-            x_tok = _scaled(tl.load(logits_row + token), temp)
+        if (s0 == 0) | stochastic:
+            tokens = _draw(logits_row, vocab, inv_temp, thr_key, seed, s0, stochastic, BLOCK_V, S_BLOCK)
+            x_tok = _scaled(tl.load(logits_row + tokens), inv_temp)
             logp = tl.where(stochastic, (x_tok - row_max) - log_kept, 0.0)
             raw_logp = (x_tok - row_max) - log_sum
-        tl.store(tokens_ptr + out + s, token.to(tl.int64))
-        tl.store(logprobs_ptr + out + s, logp)
-        tl.store(raw_logprobs_ptr + out + s, raw_logp)
+        s_offs = s0 + samples
+        s_mask = s_offs < num_samples
+        tl.store(tokens_ptr + out + s_offs, tokens.to(tl.int64), mask=s_mask)
+        tl.store(logprobs_ptr + out + s_offs, logp, mask=s_mask)
+        tl.store(raw_logprobs_ptr + out + s_offs, raw_logp, mask=s_mask)
+
+# Draws per pass over a row: a [S_BLOCK, BLOCK_V] tile of scores at most this many elements. On
+# GPU the 4096 of a single-draw chunk (large vocabularies draw one at a time); the interpreter
+# pays per operation, not per element, so many draws of a small row share one pass there.
+GPU_TILE = 4096
+INTERPRET_TILE = 1 << 16
+
+
+def sample_config(vocab, num_samples, on_gpu, block_v=None, s_block=None):
+    """(BLOCK_V, S_BLOCK, num_warps) of a launch."""
+    block, _ = block_config(vocab, on_gpu, block_v)
+    if s_block is None:
+        tile = GPU_TILE if on_gpu else INTERPRET_TILE
+        s_block = min(triton.next_power_of_2(num_samples), max(tile // block, 1))
+    _, num_warps = block_config(block * s_block, on_gpu, block * s_block)
+    return block, s_block, num_warps
 
 
 def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_samples, adaptive,
-           t_min, t_max, h_low, h_high, tokens, logprobs, raw_logprobs, entropy, *, block_v=None):
+           t_min, t_max, h_low, h_high, tokens, logprobs, raw_logprobs, entropy, *, block_v=None,
+           s_block=None):
     """Draws ``num_samples`` tokens per row (kernels.h SampleArgs).
 
     ``logits`` is only the base pointer, rows described by ``layout``. Per row (contiguous):
@@ -264,18 +365,21 @@ def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_sa
     bits). ``adaptive`` (bool) replaces the temperature by the entropy map over
     ``t_min, t_max, h_low, h_high``. Writes ``tokens`` int64 and ``logprobs``, ``raw_logprobs``
     fp32 (contiguous [rows, num_samples]) and ``entropy`` fp32 [rows]. ``block_v`` overrides the
-    vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab.
+    vocab chunk and ``s_block`` the draws per pass (powers of two), e.g. to test multi-chunk rows
+    and partial draw blocks at small sizes; the results do not depend on either.
     """
     rows, inner, stride_outer, stride_inner = layout
-    if rows == 0:
+    if rows == 0 or num_samples == 0:
         return
-    block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
+    block, s_block, num_warps = sample_config(vocab, num_samples, logits.device.type != "cpu",
+                                              block_v, s_block)
     _sample_kernel[(rows,)](
         logits, temperature, top_k, top_p, min_p, seed,
         tokens, logprobs, raw_logprobs, entropy,
         inner, stride_outer, stride_inner, vocab, int(num_samples),
         int(bool(adaptive)), float(t_min), float(t_max), float(h_low), float(h_high),
-        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), num_warps=num_warps,
+        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), S_BLOCK=s_block,
+        num_warps=num_warps,
     )
 
 
@@ -288,23 +392,26 @@ def _aot_kernels():
         "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
         "num_samples": "i32", "adaptive": "i32",
         "t_min": "fp32", "t_max": "fp32", "h_low": "fp32", "h_high": "fp32",
-        "BLOCK_V": "constexpr", "VEC": "constexpr",
+        "BLOCK_V": "constexpr", "VEC": "constexpr", "S_BLOCK": "constexpr",
     }
     # As in token_logprobs: pointers, strides and vocab usually multiples of 16.
     aligned = tuple(k for k, v in sig.items() if v.startswith("*")) + (
         "stride_outer", "stride_inner", "vocab")
     bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
-    block, num_warps = block_config(151936, on_gpu=True)
     entries = []
-    for dtype, is_aligned in (("bf16", True), ("fp16", True), ("fp32", True), ("bf16", False)):
-        tag = dtype if is_aligned else f"{dtype},unaligned"
+    # bf16 and fp32 cover both load widths at the launcher's GPU configuration for a large
+    # vocabulary (one draw per pass, any num_samples); the last entry is its configuration for
+    # many draws from a small row (16 draws per pass over V = 256).
+    for dtype, vocab, num_samples in (("bf16", 151936, 1), ("fp32", 151936, 1), ("bf16", 256, 16)):
+        block, s_block, num_warps = sample_config(vocab, num_samples, on_gpu=True)
+        tag = dtype if s_block == 1 else f"{dtype},S_BLOCK={s_block}"
         entries.append(AotKernel(
             name=f"sample[{tag}]", fn=_sample_kernel,
             signature={name: t.format(dtype=dtype) for name, t in sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype]},
-            num_warps=num_warps, aligned=aligned if is_aligned else ()))
+            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "S_BLOCK": s_block},
+            num_warps=num_warps, aligned=aligned))
     return entries
 
 
-# Specialisations compiled by aot.py: the launcher's GPU configuration for large vocabularies.
+# Specialisations compiled by aot.py (every entry costs compile time in CI).
 AOT_KERNELS = _aot_kernels()
