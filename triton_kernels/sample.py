@@ -34,7 +34,7 @@ exp(x_j - max) / -log u_j instead: the same argmax up to float rounding at near-
 
 Interpreter: every call of a @triton.jit helper costs about a millisecond under
 TRITON_INTERPRET=1 (the interpreter re-patches triton.language per call), so the loop bodies
-(statistics, bisection steps, draws) inline _scaled / _key / _exp / _gumbel instead of calling
+(statistics, bisection steps, draws) inline _scaled / _key / _exp and the Gumbel noise G_j = -log(-log u_j) instead of calling
 them; the generated GPU code is the same.
 
 Outputs: tokens[row, s] (int64), logprobs[row, s] = x_tok - lse(kept set),
@@ -50,11 +50,11 @@ from .token_logprobs import LOG2E, _row_ptr
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 INT32_MAX = tl.constexpr(2**31 - 1)
-# row_math.h constants: lowbias32 multipliers, the golden-ratio increment, 2^-24.
+# row_math.h constants: lowbias32 multipliers, the golden-ratio increment, 2^-23 (rng_uniform).
 MIX_MUL1 = tl.constexpr(0x7FEB352D)
 MIX_MUL2 = tl.constexpr(0x846CA68B)
 GOLDEN = tl.constexpr(0x9E3779B9)
-TWO_POW_M24 = tl.constexpr(5.9604644775390625e-8)
+TWO_POW_M23 = tl.constexpr(1.1920928955078125e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,14 +76,6 @@ def _rng_row_key(seed, sample):
     h = _mix32(seed.to(tl.uint32) ^ GOLDEN)  # int -> narrower int truncates: the low 32 bits
     h = _mix32(h ^ (seed >> 32).to(tl.uint32))  # bits 32..63 whatever the shift fills in
     return _mix32(h ^ sample)
-
-
-@triton.jit
-def _gumbel(row_key, j):
-    """G_j = -log(-log u_j), u_j = ((rng_bits(row_key, j) >> 8) + 0.5) * 2^-24 in (0, 1)."""
-    bits = _mix32(row_key + j.to(tl.uint32) * GOLDEN)
-    u = ((bits >> 8).to(tl.float32) + 0.5) * TWO_POW_M24
-    return -tl.log(-tl.log(u))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,14 +202,14 @@ def _draw_one(logits_row, vocab, inv_temp, thr_key, row_key, use_gumbel, BLOCK_V
         bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
         # _key(x) >= thr_key; masked (-inf) entries never pass: thr_key >= key(min finite x).
         kept = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= thr_key
-        # _gumbel(row_key, offs), inline.
+        # G_j = -log(-log u_j), u_j = rng_uniform(rng_bits(row_key, j)), inline.
         h = row_key + offs.to(tl.uint32) * GOLDEN
         h ^= h >> 16
         h *= MIX_MUL1
         h ^= h >> 15
         h *= MIX_MUL2
         h ^= h >> 16
-        u = ((h >> 8).to(tl.float32) + 0.5) * TWO_POW_M24
+        u = ((h >> 9).to(tl.float32) + 0.5) * TWO_POW_M23
         g = tl.where(use_gumbel, -tl.log(-tl.log(u)), 0.0)
         score = tl.where(kept, x + g, float("-inf"))
         # Strictly greater: each lane sees increasing ids, so it keeps its first best.
@@ -251,13 +243,13 @@ def _draw(logits_row, vocab, inv_temp, thr_key, seed, s0, use_gumbel, BLOCK_V: t
             x = z.to(tl.float32) * inv_temp
             bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
             kept = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= thr_key
-            h = row_keys[:, None] + offs[None, :].to(tl.uint32) * GOLDEN  # _gumbel, inline
+            h = row_keys[:, None] + offs[None, :].to(tl.uint32) * GOLDEN  # G_j as in _draw_one, inline
             h ^= h >> 16
             h *= MIX_MUL1
             h ^= h >> 15
             h *= MIX_MUL2
             h ^= h >> 16
-            u = ((h >> 8).to(tl.float32) + 0.5) * TWO_POW_M24
+            u = ((h >> 9).to(tl.float32) + 0.5) * TWO_POW_M23
             g = tl.where(use_gumbel, -tl.log(-tl.log(u)), 0.0)
             score = tl.where(kept[None, :], x[None, :] + g, float("-inf"))
             better = score > best

@@ -46,8 +46,8 @@
 // Draw-pass work is per kept element only: entries below the threshold cost a compare. A kept
 // entry computes its random bits and the two logarithms only when it can still beat the thread's
 // best (x + G_cap >= best, G_cap >= every G_j), so most entries of an unfiltered row skip them.
-// u == 1 (rng_uniform rounds its top value to 1.0f, probability 2^-24 per entry) gives G = -inf,
-// as the CPU backend's race (score e_j / -log(1) = -inf): such an entry never beats a finite one.
+// rng_uniform never returns 1 (it tops out at 1 - 2^-24); gumbel() still maps u == 1 to -inf, as
+// the CPU backend's race would score it, so the guard documents the shared semantics.
 //
 // Thread 0 alone updates the shared search state (filter parameters, windows, stage), always
 // between barriers and never a field another thread may still be reading; little per-row state
@@ -111,9 +111,8 @@ __device__ __forceinline__ float mass_of(float x, float row_max) {
   return fast_exp2(__fmul_rn(__fsub_rn(x, row_max), kLog2e));
 }
 
-// -log(-log u) for u in (0, 1). rng_uniform's top value rounds to u == 1 (probability 2^-24 per
-// entry): the CPU backend's race scores that entry e_j / -log(1) = e_j / -0.0 = -inf, so it never
-// wins; here it gets G = -inf (below every finite x + G; it wins only a race of such entries).
+// -log(-log u) for u in (0, 1) (rng_uniform's range is [2^-24, 1 - 2^-24]). A u == 1 would get
+// G = -inf, as the CPU backend's race scores it (e_j / -log(1) = -inf).
 __device__ __forceinline__ float gumbel(float u) { return u < 1.0f ? -logf(-logf(u)) : -INFINITY; }
 
 // ---- row walk ---------------------------------------------------------------------------------

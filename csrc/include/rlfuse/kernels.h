@@ -144,7 +144,8 @@ struct RowTopkArgs {
 // Ties at a threshold are all kept. Thresholds are found without sorting (e.g. bisection on the
 // order-preserving integer key of x, one counting pass per step). The draw is Gumbel-max over
 // the kept set: argmax_j (x_j + G_j), ties to the lower id, G_j = -log(-log u_j) with
-//   u_j = ((rng_bits(seed[row], sample, j) >> 8) + 0.5) * 2^-24   (see rng_bits in row_math.h).
+//   u_j = ((rng_bits(seed[row], sample, j) >> 9) + 0.5) * 2^-23, exact in fp32, never 0 or 1
+//   (see rng_uniform in row_math.h).
 // Outputs per draw: token, its log-prob under the kept set renormalised (0 when greedy) and under
 // the unfiltered temperature-T distribution (T = 1 when greedy); per row: the unfiltered entropy
 // at T (T = 1 when greedy). Rows with NaN, or with no finite entry, are rejected by the caller.

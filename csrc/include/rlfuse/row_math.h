@@ -134,7 +134,8 @@ RLFUSE_HD uint32_t rng_row_key(uint64_t seed, uint32_t sample) {
 
 RLFUSE_HD uint32_t rng_bits(uint32_t row_key, uint32_t j) { return mix32(row_key + j * 0x9e3779b9u); }
 
-// Uniform in (0, 1) from 24 random bits.
-RLFUSE_HD float rng_uniform(uint32_t bits) { return (static_cast<float>(bits >> 8) + 0.5f) * 5.9604644775390625e-8f; }
+// Uniform in (0, 1) from 23 random bits: (m + 0.5) * 2^-23 is exact in fp32, so u lies in
+// [2^-24, 1 - 2^-24] and -log(-log u) is always finite (with 24 bits the top value rounded to 1).
+RLFUSE_HD float rng_uniform(uint32_t bits) { return (static_cast<float>(bits >> 9) + 0.5f) * 1.1920928955078125e-7f; }
 
 }  // namespace rlfuse

@@ -26,7 +26,7 @@ def rng_uniform(seed: torch.Tensor, num_samples: int, vocab: int) -> torch.Tenso
     key = _mix32(key.unsqueeze(-1) ^ samples)  # [rows, S]
     j = torch.arange(vocab, dtype=torch.int64, device=seed.device)
     bits = _mix32((key.unsqueeze(-1) + j * 0x9E3779B9) & MASK32)
-    return ((bits >> 8).to(torch.float32) + 0.5) * 5.9604644775390625e-8
+    return ((bits >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-7  # exact: never 0 or 1
 
 
 def kept_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
