@@ -37,7 +37,9 @@ clean:
 # --- Release wheels and sdist (release/README.md) ----------------------------------------------
 # `make wheel`: CUDA wheel for the release architectures (RLFUSE_CUDA_ARCHS' default) built with
 # $(CUDA_HOME)'s nvcc; CUDA runtime and libstdc++/libgcc static, linked by zig against glibc 2.28,
-# checked by auditwheel (manylinux_2_28), local version +cu<major>, written to $(WHEEL_OUT).
+# checked by auditwheel (manylinux_2_28), local version +cu<major>, written to $(WHEEL_OUT), then
+# smoke-tested (tests/test_wheel.py: fresh venv, CPU kernels vs torch, architectures read from the
+# binary; WHEEL_ARGS=--no-test skips it). Works from a fresh clone: it sets up .venv like `make test`.
 # `make wheels`: the matrix, every CUDA toolkit in WHEEL_CUDA_HOMES x every Python in WHEEL_PYTHONS.
 # `make sdist`: source distribution, then a CPU-only wheel built from it (RLFUSE_CUDA=OFF) and
 # smoke-tested. `make wheel-test`: tests/test_wheel.py on $(RLFUSE_WHEEL) or the newest dist/ wheel.
