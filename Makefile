@@ -11,9 +11,10 @@ PYTEST_ARGS ?=
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
 
-$(VENV)/.deps: $(PY) requirements-dev.txt
+$(VENV)/.deps: $(PY) requirements-dev.txt requirements-verl.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-verl.txt
 	touch $@
 
 install: $(VENV)/.deps

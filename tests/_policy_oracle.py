@@ -40,7 +40,7 @@ def oracle_policy_loss(logits, tokens, advantages, old=None, ref_lp=None, rollou
         "token-mean": m / (config.norm_tokens or max(float(m.sum()), 1.0)),
         "seq-mean-token-mean": m / seq_len.clamp(min=1) / n_valid_seq,
         "seq-mean-token-sum": m / n_valid_seq,
-        "seq-mean-token-sum-norm": m / (norm_length or 1.0),
+        "seq-mean-token-sum-norm": m / (norm_length or 1.0) / n_valid_seq,
     }[config.aggregation]
     pw = w
     if config.rollout_correction is not None:

@@ -1,6 +1,6 @@
 // Row kernel of the CPU row top-k (kernels.h RowTopkArgs): the statistics pass and a bounded
-// selection in the same walk over each row. A chunk's entries are compared with the current k-th
-// value first (vectorised), so only the rare candidates touch the heap.
+// selection in a second walk while the row is in cache. Blocks of kLanes entries are compared with
+// the current k-th value at once, so only the rare candidates touch the heap.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -33,22 +33,35 @@ void row_topk_rows(const RowTopkArgs& a, int64_t begin, int64_t end) {
     const char* src = row_pointer(a.logits, a.dtype, a.layout, row);
     const RowResult stats = row_statistics(src, a.dtype, a.vocab, a.inv_temp, a.tokens[row], buf);
     heap.clear();
+    const auto offer = [&](float v, int64_t col) {
+      if (!(v > -INFINITY)) return;  // -inf and NaN never enter the selection
+      const Entry e{v, static_cast<int32_t>(col)};
+      if (static_cast<int64_t>(heap.size()) < a.k) {
+        heap.push_back(e);
+        std::push_heap(heap.begin(), heap.end(), worse_on_top);
+      } else if (ranks_before(e, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), worse_on_top);
+        heap.back() = e;
+        std::push_heap(heap.begin(), heap.end(), worse_on_top);
+      }
+    };
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
       load_scaled(src + start * esize, a.dtype, n, a.inv_temp, buf);
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = buf[i];
-        if (!(v > -INFINITY)) continue;  // -inf and NaN never enter the selection
-        const Entry e{v, static_cast<int32_t>(start + i)};
-        if (static_cast<int64_t>(heap.size()) < a.k) {
-          heap.push_back(e);
-          std::push_heap(heap.begin(), heap.end(), worse_on_top);
-        } else if (ranks_before(e, heap.front())) {
-          std::pop_heap(heap.begin(), heap.end(), worse_on_top);
-          heap.back() = e;
-          std::push_heap(heap.begin(), heap.end(), worse_on_top);
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes) {
+        // Once the heap is full, entries come in increasing id order, so only v > the k-th value
+        // can enter: test kLanes at once and skip the (usual) block with none.
+        if (static_cast<int64_t>(heap.size()) == a.k) {
+          const Vec v = *reinterpret_cast<const Vec*>(buf + i);
+          const VecInt above = v > heap.front().value;
+          int any = 0;
+          for (int l = 0; l < kLanes; ++l) any |= above[l];
+          if (!any) continue;
         }
+        for (int l = 0; l < kLanes; ++l) offer(buf[i + l], start + i + l);
       }
+      for (; i < n; ++i) offer(buf[i], start + i);
     }
     std::sort(heap.begin(), heap.end(), ranks_before);
     int32_t* ids = a.topk_ids + row * a.k;

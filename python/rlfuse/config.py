@@ -138,7 +138,8 @@ class LossConfig:
 
     @classmethod
     def dr_grpo(cls, **overrides):
-        """Dr. GRPO: clip 0.2, token sums divided by a constant length (set norm_length), no KL."""
+        """Dr. GRPO: clip 0.2, per-sequence token sums divided by a constant length (norm_length, default
+        the padded length), averaged over sequences; no KL."""
         return cls(**{"loss": "ppo", "clip_low": 0.2, "clip_high": 0.2, "aggregation": "seq-mean-token-sum-norm",
                       **overrides})
 

@@ -212,20 +212,19 @@ def loss_config_from_verl(config, loss_mode: str = "vanilla", loss_agg_mode: str
 
     Supported: vanilla (with verl's dual clip ``clip_ratio_c``), gspo (as ``gspo_token``, verl's
     form), sapo, cispo (two-sided), geo_mean (GMPO), gpg (REINFORCE). Others raise ``ValueError``.
-    verl's ``seq-mean-token-sum-norm`` divides by the number of non-empty sequences *and* the
-    horizon; rlfuse's aggregation of that name divides by the horizon only, so it is mapped to
-    ``token-mean`` over ``sequences * horizon``, which needs ``response_mask`` (this micro-batch's).
+    ``seq-mean-token-sum-norm`` uses verl's horizon (``response_length``, else the width of
+    ``response_mask``) as ``norm_length`` unless the caller passes neither (then rlfuse's default, the
+    padded length of the logits, which is the same thing for padded inputs).
     """
     if loss_agg_mode not in AGGREGATIONS:
         raise ValueError(f"loss_agg_mode {loss_agg_mode!r} is not one of {AGGREGATIONS}")
     low, high = _clips(config)
     fields = {"aggregation": loss_agg_mode}
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        if response_mask is None:
-            raise ValueError("verl's seq-mean-token-sum-norm needs response_mask (to count its sequences)")
-        horizon = float(response_length if response_length is not None else response_mask.shape[-1])
-        sequences = max(int((response_mask.sum(-1) > 0).sum()), 1)
-        fields.update(aggregation="token-mean", norm_tokens=sequences * horizon)
+        if response_length is not None:
+            fields["norm_length"] = float(response_length)
+        elif response_mask is not None:
+            fields["norm_length"] = float(response_mask.shape[-1])
     if loss_mode == "vanilla":
         fields.update(loss="ppo", clip_low=low, clip_high=high, dual_clip=float(config.get("clip_ratio_c", 3.0)))
     elif loss_mode == "gspo":

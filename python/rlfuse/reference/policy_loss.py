@@ -148,8 +148,8 @@ def aggregation_weights(mask: Tensor, cu_seqlens: Tensor, config) -> Tensor:
         return mask / seq_lengths.clamp(min=1.0) / valid_sequences
     if mode == "seq-mean-token-sum":
         return mask / valid_sequences
-    if mode == "seq-mean-token-sum-norm":
-        return mask / config.norm_length
+    if mode == "seq-mean-token-sum-norm":  # Dr. GRPO: mean over sequences of token sums / a constant
+        return mask / config.norm_length / valid_sequences
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
