@@ -21,6 +21,7 @@ namespace rlfuse::cpu {
 RLFUSE_DECLARE_ROW_KERNELS(base)
 #if defined(__x86_64__)
 RLFUSE_DECLARE_ROW_KERNELS(avx2)
+RLFUSE_DECLARE_ROW_KERNELS(avx512)
 #endif
 
 }  // namespace rlfuse::cpu

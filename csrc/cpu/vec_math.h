@@ -27,9 +27,14 @@ RLFUSE_ALWAYS_INLINE uint32_t float_to_bits(float f) {
   return u;
 }
 
-// Eight fp32 lanes (GCC/Clang vector extension): one AVX2 register, two SSE ones. A fixed lane
-// count fixes the reduction order, so results are bitwise reproducible.
+// fp32 lanes (GCC/Clang vector extension): 16 = one AVX-512 register; 8 = one AVX2 register, two
+// SSE ones. The lane count is fixed per instruction set, which fixes the reduction order: results
+// are bitwise reproducible for a given build and CPU (RLFUSE_CPU_ISA can pin the variant).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
 constexpr int kLanes = 8;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecInt __attribute__((vector_size(kLanes * sizeof(int32_t))));
 

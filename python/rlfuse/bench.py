@@ -344,6 +344,24 @@ def _troll_case(args: argparse.Namespace, device: torch.device) -> Case:
                         {"fwd+bwd": 2}, notes, baseline=baseline)
 
 
+def _flashinfer_contender(device: torch.device, temperature: float, top_k: int, top_p: float,
+                          notes: list[str]) -> list[Contender]:
+    """FlashInfer's sorting-free top-k/top-p sampler, on a GPU where it is importable (tokens only)."""
+    if device.type != "cuda":
+        return []
+    try:
+        from flashinfer.sampling import top_k_top_p_sampling_from_logits
+    except Exception as exc:  # not installed, or built for another torch / CUDA
+        notes.append(f"FlashInfer not benchmarked: {_short_error(exc)}")
+        return []
+    notes.append("flashinfer returns tokens only (no log-probs or entropy)")
+
+    def forward(inp: Inputs):
+        return [top_k_top_p_sampling_from_logits(inp.tensors["logits"] / temperature, top_k, top_p)]
+
+    return [Contender("flashinfer", lambda dtype: forward)]
+
+
 @register_case("sample")
 def _sample_case(args: argparse.Namespace, device: torch.device) -> Case:
     """top-k 50 + top-p 0.9 sampling with log-probs: rlfuse vs torch's sort-based sampler."""
@@ -379,6 +397,7 @@ def _sample_case(args: argparse.Namespace, device: torch.device) -> Case:
 
     contenders = [_rlfuse_contender(b, call) for b in backends]
     contenders += _torch_contenders(args, device, torch_sort_sampler, ("logits",))
+    contenders += _flashinfer_contender(device, temperature, top_k, top_p, notes)
     return _logits_case("sample", f"sample (top-k {top_k}, top-p {top_p}) with log-probs", args, make_inputs,
                         contenders, {"fwd": 1, "fwd+bwd": 1}, notes)
 
