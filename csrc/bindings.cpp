@@ -5,6 +5,9 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <stdexcept>
 #include <string>
 
@@ -142,6 +145,20 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "rlfuse compiled kernels (CPU always, CUDA when built with nvcc)";
 
   m.def("cpu_isa", &cpu_isa);
+  // Advises the 2 MiB-aligned interior of [address, address + nbytes) to be backed by transparent
+  // huge pages before it is first written (Linux; THP in "madvise" or "always" mode). Returns
+  // whether the advice was taken. Only a hint: the memory stays ordinary memory either way.
+  m.def("advise_huge_pages", [](uintptr_t address, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+    const uintptr_t begin = (address + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t end = (address + nbytes) & ~(kHugePage - 1);
+    if (end > begin) return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#endif
+    (void)address;
+    (void)nbytes;
+    return false;
+  });
   m.def(
       "token_logprobs_fwd_cpu",
       [](uintptr_t logits, int dtype, py::tuple layout, int64_t vocab, uintptr_t tokens, double inv_temp,

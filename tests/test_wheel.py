@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import site
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "release"))
+import build_wheel  # noqa: E402  (the release tools: one way to find cuobjdump)
 EXPECTED_SASS = os.environ.get("RLFUSE_WHEEL_SASS", "sm_80 sm_90a sm_100a").split()
 EXPECTED_PTX = os.environ.get("RLFUSE_WHEEL_PTX", "compute_100").split()
 EXPECTED_INFO_ARCHS = ["80-real", "90a-real", "100a-real", "100-virtual"]
@@ -148,18 +149,6 @@ def test_cxx_exceptions_cross_the_static_runtime(installed):
     assert results["cxx_exception"].startswith("ValueError"), results["cxx_exception"]
 
 
-def cuobjdump_path() -> str | None:
-    try:
-        import triton
-
-        candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        if candidate.is_file():
-            return str(candidate)
-    except ImportError:
-        pass
-    return shutil.which("cuobjdump")
-
-
 @pytest.fixture(scope="module")
 def binary_archs(installed):
     """{"sass": {arch: cubin count}, "ptx": {compute_NN}} read by cuobjdump from the installed module,
@@ -167,7 +156,7 @@ def binary_archs(installed):
     results = installed[2]
     if not is_cuda_wheel(results):
         pytest.skip(f"{WHEEL.name} is a CPU-only wheel")
-    tool = cuobjdump_path()
+    tool = build_wheel.cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (install triton, or a CUDA toolkit)")
     so = results["ext"]

@@ -18,6 +18,21 @@ import torch
 from ..backends import compiled_extension
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HUGE_PAGE_MIN_BYTES = 32 << 20
+
+
+def empty_gradient(like: torch.Tensor) -> torch.Tensor:
+    """A contiguous, uninitialised gradient buffer with the shape, dtype and device of ``like``.
+
+    On CPU a large one is advised to use transparent huge pages before the kernel first writes it:
+    a fresh [N, V] buffer otherwise faults in 4 KiB at a time, which costs about as much as the
+    kernel (measured on a 2-core VM: 256 MiB took ~120 ms to fault in, the fused loss ~40 ms).
+    """
+    grad = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    ext = compiled_extension()
+    if ext is not None and grad.device.type == "cpu" and grad.nbytes >= HUGE_PAGE_MIN_BYTES:
+        ext.advise_huge_pages(grad.data_ptr(), grad.nbytes)
+    return grad
 
 
 def _cpu_launchers():

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from .._layout import as_rows, contiguous_layout
-from ._launch import kernels
+from ._launch import empty_gradient, kernels
 
 OP = "kl_div"
 DIRECTIONS = {"forward": 0, "reverse": 1}
@@ -53,8 +53,8 @@ def kl_div_bwd(logits: Tensor, other: Tensor, kl: Tensor, lse: Tensor, other_lse
     x, layout = as_rows(logits)
     y, other_layout = as_rows(other)
     rows, vocab = layout[0], logits.shape[-1]
-    grad_x = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if need_logits else None
-    grad_y = torch.empty(other.shape, dtype=other.dtype, device=other.device) if need_other else None
+    grad_x = empty_gradient(logits) if need_logits else None
+    grad_y = empty_gradient(other) if need_other else None
     if rows > 0 and (need_logits or need_other):
         flat = [t.reshape(-1).contiguous() for t in (kl, lse, other_lse, grad_kl.float())]
         grad_layout = contiguous_layout(rows, vocab)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._layout import as_rows, contiguous_layout
-from ._launch import kernels
+from ._launch import empty_gradient, kernels
 
 POLICY_KINDS = {"ppo": 0, "gppo": 1, "cispo": 2, "sapo": 3, "pspo": 4, "reinforce": 5}
 KL_KINDS = {None: 0, "k1": 1, "k2": 2, "k3": 3, "k3+": 4, "abs": 5}
@@ -73,7 +73,7 @@ def policy_loss_fused(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     token_params = TokenLossParams(*[int(v) for v in params[:3]], *params[3:])
     per_token = (advantages, old_logp, ref_logp, policy_weight, weight)
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = empty_gradient(logits)
     return (*_launch(logits, tokens, per_token, temperature, token_params, backend, grad), grad)
 
 

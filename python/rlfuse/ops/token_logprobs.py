@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import reference
 from .._layout import as_rows, contiguous_layout
-from ._launch import kernels
+from ._launch import empty_gradient, kernels
 
 OP = "token_logprobs"
 
@@ -70,7 +70,7 @@ def token_logprobs_bwd(
     if backend == "torch":
         grad = reference.row_gradient(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature)
         return grad.to(logits.dtype)
-    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_logits = empty_gradient(logits)
     _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend, grad_logits)
     return grad_logits
 
