@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import _validation as check
 from .backends import resolve_backend
+from .ops._launch import empty_buffer
 from .ops.row_topk import row_topk
 
 LOG_FLOOR = math.log(1e-12)  # old log-prob of support tokens the old policy did not keep
@@ -164,6 +165,25 @@ class TrollProjection(torch.autograd.Function):
         return torch.where(valid, grad_a, 0.0), None, None, None
 
 
+class SparseGather(torch.autograd.Function):
+    """``logits.gather(-1, ids)`` whose backward writes the dense gradient into a fresh buffer from
+    :func:`empty_buffer` (huge pages on CPU) zeroed once, then scatters: torch's gather backward
+    would fault in a zero-initialised ``[N, V]`` buffer 4 KiB at a time."""
+
+    @staticmethod
+    def forward(ctx, logits, ids):
+        ctx.save_for_backward(ids)
+        ctx.logits_meta = (logits.shape, logits.dtype, logits.device)
+        return logits.gather(-1, ids)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        (ids,) = ctx.saved_tensors
+        shape, dtype, device = ctx.logits_meta
+        grad = empty_buffer(shape, dtype, device).zero_()
+        return grad.scatter_add_(-1, ids, grad_values.to(dtype)), None
+
+
 # --- the loss -------------------------------------------------------------------------------------
 
 
@@ -194,7 +214,6 @@ def check_old_topk(old_topk, tokens: Tensor, vocab: int) -> None:
 
 def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config, backend) -> TrollTerms:
     """Per-token TROLL loss on flattened tokens (advantages / old_logprobs are float32 [N])."""
-    vocab = logits.shape[-1]
     temperature = config.temperature
     new_ids, new_values, logp, entropy, new_lse = row_topk(logits.detach(), tokens, temperature, config.troll_k,
                                                            backend)
@@ -218,7 +237,7 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     valid = first & (support_ids >= 0)
     safe_ids = support_ids.clamp(min=0)
 
-    x = logits.gather(-1, safe_ids.to(logits.device)).double() / temperature  # differentiable, sparse
+    x = SparseGather.apply(logits, safe_ids.to(logits.device)).double() / temperature  # differentiable
     a = _masked_log_softmax(x, valid)
     b = _masked_log_softmax(torch.where(valid, b_raw.masked_fill(torch.isnan(b_raw), LOG_FLOOR), 0.0), valid)
     log_q, eta = TrollProjection.apply(a, b, valid, config.troll_eps)
