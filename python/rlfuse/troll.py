@@ -166,22 +166,26 @@ class TrollProjection(torch.autograd.Function):
 
 
 class SparseGather(torch.autograd.Function):
-    """``logits.gather(-1, ids)`` whose backward writes the dense gradient into a fresh buffer from
-    :func:`empty_buffer` (huge pages on CPU) zeroed once, then scatters: torch's gather backward
-    would fault in a zero-initialised ``[N, V]`` buffer 4 KiB at a time."""
+    """``logits.gather(-1, ids)`` where the ``valid`` entries of each row are distinct ids (the rest
+    get no gradient). The backward writes the dense gradient into a fresh buffer from
+    :func:`empty_buffer` (huge pages on CPU), zeroed once, and stores the valid entries by flat index:
+    torch's gather backward faults in a zero ``[N, V]`` tensor and scatter-adds (slow in bf16 on CPU)."""
 
     @staticmethod
-    def forward(ctx, logits, ids):
-        ctx.save_for_backward(ids)
+    def forward(ctx, logits, ids, valid):
+        ctx.save_for_backward(ids, valid)
         ctx.logits_meta = (logits.shape, logits.dtype, logits.device)
         return logits.gather(-1, ids)
 
     @staticmethod
     def backward(ctx, grad_values):
-        (ids,) = ctx.saved_tensors
+        ids, valid = ctx.saved_tensors
         shape, dtype, device = ctx.logits_meta
         grad = empty_buffer(shape, dtype, device).zero_()
-        return grad.scatter_add_(-1, ids, grad_values.to(dtype)), None
+        rows = torch.arange(ids[..., 0].numel(), device=device).reshape(ids.shape[:-1] + (1,))
+        flat = (rows * shape[-1] + ids)[valid]  # distinct, so the stores need no accumulation
+        grad.view(-1)[flat] = grad_values[valid].to(dtype)
+        return grad, None, None
 
 
 # --- the loss -------------------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     valid = first & (support_ids >= 0)
     safe_ids = support_ids.clamp(min=0)
 
-    x = SparseGather.apply(logits, safe_ids.to(logits.device)).double() / temperature  # differentiable
+    x = SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / temperature  # differentiable
     a = _masked_log_softmax(x, valid)
     b = _masked_log_softmax(torch.where(valid, b_raw.masked_fill(torch.isnan(b_raw), LOG_FLOOR), 0.0), valid)
     log_q, eta = TrollProjection.apply(a, b, valid, config.troll_eps)
