@@ -53,7 +53,7 @@ void row_topk_rows(const RowTopkArgs& a, int64_t begin, int64_t end) {
         // Once the heap is full, entries come in increasing id order, so only v > the k-th value
         // can enter: test kLanes at once and skip the (usual) block with none.
         if (static_cast<int64_t>(heap.size()) == a.k) {
-          const Vec v = *reinterpret_cast<const Vec*>(buf + i);
+          const Vec v = load_vec(buf + i);
           const VecInt above = v > heap.front().value;
           int any = 0;
           for (int l = 0; l < kLanes; ++l) any |= above[l];

@@ -25,7 +25,8 @@ from .ops.row_topk import row_topk
 
 LOG_FLOOR = math.log(1e-12)  # old log-prob of support tokens the old policy did not keep
 NEWTON_MAX_STEPS = 64  # a safeguarded step never does worse than bisection; typically < 10 are needed
-NEWTON_TOLERANCE = 1e-10  # relative error in KL(q || b) = eps (float64)
+NEWTON_TOLERANCE = 1e-10  # relative error in KL(q || b) = eps (float64) ...
+NEWTON_ABS_TOLERANCE = 1e-13  # ... or absolute: below this the KL sum's own rounding dominates (tiny eps)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ def solve_eta(a: Tensor, b: Tensor, valid: Tensor, eps: float) -> Tensor:
         newton = s - residual / (s * variance).clamp(min=1e-300)
         inside = (newton >= s_low) & (newton <= s_high)  # inclusive: a converged row stays put
         s = torch.where(active, torch.where(inside, newton, 0.5 * (s_low + s_high)), s)
-        if step % 4 == 3 and not bool(((residual.abs() > NEWTON_TOLERANCE * eps) & active).any()):
+        tolerance = max(NEWTON_TOLERANCE * eps, NEWTON_ABS_TOLERANCE)
+        if step % 4 == 3 and not bool(((residual.abs() > tolerance) & active).any()):
             break
     return torch.where(active, 1.0 / s - 1.0, torch.zeros_like(s))
 
