@@ -117,7 +117,7 @@ def solve_eta(a: Tensor, b: Tensor, valid: Tensor, eps: float) -> Tensor:
     a Newton step that leaves the current bracket is replaced by bisection. Converges quadratically
     (a handful of steps to float64 precision instead of ~50 bisection passes)."""
     d = torch.where(valid, a - b, 0.0)
-    active = kl_on_support(a, b, valid) > eps
+    tolerance = max(NEWTON_TOLERANCE * eps, NEWTON_ABS_TOLERANCE)
     s_low = torch.zeros_like(a[..., 0])  # KL(s_low) <= eps
     s_high = torch.ones_like(s_low)  # KL(s_high) > eps on active rows
     s = s_high.clone()
@@ -127,12 +127,13 @@ def solve_eta(a: Tensor, b: Tensor, valid: Tensor, eps: float) -> Tensor:
         mean = (q * d).sum(-1)
         variance = (q * (d - mean.unsqueeze(-1)) ** 2).sum(-1)
         residual = torch.where(valid, q * (log_q - b), 0.0).sum(-1) - eps
+        if step == 0:  # s = 1 is q = a: the first residual is KL(a || b) - eps
+            active = residual > 0
         s_low = torch.where(residual <= 0, s, s_low)
         s_high = torch.where(residual > 0, s, s_high)
         newton = s - residual / (s * variance).clamp(min=1e-300)
         inside = (newton >= s_low) & (newton <= s_high)  # inclusive: a converged row stays put
         s = torch.where(active, torch.where(inside, newton, 0.5 * (s_low + s_high)), s)
-        tolerance = max(NEWTON_TOLERANCE * eps, NEWTON_ABS_TOLERANCE)
         if step % 4 == 3 and not bool(((residual.abs() > tolerance) & active).any()):
             break
     return torch.where(active, 1.0 / s - 1.0, torch.zeros_like(s))
@@ -170,8 +171,9 @@ class TrollProjection(torch.autograd.Function):
 class SparseGather(torch.autograd.Function):
     """``logits.gather(-1, ids)`` where the ``valid`` entries of each row are distinct ids (the rest
     get no gradient). The backward writes the dense gradient into a fresh buffer from
-    :func:`empty_buffer` (huge pages on CPU), zeroed once, and stores the valid entries by flat index:
-    torch's gather backward faults in a zero ``[N, V]`` tensor and scatter-adds (slow in bf16 on CPU)."""
+    :func:`empty_buffer` (huge pages on CPU), zeroed once, and stores the valid entries by flat index
+    (invalid ones go to a spare trailing slot, so no boolean indexing and no host sync): torch's
+    gather backward faults in a zero ``[N, V]`` tensor and scatter-adds (slow in bf16 on CPU)."""
 
     @staticmethod
     def forward(ctx, logits, ids, valid):
@@ -183,11 +185,13 @@ class SparseGather(torch.autograd.Function):
     def backward(ctx, grad_values):
         ids, valid = ctx.saved_tensors
         shape, dtype, device = ctx.logits_meta
-        grad = empty_buffer(shape, dtype, device).zero_()
+        numel = math.prod(shape)
+        grad = empty_buffer((numel + 1,), dtype, device).zero_()
         rows = torch.arange(ids[..., 0].numel(), device=device).reshape(ids.shape[:-1] + (1,))
-        flat = (rows * shape[-1] + ids)[valid]  # distinct, so the stores need no accumulation
-        grad.view(-1)[flat] = grad_values[valid].to(dtype)
-        return grad, None, None
+        # Valid entries are distinct, so the stores need no accumulation.
+        flat = torch.where(valid, rows * shape[-1] + ids, numel)
+        grad[flat.reshape(-1)] = grad_values.reshape(-1).to(dtype)
+        return grad[:numel].view(shape), None, None
 
 
 # --- the loss -------------------------------------------------------------------------------------
