@@ -15,8 +15,9 @@ from conftest import kernel_backends
 BACKENDS = kernel_backends("cpu")
 
 
-def reference_sparse(logits, tokens, k, threshold, temperature=1.0, include_token=True):
-    """Per row, in plain Python over a float64 stable sort: kept ids, log-probs, count."""
+def reference_sparse(logits, tokens, k, threshold, temperature=1.0):
+    """Per row, in plain Python over a float64 stable sort: kept ids, log-probs, count (the chosen
+    token is never inserted: SPEC section 7 takes its old log-prob from old_logprobs)."""
     log_probs = torch.log_softmax(logits.double() / temperature, -1)
     rows = log_probs.reshape(-1, logits.shape[-1])
     ids_out, lp_out, counts = [], [], []
@@ -28,8 +29,6 @@ def reference_sparse(logits, tokens, k, threshold, temperature=1.0, include_toke
                 break
             kept.append(j)
             cumulative += math.exp(row[j])
-        if include_token and y not in kept:
-            kept = kept + [y] if len(kept) < k else kept[:-1] + [y]
         counts.append(len(kept))
         ids_out.append(kept + [-1] * (k - len(kept)))
         lp_out.append([row[j].item() for j in kept] + [-math.inf] * (k - len(kept)))
@@ -43,14 +42,15 @@ def reference_sparse(logits, tokens, k, threshold, temperature=1.0, include_toke
 def test_sparse_logprobs(backend, k, threshold, vocab, generator):
     logits = torch.randn(2, 3, vocab, generator=generator) * 3
     tokens = torch.randint(0, vocab, (2, 3), generator=generator)
-    tokens[0, 0] = logits[0, 0].argmin()  # an improbable chosen token must still be kept
+    tokens[0, 0] = logits[0, 0].argmin()  # an improbable chosen token takes no slot
     out = rlfuse.sparse_logprobs(logits, tokens, k=k, threshold=threshold, backend=backend)
     ids, lp, count = reference_sparse(logits, tokens, k, threshold)
     assert out.ids.dtype == torch.int32 and out.logprobs.dtype == torch.float32 and out.vocab == vocab
     assert torch.equal(out.count.reshape(-1).long(), count)
     assert torch.equal(out.ids.long(), ids)
     torch.testing.assert_close(out.logprobs.double(), lp, atol=2e-5, rtol=1e-5)
-    assert (out.ids == tokens.unsqueeze(-1)).any(-1).all()
+    if k < vocab and threshold < 1e-3:
+        assert not (out.ids[0, 0] == tokens[0, 0]).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,21 +114,25 @@ def test_projection_gradcheck(generator):
     torch.autograd.gradcheck(fn, (a,), eps=1e-7, atol=1e-6)
 
 
-def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_topk, config):
-    """Dense float64 TROLL on the same support, with an independent eta solver and the implicit
-    gradient obtained by autograd through one Newton step at the converged eta."""
+def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config, old_k=None, mask=None):
+    """Dense float64 TROLL from SPEC section 7: the support built here from both policies' logits
+    (independently of sparse_logprobs), an independent eta solver and the implicit gradient
+    obtained by autograd through one Newton step at the converged eta. Token-mean over ``mask``."""
     vocab = logits.shape[-1]
     x_full = (logits.detach().double() / config.temperature).requires_grad_(True)
     log_p = torch.log_softmax(x_full, -1)
     # The new policy's part of the support: its top tokens only (SPEC.md section 7 adds {y} separately).
-    new = reference_sparse(logits, tokens, config.troll_k, config.troll_threshold, config.temperature,
-                           include_token=False)[0]
-    total = 0.0
+    new = reference_sparse(logits, tokens, config.troll_k, config.troll_threshold, config.temperature)[0]
+    old_k = config.troll_k if old_k is None else old_k
+    old_top_ids, old_top_lp, _ = reference_sparse(old_logits, tokens, old_k, config.troll_threshold, config.temperature)
+    valid = torch.ones(tokens.numel(), dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
     mask_weights = []
     flat_x = log_p.reshape(-1, vocab)
     for i, y in enumerate(tokens.reshape(-1).tolist()):
-        old_ids = [j for j in old_topk.ids.reshape(-1, old_topk.ids.shape[-1])[i].tolist() if j >= 0]
-        old_lp = dict(zip(old_ids, old_topk.logprobs.reshape(-1, old_topk.ids.shape[-1])[i].double().tolist()))
+        if not valid[i]:
+            continue
+        old_ids = [j for j in old_top_ids.reshape(-1, old_k)[i].tolist() if j >= 0]
+        old_lp = dict(zip(old_ids, old_top_lp.reshape(-1, old_k)[i].tolist()))
         old_lp.setdefault(y, old_logprobs.reshape(-1)[i].item())
         support = sorted(set(old_ids) | {y} | {j for j in new.reshape(-1, new.shape[-1])[i].tolist() if j >= 0})
         idx = torch.tensor(support)
@@ -158,7 +162,7 @@ def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_topk, con
         loss_i = -adv * torch.exp(log_q[pos] - b[pos]) + config.troll_alpha * (a.exp() * (a - log_q.detach())).sum()
         mask_weights.append(loss_i)
     losses = torch.stack(mask_weights)
-    total = losses.mean()  # token-mean, every token valid
+    total = losses.mean()  # token-mean over the valid tokens
     total.backward()
     return total.detach(), x_full.grad / config.temperature
 
@@ -170,15 +174,15 @@ def test_troll_loss_matches_dense_reference(backend, eps, generator):
     logits = torch.randn(2, 5, vocab, generator=generator) * 2
     tokens = torch.randint(0, vocab, (2, 5), generator=generator)
     old_logits = logits + 0.7 * torch.randn(logits.shape, generator=generator)
-    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=k, backend="torch")
-    old_logprobs = torch.log_softmax(old_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    advantages = torch.randn(2, 5, generator=generator)
     config = LossConfig.troll(troll_k=k, troll_eps=eps, temperature=0.9)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=k, temperature=config.temperature, backend="torch")
+    old_logprobs = torch.log_softmax(old_logits / config.temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    advantages = torch.randn(2, 5, generator=generator)
     leaf = logits.clone().requires_grad_(True)
     out = rlfuse.policy_loss(leaf, tokens, advantages, old_logprobs=old_logprobs, old_topk=old_topk, config=config,
                              backend=backend)
     out.loss.backward()
-    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old_logprobs, old_topk, config)
+    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config)
     torch.testing.assert_close(out.loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-4)
     assert (leaf.grad != 0).sum() <= out.metrics["troll_support_mean"] * tokens.numel()  # sparse gradient

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import AotKernel, block_config
-from .token_logprobs import _grad_coeffs, _row_ptr, _row_stats, _token_logp, _write_grad_row
+from .token_logprobs import _row_ptr, _row_stats, _token_logp, _write_grad_row
 
 # Enum values of token_loss.h (PolicyKind, KlKind, CispoMode).
 PPO, GPPO, CISPO, SAPO, PSPO, REINFORCE = 0, 1, 2, 3, 4, 5
@@ -169,15 +169,6 @@ def _token_loss(logp, entropy, old_logp, ref_logp, advantage, policy_weight, wei
 
 
 @triton.jit
-def _write_zero_row(grad_row, vocab, BLOCK_V: tl.constexpr):
-    cols = tl.arange(0, BLOCK_V)
-    zero = tl.zeros([BLOCK_V], grad_row.dtype.element_ty)
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + cols
-        tl.store(grad_row + offs, zero, mask=offs < vocab)
-
-
-@triton.jit
 def _policy_loss_fused_kernel(
     logits_ptr, tokens_ptr, advantages_ptr, old_logp_ptr, ref_logp_ptr, policy_weight_ptr,
     weight_ptr, loss_ptr, logp_ptr, entropy_ptr, grad_ptr,
@@ -217,17 +208,11 @@ def _policy_loss_fused_kernel(
     tl.store(entropy_ptr + row, entropy)
 
     # 3. Row gradient (token_logprobs backward), written while the row is still in cache.
-    target, base, slope = _grad_coeffs(g_logp, g_entropy, entropy, inv_temp)
     # In place (grad_ptr == logits_ptr), no warp may overwrite z_y before every warp has read it
     # (each warp loads it for its own copy of logp after the statistics' last barrier).
     tl.debug_barrier()
-    if (g_logp == 0.0) & (g_entropy == 0.0):
-        # No loss gradient (masked token, zero weights, clipped): zeros without re-reading the
-        # row, so garbage logits in masked rows never leak into the gradient (kernels.h contract).
-        _write_zero_row(grad_row, vocab, BLOCK_V)
-    else:
-        _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, target, base, slope,
-                        BLOCK_V)
+    # No loss gradient (masked token, zero weights, clipped): zeros without re-reading the row.
+    _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g_entropy, entropy, BLOCK_V)
 
 
 def kernel_constexprs(params):

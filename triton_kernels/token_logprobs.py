@@ -85,23 +85,39 @@ def _grad_coeffs(g_logp, g_entropy, entropy, inv_temp):
 
 
 @triton.jit
-def _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, target, base, slope,
-                    BLOCK_V: tl.constexpr):
-    """Writes every element of one gradient row (in grad_row's dtype) from its coefficients."""
-    # Out-of-range ids match no column (the forward already returned NaN for them).
-    token = tl.where((token >= 0) & (token < vocab), token, -1).to(tl.int32)
+def _write_zero_row(grad_row, vocab, BLOCK_V: tl.constexpr):
     cols = tl.arange(0, BLOCK_V)
+    zero = tl.zeros([BLOCK_V], grad_row.dtype.element_ty)
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
-        mask = offs < vocab
-        z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
-        log_p = z.to(tl.float32) * inv_temp - lse
-        p = _exp(log_p)
-        # p = 0 (e.g. a -inf logit) gives exactly 0, not 0 * inf.
-        g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
-        g = tl.where(offs == token, g + target, g)
-        # Same program reads then writes each element, so grad_row may alias logits_row.
-        tl.store(grad_row + offs, g.to(grad_row.dtype.element_ty), mask=mask)
+        tl.store(grad_row + offs, zero, mask=offs < vocab)
+
+
+@triton.jit
+def _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g_entropy, entropy,
+                    BLOCK_V: tl.constexpr):
+    """Writes every element of one gradient row (in grad_row's dtype) for upstream gradients
+    g_logp (on logp) and g_entropy (on H). A row with g_logp = g_entropy = 0 (masked or fully
+    clipped token) is written as zeros without reading the logits, so NaN/inf in a masked row never
+    leaks into its gradient (csrc/include/rlfuse/kernels.h contract)."""
+    if (g_logp == 0.0) & (g_entropy == 0.0):
+        _write_zero_row(grad_row, vocab, BLOCK_V)
+    else:
+        target, base, slope = _grad_coeffs(g_logp, g_entropy, entropy, inv_temp)
+        # Out-of-range ids match no column (the forward already returned NaN for them).
+        token_col = tl.where((token >= 0) & (token < vocab), token, -1).to(tl.int32)
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            mask = offs < vocab
+            z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
+            log_p = z.to(tl.float32) * inv_temp - lse
+            p = _exp(log_p)
+            # p = 0 (e.g. a -inf logit) gives exactly 0, not 0 * inf.
+            g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
+            g = tl.where(offs == token_col, g + target, g)
+            # Same program reads then writes each element, so grad_row may alias logits_row.
+            tl.store(grad_row + offs, g.to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -137,9 +153,7 @@ def _token_logprobs_bwd_kernel(
     g_logp = tl.load(grad_logp_ptr + row)
     g_entropy = tl.load(grad_entropy_ptr + row)
     token = tl.load(tokens_ptr + row)
-    # dL/dz_j = target * 1[j = y] + p_j * (base + slope * log p_j), all carrying the 1/T factor.
-    target, base, slope = _grad_coeffs(g_logp, g_entropy, entropy, inv_temp)
-    _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, target, base, slope, BLOCK_V)
+    _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g_entropy, entropy, BLOCK_V)
 
 
 def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse, *, block_v=None):

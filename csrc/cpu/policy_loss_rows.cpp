@@ -1,7 +1,5 @@
 // Row kernel of the CPU fused policy loss: per row, the statistics pass, the token loss
 // (token_loss.h), then the gradient pass while the row is still in cache.
-#include <cstring>
-
 #include "cpu_kernels.h"
 #include "row_kernels.h"
 #include "rlfuse/token_loss.h"
@@ -23,13 +21,8 @@ void policy_loss_rows(const PolicyLossFusedArgs& a, int64_t begin, int64_t end) 
     a.loss[row] = tl.loss;
     a.logp[row] = r.logp;
     a.entropy[row] = r.entropy;
-    if (tl.g_logp == 0.0f && tl.g_entropy == 0.0f) {
-      // Masked or fully clipped token: a zero row, without re-reading (possibly garbage) logits.
-      std::memset(dst, 0, a.vocab * element_size(a.dtype));
-      continue;
-    }
-    row_gradient(src, dst, a.dtype, a.vocab, a.inv_temp, grad_coeffs(tl.g_logp, tl.g_entropy, r.entropy, a.inv_temp),
-                 r.lse, y, buf);
+    // A masked or fully clipped token (g_logp = g_H = 0) gets a zero row without a re-read.
+    row_gradient(src, dst, a.dtype, a.vocab, a.inv_temp, tl.g_logp, tl.g_entropy, r.entropy, r.lse, y, buf);
   }
 }
 

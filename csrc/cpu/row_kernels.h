@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "rlfuse/kernels.h"
 #include "rlfuse/row_math.h"
@@ -74,11 +75,20 @@ RLFUSE_ALWAYS_INLINE RowResult row_statistics(const char* src, DType dtype, int6
   return finalize(stats, x_target);
 }
 
-// Gradient pass over one row (SPEC.md section 2): dst may alias src, each chunk is read before
-// it is written. `buf` holds kChunk floats.
+// Gradient pass over one row (SPEC.md section 2) for upstream gradients g_logp (on logp) and
+// g_entropy (on H): dst may alias src, each chunk is read before it is written. A row with
+// g_logp = g_entropy = 0 (a masked or fully clipped token) is written as zeros without reading the
+// logits, so NaN/inf in a masked row never reaches its gradient (kernels.h contract). `buf` holds
+// kChunk floats.
 RLFUSE_ALWAYS_INLINE void row_gradient(const char* src, char* dst, DType dtype, int64_t vocab, float inv_temp,
-                                       const GradCoeffs& c, float lse, int64_t y, float* buf) {
+                                       float g_logp, float g_entropy, float entropy, float lse, int64_t y,
+                                       float* buf) {
   const int64_t esize = element_size(dtype);
+  if (g_logp == 0.0f && g_entropy == 0.0f) {
+    std::memset(dst, 0, vocab * esize);
+    return;
+  }
+  const GradCoeffs c = grad_coeffs(g_logp, g_entropy, entropy, inv_temp);
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     load_scaled(src + start * esize, dtype, n, inv_temp, buf);

@@ -22,8 +22,8 @@ void backward_rows(const TokenLogprobsBwdArgs& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const char* src = row_pointer(a.logits, a.dtype, a.layout, row);
     char* dst = const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row));
-    const GradCoeffs c = grad_coeffs(a.grad_logp[row], a.grad_entropy[row], a.entropy[row], a.inv_temp);
-    row_gradient(src, dst, a.dtype, a.vocab, a.inv_temp, c, a.lse[row], a.tokens[row], buf);
+    row_gradient(src, dst, a.dtype, a.vocab, a.inv_temp, a.grad_logp[row], a.grad_entropy[row], a.entropy[row],
+                 a.lse[row], a.tokens[row], buf);
   }
 }
 

@@ -38,8 +38,12 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
     T* grad = row_pointer<T>(args.grad_logits, args.grad_layout, row);
-    const GradCoeffs coeffs = grad_coeffs(args.grad_logp[row], args.grad_entropy[row],
-                                          args.entropy[row], args.inv_temp);
+    const float g_logp = args.grad_logp[row], g_entropy = args.grad_entropy[row];
+    if (g_logp == 0.0f && g_entropy == 0.0f) {  // masked row: zeros, logits never read (kernels.h)
+      row_zero<T, kBlock>(grad, args.vocab);
+      continue;
+    }
+    const GradCoeffs coeffs = grad_coeffs(g_logp, g_entropy, args.entropy[row], args.inv_temp);
     const ElementGrad element_grad(coeffs, args.lse[row], args.inv_temp);
     row_grad<T, kBlock>(logits, grad, args.vocab, args.tokens[row], element_grad);
   }

@@ -58,5 +58,37 @@ def as_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, Layout]:
     return tensor, layout
 
 
+def may_overlap(tensor: torch.Tensor) -> bool:
+    """True unless every element of ``tensor`` provably has its own memory: with the dimensions
+    sorted by stride, each stride must exceed the farthest offset the smaller ones reach. Expanded
+    (stride-0) views overlap; exotic interleaved layouts are conservatively reported too."""
+    reach = 0
+    for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def inplace_layout(tensor: torch.Tensor, what: str = "logits") -> Layout:
+    """The row layout of ``tensor`` for writing a gradient into its own memory: its rows must be
+    addressable without a copy (a copy would be written, not ``tensor``) and must not share memory
+    (one element would receive several rows' gradients). Anything else is a clear error."""
+    layout = row_layout(tensor)
+    if layout is None:
+        raise ValueError(
+            f"inplace_backward=True needs {what} whose last dimension is contiguous and whose leading "
+            f"dimensions collapse to at most two strides (got shape {tuple(tensor.shape)}, strides "
+            f"{tuple(tensor.stride())}); pass {what}.contiguous() or use inplace_backward=False"
+        )
+    if may_overlap(tensor):
+        raise ValueError(
+            f"inplace_backward=True cannot write into {what} whose elements share memory (an expanded "
+            f"or overlapping view: shape {tuple(tensor.shape)}, strides {tuple(tensor.stride())}); "
+            f"use inplace_backward=False"
+        )
+    return layout
+
+
 def contiguous_layout(rows: int, vocab: int) -> Layout:
     return (rows, max(rows, 1), 0, vocab)

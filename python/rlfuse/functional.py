@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation as check
-from ._layout import row_layout
+from ._layout import inplace_layout
 from .backends import resolve_backend
 from .ops.kl_div import DIRECTIONS, kl_div_fwd
 from .ops.token_logprobs import token_logprobs_fwd
@@ -51,11 +51,8 @@ def _forward(logits, tokens, temperature, backend, inplace_backward):
     temperature = check.check_temperature(temperature)
     check.check_tokens(tokens, logits)
     resolved = resolve_backend(backend, logits.device, "token_logprobs", logits.dtype)
-    if inplace_backward and row_layout(logits) is None:
-        raise ValueError(
-            "inplace_backward=True needs logits whose last dimension is contiguous and whose leading "
-            "dimensions collapse to at most two strides; pass logits.contiguous()"
-        )
+    if inplace_backward:
+        inplace_layout(logits)
     logp, entropy, _ = token_logprobs_fwd(logits, tokens, temperature, resolved, bool(inplace_backward))
     return logp, entropy
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from . import _validation as check
 from . import reference as ref
 from . import troll
+from ._layout import inplace_layout
 from .backends import resolve_backend
 from .config import LossConfig
 from .functional import token_logprobs
@@ -96,6 +97,8 @@ def policy_loss(
         raise ValueError(f"loss={config.loss!r} (entropy_quantile={config.entropy_quantile}) has no fused path")
     batch = _prepare(logits, tokens, advantages, old_logprobs, ref_logprobs, rollout_logprobs, mask, cu_seqlens,
                      config)
+    if inplace_backward:
+        inplace_layout(logits)
     resolved = resolve_backend(backend, logits.device, "policy_loss", logits.dtype)
     if path == "fused" and resolved == "torch":
         raise ValueError("the fused path needs a kernel backend; backend='torch' is the general path")
@@ -114,7 +117,7 @@ def policy_loss(
     if config.loss == "troll":
         if inplace_backward:
             raise ValueError("inplace_backward is not supported by loss='troll' (its gradient is a sparse scatter)")
-        troll.check_old_topk(old_topk, tokens, logits.shape[-1])
+        old_topk = troll.checked_old_topk(old_topk, tokens, logits.shape[-1], batch.mask.view(tokens.shape) > 0)
         loss, logp, entropy, troll_terms = _troll(batch, old_topk, policy_weight, aggregation, config, resolved)
     elif use_fused:
         loss, logp, entropy = _fused(batch, policy_weight, aggregation, config, resolved, inplace_backward)
@@ -136,7 +139,8 @@ def policy_loss(
 
 def _troll(batch, old_topk, policy_weight, weight, config, backend):
     """TROLL (SPEC.md section 7): projection on the sparse support; KL / entropy terms as usual."""
-    terms = troll.troll_token_loss(batch.logits, batch.tokens, batch.advantages, batch.old, old_topk, config, backend)
+    terms = troll.troll_token_loss(batch.logits, batch.tokens, batch.advantages, batch.old, old_topk, config, backend,
+                                   batch.mask > 0)
     loss = ref.weighted(terms.loss, policy_weight).sum()
     logp, entropy = terms.logp, terms.entropy
     if (config.kl is not None and config.kl_coef != 0) or config.entropy_coef != 0:
@@ -144,7 +148,9 @@ def _troll(batch, old_topk, policy_weight, weight, config, backend):
         logp, entropy = token_logprobs(batch.logits, batch.tokens, temperature=config.temperature,
                                        return_entropy=True, backend=backend)
         logp, entropy = logp.reshape(-1), entropy.reshape(-1)
-        loss = loss + ref.penalty_terms(logp, entropy, batch.ref, weight, config).sum()
+        valid = batch.mask > 0
+        penalties = ref.penalty_terms(_masked(logp, valid), _masked(entropy, valid), batch.ref, weight, config)
+        loss = loss + penalties.sum()
     return loss, logp, entropy, terms
 
 
@@ -190,15 +196,19 @@ def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
 def _general(batch, policy_weight, weight, config, backend, inplace_backward):
     logp, entropy = token_logprobs(batch.logits, batch.tokens, temperature=config.temperature, return_entropy=True,
                                    backend=backend, inplace_backward=inplace_backward)
-    logp, entropy = logp.reshape(-1), entropy.reshape(-1)
+    raw_logp, raw_entropy = logp.reshape(-1), entropy.reshape(-1)
+    # Every formula below sees 0 at masked positions, never their (possibly NaN) values: then the
+    # gradient there is an exact 0, not 0 x NaN, and the kernels write those rows as zeros.
+    valid = batch.mask > 0
+    logp, entropy = _masked(raw_logp, valid), _masked(raw_entropy, valid)
     if config.entropy_quantile is not None:
         policy_weight = policy_weight * ref.entropy_minority_mask(entropy, batch.mask, config.entropy_quantile)
     a, old, mask, cu = batch.advantages, batch.old, batch.mask, batch.cu_seqlens
     penalties = ref.penalty_terms(logp, entropy, batch.ref, weight, config).sum()
     if config.loss == "gspo":
-        return ref.gspo_loss(logp, old, a, mask, cu, config) + penalties, logp, entropy
+        return ref.gspo_loss(logp, old, a, mask, cu, config) + penalties, raw_logp, raw_entropy
     if config.loss == "gmpo":
-        return ref.gmpo_loss(logp, old, a, mask, cu, config) + penalties, logp, entropy
+        return ref.gmpo_loss(logp, old, a, mask, cu, config) + penalties, raw_logp, raw_entropy
     if config.loss == "gspo_token":
         term = ref.gspo_token_term(logp, old, a, mask, cu, config)
     elif config.loss == "clip_cov":
@@ -207,7 +217,12 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
         term = ref.kl_cov_term(logp, old, a, mask, config)
     else:
         term = ref.policy_term(logp, old, a, config)
-    return ref.weighted(term, policy_weight).sum() + penalties, logp, entropy
+    return ref.weighted(term, policy_weight).sum() + penalties, raw_logp, raw_entropy
+
+
+def _masked(values: Tensor, valid: Tensor) -> Tensor:
+    """``values`` with masked positions replaced by 0 (a select: their gradient is exactly 0)."""
+    return torch.where(valid, values, torch.zeros_like(values))
 
 
 def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens, config) -> _Batch:
@@ -231,6 +246,7 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
     n_tokens, n_seqs = tokens.numel(), cu.numel() - 1
     flat_mask = _per_token("mask", mask, tokens, required=False)
     flat_mask = torch.ones(n_tokens, device=device) if flat_mask is None else (flat_mask != 0).float()
+    valid = flat_mask > 0
 
     adv = _as_tensor("advantages", advantages, device)
     if adv.shape == tokens.shape:
@@ -243,12 +259,19 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
         )
     needs_old = config.loss in RATIO_LOSSES or config.rollout_correction is not None
     needs_ref = config.kl is not None and config.kl_coef != 0
+
+    def per_token(name, value, required, reason=""):
+        values = _per_token(name, value, tokens, required, reason)
+        return None if values is None else _masked(values, valid).contiguous()
+
+    # Masked positions hold 0 in every per-token input: whatever the caller left there (NaN
+    # included) never reaches a loss, a metric or a gradient.
     return _Batch(
-        logits=logits, tokens=tokens, cu_seqlens=cu, mask=flat_mask, advantages=flat_adv.contiguous(),
-        old=_per_token("old_logprobs", old, tokens, needs_old, f"loss={config.loss!r}"),
-        ref=_per_token("ref_logprobs", ref_lp, tokens, needs_ref, f"kl={config.kl!r}"),
-        rollout=_per_token("rollout_logprobs", rollout, tokens, config.rollout_correction is not None,
-                           f"rollout_correction={config.rollout_correction!r}"),
+        logits=logits, tokens=tokens, cu_seqlens=cu, mask=flat_mask, advantages=_masked(flat_adv, valid).contiguous(),
+        old=per_token("old_logprobs", old, needs_old, f"loss={config.loss!r}"),
+        ref=per_token("ref_logprobs", ref_lp, needs_ref, f"kl={config.kl!r}"),
+        rollout=per_token("rollout_logprobs", rollout, config.rollout_correction is not None,
+                          f"rollout_correction={config.rollout_correction!r}"),
         norm_length=norm_length,
     )
 
@@ -299,11 +322,10 @@ def _metrics(batch, logp, entropy, config, policy_weight) -> dict:
     metrics = {"valid_tokens": count.float(), "entropy": mean(entropy)}
     if batch.old is not None:
         r = ref.ratio(logp, batch.old)
-        nan = torch.full_like(denominator, float("nan"))
         metrics["approx_kl"] = mean(batch.old - logp)
         metrics["ratio_mean"] = mean(r)
-        metrics["ratio_min"] = torch.where(count > 0, r.masked_fill(~valid, float("inf")).min(), nan)
-        metrics["ratio_max"] = torch.where(count > 0, r.masked_fill(~valid, float("-inf")).max(), nan)
+        metrics["ratio_min"] = _masked_extreme(r, valid, count, "min")
+        metrics["ratio_max"] = _masked_extreme(r, valid, count, "max")
         if config.loss in PPO_CLIPPED and config.clip_low is not None:
             a = batch.advantages
             metrics["clip_frac_low"] = mean((a < 0) & (r < 1.0 - config.clip_low))
@@ -315,7 +337,15 @@ def _metrics(batch, logp, entropy, config, policy_weight) -> dict:
     if config.rollout_correction is not None:
         w = ref.rollout_correction_weights(batch.old, batch.rollout, batch.mask, batch.cu_seqlens, config)
         metrics["rollout_weight_mean"] = mean(w)
-        metrics["rollout_weight_min"] = w.masked_fill(~valid, float("inf")).min()
-        metrics["rollout_weight_max"] = w.masked_fill(~valid, float("-inf")).max()
+        metrics["rollout_weight_min"] = _masked_extreme(w, valid, count, "min")
+        metrics["rollout_weight_max"] = _masked_extreme(w, valid, count, "max")
         metrics["rollout_dropped_frac"] = mean(w == 0)
     return metrics
+
+
+def _masked_extreme(values: Tensor, valid: Tensor, count: Tensor, kind: str) -> Tensor:
+    """min or max of ``values`` over valid tokens; NaN when there is none (also for zero tokens)."""
+    fill = float("inf") if kind == "min" else float("-inf")
+    padded = torch.cat([values.float().masked_fill(~valid, fill), values.new_full((1,), fill, dtype=torch.float32)])
+    extreme = padded.amin() if kind == "min" else padded.amax()
+    return torch.where(count > 0, extreme, torch.full_like(extreme, float("nan")))

@@ -44,26 +44,23 @@ class SparseLogprobs:
         return SparseLogprobs(self.ids.to(device), self.logprobs.to(device), self.count.to(device), self.vocab)
 
 
-def _kept(values: Tensor, ids: Tensor, lse: Tensor, tokens: Tensor, threshold: float):
-    """Keep the sorted top entries until their cumulative probability reaches 1 - threshold, then
-    make sure the chosen token is in (appended, or replacing the last slot when all k are used)."""
-    k = ids.shape[-1]
+def _kept(values: Tensor, ids: Tensor, lse: Tensor, threshold: float):
+    """Keep the sorted top entries until their cumulative probability reaches 1 - threshold:
+    (ids, log-probs, count), with -1 / -inf past ``count``."""
     logprobs = values - lse.unsqueeze(-1)
     cumulative_before = torch.cumsum(logprobs.exp(), -1) - logprobs.exp()
     keep = (ids >= 0) & (cumulative_before < 1.0 - threshold)
-    count = keep.sum(-1)
-    has_token = ((ids == tokens.unsqueeze(-1).to(ids.dtype)) & keep).any(-1)
-    slot = torch.clamp(count, max=k - 1)
     ids = torch.where(keep, ids, torch.full_like(ids, -1))
     logprobs = torch.where(keep, logprobs, torch.full_like(logprobs, float("-inf")))
-    return ids, logprobs, count, has_token, slot
+    return ids, logprobs, keep.sum(-1)
 
 
 def sparse_logprobs(logits: Tensor, tokens: Tensor, k: int = 64, threshold: float = 1e-5, temperature: float = 1.0,
                     backend: str = "auto") -> SparseLogprobs:
     """Per position, the most probable tokens until ``k`` or cumulative probability >= 1 - threshold,
-    always including the chosen token, with their log-probs. One pass over each row (a streaming
-    top-k; no sort of the vocabulary). No gradient."""
+    with their log-probs. One pass over each row (a streaming top-k; no sort of the vocabulary). No
+    gradient. The chosen token is not inserted: TROLL takes its old log-prob from ``old_logprobs``,
+    so it never displaces one of the ``k`` most probable tokens (SPEC section 7)."""
     check.check_logits(logits)
     check.check_tokens(tokens, logits)
     temperature = check.check_temperature(temperature)
@@ -73,15 +70,9 @@ def sparse_logprobs(logits: Tensor, tokens: Tensor, k: int = 64, threshold: floa
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
     resolved = resolve_backend(backend, logits.device, "row_topk", logits.dtype)
     with torch.no_grad():
-        ids, values, token_logp, _, lse = row_topk(logits.detach(), tokens, temperature, k, resolved)
-        ids, logprobs, count, has_token, slot = _kept(values, ids, lse, tokens, threshold)
-        missing = ~has_token
-        index = slot.unsqueeze(-1)
-        ids = torch.where(missing.unsqueeze(-1),
-                          ids.scatter(-1, index, tokens.to(torch.int32).unsqueeze(-1)), ids)
-        logprobs = torch.where(missing.unsqueeze(-1), logprobs.scatter(-1, index, token_logp.unsqueeze(-1)), logprobs)
-        count = torch.where(missing, slot + 1, count).to(torch.int32)
-    return SparseLogprobs(ids, logprobs, count, logits.shape[-1])
+        ids, values, _, _, lse = row_topk(logits.detach(), tokens, temperature, k, resolved)
+        ids, logprobs, count = _kept(values, ids, lse, threshold)
+    return SparseLogprobs(ids, logprobs, count.to(torch.int32), logits.shape[-1])
 
 
 # --- the projection --------------------------------------------------------------------------------
@@ -208,7 +199,9 @@ class TrollTerms:
     entropy: Tensor  # [N], detached
 
 
-def check_old_topk(old_topk, tokens: Tensor, vocab: int) -> None:
+def checked_old_topk(old_topk, tokens: Tensor, vocab: int, valid: Tensor) -> SparseLogprobs:
+    """``old_topk`` validated on the valid tokens (``valid``: bool, the tokens' shape), with the
+    masked tokens' entries emptied (ids -1), so whatever they hold never reaches the loss."""
     if not isinstance(old_topk, SparseLogprobs):
         raise TypeError("old_topk must be the rlfuse.sparse_logprobs(...) of the old policy")
     if old_topk.vocab != vocab:
@@ -220,14 +213,38 @@ def check_old_topk(old_topk, tokens: Tensor, vocab: int) -> None:
         )
     if old_topk.ids.device != tokens.device:
         raise ValueError(f"old_topk is on {old_topk.ids.device} but the tokens are on {tokens.device}")
+    if old_topk.ids.dtype not in (torch.int32, torch.int64) or not old_topk.logprobs.is_floating_point():
+        raise TypeError(f"old_topk must hold integer ids and floating-point log-probs, got {old_topk.ids.dtype} "
+                        f"and {old_topk.logprobs.dtype}")
+    valid = valid.unsqueeze(-1)
+    ids = torch.where(valid, old_topk.ids, torch.full_like(old_topk.ids, -1))
+    used = ids >= 0
+    logprobs = torch.where(used, old_topk.logprobs, torch.full_like(old_topk.logprobs, float("-inf")))
+    if ids.numel() and not torch.compiler.is_compiling():  # one host sync, before anything runs
+        bad_id = (ids < -1) | (ids >= vocab)
+        bad_logprob = used & (torch.isnan(logprobs) | (logprobs == float("inf")))
+        ordered = ids.sort(-1).values
+        duplicate = (ordered[..., 1:] >= 0) & (ordered[..., 1:] == ordered[..., :-1])
+        problems = torch.stack([bad_id.any(), bad_logprob.any(), duplicate.any()]).tolist()
+        if problems[0]:
+            raise ValueError(f"old_topk.ids must lie in [0, V) = [0, {vocab}), or be -1 for an empty slot; found "
+                             f"{ids[bad_id][:4].tolist()}")
+        if problems[1]:
+            raise ValueError("old_topk.logprobs must be finite (or -inf) for every used slot; found "
+                             f"{logprobs[bad_logprob][:4].tolist()}")
+        if problems[2]:
+            raise ValueError("old_topk.ids must not repeat an id within a token's slots")
+    return SparseLogprobs(ids, logprobs, old_topk.count, old_topk.vocab)
 
 
-def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config, backend) -> TrollTerms:
-    """Per-token TROLL loss on flattened tokens (advantages / old_logprobs are float32 [N])."""
+def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens=None) -> TrollTerms:
+    """Per-token TROLL loss on flattened tokens (advantages / old_logprobs are float32 [N]). Tokens
+    outside ``valid_tokens`` (bool [N]) see zero logits on their support: a finite loss and an exact zero
+    gradient, whatever their logits hold."""
     temperature = config.temperature
     new_ids, new_values, logp, entropy, new_lse = row_topk(logits.detach(), tokens, temperature, config.troll_k,
                                                            backend)
-    new_ids, _, _, _, _ = _kept(new_values, new_ids, new_lse, tokens, config.troll_threshold)
+    new_ids, _, _ = _kept(new_values, new_ids, new_lse, config.troll_threshold)
     lead = tokens.shape
     old_ids = old_topk.ids.to(torch.int64)
     old_lp = old_topk.logprobs.double()
@@ -244,10 +261,12 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     b_raw = old_values.gather(-1, order)
     first = torch.ones_like(support_ids, dtype=torch.bool)
     first[..., 1:] = support_ids[..., 1:] != support_ids[..., :-1]
-    valid = first & (support_ids >= 0)
-    safe_ids = support_ids.clamp(min=0)
+    valid = first & (support_ids >= 0) & (support_ids < logits.shape[-1])
+    safe_ids = torch.where(valid, support_ids, 0)
 
     x = SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / temperature  # differentiable
+    if valid_tokens is not None:
+        x = torch.where(valid_tokens.reshape(lead).unsqueeze(-1), x, torch.zeros_like(x))
     a = _masked_log_softmax(x, valid)
     b = _masked_log_softmax(torch.where(valid, b_raw.masked_fill(torch.isnan(b_raw), LOG_FLOOR), 0.0), valid)
     log_q, eta = TrollProjection.apply(a, b, valid, config.troll_eps)

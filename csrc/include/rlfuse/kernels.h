@@ -42,7 +42,9 @@ struct TokenLogprobsBwdArgs {
   const float* entropy;     // [rows] from the forward
   const float* grad_logp;   // [rows]
   const float* grad_entropy;  // [rows]
-  void* grad_logits;        // same dtype as logits; may alias `logits` (in-place backward)
+  void* grad_logits;        // same dtype as logits; may alias `logits` (in-place backward). Rows
+                            // with grad_logp = grad_entropy = 0 are written as zeros without
+                            // reading the logits, so garbage in masked rows never leaks.
   RowLayout grad_layout;
 };
 

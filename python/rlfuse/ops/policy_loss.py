@@ -9,12 +9,13 @@ the logits themselves (declared as a mutation), so the loss costs no ``[N, V]`` 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._layout import as_rows, contiguous_layout
+from .._layout import as_rows, contiguous_layout, inplace_layout
 from ._launch import empty_gradient, kernels
 
 POLICY_KINDS = {"ppo": 0, "gppo": 1, "cispo": 2, "sapo": 3, "pspo": 4, "reinforce": 5}
@@ -52,12 +53,16 @@ class TokenLossParams(NamedTuple):
 
 
 def _launch(logits, tokens, per_token, temperature, params, backend, grad_logits):
-    rows_view, layout = as_rows(logits)
+    if grad_logits is logits:  # in place: the rows are written through logits' own layout
+        rows_view, layout = logits, inplace_layout(logits)
+        grad_layout = layout
+    else:
+        rows_view, layout = as_rows(logits)
+        grad_layout = contiguous_layout(layout[0], logits.shape[-1])
     n = layout[0]
     loss, logp, entropy = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n == 0:
         return loss, logp, entropy
-    grad_layout = layout if grad_logits is logits else contiguous_layout(n, logits.shape[-1])
     advantages, old_logp, ref_logp, policy_weight, weight = per_token
     kernels(backend, "policy_loss").policy_loss_fused(
         rows_view, layout, logits.shape[-1], tokens.reshape(-1).to(torch.int64).contiguous(), 1.0 / temperature,
@@ -113,12 +118,26 @@ class FusedPolicyLoss(torch.autograd.Function):
             token_losses, logp, entropy, grad = policy_loss_fused(logits, *args)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(logp, entropy)
+        ctx.applied_scale = 1.0  # the factor the saved gradient currently carries
         return token_losses.sum(), logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         (grad,) = ctx.saved_tensors
-        # The usual upstream gradient of a loss is exactly 1: skip a full pass over [N, V] then.
-        if torch.compiler.is_compiling() or not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grad = grad.mul_(grad_loss.to(grad.dtype))
-        return grad, None, None, None, None, None, None
+        none = (None,) * 6
+        if torch.compiler.is_compiling():
+            return grad * grad_loss.to(grad.dtype), *none
+        scale = float(grad_loss)
+        # The usual upstream gradient of a loss is exactly 1: return the kernel's gradient as it is.
+        if scale == ctx.applied_scale:
+            return grad, *none
+        if scale == 0.0:
+            return None, *none  # a zero gradient, without touching (or allocating) [N, V]
+        if not math.isfinite(scale):
+            return grad * grad_loss.to(grad.dtype), *none
+        # Rescale in place (no [N, V] allocation). The saved gradient is rescaled, not overwritten:
+        # a repeated backward (retain_graph=True) rescales from the factor it carries now.
+        with torch.autograd._unsafe_preserve_version_counter(grad):
+            grad.mul_(scale / ctx.applied_scale)
+        ctx.applied_scale = scale
+        return grad, *none

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._layout import as_rows, contiguous_layout
+from .._layout import as_rows, contiguous_layout, inplace_layout
 from ._launch import empty_gradient, kernels
 
 OP = "token_logprobs"
@@ -52,8 +52,12 @@ def _(logits, tokens, temperature, backend, inplace_backward):
 
 
 def _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend, grad_logits):
-    rows_view, layout = as_rows(logits)
-    grad_layout = layout if grad_logits is logits else contiguous_layout(layout[0], logits.shape[-1])
+    if grad_logits is logits:  # in place: the rows are written through logits' own layout
+        rows_view, layout = logits, inplace_layout(logits)
+        grad_layout = layout
+    else:
+        rows_view, layout = as_rows(logits)
+        grad_layout = contiguous_layout(layout[0], logits.shape[-1])
     if layout[0] == 0:
         return
     kernels(backend, OP).token_logprobs_bwd(
@@ -86,6 +90,7 @@ def token_logprobs_bwd_inplace(
     temperature: float, backend: str,
 ) -> None:
     if backend == "torch":
+        inplace_layout(logits)
         logits.copy_(reference.row_gradient(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature))
         return
     _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend, logits)
