@@ -75,4 +75,6 @@ def row_gradient(
     in_range = ((tokens >= 0) & (tokens < vocab)).unsqueeze(-1)
     target = torch.where(in_range, g_logp, 0.0)
     grad = grad.scatter_add(-1, tokens.long().clamp(0, vocab - 1).unsqueeze(-1), target)
-    return (grad / temperature).float()
+    # A row with no upstream gradient is exactly 0, whatever its logits hold (NaN in a masked row).
+    no_gradient = ((grad_logp == 0) & (grad_entropy == 0)).unsqueeze(-1)
+    return torch.where(no_gradient, 0.0, grad / temperature).float()
