@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rlfuse
 from rlfuse import LossConfig
@@ -231,3 +233,85 @@ def test_solve_eta_reaches_the_bound_to_1e7(generator):
 
     kl = kl_on_support(_project(a, b, valid, eta), b, valid)
     torch.testing.assert_close(kl, torch.full_like(kl, 0.1), rtol=1e-7, atol=0)
+
+
+CORRUPTIONS = ["id_equal_v", "id_above_v", "id_below_minus_one", "nan_logprob", "inf_logprob", "repeated_id"]
+
+
+def _corrupt(old_topk, row, kind, vocab):
+    ids, lp = old_topk.ids.clone(), old_topk.logprobs.clone()
+    flat_ids, flat_lp = ids.view(-1, ids.shape[-1]), lp.view(-1, ids.shape[-1])
+    if kind == "id_equal_v":
+        flat_ids[row, 0] = vocab
+    elif kind == "id_above_v":
+        flat_ids[row, 0] = vocab + 1000
+    elif kind == "id_below_minus_one":
+        flat_ids[row, 0] = -2
+    elif kind == "nan_logprob":
+        flat_lp[row, 0] = float("nan")
+    elif kind == "inf_logprob":
+        flat_lp[row, 0] = float("inf")
+    elif kind == "repeated_id":
+        flat_ids[row, 1] = flat_ids[row, 0]
+    return rlfuse.troll.SparseLogprobs(ids, lp, old_topk.count, old_topk.vocab)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(CORRUPTIONS), masked=st.booleans())
+def test_old_topk_is_validated_before_anything_runs(backend, seed, kind, masked):
+    """A bad old_topk entry at a valid token is a clear ValueError (nothing computed); at a masked
+    token it is ignored: the loss and gradient equal the clean call's."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 40
+    logits = torch.randn(2, 3, vocab, generator=g) * 2
+    tokens = torch.randint(0, vocab, (2, 3), generator=g)
+    old_logits = logits + 0.5 * torch.randn(logits.shape, generator=g)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=6)
+    old = torch.log_softmax(old_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    row = int(torch.randint(0, 6, (1,), generator=g))
+    mask = torch.ones(6, dtype=torch.bool)
+    mask[row] = not masked
+    mask = mask.view(2, 3)
+    config = LossConfig.troll(troll_k=6)
+
+    def run(topk):
+        leaf = logits.clone().requires_grad_(True)
+        out = rlfuse.policy_loss(leaf, tokens, torch.randn(2, 3, generator=torch.Generator().manual_seed(1)),
+                                 old_logprobs=old, old_topk=topk, mask=mask, config=config, backend=backend)
+        out.loss.backward()
+        return out.loss.detach(), leaf.grad
+
+    bad = _corrupt(old_topk, row, kind, vocab)
+    if not masked:
+        with pytest.raises(ValueError, match="old_topk"):
+            run(bad)
+        return
+    clean_loss, clean_grad = run(old_topk)
+    loss, grad = run(bad)
+    torch.testing.assert_close(loss, clean_loss)
+    torch.testing.assert_close(grad, clean_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 6), vocab=st.sampled_from([5, 37, 130]),
+       temperature=st.sampled_from([0.7, 1.0, 1.3]), eps=st.sampled_from([0.01, 0.2]))
+def test_troll_support_matches_spec_for_any_k(backend, seed, k, vocab, temperature, eps):
+    """SPEC section 7's support for random k / V / T: the chosen token never takes an old slot, so
+    every old top-k token keeps its real log-prob (the old bug: up to 21% gradient error)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, vocab, generator=g) * 2
+    tokens = torch.randint(0, vocab, (2, 3), generator=g)
+    old_logits = logits + 0.8 * torch.randn(logits.shape, generator=g)
+    config = LossConfig.troll(troll_k=k, troll_eps=eps, temperature=temperature)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=k, temperature=temperature, backend=backend)
+    old = torch.log_softmax(old_logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    advantages = torch.randn(2, 3, generator=g)
+    leaf = logits.clone().requires_grad_(True)
+    out = rlfuse.policy_loss(leaf, tokens, advantages, old_logprobs=old, old_topk=old_topk, config=config,
+                             backend=backend)
+    out.loss.backward()
+    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old, old_logits, config)
+    torch.testing.assert_close(out.loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-4)

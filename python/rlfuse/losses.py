@@ -234,7 +234,8 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
             raise ValueError("cu_seqlens is for packed [N, V] logits; padded [B, T, V] logits take mask [B, T]")
         batch_size, seq_len = tokens.shape
         cu = torch.arange(batch_size + 1, device=device, dtype=torch.int64) * seq_len
-        norm_length = config.norm_length if config.norm_length is not None else float(seq_len)
+        # Dr. GRPO's constant length defaults to T (1 when T = 0: there is no token to normalise).
+        norm_length = config.norm_length if config.norm_length is not None else float(max(seq_len, 1))
     elif logits.dim() == 2:
         n = tokens.shape[0]
         cu = _check_cu_seqlens(cu_seqlens, n, device)
