@@ -123,3 +123,19 @@ def test_token_ids_out_of_range(batch):
     batch["tokens"][0, 0] = 11
     with pytest.raises(ValueError, match="tokens must lie in"):
         rlfuse.policy_loss(**batch)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(loss="gspo_token", clip_low=0.02, clip_high=0.03, dual_clip=3.0), "dual_clip"),
+    (dict(loss="cispo", delta=1.5), "delta"),
+    (dict(loss="gspo_token", clip_low=0.02, clip_high=0.03, delta=1.5), "delta"),
+    (dict(loss="gspo", aggregation="token-sum"), "aggregation"),
+    (dict(loss="gmpo", aggregation="seq-mean-token-sum-norm", norm_length=8.0), "aggregation"),
+    (dict(loss="gspo", rollout_correction="token_truncate"), "rollout_correction"),
+    (dict(loss="gmpo", entropy_quantile=0.2), "entropy_quantile"),
+    (dict(loss="troll", entropy_quantile=0.2), "entropy_quantile"),
+])
+def test_knobs_a_loss_would_ignore_are_errors(overrides, field):
+    """A config knob the chosen loss does not implement is an error, never a silent no-op."""
+    with pytest.raises(ValueError, match=f"LossConfig.{field}"):
+        LossConfig(**overrides)

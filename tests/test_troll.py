@@ -135,7 +135,7 @@ def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, c
             continue
         old_ids = [j for j in old_top_ids.reshape(-1, old_k)[i].tolist() if j >= 0]
         old_lp = dict(zip(old_ids, old_top_lp.reshape(-1, old_k)[i].tolist()))
-        old_lp.setdefault(y, old_logprobs.reshape(-1)[i].item())
+        old_lp[y] = old_logprobs.reshape(-1)[i].item()  # the chosen token's comes from old_logprobs
         support = sorted(set(old_ids) | {y} | {j for j in new.reshape(-1, new.shape[-1])[i].tolist() if j >= 0})
         idx = torch.tensor(support)
         a = torch.log_softmax(flat_x[i, idx], -1)

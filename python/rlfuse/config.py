@@ -9,6 +9,8 @@ from dataclasses import dataclass
 POLICY_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "reinforce", "gspo", "gspo_token", "gmpo",
                  "clip_cov", "kl_cov", "troll")
 TOKEN_LOCAL_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "reinforce")
+PPO_CLIP_LOSSES = ("ppo", "gppo", "clip_cov")  # the ones whose ratio takes dual_clip and delta
+SEQUENCE_MEAN_LOSSES = ("gspo", "gmpo")  # one term per sequence, averaged over sequences
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+", "abs")
 CISPO_MODES = ("two_sided", "upper", "cap")
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "seq_truncate", "seq_mask")
@@ -104,8 +106,18 @@ class LossConfig:
             fail("cov_ratio", "must be in (0, 1]")
         if self.entropy_quantile is not None and not 0.0 < self.entropy_quantile <= 1.0:
             fail("entropy_quantile", "must be in (0, 1] or None")
-        if self.loss not in ("ppo", "gppo", "gspo_token", "clip_cov") and self.dual_clip is not None:
-            fail("dual_clip", f"applies to ppo-style losses, not {self.loss!r}")
+        # Knobs a loss would silently ignore are errors, never no-ops.
+        if self.loss not in PPO_CLIP_LOSSES and self.dual_clip is not None:
+            fail("dual_clip", f"applies to {PPO_CLIP_LOSSES}, not {self.loss!r}")
+        if self.loss not in PPO_CLIP_LOSSES and self.delta is not None:
+            fail("delta", f"applies to {PPO_CLIP_LOSSES}, not {self.loss!r}")
+        if self.loss in SEQUENCE_MEAN_LOSSES:
+            if self.aggregation not in ("token-mean", "seq-mean-token-mean"):
+                fail("aggregation", f"does not apply to loss={self.loss!r}, which is a mean over sequences")
+            if self.rollout_correction is not None:
+                fail("rollout_correction", f"is not supported by loss={self.loss!r} (a per-sequence ratio)")
+        if self.loss in SEQUENCE_MEAN_LOSSES + ("troll",) and self.entropy_quantile is not None:
+            fail("entropy_quantile", f"is not supported by loss={self.loss!r}")
         if self.loss == "cispo" and self.cispo_mode == "cap" and self.clip_high <= 0:
             fail("clip_high", "is the CISPO cap in 'cap' mode and must be > 0")
         if self.rollout_cap_low is not None and self.rollout_cap_low > self.rollout_cap:

@@ -249,12 +249,13 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     old_ids = old_topk.ids.to(torch.int64)
     old_lp = old_topk.logprobs.double()
     token_ids = tokens.to(torch.int64).unsqueeze(-1)
-    # Candidates in priority order: old kept (their stored log-prob), the chosen token (old_logprobs),
-    # new kept (floor). A stable sort groups duplicates with the highest-priority copy first.
-    candidates = torch.cat([old_ids, token_ids, new_ids.to(torch.int64)], -1)
+    # Candidates in priority order: the chosen token (old_logprobs, as every other variant's ratio
+    # uses), old kept (their stored log-prob), new kept (floor). A stable sort groups duplicates
+    # with the highest-priority copy first.
+    candidates = torch.cat([token_ids, old_ids, new_ids.to(torch.int64)], -1)
     old_values = torch.cat([
-        old_lp,
         old_logprobs.double().reshape(lead).unsqueeze(-1),
+        old_lp,
         torch.full(new_ids.shape, LOG_FLOOR, dtype=torch.float64, device=logits.device),
     ], -1)
     support_ids, order = torch.sort(candidates, dim=-1, stable=True)
@@ -268,7 +269,8 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     if valid_tokens is not None:
         x = torch.where(valid_tokens.reshape(lead).unsqueeze(-1), x, torch.zeros_like(x))
     a = _masked_log_softmax(x, valid)
-    b = _masked_log_softmax(torch.where(valid, b_raw.masked_fill(torch.isnan(b_raw), LOG_FLOOR), 0.0), valid)
+    # A NaN old log-prob of a valid token makes its loss NaN, as in every other variant.
+    b = _masked_log_softmax(torch.where(valid, b_raw, 0.0), valid)
     log_q, eta = TrollProjection.apply(a, b, valid, config.troll_eps)
 
     at_token = valid & (support_ids == token_ids)
