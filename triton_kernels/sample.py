@@ -128,14 +128,17 @@ def _sample_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.co
         d = x - m_new[:, None]
         e = tl.exp2(d * LOG2E)
         chunk_dot = tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)  # -inf entries add 0, not NaN
-        dot = (dot + s * shift) * rescale + chunk_dot
+        # Old terms that underflow add 0: from m = -FLT_MAX a max above ~1e31 makes shift -inf
+        # (s = 0 then, and 0 * -inf would be NaN).
+        dot = tl.where(rescale == 0.0, 0.0, (dot + s * shift) * rescale) + chunk_dot
         s = s * rescale + tl.sum(e, axis=1)
         m = m_new
 
     row_max = tl.max(m, axis=0)
     lane_scale = tl.exp2((m - row_max) * LOG2E)
     sum_exp = tl.sum(s * lane_scale, axis=0)
-    sum_dot = tl.sum((dot + s * (m - row_max)) * lane_scale, axis=0)
+    # The same rule across lanes: a lane that saw only -inf (m = -FLT_MAX) adds 0, not NaN.
+    sum_dot = tl.sum(tl.where(lane_scale == 0.0, 0.0, (dot + s * (m - row_max)) * lane_scale), axis=0)
     log_sum = tl.log(sum_exp)
     entropy = log_sum - sum_dot / sum_exp
     return row_max, log_sum, entropy, sum_exp, tl.min(lo, axis=0), tl.sum(n, axis=0)
@@ -217,7 +220,9 @@ def _draw_one(logits_row, vocab, inv_temp, thr_key, row_key, use_gumbel, BLOCK_V
         best = tl.where(better, score, best)
         best_id = tl.where(better, offs, best_id)
     top = tl.max(best, axis=0)
-    # Lanes that never saw a kept entry hold -inf < top (the row has a finite kept entry).
+    # Lanes that never saw a kept entry hold -inf < top (the row has a finite kept entry). Ids
+    # only ever come from in-range columns (masked ones score -inf or NaN, never better), so even
+    # a row the caller must reject (NaN, +inf: nothing wins) gives id 0, never -1 or >= vocab.
     return tl.min(tl.where(best == top, best_id, INT32_MAX), axis=0)
 
 

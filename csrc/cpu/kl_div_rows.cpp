@@ -63,11 +63,14 @@ void kl_div_fwd_rows(const KlDivFwdArgs& a, int64_t begin, int64_t end) {
       accumulate_cross(x, y, padded, p);
       accumulate_cross(y, x, padded, q);
     }
-    const float lse_p = p.max + std::log(p.sum);
-    const float lse_q = q.max + std::log(q.sum);
-    a.kl[row] = a.direction == kKlForward ? p.cross / p.sum - lse_p + lse_q : q.cross / q.sum - lse_q + lse_p;
-    a.lse[row] = lse_p;
-    a.other_lse[row] = lse_q;
+    const float log_sum_p = std::log(p.sum);
+    const float log_sum_q = std::log(q.sum);
+    // lse_p - lse_q as (max_p - max_q) + (log s_p - log s_q): exact when the maxima are close,
+    // where subtracting the two fp32 lse's would round at their own scale (~1e-3 at |lse| = 1e4).
+    const float lse_diff = (p.max - q.max) + (log_sum_p - log_sum_q);
+    a.kl[row] = a.direction == kKlForward ? p.cross / p.sum - lse_diff : q.cross / q.sum + lse_diff;
+    a.lse[row] = p.max + log_sum_p;
+    a.other_lse[row] = q.max + log_sum_q;
   }
 }
 

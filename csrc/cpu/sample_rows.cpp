@@ -54,6 +54,22 @@ float mass_at_least(const float* x, const float* e, int64_t padded, float t) {
   return lane_sum(sum);
 }
 
+// The first maximum of x[0, n): the first x_i > -inf that no later entry exceeds, 0 if there is
+// none (NaN entries never win). The token of a greedy row, and the fallback of a draw that no
+// entry won, so a token is always in [0, n), never -1 (the CUDA kernel falls back the same way;
+// Triton's draw gives id 0 there).
+int64_t first_maximum(const float* x, int64_t n) {
+  int64_t best = 0;
+  float best_value = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] > best_value) {
+      best = i;
+      best_value = x[i];
+    }
+  }
+  return best;
+}
+
 // The largest value t among x such that keep(t) holds (keep is monotone: true for small t).
 template <typename Keep>
 float largest_threshold(float low, float high, Keep keep) {
@@ -87,18 +103,19 @@ void sample_rows(const SampleArgs& a, int64_t begin, int64_t end) {
     load_scaled(src, a.dtype, a.vocab, greedy ? 1.0f : 1.0f / temperature, x);
     pad_to_lanes(x, a.vocab);
     const RowSummary summary = summarise(x, e, padded);
-    const float lse = summary.max + std::log(summary.sum);
+    // Log-probs as (x - max) - log(sum), never x - lse: an fp32 lse rounds at its own scale.
+    const float log_sum = std::log(summary.sum);
     a.entropy[row] = summary.entropy;
     int64_t* tokens = a.tokens + row * a.num_samples;
     float* logprobs = a.logprobs + row * a.num_samples;
     float* raw = a.raw_logprobs + row * a.num_samples;
 
     if (greedy) {
-      const int64_t best = std::max_element(x, x + a.vocab) - x;  // first maximum
+      const int64_t best = first_maximum(x, a.vocab);
       for (int64_t s = 0; s < a.num_samples; ++s) {
         tokens[s] = best;
         logprobs[s] = 0.0f;
-        raw[s] = x[best] - lse;
+        raw[s] = (x[best] - summary.max) - log_sum;
       }
       continue;
     }
@@ -118,7 +135,7 @@ void sample_rows(const SampleArgs& a, int64_t begin, int64_t end) {
       threshold = largest_threshold(from, summary.max, [&](float t) { return mass_at_least(x, e, padded, t) >= target; });
     }
     if (a.min_p[row] > 0.0f) threshold = std::max(threshold, summary.max + std::log(a.min_p[row]));
-    const float kept_lse = summary.max + std::log(mass_at_least(x, e, padded, threshold));
+    const float kept_log_sum = std::log(mass_at_least(x, e, padded, threshold));
 
     for (int64_t s = 0; s < a.num_samples; ++s) {
       const uint32_t key = rng_row_key(a.seed[row], static_cast<uint32_t>(s));
@@ -137,9 +154,12 @@ void sample_rows(const SampleArgs& a, int64_t begin, int64_t end) {
           }
         }
       }
+      // No entry won only for rows the caller must reject (NaN, +inf, or +inf once scaled: every
+      // score NaN); never return -1 nor read x[-1]: fall back to the first maximum.
+      if (best < 0) best = first_maximum(x, a.vocab);
       tokens[s] = best;
-      logprobs[s] = x[best] - kept_lse;
-      raw[s] = x[best] - lse;
+      logprobs[s] = (x[best] - summary.max) - kept_log_sum;
+      raw[s] = (x[best] - summary.max) - log_sum;
     }
   }
 }

@@ -21,7 +21,9 @@
 //      G_j = -log(-log u_j), u_j = rng_uniform(rng_bits(rng_row_key(seed, s), j)) (row_math.h,
 //      bit-exact with the CPU backend); draw 0 also sums the kept mass (once per row). Thread 0
 //      re-reads the winner's logit and writes token, log-prob under the kept set renormalised and
-//      under the unfiltered distribution at T. Greedy (T == 0, or not > 0): one argmax pass of x
+//      under the unfiltered distribution at T (each as (x - max) - log(mass), never x - lse). A
+//      draw nothing won (only rows the caller rejects: NaN, +inf) takes the row's first maximum,
+//      so the token is always in [0, V). Greedy (T == 0, or not > 0): one argmax pass of x
 //      at T = 1, log-prob 0, raw log-prob and entropy at T = 1.
 //
 // The searches (step 3) are bisection on the key generalised to kPivots pivots per pass: one pass
@@ -637,19 +639,37 @@ __device__ __forceinline__ float row_threshold(const SampleArgs& args, int64_t r
   return key_value(min(state.key, state.top));  // the maximum is always kept
 }
 
+// The first maximum of x = z * inv_temp (the first x > -inf no later entry exceeds, 0 if none;
+// NaN never wins), by thread 0 alone: the CPU backend's fallback when no entry won a draw, which
+// only rows the caller rejects can cause (NaN, or +inf once scaled, where every score is NaN).
+template <typename T>
+__device__ __forceinline__ uint32_t first_maximum(const T* logits, int64_t vocab, float inv_temp) {
+  uint32_t best = 0;
+  float best_value = -INFINITY;
+#pragma unroll 1
+  for (uint32_t col = 0; col < static_cast<uint32_t>(vocab); ++col) {
+    const float x = scaled(to_float(logits[col]), inv_temp);
+    if (x > best_value) {
+      best = col;
+      best_value = x;
+    }
+  }
+  return best;
+}
+
 // Thread 0: one draw's outputs. The winner's logit is re-read (x of the same multiply as every
-// pass); kept_mass = 0 marks greedy (log-prob 0).
+// pass); kept_mass = 0 marks greedy (log-prob 0). A draw that nothing won falls back to the first
+// maximum, so the token is always in [0, V): never -1, never a read outside the row.
 template <typename T>
 __device__ __forceinline__ void write_draw(const SampleArgs& args, int64_t row, int64_t sample,
                                            const T* logits, const RowPlan& plan, uint32_t col,
                                            float kept_mass) {
-  const int64_t token = col < args.vocab ? int64_t{col} : -1;  // -1: nothing won (NaN row)
-  const float x = token >= 0 ? scaled(to_float(logits[token]), plan.inv_temp) : NAN;
+  if (col >= args.vocab) col = first_maximum(logits, args.vocab, plan.inv_temp);
+  const float x = scaled(to_float(logits[col]), plan.inv_temp);
   const float centred = __fsub_rn(x, plan.max);
   const int64_t out = row * args.num_samples + sample;
-  args.tokens[out] = token;
-  const float greedy_logprob = token >= 0 ? 0.0f : NAN;
-  args.logprobs[out] = kept_mass == 0.0f ? greedy_logprob : centred - logf(kept_mass);
+  args.tokens[out] = int64_t{col};
+  args.logprobs[out] = kept_mass == 0.0f ? 0.0f : centred - logf(kept_mass);
   args.raw_logprobs[out] = centred - logf(plan.sum);
 }
 

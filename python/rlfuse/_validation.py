@@ -20,12 +20,27 @@ def check_logits(logits, name: str = "logits") -> None:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
 
 
+# Temperatures T > 0 must have both T and 1 / T normal fp32 numbers: T in [2^-126, 2^126] =
+# [1.1754944e-38, 8.507059e37]. The kernels scale logits by 1 / T in fp32, which must be finite
+# (1e-39 gives +inf) and must not flush to 0 (T = 1e46 made it 0, and -inf padding * 0 = NaN);
+# subnormal T or 1 / T are out too, since GPU code may flush them (CUDA's rcp.approx.ftz).
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)  # 2^-126
+MAX_TEMPERATURE = 1.0 / MIN_TEMPERATURE  # 2^126
+TEMPERATURE_RANGE = f"[{MIN_TEMPERATURE:.8g}, {MAX_TEMPERATURE:.8g}]"
+
+
 def check_temperature(temperature) -> float:
+    """A positive temperature with T and 1 / T normal fp32 numbers (the kernels take 1 / T as fp32)."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive number, got {temperature!r}")
     temperature = float(temperature)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(
+            f"temperature {temperature!r} is out of range: it must lie in {TEMPERATURE_RANGE}, so that T and "
+            f"1 / T (by which the kernels scale the logits in fp32) are normal fp32 numbers"
+        )
     return temperature
 
 

@@ -41,6 +41,124 @@ def _per_row(name, value, rows, dtype, device, check_value):
     return tensor
 
 
+def _temperature(value, rows, device):
+    """Per-row fp32 temperatures: each 0 (greedy) or in [2^-126, 2^126], where T and 1 / T are
+    normal fp32 numbers (the kernels scale by 1 / T in fp32: 1e-39 would make it +inf; see
+    _validation.MIN_TEMPERATURE). Checked on the value as given (in float64), so a positive T that
+    rounds to 0 in fp32 is an error, not a silent switch to greedy."""
+    if isinstance(value, Tensor):
+        if value.shape != (rows,) and value.numel() != rows:
+            raise ValueError(f"temperature must be a scalar or one value per row ({rows}), got shape "
+                             f"{tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"temperature must be a real number or a real tensor, got {value.dtype}")
+        given = value.reshape(rows).to(device=device)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        given = torch.full((rows,), float(value), dtype=torch.float64, device=device)
+    else:
+        raise TypeError(f"temperature must be a number or a tensor, got {type(value).__name__}")
+    wide = given.to(torch.float64)
+    ok = (wide == 0) | ((wide >= check.MIN_TEMPERATURE) & (wide <= check.MAX_TEMPERATURE))
+    if not bool(ok.all()):
+        raise ValueError(
+            f"temperature has values out of range: {wide[~ok][:4].tolist()} (each must be 0, for greedy, or in "
+            f"{check.TEMPERATURE_RANGE}, where T and 1 / T are normal fp32 numbers: the kernels scale by 1 / T)")
+    return given.to(torch.float32).abs()  # -0.0 -> 0.0
+
+
+def _top_k(value, rows, vocab, device):
+    """Per-row int32 top-k: integers >= 0 (0 = no filtering); values >= V mean no filtering too
+    and are clamped to V in int64 before the int32 conversion, so nothing wraps around."""
+    if isinstance(value, Tensor):
+        if value.shape != (rows,) and value.numel() != rows:
+            raise ValueError(f"top_k must be a scalar or one value per row ({rows}), got shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"top_k must be an int or an integer tensor, got a {value.dtype} tensor")
+        given = value.reshape(rows).to(device=device)
+        if given.dtype == torch.uint64:  # few uint64 ops: reinterpret; values >= 2^63 are >= V
+            given = given.view(torch.int64)
+            given = torch.where(given < 0, torch.full_like(given, vocab), given)
+        given = given.to(torch.int64)
+        if not bool((given >= 0).all()):
+            raise ValueError(f"top_k has values out of range (must be >= 0): {given[given < 0][:4].tolist()}")
+        return given.clamp(max=vocab).to(torch.int32)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"top_k has values out of range (must be >= 0): [{value}]")
+        return torch.full((rows,), min(value, vocab), dtype=torch.int32, device=device)
+    raise TypeError(f"top_k must be an int or an integer tensor, got {type(value).__name__} {value!r}")
+
+
+def _check_rows(logits, temperature, adaptive):
+    """One reduction over the logits (a max per row) before any kernel runs. Rejects rows that
+    contain NaN (the max is NaN), contain +inf (the max is +inf), have no finite entry (the max is
+    -inf) or whose max overflows fp32 once scaled by the row's 1 / T (greedy rows: T = 1; with
+    adaptive temperature the smallest positive T it can give)."""
+    rows = temperature.shape[0]
+    if rows == 0:
+        return
+    row_max = logits.amax(-1).reshape(rows).float()  # NaN propagates; no copy of a strided view
+    if adaptive is not None:
+        t_min, t_max = adaptive[0], adaptive[1]
+        t_low = t_min if t_min > 0 else t_max  # t_min = 0 is only allowed as a step to greedy
+        inv = torch.reciprocal(torch.tensor(t_low, dtype=torch.float32)) if t_low > 0 else torch.tensor(1.0)
+        inv = inv.to(logits.device).expand(rows)
+    else:
+        ones = torch.ones_like(temperature)
+        inv = torch.reciprocal(torch.where(temperature == 0, ones, temperature))
+    scaled_max = row_max * inv
+    bad = ~(torch.isfinite(row_max) & torch.isfinite(scaled_max))
+    if not bool(bad.any()):
+        return
+    reasons = []
+    for row in torch.nonzero(bad).flatten()[:4].tolist():
+        value = float(row_max[row])
+        if math.isnan(value):
+            reasons.append(f"row {row}: NaN")
+        elif value == math.inf:
+            reasons.append(f"row {row}: a +inf logit (in fp32)")
+        elif value == -math.inf:
+            reasons.append(f"row {row}: no finite entry")
+        else:
+            reasons.append(f"row {row}: max logit {value:.6g} overflows fp32 once divided by the temperature "
+                           f"(1 / T = {float(inv[row]):.6g})")
+    bad_rows = torch.nonzero(bad).flatten()[:4].tolist()
+    raise ValueError(
+        f"logits rows {bad_rows} contain NaN or have no finite entry, or contain +inf or a logit that "
+        f"overflows fp32 at the temperature: nothing to sample from ({'; '.join(reasons)})")
+
+
+def _adaptive(values):
+    """(t_min, t_max, h_low, h_high), finite in fp32 (the kernels take them as fp32), with
+    0 <= t_min <= t_max and h_low <= h_high. Positive t_min and t_max must lie in [2^-126, 2^126]
+    (as every temperature); t_min = 0 is allowed only as a step to greedy (h_low == h_high, or
+    t_max = 0): a linear map from 0 gives arbitrarily small temperatures, whose 1 / T overflows fp32."""
+    usage = ("adaptive_temperature must be (t_min, t_max, h_low, h_high) with 0 <= t_min <= t_max and "
+             "h_low <= h_high, all finite")
+    try:
+        adaptive = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{usage}, got {values!r}") from error
+    if len(adaptive) != 4:
+        raise ValueError(f"{usage}, got {values!r}")
+    t_min, t_max, h_low, h_high = adaptive
+    as_fp32 = torch.tensor(adaptive, dtype=torch.float64).float()
+    if not bool(torch.isfinite(as_fp32).all()) or not (0 <= t_min <= t_max) or h_high < h_low:
+        raise ValueError(f"{usage}, got {values!r}")
+    for name, value in (("t_min", t_min), ("t_max", t_max)):
+        if value != 0 and not check.MIN_TEMPERATURE <= value <= check.MAX_TEMPERATURE:
+            raise ValueError(f"adaptive_temperature's {name} = {value!r} is out of range: 0 or in "
+                             f"{check.TEMPERATURE_RANGE} (T and 1 / T normal fp32 numbers)")
+    if t_min == 0 and t_max > 0:
+        if h_high > h_low:
+            raise ValueError(
+                "adaptive_temperature with t_min = 0 and h_low < h_high maps entropies just above h_low to "
+                "arbitrarily small temperatures, whose 1 / T overflows fp32: use t_min > 0, or h_low == h_high "
+                "for a step between greedy and t_max")
+    return adaptive
+
+
 def _seeds(seed, generator, rows, device):
     if seed is not None and generator is not None:
         raise ValueError("pass seed or generator, not both")
@@ -69,6 +187,21 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     depends only on its own key, never on the rest of the batch. ``adaptive_temperature=(t_min,
     t_max, h_low, h_high)`` maps each row's entropy (at T = 1) linearly, clamped, to its temperature.
     ``num_samples > 1`` draws several tokens per row (a trailing dimension on the outputs).
+
+    Arguments are checked before any kernel runs (``ValueError``, ``TypeError`` for a wrong type),
+    never silently changed:
+
+    * ``temperature`` is 0 (greedy) or in [2^-126, 2^126] = [1.1754944e-38, 8.507059e37], where
+      T and 1 / T are normal fp32 numbers (the kernels scale by 1 / T in fp32; 1e-39 is an error,
+      not NaN, and a positive T that rounds to 0 in fp32 is an error, not greedy).
+    * ``top_k`` is an int or an integer tensor (floats and bools are a ``TypeError``), >= 0; 0 and
+      values >= V mean no filtering (clamped to V before the int32 conversion: no wrap-around).
+    * ``adaptive_temperature`` needs finite values, positive temperatures in the range above, and
+      ``t_min > 0``, or ``t_min = 0`` only as a step to greedy (``h_low == h_high``).
+    * A logits row is rejected if it contains NaN or +inf, has no finite entry, or if its largest
+      logit overflows fp32 once divided by the row's temperature (3e38 at T = 0.5; with adaptive
+      temperature, at the smallest positive T the map can give; greedy rows are not divided).
+      One max per row finds all four.
     """
     check.check_logits(logits)
     if logits.dtype == torch.float64:
@@ -79,28 +212,19 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     device = logits.device
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    temperature = _per_row("temperature", temperature, rows, torch.float32, device,
-                           lambda t: torch.isfinite(t) & (t >= 0))
-    top_k = _per_row("top_k", 0 if top_k is None else top_k, rows, torch.int32, device, lambda k: k >= 0)
+    temperature = _temperature(temperature, rows, device)
+    top_k = _top_k(0 if top_k is None else top_k, rows, vocab, device)
     top_p = _per_row("top_p", 1.0 if top_p is None else top_p, rows, torch.float32, device,
                      lambda p: (p > 0) & (p <= 1))
     min_p = _per_row("min_p", 0.0 if min_p is None else min_p, rows, torch.float32, device,
                      lambda p: (p >= 0) & (p < 1))
-    adaptive = None
-    if adaptive_temperature is not None:
-        adaptive = tuple(float(v) for v in adaptive_temperature)
-        if len(adaptive) != 4 or not (0 <= adaptive[0] <= adaptive[1]) or adaptive[3] < adaptive[2]:
-            raise ValueError("adaptive_temperature must be (t_min, t_max, h_low, h_high) with "
-                             "0 <= t_min <= t_max and h_low <= h_high")
+    adaptive = None if adaptive_temperature is None else _adaptive(adaptive_temperature)
     seeds = _seeds(seed, generator, rows, device)
-    flat = logits.reshape(rows, vocab) if rows else logits.reshape(0, vocab)
-    finite_rows = (flat > float("-inf")).any(-1)
-    if rows and (bool(torch.isnan(flat).any()) or not bool(finite_rows.all())):
-        bad = torch.nonzero(torch.isnan(flat).any(-1) | ~finite_rows).flatten()[:4].tolist()
-        raise ValueError(f"logits rows {bad} contain NaN or have no finite entry: nothing to sample from")
+    _check_rows(logits, temperature, adaptive)
     resolved = resolve_backend(backend, device, "sample", logits.dtype)
 
     if resolved == "torch":
+        flat = logits.reshape(rows, vocab)
         tokens, logprobs, raw, entropy = reference.sample_reference(flat, temperature, top_k, top_p, min_p, seeds,
                                                                     num_samples, adaptive)
     else:

@@ -76,7 +76,9 @@ RLFUSE_HD RowResult finalize(RowStats s, float x_target) {
   const float log_sum = logf(s.sum);
   RowResult r;
   r.lse = s.max + log_sum;
-  r.logp = x_target - r.lse;
+  // (x_y - max) - log_sum, never x_y - lse: lse is rounded at its own scale (~1e-3 absolute at
+  // |lse| = 1e4), while x_y - max is exact for every token that carries probability.
+  r.logp = (x_target - s.max) - log_sum;
   r.entropy = log_sum - s.dot / s.sum;  // lse - E_p[x]
   return r;
 }

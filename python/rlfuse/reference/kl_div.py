@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .token_logprobs import _scaled
+from .token_logprobs import _scaled, log_softmax_parts
 
 
 def _plogp_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -30,10 +30,11 @@ def kl_divergence_reference(logits, other, direction="forward", temperature=1.0)
 
 
 def kl_statistics(logits, other, direction, temperature):
-    """(kl, lse_p, lse_q), float32, without autograd."""
-    x, y = _scaled(logits, temperature), _scaled(other, temperature)
-    lse_p, lse_q = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
-    log_p, log_q = x - lse_p.unsqueeze(-1), y - lse_q.unsqueeze(-1)
+    """(kl, lse_p, lse_q), float32, without autograd. log p and log q are (x - max) - log_sum,
+    never x - lse (token_logprobs.log_softmax_parts)."""
+    log_p, max_p, log_sum_p = log_softmax_parts(_scaled(logits, temperature))
+    log_q, max_q, log_sum_q = log_softmax_parts(_scaled(other, temperature))
+    lse_p, lse_q = (max_p + log_sum_p).squeeze(-1), (max_q + log_sum_q).squeeze(-1)
     if direction == "forward":
         kl = _plogp_ratio(log_p, log_q).sum(-1)
     else:
@@ -42,9 +43,14 @@ def kl_statistics(logits, other, direction, temperature):
 
 
 def kl_gradients(logits, other, kl, lse_p, lse_q, grad_kl, direction, temperature):
-    """(dL/dlogits, dL/dother) in float32 from the closed forms in rlfuse's kernels.h."""
-    log_p = _scaled(logits, temperature) - lse_p.unsqueeze(-1)
-    log_q = _scaled(other, temperature) - lse_q.unsqueeze(-1)
+    """(dL/dlogits, dL/dother) in float32 from the closed forms in rlfuse's kernels.h.
+
+    log p and log q are recomputed from the rows as (x - max) - log_sum; the saved fp32 lse's are
+    not used (x - lse would carry their rounding, relative ~6e-8 of |lse|, into every p_j).
+    """
+    del lse_p, lse_q  # see above
+    log_p = log_softmax_parts(_scaled(logits, temperature))[0]
+    log_q = log_softmax_parts(_scaled(other, temperature))[0]
     p, q = log_p.exp(), log_q.exp()
     g = (grad_kl / temperature).unsqueeze(-1)
     k = kl.unsqueeze(-1)

@@ -71,7 +71,8 @@ def sample_reference(logits, temperature, top_k, top_p, min_p, seed, num_samples
     temperature = row_temperature(logits, temperature, adaptive)
     greedy = temperature == 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
-    x = logits.float() / scale.unsqueeze(-1)
+    # x = z * (1 / T) with 1 / T rounded once to fp32, as the kernels (and sample()'s overflow check).
+    x = logits.float() * torch.reciprocal(scale.float()).unsqueeze(-1)
     log_p = torch.log_softmax(x, -1)
     entropy = -(torch.where(log_p > float("-inf"), log_p.exp() * log_p, 0.0)).sum(-1)
     keep = kept_mask(x, top_k, top_p, min_p)

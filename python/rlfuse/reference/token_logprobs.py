@@ -19,6 +19,22 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits.to(compute_dtype) / temperature
 
 
+def log_softmax_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p, max, log_sum)`` of rows x with ``log p = (x - max) - log_sum``, ``log_sum =
+    log sum exp(x - max)`` and ``lse = max + log_sum`` (max and log_sum keep their last dim).
+
+    Never ``x - lse``: an lse rounded to the compute dtype carries an error of its own scale
+    (~5e-4 at |lse| = 1e4 in fp32), which ``x - lse`` passes to every log-prob, while ``x - max``
+    is exact for the entries that carry probability. A row whose max is not finite (all -inf,
+    +inf, NaN) is shifted by 0, as torch.logsumexp does.
+    """
+    row_max = x.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shifted = x - row_max
+    log_sum = shifted.exp().sum(-1, keepdim=True).log()
+    return shifted - log_sum, row_max, log_sum
+
+
 def _entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     probs = log_probs.exp()
     # A -inf logit contributes 0 * -inf := 0; masking log p (not the product) also keeps the
@@ -47,12 +63,12 @@ def row_statistics(
     Out-of-range token ids give a NaN log-prob (the Python layer rejects them before this runs).
     """
     x = _scaled(logits, temperature)
-    lse = torch.logsumexp(x, dim=-1)
-    log_probs = x - lse.unsqueeze(-1)
+    log_probs, row_max, log_sum = log_softmax_parts(x)
+    lse = (row_max + log_sum).squeeze(-1)
     vocab = x.shape[-1]
     in_range = (tokens >= 0) & (tokens < vocab)
-    x_target = x.gather(-1, tokens.long().clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(in_range, x_target - lse, torch.full_like(lse, float("nan")))
+    target = log_probs.gather(-1, tokens.long().clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(in_range, target, torch.full_like(lse, float("nan")))
     return logp.float(), _entropy_from_log_probs(log_probs).float(), lse.float()
 
 
@@ -65,8 +81,13 @@ def row_gradient(
     grad_entropy: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """SPEC.md section 2: dL/dz = [g_logp (1[j=y] - p) - g_H p (log p + H)] / T, in float32."""
-    log_probs = _scaled(logits, temperature) - lse.unsqueeze(-1)
+    """SPEC.md section 2: dL/dz = [g_logp (1[j=y] - p) - g_H p (log p + H)] / T, in float32.
+
+    log p is recomputed from the row as (x - max) - log_sum; the saved fp32 ``lse`` is not used:
+    x - lse would carry lse's rounding (relative ~6e-8 of |lse|) into every p_j.
+    """
+    del lse  # see above
+    log_probs = log_softmax_parts(_scaled(logits, temperature))[0]
     probs = log_probs.exp()
     g_logp = grad_logp.unsqueeze(-1)
     g_h = grad_entropy.unsqueeze(-1)
