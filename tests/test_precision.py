@@ -134,16 +134,13 @@ def test_kernel_gradient_at_1e4_known_limitation(backend):
     _check_gradient(grad, expected, _logprob_gradient_terms(logits, tokens, 1.0, a, b))
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(
-    strict=True, reason="triton_kernels/token_logprobs.py _row_stats starts lanes at -FLT_MAX: a max above "
-                        "~1e31 overflows the shift, 0 * -inf = NaN entropy")) if b == "triton" else b
-    for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_entropy_of_huge_logits(backend):
     """Valid fp32 rows whose max is above ~1e31 (the sampler's statistics had the same NaN)."""
-    logits = torch.tensor([[0.0] * 7 + [3e38], [1e31, 1e31] + [0.0] * 6])
-    logp, entropy = rlfuse.token_logprobs(logits, torch.tensor([7, 0]), return_entropy=True, backend=backend)
-    torch.testing.assert_close(logp, torch.tensor([0.0, -float(np.log(2))]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(entropy, torch.tensor([0.0, float(np.log(2))]), atol=1e-6, rtol=0)
+    logits = torch.tensor([[0.0] * 7 + [3e38], [1e31, 1e31] + [0.0] * 6, [-3e38] * 7 + [3e38]])
+    logp, entropy = rlfuse.token_logprobs(logits, torch.tensor([7, 0, 7]), return_entropy=True, backend=backend)
+    torch.testing.assert_close(logp, torch.tensor([0.0, -float(np.log(2)), 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy, torch.tensor([0.0, float(np.log(2)), 0.0]), atol=1e-6, rtol=0)
 
 
 # --- properties ----------------------------------------------------------------------------------

@@ -53,14 +53,17 @@ def _row_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.const
         e = _exp(d)  # NaN for NaN entries, which then poisons s and dot
         # Clamping d makes a -inf entry (e = 0, d = -inf) add 0 * -FLT_MAX = 0, not NaN.
         chunk_dot = tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)
-        dot = (dot + s * shift) * rescale + chunk_dot
+        # Old terms that underflow add 0: from m = -FLT_MAX a max above ~1e31 makes shift -inf
+        # (s = 0 then, and 0 * -inf would be NaN).
+        dot = tl.where(rescale == 0.0, 0.0, (dot + s * shift) * rescale) + chunk_dot
         s = s * rescale + tl.sum(e, axis=1)
         m = m_new
 
     row_max = tl.max(m, axis=0)
     lane_scale = _exp(m - row_max)
     sum_exp = tl.sum(s * lane_scale, axis=0)
-    sum_dot = tl.sum((dot + s * (m - row_max)) * lane_scale, axis=0)
+    # The same rule across lanes: a lane that saw only -inf (m = -FLT_MAX) adds 0, not NaN.
+    sum_dot = tl.sum(tl.where(lane_scale == 0.0, 0.0, (dot + s * (m - row_max)) * lane_scale), axis=0)
     log_sum = tl.log(sum_exp)
     entropy = log_sum - sum_dot / sum_exp
     return row_max, log_sum, entropy

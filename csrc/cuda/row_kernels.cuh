@@ -148,7 +148,8 @@ struct ThreadStats {
     const float ref = new_max == -INFINITY ? 0.0f : new_max;      // all -inf so far: every e is 0
     const float old_ref = max_z == -INFINITY ? ref : max_z;        // nothing accumulated yet: no shift
     const float rescale = expf((max_z - ref) * inv_temp);          // exactly 1 if the max held
-    dot = (dot + sum * (old_ref - ref)) * rescale;                 // re-centre on the new max
+    // Re-centre on the new max; terms that underflow add 0 (a shift of -inf would make 0 * inf).
+    dot = rescale == 0.0f ? 0.0f : (dot + sum * (old_ref - ref)) * rescale;
     sum *= rescale;
     max_z = new_max;
     const float scale = inv_temp * kLog2e;

@@ -34,8 +34,9 @@ RLFUSE_HD float weighted_logit(float e, float d) { return e == 0.0f ? 0.0f : e *
 // Re-expresses `s` relative to a larger maximum `m` (s.max must be finite or -inf, m finite).
 RLFUSE_HD RowStats rebase(RowStats s, float m) {
   if (s.max == -INFINITY) return RowStats{m, 0.0f, 0.0f};
-  const float shift = s.max - m;  // <= 0
+  const float shift = s.max - m;  // <= 0; -inf when the gap overflows fp32 (e.g. -3e38 vs 3e38)
   const float scale = expf(shift);
+  if (scale == 0.0f) return RowStats{m, 0.0f, 0.0f};  // everything so far underflows: adds 0, not 0 * inf
   return RowStats{m, s.sum * scale, (s.dot + s.sum * shift) * scale};
 }
 
