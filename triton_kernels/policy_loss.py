@@ -15,8 +15,13 @@ Per row (same row contract and conventions as token_logprobs.py):
    the logits again, as the CPU and CUDA kernels do (csrc/include/rlfuse/kernels.h).
 
 The gradient is that of the weighted per-token loss itself (upstream gradient 1); the autograd
-backward only rescales it by grad_output.
+backward only rescales it by grad_output (``rescale_rows_``: on CUDA without a host sync).
+
+The enum values (``POLICY_KIND.sapo`` ...) and the float parameters (``TokenLossFloats``, one named
+tuple argument) come from ``rlfuse._schema``: a new variant or knob adds no argument here.
 """
+
+from collections import namedtuple
 
 import triton
 import triton.language as tl
@@ -24,18 +29,33 @@ import triton.language as tl
 from ._launch import AotKernel, block_config
 from .token_logprobs import _row_ptr, _row_stats, _token_logp, _write_grad_row
 
-# Enum values of token_loss.h (PolicyKind, KlKind, CispoMode).
-PPO, GPPO, CISPO, SAPO, PSPO, REINFORCE = 0, 1, 2, 3, 4, 5
-KL_NONE, K1, K2, K3, K3_PLUS, KL_ABS = 0, 1, 2, 3, 4, 5
-CISPO_TWO_SIDED, CISPO_UPPER, CISPO_CAP = 0, 1, 2
+try:  # installed as rlfuse.triton_kernels
+    from .. import _schema
+except ImportError:  # aot.py run from a checkout imports this folder as a top-level package
+    from rlfuse import _schema
 
-POLICY_NAMES = ("ppo", "gppo", "cispo", "sapo", "pspo", "reinforce")
-KL_NAMES = ("none", "k1", "k2", "k3", "k3+", "abs")
-CISPO_MODE_NAMES = ("two_sided", "upper", "cap")
 
-# Float fields of TokenLossParams, in the kernel's argument order.
-FLOAT_PARAMS = ("clip_low", "clip_high", "dual_clip", "delta", "gppo_beta_low", "gppo_beta_high",
-                "sapo_tau_pos", "sapo_tau_neg", "pspo_alpha", "kl_coef", "entropy_coef")
+class _EnumConstants(tl.constexpr):
+    """An enum of rlfuse._schema as one compile-time constant: in a kernel, ``POLICY_KIND.sapo`` is
+    sapo's value (a name that is not an identifier spells "+" as "_plus": ``KL_KIND.k3_plus``)."""
+
+    def __init__(self, enum):
+        names = [name.replace("+", "_plus") for name in enum.names]
+        super().__init__(namedtuple(enum.cname, names)(*range(len(enum))))
+
+    def __getattr__(self, name):  # the interpreter runs kernels as Python: attribute access here
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return tl.constexpr(getattr(self.value, name))
+
+
+POLICY_KIND = _EnumConstants(_schema.POLICY_KIND)
+KL_KIND = _EnumConstants(_schema.KL_KIND)
+CISPO_MODE = _EnumConstants(_schema.CISPO_MODE)
+
+# The float fields of TokenLossParams, in schema order: the kernel takes them as one named tuple
+# (``p.clip_high`` in the per-token math); the enum fields are the constexprs POLICY, KL, MODE.
+TokenLossFloats = namedtuple("TokenLossFloats", _schema.TOKEN_LOSS_FLOATS)
 
 
 @triton.jit
@@ -45,11 +65,8 @@ def _clampf(v, lo, hi):
 
 
 @triton.jit
-def _policy_term(logp, old_logp, a,
-                 clip_low, clip_high, dual_clip, delta, gppo_beta_low, gppo_beta_high,
-                 sapo_tau_pos, sapo_tau_neg, pspo_alpha,
-                 POLICY: tl.constexpr, CISPO_MODE: tl.constexpr):
-    """token_loss.h policy_term: (value, d value / d logp), unweighted."""
+def _policy_term(logp, old_logp, a, p, POLICY: tl.constexpr, MODE: tl.constexpr):
+    """token_loss.h policy_term: (value, d value / d logp), unweighted; ``p``: TokenLossFloats."""
     raw_log_ratio = logp - old_logp
     log_ratio = _clampf(raw_log_ratio, -20.0, 20.0)
     # A clamp that bites zeroes the token's gradient (verl convention).
@@ -57,51 +74,51 @@ def _policy_term(logp, old_logp, a,
     r = tl.exp(log_ratio)
     dr = r * ratio_grad_gate  # d r / d logp
 
-    if POLICY == 5:  # reinforce
+    if POLICY == POLICY_KIND.reinforce:
         value = -a * logp
         grad = -a
-    elif POLICY == 4:  # pspo
-        value = -a * ((1.0 - pspo_alpha) * r + pspo_alpha)
-        grad = -a * (1.0 - pspo_alpha) * dr
-    elif POLICY == 3:  # sapo
-        tau = tl.where(a > 0.0, sapo_tau_pos, sapo_tau_neg)
+    elif POLICY == POLICY_KIND.pspo:
+        value = -a * ((1.0 - p.pspo_alpha) * r + p.pspo_alpha)
+        grad = -a * (1.0 - p.pspo_alpha) * dr
+    elif POLICY == POLICY_KIND.sapo:
+        tau = tl.where(a > 0.0, p.sapo_tau_pos, p.sapo_tau_neg)
         s = 1.0 / (1.0 + tl.exp(-tau * (r - 1.0)))
         value = -a * (4.0 / tau) * s
         grad = -a * 4.0 * s * (1.0 - s) * dr
-    elif POLICY == 2:  # cispo
-        if CISPO_MODE == 2:  # cap
-            w = tl.where(r < clip_high, r, clip_high)
+    elif POLICY == POLICY_KIND.cispo:
+        if MODE == CISPO_MODE.cap:
+            w = tl.where(r < p.clip_high, r, p.clip_high)
         else:
-            upper = 1.0 + clip_high
+            upper = 1.0 + p.clip_high
             w = tl.where(r < upper, r, upper)
-            if CISPO_MODE == 0:  # two_sided; clip_low < 0 means no lower bound
-                lower = 1.0 - clip_low
-                w = tl.where(clip_low >= 0.0, tl.where(w > lower, w, lower), w)
+            if MODE == CISPO_MODE.two_sided:  # clip_low < 0 means no lower bound
+                lower = 1.0 - p.clip_low
+                w = tl.where(p.clip_low >= 0.0, tl.where(w > lower, w, lower), w)
         value = -w * a * logp  # w is detached
         grad = -w * a
     else:  # ppo / gppo
         # delta (two-sided PPO) first caps r; a cap that bites stops the gradient.
-        capped = (delta > 0.0) & (r > delta)
-        r = tl.where(capped, delta, r)
+        capped = (p.delta > 0.0) & (r > p.delta)
+        r = tl.where(capped, p.delta, r)
         dr = tl.where(capped, 0.0, dr)
-        low = 1.0 - clip_low
-        high = 1.0 + clip_high
+        low = 1.0 - p.clip_low
+        high = 1.0 + p.clip_high
         # Strict inequalities: a ratio exactly on a boundary is unclipped and keeps its gradient.
         clipped_high = (a > 0.0) & (r > high)
         clipped_low = (a < 0.0) & (r < low)
         value = -a * r
         grad = -a * dr
-        if POLICY == 1:  # gppo: bounded gradient on clipped tokens, gated like dr (1, or 0)
+        if POLICY == POLICY_KIND.gppo:  # bounded gradient on clipped tokens, gated like dr (1, or 0)
             gate = dr / r
-            grad_high = -gppo_beta_high * high * a * gate
-            grad_low = -gppo_beta_low * low * a * gate
+            grad_high = -p.gppo_beta_high * high * a * gate
+            grad_low = -p.gppo_beta_low * low * a * gate
         else:
             grad_high = 0.0
             grad_low = 0.0
         value = tl.where(clipped_high, -a * high, tl.where(clipped_low, -a * low, value))
         grad = tl.where(clipped_high, grad_high, tl.where(clipped_low, grad_low, grad))
-        dual = (dual_clip > 0.0) & (a < 0.0) & (value > -dual_clip * a)
-        value = tl.where(dual, -dual_clip * a, value)
+        dual = (p.dual_clip > 0.0) & (a < 0.0) & (value > -p.dual_clip * a)
+        value = tl.where(dual, -p.dual_clip * a, value)
         grad = tl.where(dual, 0.0, grad)
     return value, grad
 
@@ -122,18 +139,18 @@ def _k3_term(logp, ref_logp):
 def _kl_term(logp, ref_logp, KL: tl.constexpr):
     """token_loss.h kl_term: (value, d value / d logp), without weight or coefficient."""
     diff = logp - ref_logp
-    if KL == 1:  # k1
+    if KL == KL_KIND.k1:
         value = diff
         grad = 1.0
-    elif KL == 2:  # k2
+    elif KL == KL_KIND.k2:
         value = 0.5 * diff * diff
         grad = diff
-    elif KL == 5:  # abs
+    elif KL == KL_KIND.abs:
         value = tl.abs(diff)
         grad = tl.where(diff > 0.0, 1.0, tl.where(diff < 0.0, -1.0, 0.0))
-    elif KL == 3:  # k3
+    elif KL == KL_KIND.k3:
         value, grad = _k3_term(logp, ref_logp)
-    elif KL == 4:  # k3+: value of k3, gradient of k2
+    elif KL == KL_KIND.k3_plus:  # value of k3, gradient of k2
         value, _ = _k3_term(logp, ref_logp)
         grad = diff
     else:
@@ -143,28 +160,24 @@ def _kl_term(logp, ref_logp, KL: tl.constexpr):
 
 
 @triton.jit
-def _token_loss(logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight,
-                clip_low, clip_high, dual_clip, delta, gppo_beta_low, gppo_beta_high,
-                sapo_tau_pos, sapo_tau_neg, pspo_alpha, kl_coef, entropy_coef,
-                POLICY: tl.constexpr, KL: tl.constexpr, CISPO_MODE: tl.constexpr):
+def _token_loss(logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight, p,
+                POLICY: tl.constexpr, KL: tl.constexpr, MODE: tl.constexpr):
     """token_loss.h token_loss: (weighted loss, g_logp, g_entropy)."""
     # Zero weights skip the math (tl.where never lets the skipped branch's NaN through), so
     # masked tokens never turn garbage inputs into NaN.
-    t_value, t_grad = _policy_term(logp, old_logp, advantage, clip_low, clip_high, dual_clip,
-                                   delta, gppo_beta_low, gppo_beta_high, sapo_tau_pos,
-                                   sapo_tau_neg, pspo_alpha, POLICY, CISPO_MODE)
+    t_value, t_grad = _policy_term(logp, old_logp, advantage, p, POLICY, MODE)
     use_policy = policy_weight != 0.0
     loss = tl.where(use_policy, 0.0 + policy_weight * t_value, 0.0)
     g_logp = tl.where(use_policy, 0.0 + policy_weight * t_grad, 0.0)
     use_weight = weight != 0.0
-    if KL != 0:
+    if KL != KL_KIND.none:
         k_value, k_grad = _kl_term(logp, ref_logp, KL)
-        use_kl = use_weight & (kl_coef != 0.0)
-        loss = tl.where(use_kl, loss + weight * kl_coef * k_value, loss)
-        g_logp = tl.where(use_kl, g_logp + weight * kl_coef * k_grad, g_logp)
-    use_entropy = use_weight & (entropy_coef != 0.0)
-    loss = tl.where(use_entropy, loss - weight * entropy_coef * entropy, loss)
-    g_entropy = tl.where(use_entropy, 0.0 - weight * entropy_coef, 0.0)
+        use_kl = use_weight & (p.kl_coef != 0.0)
+        loss = tl.where(use_kl, loss + weight * p.kl_coef * k_value, loss)
+        g_logp = tl.where(use_kl, g_logp + weight * p.kl_coef * k_grad, g_logp)
+    use_entropy = use_weight & (p.entropy_coef != 0.0)
+    loss = tl.where(use_entropy, loss - weight * p.entropy_coef * entropy, loss)
+    g_entropy = tl.where(use_entropy, 0.0 - weight * p.entropy_coef, 0.0)
     return loss, g_logp, g_entropy
 
 
@@ -173,11 +186,9 @@ def _policy_loss_fused_kernel(
     logits_ptr, tokens_ptr, advantages_ptr, old_logp_ptr, ref_logp_ptr, policy_weight_ptr,
     weight_ptr, loss_ptr, logp_ptr, entropy_ptr, grad_ptr,
     inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
-    vocab, inv_temp,
-    clip_low, clip_high, dual_clip, delta, gppo_beta_low, gppo_beta_high,
-    sapo_tau_pos, sapo_tau_neg, pspo_alpha, kl_coef, entropy_coef,
+    vocab, inv_temp, params,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-    POLICY: tl.constexpr, KL: tl.constexpr, CISPO_MODE: tl.constexpr,
+    POLICY: tl.constexpr, KL: tl.constexpr, MODE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
@@ -194,15 +205,12 @@ def _policy_loss_fused_kernel(
     old_logp = tl.load(old_logp_ptr + row)
     policy_weight = tl.load(policy_weight_ptr + row)
     weight = tl.load(weight_ptr + row)
-    if KL != 0:
+    if KL != KL_KIND.none:
         ref_logp = tl.load(ref_logp_ptr + row)
     else:
         ref_logp = old_logp  # never used: ref_logp_ptr may be a dummy
     loss, g_logp, g_entropy = _token_loss(
-        logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight,
-        clip_low, clip_high, dual_clip, delta, gppo_beta_low, gppo_beta_high,
-        sapo_tau_pos, sapo_tau_neg, pspo_alpha, kl_coef, entropy_coef,
-        POLICY, KL, CISPO_MODE)
+        logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight, params, POLICY, KL, MODE)
     tl.store(loss_ptr + row, loss)
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
@@ -216,22 +224,21 @@ def _policy_loss_fused_kernel(
 
 
 def kernel_constexprs(params):
-    """(POLICY, KL, CISPO_MODE) a launch with ``params`` specialises on.
+    """(POLICY, KL, MODE) a launch with ``params`` specialises on.
 
     The KL kind is dropped when kl_coef == 0 (token_loss.h skips the term then) and the CISPO
     mode unless the policy is cispo, so equivalent configurations share one compiled kernel.
     """
+    for field in _schema.TOKEN_LOSS_PARAMS.fields:
+        if field.enum is not None:
+            size, value = len(_schema.enum(field.enum)), int(getattr(params, field.name))
+            if not 0 <= value < size:
+                raise ValueError(f"params.{field.name} must be in [0, {size}), got {value}")
     policy, kl, mode = int(params.policy), int(params.kl), int(params.cispo_mode)
-    if not 0 <= policy < len(POLICY_NAMES):
-        raise ValueError(f"params.policy must be in [0, {len(POLICY_NAMES)}), got {policy}")
-    if not 0 <= kl < len(KL_NAMES):
-        raise ValueError(f"params.kl must be in [0, {len(KL_NAMES)}), got {kl}")
-    if not 0 <= mode < len(CISPO_MODE_NAMES):
-        raise ValueError(f"params.cispo_mode must be in [0, {len(CISPO_MODE_NAMES)}), got {mode}")
     if float(params.kl_coef) == 0.0:
-        kl = KL_NONE
-    if policy != CISPO:
-        mode = CISPO_TWO_SIDED
+        kl = _schema.KL_KIND["none"]
+    if policy != _schema.POLICY_KIND["cispo"]:
+        mode = _schema.CISPO_MODE["two_sided"]
     return policy, kl, mode
 
 
@@ -246,29 +253,61 @@ def policy_loss_fused(logits, layout, vocab, tokens, inv_temp, advantages, old_l
     is contiguous int64 [rows]; ``advantages``, ``old_logp``, ``ref_logp``, ``policy_weight``
     and ``weight`` are contiguous fp32 [rows]. ``ref_logp`` may be None when the KL term is off
     (params.kl == 0 or params.kl_coef == 0); it is then never read. ``params`` is any object
-    with the fields of token_loss.h's TokenLossParams (ints ``policy``, ``kl``,
-    ``cispo_mode`` and the floats in FLOAT_PARAMS). ``block_v`` overrides the vocab chunk.
+    with the fields of TokenLossParams (rlfuse._schema). ``block_v`` overrides the vocab chunk.
     """
     rows, inner, stride_outer, stride_inner = layout
     grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
     assert grad_rows == rows, "layout and grad_layout must describe the same rows"
     policy, kl, mode = kernel_constexprs(params)
     if ref_logp is None:
-        if kl != KL_NONE:
+        if kl != _schema.KL_KIND["none"]:
             raise ValueError("ref_logp is required when params.kl != 0 and params.kl_coef != 0")
         ref_logp = old_logp  # a dummy the kernel never reads
     if rows == 0:
         return
     block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
-    floats = [float(getattr(params, name)) for name in FLOAT_PARAMS]
+    floats = TokenLossFloats(*[float(getattr(params, name)) for name in TokenLossFloats._fields])
     _policy_loss_fused_kernel[(rows,)](
         logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight,
         loss, logp, entropy, grad_logits,
         inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
-        vocab, float(inv_temp), *floats,
+        vocab, float(inv_temp), floats,
         BLOCK_V=block, VEC=min(16 // logits.element_size(), block),
-        POLICY=policy, KL=kl, CISPO_MODE=mode, num_warps=num_warps,
+        POLICY=policy, KL=kl, MODE=mode, num_warps=num_warps,
     )
+
+
+# --- backward: rescaling the saved gradient without a host synchronisation ----------------------
+
+@triton.jit
+def _rescale_rows_kernel(grad_ptr, upstream_ptr, applied_ptr, inner, stride_outer, stride_inner, vocab,
+                         BLOCK_V: tl.constexpr):
+    """grad *= upstream / applied for one chunk of one row; nothing read or written when equal.
+
+    A gradient that carries 0 or a non-finite factor cannot be rescaled: it becomes NaN.
+    """
+    upstream = tl.load(upstream_ptr)
+    applied = tl.load(applied_ptr)
+    recoverable = (applied != 0.0) & (tl.abs(applied) < float("inf"))
+    factor = tl.where(upstream == applied, 1.0, tl.where(recoverable, upstream / applied, float("nan")))
+    if factor != 1.0:
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        ptrs = _row_ptr(grad_ptr, row, inner, stride_outer, stride_inner) + cols
+        mask = cols < vocab
+        g = tl.load(ptrs, mask=mask).to(tl.float32)
+        tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def rescale_rows_(grad, layout, vocab, upstream, applied, *, block_v=None):
+    """In place, rows of ``grad`` (``layout``, as above) times upstream / applied (fp32 device
+    scalars); one launch that reads and writes nothing when the two are equal."""
+    rows, inner, stride_outer, stride_inner = layout
+    if rows == 0 or vocab == 0:
+        return
+    block, num_warps = block_config(vocab, grad.device.type != "cpu", block_v)
+    _rescale_rows_kernel[(rows, triton.cdiv(vocab, block))](
+        grad, upstream, applied, inner, stride_outer, stride_inner, vocab, BLOCK_V=block, num_warps=num_warps)
 
 
 def _aot_kernels():
@@ -280,9 +319,9 @@ def _aot_kernels():
         "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
         "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
         "vocab": "i32", "inv_temp": "fp32",
-        **{name: "fp32" for name in FLOAT_PARAMS},
+        "params": TokenLossFloats(*["fp32"] * len(TokenLossFloats._fields)),
         "BLOCK_V": "constexpr", "VEC": "constexpr",
-        "POLICY": "constexpr", "KL": "constexpr", "CISPO_MODE": "constexpr",
+        "POLICY": "constexpr", "KL": "constexpr", "MODE": "constexpr",
     }
     aligned = ("logits_ptr", "tokens_ptr", "advantages_ptr", "old_logp_ptr", "ref_logp_ptr",
                "policy_weight_ptr", "weight_ptr", "loss_ptr", "logp_ptr", "entropy_ptr",
@@ -290,33 +329,39 @@ def _aot_kernels():
                "grad_stride_inner", "vocab")
     bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     block, num_warps = block_config(151936, on_gpu=True)
-    # (dtype, aligned, policy, kl, cispo mode). The entropy bonus is a runtime scalar: every
-    # entry compiles it. bf16 covers every policy kind and every KL kind at least once.
-    variants = (
-        ("bf16", True, PPO, KL_NONE, 0),
-        ("bf16", True, GPPO, K3, 0),
-        ("bf16", True, CISPO, K2, CISPO_TWO_SIDED),
-        ("bf16", True, CISPO, KL_NONE, CISPO_CAP),
-        ("bf16", True, SAPO, K1, 0),
-        ("bf16", True, PSPO, K3_PLUS, 0),
-        ("bf16", True, REINFORCE, KL_ABS, 0),
-        ("fp16", True, PPO, KL_NONE, 0),
-        ("fp16", True, GPPO, K3, 0),
-        ("fp32", True, PPO, KL_NONE, 0),
-        ("fp32", True, SAPO, K1, 0),
-        ("bf16", False, PPO, KL_NONE, 0),
-        ("bf16", False, GPPO, K3, 0),
-    )
+    # (dtype, aligned, policy, kl, cispo mode). The entropy bonus is a runtime scalar: every entry
+    # compiles it. bf16 covers every policy kind (every CISPO mode) of the schema, the KL kinds
+    # taken in turn so that each is compiled at least once.
+    policies = [(policy, mode) for policy in _schema.POLICY_KIND.names
+                for mode in (_schema.CISPO_MODE.names if policy == "cispo" else ("two_sided",))]
+    kl_names = _schema.KL_KIND.names
+    variants = [("bf16", True, policy, kl_names[i % len(kl_names)], mode) for i, (policy, mode) in enumerate(policies)]
+    variants += [
+        ("fp16", True, "ppo", "none", "two_sided"),
+        ("fp16", True, "gppo", "k3", "two_sided"),
+        ("fp32", True, "ppo", "none", "two_sided"),
+        ("fp32", True, "sapo", "k1", "two_sided"),
+        ("bf16", False, "ppo", "none", "two_sided"),
+        ("bf16", False, "gppo", "k3", "two_sided"),
+    ]
     entries = []
     for dtype, is_aligned, policy, kl, mode in variants:
-        variant = f"{POLICY_NAMES[policy]}" + (f"-{CISPO_MODE_NAMES[mode]}" if policy == CISPO else "")
-        tag = f"{dtype},{variant},{KL_NAMES[kl]}" + ("" if is_aligned else ",unaligned")
+        variant = policy + (f"-{mode}" if policy == "cispo" else "")
+        tag = f"{dtype},{variant},{kl}" + ("" if is_aligned else ",unaligned")
         entries.append(AotKernel(
             name=f"policy_loss_fused[{tag}]", fn=_policy_loss_fused_kernel,
-            signature={k: v.format(dtype=dtype) for k, v in sig.items()},
+            signature={k: v if isinstance(v, tuple) else v.format(dtype=dtype) for k, v in sig.items()},
             constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype],
-                        "POLICY": policy, "KL": kl, "CISPO_MODE": mode},
+                        "POLICY": _schema.POLICY_KIND[policy], "KL": _schema.KL_KIND[kl],
+                        "MODE": _schema.CISPO_MODE[mode]},
             num_warps=num_warps, aligned=aligned if is_aligned else ()))
+    for dtype in ("bf16", "fp16", "fp32"):
+        entries.append(AotKernel(
+            name=f"rescale_rows[{dtype}]", fn=_rescale_rows_kernel,
+            signature={"grad_ptr": f"*{dtype}", "upstream_ptr": "*fp32", "applied_ptr": "*fp32", "inner": "i32",
+                       "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32", "BLOCK_V": "constexpr"},
+            constexprs={"BLOCK_V": block}, num_warps=num_warps,
+            aligned=("grad_ptr", "upstream_ptr", "applied_ptr", "stride_outer", "stride_inner", "vocab")))
     return entries
 
 

@@ -6,13 +6,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-POLICY_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "reinforce", "gspo", "gspo_token", "gmpo",
-                 "clip_cov", "kl_cov", "troll")
-TOKEN_LOCAL_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "reinforce")
+from . import _schema
+
+# The token-local losses, KL estimators and CISPO modes are the kernels' enums (rlfuse._schema).
+TOKEN_LOCAL_LOSSES = _schema.POLICY_KIND.names
+POLICY_LOSSES = TOKEN_LOCAL_LOSSES + ("gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll")
 PPO_CLIP_LOSSES = ("ppo", "gppo", "clip_cov")  # the ones whose ratio takes dual_clip and delta
 SEQUENCE_MEAN_LOSSES = ("gspo", "gmpo")  # one term per sequence, averaged over sequences
-KL_ESTIMATORS = ("k1", "k2", "k3", "k3+", "abs")
-CISPO_MODES = ("two_sided", "upper", "cap")
+KL_ESTIMATORS = tuple(name for name in _schema.KL_KIND.names if name != "none")  # kl=None is "none"
+CISPO_MODES = _schema.CISPO_MODE.names
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "seq_truncate", "seq_mask")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 

@@ -23,7 +23,9 @@ from .config import LossConfig
 from .functional import token_logprobs
 from .ops.policy_loss import FusedPolicyLoss, TokenLossParams
 
-RATIO_LOSSES = ("ppo", "gppo", "cispo", "sapo", "pspo", "gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll")
+# Every other loss weighs tokens by their ratio to the old policy, so it needs old_logprobs (a new
+# variant is safe by default: forgetting old_logprobs is an error, never a silent ratio to 0).
+LOSSES_WITHOUT_RATIO = ("reinforce",)
 PPO_CLIPPED = ("ppo", "gppo", "clip_cov", "gspo_token")
 
 
@@ -258,7 +260,7 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
         raise ValueError(
             f"advantages must be per token {tuple(tokens.shape)} or per sequence ({n_seqs},), got {tuple(adv.shape)}"
         )
-    needs_old = config.loss in RATIO_LOSSES or config.rollout_correction is not None
+    needs_old = config.loss not in LOSSES_WITHOUT_RATIO or config.rollout_correction is not None
     needs_ref = config.kl is not None and config.kl_coef != 0
 
     def per_token(name, value, required, reason=""):

@@ -6,14 +6,11 @@
 
 namespace rlfuse {
 
-// Each returns a cudaError_t as int (0 = success); launches are asynchronous on `stream`.
-int token_logprobs_fwd_cuda(const TokenLogprobsFwdArgs& args, void* stream);
-int token_logprobs_bwd_cuda(const TokenLogprobsBwdArgs& args, void* stream);
-int policy_loss_fused_cuda(const PolicyLossFusedArgs& args, void* stream);
-int kl_div_fwd_cuda(const KlDivFwdArgs& args, void* stream);
-int row_topk_cuda(const RowTopkArgs& args, void* stream);
-int sample_cuda(const SampleArgs& args, void* stream);
-int kl_div_bwd_cuda(const KlDivBwdArgs& args, void* stream);
+// Each returns a cudaError_t as int (0 = success); launches are asynchronous on `stream`:
+// <kernel>_cuda(const <Args>& args, void* stream) for every kernel of RLFUSE_KERNELS (schema.h).
+#define RLFUSE_DECLARE_CUDA_ENTRY(kernel, Args) int kernel##_cuda(const Args& args, void* stream);
+RLFUSE_KERNELS(RLFUSE_DECLARE_CUDA_ENTRY)
+#undef RLFUSE_DECLARE_CUDA_ENTRY
 
 // Runtime helpers for the bindings.
 int cuda_device_count();             // 0 when no driver / no device

@@ -7,29 +7,11 @@
 #pragma once
 
 #include "rlfuse/row_math.h"
+#include "rlfuse/schema.h"
 
 namespace rlfuse {
 
-enum PolicyKind : int { kPpo = 0, kGppo = 1, kCispo = 2, kSapo = 3, kPspo = 4, kReinforce = 5 };
-enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kK3Plus = 4, kKlAbs = 5 };
-enum CispoMode : int { kCispoTwoSided = 0, kCispoUpper = 1, kCispoCap = 2 };
-
-struct TokenLossParams {
-  int policy;       // PolicyKind
-  int kl;           // KlKind
-  int cispo_mode;   // CispoMode
-  float clip_low;   // eps_low; < 0 means no lower bound (cispo only)
-  float clip_high;  // eps_high (cispo "cap" mode: the cap itself)
-  float dual_clip;  // c of dual-clip PPO; <= 0 means off
-  float delta;      // INTELLECT-2 upper clamp of r before clipping; <= 0 means off
-  float gppo_beta_low;
-  float gppo_beta_high;
-  float sapo_tau_pos;
-  float sapo_tau_neg;
-  float pspo_alpha;
-  float kl_coef;
-  float entropy_coef;
-};
+// PolicyKind, KlKind, CispoMode and TokenLossParams: schema.h (python/rlfuse/_schema.py).
 
 struct TokenLossInputs {
   float logp;

@@ -1,9 +1,11 @@
 """Uniform launchers over the compiled (C++/CUDA) kernels of ``rlfuse._C``.
 
-Each backend module exposes ``token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp,
-entropy, lse)`` and ``token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy,
-grad_logp, grad_entropy, grad_logits, grad_layout)`` taking tensors; the Triton package has the
-same functions. This module adapts ``rlfuse._C``'s pointer-based entry points to that shape.
+Every kernel of ``rlfuse._schema.KERNELS`` gets one tensor-level launcher per backend, named like
+the kernel, whose parameters are the kernel's ``launch_params``: the fields of its argument struct
+in order, without ``dtype`` (taken from the logits). The Triton package has the same functions
+(``tests/test_schema.py`` checks their signatures). Here each launcher turns tensors into addresses
+and calls ``rlfuse._C.<kernel>_cpu`` / ``_cuda`` with every field as a keyword argument: the
+bindings fill the C++ struct by name, so no argument list is written out twice.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import types
 
 import torch
 
+from .. import _schema
 from ..backends import compiled_extension
 
-DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_TAGS = {getattr(torch, name): tag for name, tag in _schema.DTYPE.items()}
 HUGE_PAGE_MIN_BYTES = 32 << 20
 
 
@@ -38,131 +41,83 @@ def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return buffer
 
 
+def _converter(field: _schema.Field):
+    """value -> what the binding takes for ``field`` (pointers as int addresses, 0 for None)."""
+    if field.ctype in _schema.POINTER_TYPES:
+        return lambda value: 0 if value is None else value.data_ptr()
+    if field.ctype == "DType":
+        return lambda tensor: DTYPE_TAGS[tensor.dtype]
+    if field.ctype == "RowLayout":
+        return tuple
+    if field.ctype in _schema.SCALAR_TYPES:
+        return float if field.ctype == "float" else int
+    nested = [(f.name, _converter(f)) for f in _schema.struct(field.ctype).fields]  # e.g. TokenLossParams
+
+    def convert(value):
+        get = value.__getitem__ if isinstance(value, dict) else functools.partial(getattr, value)
+        return {name: conv(get(name)) for name, conv in nested}
+
+    return convert
+
+
+@functools.cache
+def _plan(kernel: str):
+    spec = _schema.KERNELS[kernel]
+    return spec.launch_params, [(f.name, f.derived or f.param, _converter(f)) for f in spec.args.fields]
+
+
+def kernel_fields(kernel: str, *args, **kwargs) -> dict:
+    """The keyword arguments of ``rlfuse._C.<kernel>_*`` for a launcher call ``(*args, **kwargs)``."""
+    params, plan = _plan(kernel)
+    if len(args) > len(params):
+        raise TypeError(f"{kernel}() takes {len(params)} arguments ({', '.join(params)}), got {len(args)}")
+    bound = dict(zip(params, args))
+    for name, value in kwargs.items():
+        if name not in params:
+            raise TypeError(f"{kernel}() got an unexpected argument {name!r}")
+        if name in bound:
+            raise TypeError(f"{kernel}() got multiple values for argument {name!r}")
+        bound[name] = value
+    if len(bound) != len(params):
+        raise TypeError(f"{kernel}() missing arguments: {', '.join(p for p in params if p not in bound)}")
+    return {name: convert(bound[source]) for name, source, convert in plan}
+
+
+def _launcher(kernel: str, suffix: str, launch_name: str, launch_value, device_guard):
+    entry = getattr(compiled_extension(), f"{kernel}_{suffix}")
+
+    def launch(*args, **kwargs):
+        fields = kernel_fields(kernel, *args, **kwargs)
+        logits = args[0] if args else kwargs["logits"]
+        with device_guard(logits):
+            entry(**fields, **{launch_name: launch_value(logits)})
+
+    launch.__name__ = launch.__qualname__ = kernel
+    launch.__doc__ = f"{kernel}({', '.join(_schema.KERNELS[kernel].launch_params)}) on rlfuse._C.{kernel}_{suffix}"
+    return launch
+
+
+def _nullcontext(tensor):
+    return contextlib.nullcontext()
+
+
 def _cpu_launchers():
-    ext = compiled_extension()
-
-    def threads(tensor):
-        return torch.get_num_threads()
-
-    def no_guard(tensor):
-        return contextlib.nullcontext()
-
-    def fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse):
-        ext.token_logprobs_fwd_cpu(
-            logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
-            logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(), torch.get_num_threads(),
-        )
-
-    def bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, grad_logp, grad_entropy, grad_logits,
-            grad_layout):
-        ext.token_logprobs_bwd_cpu(
-            logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
-            lse.data_ptr(), entropy.data_ptr(), grad_logp.data_ptr(), grad_entropy.data_ptr(),
-            grad_logits.data_ptr(), grad_layout, torch.get_num_threads(),
-        )
-
-    def fused(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
-              params, loss, logp, entropy, grad_logits, grad_layout):
-        ext.policy_loss_fused_cpu(*_fused_pointers(
-            logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
-            params, loss, logp, entropy, grad_logits, grad_layout), torch.get_num_threads())
-
-    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused,
-                                 **_kl_launchers(ext.kl_div_fwd_cpu, ext.kl_div_bwd_cpu, threads, no_guard),
-                                 **_topk_launcher(ext.row_topk_cpu, threads, no_guard),
-                                 **_sample_launcher(ext.sample_cpu, threads, no_guard))
-
-
-def _topk_launcher(entry, launch_arg, device_guard):
-    def row_topk(logits, layout, vocab, tokens, inv_temp, k, ids, values, logp, entropy, lse):
-        with device_guard(logits):
-            entry(logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp, k,
-                  ids.data_ptr(), values.data_ptr(), logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(),
-                  launch_arg(logits))
-
-    return {"row_topk": row_topk}
-
-
-def _sample_launcher(entry, launch_arg, device_guard):
-    def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_samples, adaptive, t_min, t_max,
-               h_low, h_high, tokens, logprobs, raw_logprobs, entropy):
-        with device_guard(logits):
-            entry(logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, temperature.data_ptr(),
-                  top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), seed.data_ptr(), num_samples, int(adaptive),
-                  (t_min, t_max, h_low, h_high), tokens.data_ptr(), logprobs.data_ptr(), raw_logprobs.data_ptr(),
-                  entropy.data_ptr(), launch_arg(logits))
-
-    return {"sample": sample}
-
-
-def _kl_launchers(fwd_entry, bwd_entry, launch_arg, device_guard):
-    """kl_div_fwd / kl_div_bwd over rlfuse._C entry points; launch_arg(tensor) is threads or stream."""
-
-    def ptr(tensor):
-        return 0 if tensor is None else tensor.data_ptr()
-
-    def kl_div_fwd(logits, layout, other, other_layout, vocab, inv_temp, direction, kl, lse, other_lse):
-        with device_guard(logits):
-            fwd_entry(logits.data_ptr(), other.data_ptr(), DTYPE_TAGS[logits.dtype], layout, other_layout, vocab,
-                      inv_temp, direction, kl.data_ptr(), lse.data_ptr(), other_lse.data_ptr(), launch_arg(logits))
-
-    def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, kl, lse, other_lse, grad_kl,
-                   grad_logits, grad_layout, grad_other, grad_other_layout):
-        with device_guard(logits):
-            bwd_entry(logits.data_ptr(), other.data_ptr(), DTYPE_TAGS[logits.dtype], layout, other_layout, vocab,
-                      inv_temp, direction, kl.data_ptr(), lse.data_ptr(), other_lse.data_ptr(), grad_kl.data_ptr(),
-                      ptr(grad_logits), grad_layout, ptr(grad_other), grad_other_layout, launch_arg(logits))
-
-    return {"kl_div_fwd": kl_div_fwd, "kl_div_bwd": kl_div_bwd}
-
-
-def _fused_pointers(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight,
-                    weight, params, loss, logp, entropy, grad_logits, grad_layout):
-    """The 17 positional arguments of rlfuse._C.policy_loss_fused_* (see csrc/bindings.cpp)."""
-    return (
-        logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
-        advantages.data_ptr(), old_logp.data_ptr(), ref_logp.data_ptr(), policy_weight.data_ptr(),
-        weight.data_ptr(), tuple(params), loss.data_ptr(), logp.data_ptr(), entropy.data_ptr(),
-        grad_logits.data_ptr(), grad_layout,
-    )
+    return types.SimpleNamespace(**{
+        name: _launcher(name, "cpu", "num_threads", lambda tensor: torch.get_num_threads(), _nullcontext)
+        for name in _schema.KERNELS
+    })
 
 
 def _cuda_launchers():
-    ext = compiled_extension()
-
     def stream(tensor):
         return torch.cuda.current_stream(tensor.device).cuda_stream
 
     def device_guard(tensor):
         return torch.cuda.device(tensor.device)
 
-    def fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse):
-        with torch.cuda.device(logits.device):
-            ext.token_logprobs_fwd_cuda(
-                logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
-                logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(), stream(logits),
-            )
-
-    def bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, grad_logp, grad_entropy, grad_logits,
-            grad_layout):
-        with torch.cuda.device(logits.device):
-            ext.token_logprobs_bwd_cuda(
-                logits.data_ptr(), DTYPE_TAGS[logits.dtype], layout, vocab, tokens.data_ptr(), inv_temp,
-                lse.data_ptr(), entropy.data_ptr(), grad_logp.data_ptr(), grad_entropy.data_ptr(),
-                grad_logits.data_ptr(), grad_layout, stream(logits),
-            )
-
-    def fused(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
-              params, loss, logp, entropy, grad_logits, grad_layout):
-        with torch.cuda.device(logits.device):
-            ext.policy_loss_fused_cuda(*_fused_pointers(
-                logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight,
-                params, loss, logp, entropy, grad_logits, grad_layout), stream(logits))
-
-    return types.SimpleNamespace(token_logprobs_fwd=fwd, token_logprobs_bwd=bwd, policy_loss_fused=fused,
-                                 **_kl_launchers(ext.kl_div_fwd_cuda, ext.kl_div_bwd_cuda, stream, device_guard),
-                                 **_topk_launcher(ext.row_topk_cuda, stream, device_guard),
-                                 **_sample_launcher(ext.sample_cuda, stream, device_guard))
+    return types.SimpleNamespace(**{
+        name: _launcher(name, "cuda", "stream", stream, device_guard) for name in _schema.KERNELS
+    })
 
 
 @functools.cache

@@ -1,55 +1,65 @@
-"""``rlfuse::policy_loss_fused*``: the fused path of token-local policy losses (DESIGN.md).
+"""``rlfuse::policy_loss_fused*``: the fused path of token-local policy losses (ARCHITECTURE.md).
 
 One kernel per row computes the row statistics, the token's loss (token_loss.h) and writes the
 row's gradient while the row is still in cache (kernel backends only: the ``torch`` backend is the
 general path, reference math on top of ``token_logprobs``). The backward only rescales that gradient by the
 upstream gradient (skipped when it is 1). ``policy_loss_fused_inplace`` writes the gradient into
 the logits themselves (declared as a mutation), so the loss costs no ``[N, V]`` memory.
+
+The loss parameters are the fields of ``TokenLossParams`` (``rlfuse._schema``): typed, named
+arguments of both ops (``..., *, int policy, int kl, int cispo_mode, float clip_low, ...``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections import namedtuple
 
 import torch
 from torch import Tensor
 
+from .. import _schema
 from .._layout import as_rows, contiguous_layout, inplace_layout
+from ..backends import triton_installed, triton_interpreting
 from ._launch import empty_gradient, kernels
 
-POLICY_KINDS = {"ppo": 0, "gppo": 1, "cispo": 2, "sapo": 3, "pspo": 4, "reinforce": 5}
-KL_KINDS = {None: 0, "k1": 1, "k2": 2, "k3": 3, "k3+": 4, "abs": 5}
-CISPO_MODES = {"two_sided": 0, "upper": 1, "cap": 2}
+_PARAM_FIELDS = _schema.TOKEN_LOSS_PARAMS.fields
 
 
-class TokenLossParams(NamedTuple):
-    """Field-for-field the C++ ``TokenLossParams`` (token_loss.h); also read by the Triton kernel."""
+def _param_from_config(field: _schema.Field, config):
+    value = getattr(config, field.source or field.name)
+    if field.enum is not None:
+        return _schema.enum(field.enum)["none" if value is None else value]
+    if value is None:
+        if field.none is None:
+            raise ValueError(f"LossConfig.{field.source or field.name} is None; TokenLossParams.{field.name} needs a value")
+        return field.none
+    return float(value)
 
-    policy: int
-    kl: int
-    cispo_mode: int
-    clip_low: float
-    clip_high: float
-    dual_clip: float
-    delta: float
-    gppo_beta_low: float
-    gppo_beta_high: float
-    sapo_tau_pos: float
-    sapo_tau_neg: float
-    pspo_alpha: float
-    kl_coef: float
-    entropy_coef: float
+
+class TokenLossParams(namedtuple("TokenLossParams", _schema.TOKEN_LOSS_PARAMS.names)):
+    """Field-for-field the C++ ``TokenLossParams`` (schema.h, generated from ``rlfuse._schema``)."""
+
+    __slots__ = ()
 
     @classmethod
     def from_config(cls, config) -> "TokenLossParams":
-        return cls(
-            POLICY_KINDS[config.loss], KL_KINDS[config.kl], CISPO_MODES[config.cispo_mode],
-            -1.0 if config.clip_low is None else config.clip_low, config.clip_high,
-            config.dual_clip or 0.0, config.delta or 0.0, config.gppo_beta_low, config.gppo_beta_high,
-            config.sapo_tau_pos, config.sapo_tau_neg, config.pspo_alpha,
-            config.kl_coef if config.kl is not None else 0.0, config.entropy_coef,
-        )
+        """Each field from the LossConfig attribute of the same name (enums by member name; ``kl=None``
+        is ``"none"``; a None float takes the field's ``none`` value)."""
+        return cls(*[_param_from_config(f, config) for f in _PARAM_FIELDS])
+
+
+def _op_params_schema() -> str:
+    """``int policy, int kl, ..., float entropy_coef``: the params as keyword-only op arguments."""
+    types = {"int": "int", "float": "float"}
+    return ", ".join(f"{types[f.ctype]} {f.name}" for f in _PARAM_FIELDS)
+
+
+_PER_TOKEN = "Tensor advantages, Tensor old_logp, Tensor ref_logp, Tensor policy_weight, Tensor weight"
+_FUSED_SCHEMA = (f"(Tensor logits, Tensor tokens, {_PER_TOKEN}, float temperature, str backend, *, "
+                 f"{_op_params_schema()}) -> (Tensor, Tensor, Tensor, Tensor)")
+_FUSED_INPLACE_SCHEMA = (f"(Tensor(a!) logits, Tensor tokens, {_PER_TOKEN}, float temperature, str backend, *, "
+                         f"{_op_params_schema()}) -> (Tensor, Tensor, Tensor)")
 
 
 def _launch(logits, tokens, per_token, temperature, params, backend, grad_logits):
@@ -71,54 +81,104 @@ def _launch(logits, tokens, per_token, temperature, params, backend, grad_logits
     return loss, logp, entropy
 
 
-@torch.library.custom_op("rlfuse::policy_loss_fused", mutates_args=())
-def policy_loss_fused(
-    logits: Tensor, tokens: Tensor, advantages: Tensor, old_logp: Tensor, ref_logp: Tensor,
-    policy_weight: Tensor, weight: Tensor, temperature: float, params: list[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    token_params = TokenLossParams(*[int(v) for v in params[:3]], *params[3:])
+def _fused(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, temperature, backend, **params):
     per_token = (advantages, old_logp, ref_logp, policy_weight, weight)
     grad = empty_gradient(logits)
-    return (*_launch(logits, tokens, per_token, temperature, token_params, backend, grad), grad)
+    return (*_launch(logits, tokens, per_token, temperature, TokenLossParams(**params), backend, grad), grad)
+
+
+def _fused_inplace(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, temperature, backend,
+                   **params):
+    per_token = (advantages, old_logp, ref_logp, policy_weight, weight)
+    return _launch(logits, tokens, per_token, temperature, TokenLossParams(**params), backend, logits)
+
+
+policy_loss_fused = torch.library.custom_op("rlfuse::policy_loss_fused", _fused, mutates_args=(),
+                                            schema=_FUSED_SCHEMA)
+policy_loss_fused_inplace = torch.library.custom_op("rlfuse::policy_loss_fused_inplace", _fused_inplace,
+                                                    mutates_args=("logits",), schema=_FUSED_INPLACE_SCHEMA)
 
 
 @policy_loss_fused.register_fake
-def _(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, temperature, params, backend):
+def _(logits, tokens, advantages, *args, **params):
     n = advantages.shape[0]
     per_row = [logits.new_empty(n, dtype=torch.float32) for _ in range(3)]
     return (*per_row, torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("rlfuse::policy_loss_fused_inplace", mutates_args=("logits",))
-def policy_loss_fused_inplace(
-    logits: Tensor, tokens: Tensor, advantages: Tensor, old_logp: Tensor, ref_logp: Tensor,
-    policy_weight: Tensor, weight: Tensor, temperature: float, params: list[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    token_params = TokenLossParams(*[int(v) for v in params[:3]], *params[3:])
-    per_token = (advantages, old_logp, ref_logp, policy_weight, weight)
-    return _launch(logits, tokens, per_token, temperature, token_params, backend, logits)
-
-
 @policy_loss_fused_inplace.register_fake
-def _(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, temperature, params, backend):
+def _(logits, tokens, advantages, *args, **params):
     n = advantages.shape[0]
     return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
+# --- backward: rescaling the saved gradient ---------------------------------------------------------
+
+# Tests set this to run the device path below on CPU tensors (Triton under TRITON_INTERPRET=1).
+DEVICE_RESCALE_ON_CPU = False
+
+
+def rescale_saved_gradient_(grad: Tensor, upstream: Tensor, applied: Tensor) -> None:
+    """grad *= upstream / applied on the device, without reading either scalar on the host.
+
+    ``grad`` carries the factor ``applied`` (a device fp32 scalar) and must carry ``upstream``.
+    Equal factors (the usual upstream gradient 1): nothing is read or written. A gradient that
+    carries 0 or a non-finite factor cannot be rescaled: it becomes NaN (never silently wrong).
+    The Triton kernel (``triton_kernels/policy_loss.py``) is one launch that returns at once when
+    the factor is 1; without Triton the same math runs as torch ops (always a full pass).
+    """
+    if grad.numel() == 0:
+        return
+    on_cpu = grad.device.type == "cpu"
+    if triton_installed() and triton_interpreting() == on_cpu:
+        from ..triton_kernels.policy_loss import rescale_rows_
+
+        rescale_rows_(grad, inplace_layout(grad, "the saved gradient"), grad.shape[-1], upstream, applied)
+        return
+    recoverable = (applied != 0) & torch.isfinite(applied)
+    factor = torch.where(upstream == applied, torch.ones_like(applied),
+                         torch.where(recoverable, upstream / applied, torch.full_like(applied, math.nan)))
+    if grad.dtype == torch.float32:
+        grad.mul_(factor)
+        return
+    # fp16/bf16: multiply in fp32 (a 0-dim device tensor would be rounded to the gradient's dtype),
+    # in slices of the first dimension (views, also of an in-place gradient) of bounded size.
+    per_slice = grad[0].numel() if grad.dim() > 1 else grad.numel()
+    for chunk in grad.split(max(1, (64 << 20) // max(1, 4 * per_slice))):
+        chunk.copy_(chunk.float() * factor)
+
+
 class FusedPolicyLoss(torch.autograd.Function):
-    """loss = sum of the fused per-token losses; backward = stored gradient x upstream gradient."""
+    """loss = sum of the fused per-token losses; backward = stored gradient x upstream gradient.
+
+    The saved gradient is rescaled in place (no ``[N, V]`` allocation) and keeps track of the factor
+    it carries, so a repeated backward (``retain_graph=True``) rescales from it:
+
+    - CPU tensors: the upstream gradient is read on the host (no synchronisation there). 1: the
+      gradient is returned as is; 0: ``None`` (the saved gradient is left as it is); non-finite: a
+      new tensor ``grad * upstream``; otherwise an in-place rescale.
+    - CUDA tensors: never a host synchronisation. ``rescale_saved_gradient_`` multiplies by
+      upstream / applied read from device memory (a launch and nothing else when they are equal),
+      and the gradient is always returned. An upstream gradient of exactly 0 zeroes the saved
+      gradient (the correct gradient of that backward); a later backward of the same graph with a
+      nonzero upstream gradient then gets NaN everywhere, as after a non-finite one: a gradient
+      that cannot be recovered is NaN, never silently wrong.
+    """
 
     @staticmethod
     def forward(ctx, logits, tokens, per_token, temperature, params, backend, inplace):
-        args = (tokens, *per_token, temperature, list(params), backend)
+        op_params = {name: getattr(params, name) for name in TokenLossParams._fields}
         if inplace:
-            token_losses, logp, entropy = policy_loss_fused_inplace(logits, *args)
+            token_losses, logp, entropy = policy_loss_fused_inplace(
+                logits, tokens, *per_token, temperature, backend, **op_params)
             grad = logits
         else:
-            token_losses, logp, entropy, grad = policy_loss_fused(logits, *args)
+            token_losses, logp, entropy, grad = policy_loss_fused(
+                logits, tokens, *per_token, temperature, backend, **op_params)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(logp, entropy)
-        ctx.applied_scale = 1.0  # the factor the saved gradient currently carries
+        ctx.applied_scale = 1.0  # the factor the saved gradient currently carries (host path)
+        ctx.applied = None  # the same as a device scalar (device path), made on first use
         return token_losses.sum(), logp, entropy
 
     @staticmethod
@@ -127,7 +187,15 @@ class FusedPolicyLoss(torch.autograd.Function):
         none = (None,) * 6
         if torch.compiler.is_compiling():
             return grad * grad_loss.to(grad.dtype), *none
-        scale = float(grad_loss)
+        if grad.device.type != "cpu" or DEVICE_RESCALE_ON_CPU:
+            upstream = grad_loss.detach().to(torch.float32).reshape(())
+            if ctx.applied is None:
+                ctx.applied = torch.ones((), dtype=torch.float32, device=grad.device)
+            with torch.autograd._unsafe_preserve_version_counter(grad):
+                rescale_saved_gradient_(grad, upstream, ctx.applied)
+            ctx.applied.copy_(upstream)  # stream-ordered after the rescale that read it
+            return grad, *none
+        scale = float(grad_loss)  # a CPU tensor: no synchronisation
         # The usual upstream gradient of a loss is exactly 1: return the kernel's gradient as it is.
         if scale == ctx.applied_scale:
             return grad, *none
