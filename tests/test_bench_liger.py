@@ -20,9 +20,10 @@ pytest.importorskip("liger_kernel")
 
 import rlfuse  # noqa: E402
 from rlfuse import LossConfig, bench  # noqa: E402
+from rlfuse.bench import harness, policy_loss as policy_loss_bench  # noqa: E402
 
 CPU = torch.device("cpu")
-SEQ_LEN = 128  # the policy_loss case's sequence length
+SEQ_LEN = policy_loss_bench.SEQ_LEN  # the policy_loss case's sequence length (128)
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +86,9 @@ def test_disagreeing_contender_is_invalid_and_not_timed():
     case = bench.CASE_BUILDERS["policy_loss"](args, CPU)
     notes: list[str] = []
     # Liger configured as dapo, checked against a different rlfuse loss (temperature 0.5).
-    (wrong,) = bench._liger_grpo_contender(args, CPU, SEQ_LEN, LossConfig.dapo(),
-                                           lambda t: _rlfuse_dapo(t, temperature=0.5), "rlfuse torch dapo T=0.5",
-                                           notes)
+    (wrong,) = policy_loss_bench._liger_grpo_contender(args, CPU, SEQ_LEN, LossConfig.dapo(),
+                                                       lambda t: _rlfuse_dapo(t, temperature=0.5),
+                                                       "rlfuse torch dapo T=0.5", notes)
     calls = []
 
     def make(dtype):
@@ -98,14 +99,14 @@ def test_disagreeing_contender_is_invalid_and_not_timed():
 
     contender = dataclasses.replace(wrong, make=make)
     case = dataclasses.replace(case, contenders=[contender])
-    result = bench._measure(case, contender, torch.float32, CPU, args, bench.MemoryProbe(CPU),
-                            bench.Progress(len(bench.PHASES)))
+    result = harness._measure(case, contender, torch.float32, CPU, args, bench.MemoryProbe(CPU),
+                              bench.Progress(len(bench.PHASES)))
     assert calls == [] and result.ms == {}
     assert result.invalid and result.error.startswith("invalid, not timed")
     assert result.agreement.max_abs_diff > result.agreement.tolerance
     assert "invalid, not timed" in bench.format_results(case, [result], None)
     env = {"device": "cpu", "device_name": "cpu", "repeats": 1}
-    (row,) = bench._csv_rows(case, [result], env)
+    (row,) = harness._csv_rows(case, [result], env)
     assert row["checked_against"] == "rlfuse torch dapo T=0.5"
     assert float(row["check_max_abs_diff"]) == pytest.approx(result.agreement.max_abs_diff, rel=1e-2)
 
@@ -118,14 +119,14 @@ def test_liger_only_where_it_can_run(monkeypatch):
     assert not _liger(case)
     assert any("Liger-Kernel not benchmarked" in n and "multiple" in n for n in case.notes)
 
-    monkeypatch.setattr(bench, "_LIGER_MAX_COMPLETION", SEQ_LEN - 2)
+    monkeypatch.setattr(policy_loss_bench, "_LIGER_MAX_COMPLETION", SEQ_LEN - 2)
     case = bench.CASE_BUILDERS["policy_loss"](_args("--liger"), CPU)
     assert not _liger(case)
     assert any("Liger-Kernel not benchmarked" in n and "grid limit" in n for n in case.notes)
 
 
 def test_run_exits_1_when_liger_disagrees(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "_LIGER_LOSS_RTOL", -1.0)  # no difference is small enough
+    monkeypatch.setattr(policy_loss_bench, "_LIGER_LOSS_RTOL", -1.0)  # no difference is small enough
     monkeypatch.setattr(bench, "measure_copy_bandwidth", lambda device: 1e9)  # not what is tested: save time
     args = _args("--liger", "--backends", "cpu", "--dtype", "fp32")
     assert bench.run(args) == 1
