@@ -151,6 +151,8 @@ def _token_local_term(logp, old, a: float, config) -> torch.Tensor:
         return -a * (4.0 / tau) * gate
     if name == "pspo":  # -A ((1 - alpha) r + alpha)
         return -a * ((1.0 - config.pspo_alpha) * r + config.pspo_alpha)
+    if name == "spo":  # SPO: -(A r - |A| (r - 1)^2 / (2 eps)), eps = clip_high
+        return -(a * r - abs(a) * (r - 1.0) ** 2 / (2.0 * config.clip_high))
     raise ValueError(f"{name!r} is not a token-local variant")
 
 

@@ -23,6 +23,8 @@ TOKEN_LOCAL = {
     "cispo_cap": C(loss="cispo", cispo_mode="cap", clip_low=None, clip_high=1.5),
     "sapo": C.sapo(),
     "pspo": C.pspo(),
+    "spo": C.spo(),
+    "spo_k3_entropy": C.spo(clip_high=0.3, kl="k3", kl_coef=0.05, entropy_coef=0.01),
     "reinforce": C(loss="reinforce", aggregation="token-sum"),
     "ppo_dual_clip": C(dual_clip=1.5),
     "ppo_delta": C(delta=1.3),
@@ -193,7 +195,7 @@ def test_zero_advantages(backend, generator):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("name", ["ppo", "gppo", "cispo_upper", "sapo", "pspo", "k3+"])
+@pytest.mark.parametrize("name", ["ppo", "gppo", "cispo_upper", "sapo", "pspo", "spo", "k3+"])
 def test_extreme_log_ratios_are_clamped_never_nan(name, backend, generator):
     batch = make_batch(generator)
     logp, _ = ref.token_logprobs_reference(batch["logits"].double(), batch["tokens"])
@@ -204,6 +206,36 @@ def test_extreme_log_ratios_are_clamped_never_nan(name, backend, generator):
     out, grad = run(batch, config, backend)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
     assert_matches(out, grad, *oracle(batch, config))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_spo_closed_form(backend, generator):
+    """SPO (Xie et al. 2025), written out in float64: L = -(A r - |A| (r - 1)^2 / (2 eps)),
+    dL/dlogp = -(A r - |A| (r - 1) r / eps), eps = clip_high; token-mean over valid tokens, and
+    dL/dlogits_j = dL/dlogp (1[j = y] - p_j)."""
+    batch = make_batch(generator, dtype=torch.float32)
+    eps = 0.2
+    out, grad = run(batch, C.spo(clip_high=eps), backend)
+    logp_all = torch.log_softmax(batch["logits"].double(), -1)
+    logp = logp_all.gather(-1, batch["tokens"][..., None])[..., 0]
+    r = torch.exp(logp - batch["old_logprobs"].double())
+    a = batch["advantages"].double()
+    w = batch["mask"].double() / batch["mask"].sum()
+    loss = (w * -(a * r - a.abs() * (r - 1.0) ** 2 / (2.0 * eps))).sum()
+    g_logp = w * -(a * r - a.abs() * (r - 1.0) * r / eps)
+    onehot = torch.nn.functional.one_hot(batch["tokens"], logp_all.shape[-1]).double()
+    expected_grad = g_logp[..., None] * (onehot - logp_all.exp())
+    assert_matches(out, grad, loss, expected_grad)
+    assert out.metrics["path"] == ("general" if backend == "torch" else "fused")
+
+
+def test_spo_needs_a_positive_eps_and_old_logprobs(generator):
+    with pytest.raises(ValueError, match="clip_high"):
+        C.spo(clip_high=0.0)
+    batch = make_batch(generator)
+    batch.pop("old_logprobs")
+    with pytest.raises(ValueError, match="old_logprobs"):
+        run(batch, C.spo(), "torch")
 
 
 def test_ratio_on_the_clip_boundary_is_unclipped():

@@ -80,6 +80,10 @@ def _policy_term(logp, old_logp, a, p, POLICY: tl.constexpr, MODE: tl.constexpr)
     elif POLICY == POLICY_KIND.pspo:
         value = -a * ((1.0 - p.pspo_alpha) * r + p.pspo_alpha)
         grad = -a * (1.0 - p.pspo_alpha) * dr
+    elif POLICY == POLICY_KIND.spo:  # -(A r - |A| (r - 1)^2 / (2 eps)), eps = clip_high
+        d = r - 1.0
+        value = -(a * r - tl.abs(a) * d * d / (2.0 * p.clip_high))
+        grad = -(a - tl.abs(a) * d / p.clip_high) * dr
     elif POLICY == POLICY_KIND.sapo:
         tau = tl.where(a > 0.0, p.sapo_tau_pos, p.sapo_tau_neg)
         s = 1.0 / (1.0 + tl.exp(-tau * (r - 1.0)))

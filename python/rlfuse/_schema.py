@@ -138,7 +138,7 @@ DTYPE = Enum("DType", (("float32", "kFloat32"), ("float16", "kFloat16"), ("bfloa
 POLICY_KIND = Enum(
     "PolicyKind",
     (("ppo", "kPpo"), ("gppo", "kGppo"), ("cispo", "kCispo"), ("sapo", "kSapo"), ("pspo", "kPspo"),
-     ("reinforce", "kReinforce")),
+     ("reinforce", "kReinforce"), ("spo", "kSpo")),
     "Token-local policy-loss variant (LossConfig.loss) of the fused path: SPEC.md section 3.")
 KL_KIND = Enum(
     "KlKind",

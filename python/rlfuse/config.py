@@ -120,6 +120,8 @@ class LossConfig:
                 fail("rollout_correction", f"is not supported by loss={self.loss!r} (a per-sequence ratio)")
         if self.loss in SEQUENCE_MEAN_LOSSES + ("troll",) and self.entropy_quantile is not None:
             fail("entropy_quantile", f"is not supported by loss={self.loss!r}")
+        if self.loss == "spo" and self.clip_high <= 0:
+            fail("clip_high", "is SPO's eps and must be > 0")
         if self.loss == "cispo" and self.cispo_mode == "cap" and self.clip_high <= 0:
             fail("clip_high", "is the CISPO cap in 'cap' mode and must be > 0")
         if self.rollout_cap_low is not None and self.rollout_cap_low > self.rollout_cap:
@@ -177,6 +179,11 @@ class LossConfig:
     def pspo(cls, **overrides):
         """PSPO: ratio smoothed towards 1 with alpha 0.1."""
         return cls(**{"loss": "pspo", "pspo_alpha": 0.1, **overrides})
+
+    @classmethod
+    def spo(cls, **overrides):
+        """SPO (Xie et al. 2025): -(A r - |A| (r - 1)^2 / (2 eps)), eps = clip_high = 0.2."""
+        return cls(**{"loss": "spo", "clip_high": 0.2, **overrides})
 
     @classmethod
     def gspo(cls, **overrides):

@@ -26,12 +26,12 @@ struct EnumInfo<DType> {
 };
 
 // Token-local policy-loss variant (LossConfig.loss) of the fused path: SPEC.md section 3.
-enum PolicyKind : int { kPpo = 0, kGppo = 1, kCispo = 2, kSapo = 3, kPspo = 4, kReinforce = 5 };
+enum PolicyKind : int { kPpo = 0, kGppo = 1, kCispo = 2, kSapo = 3, kPspo = 4, kReinforce = 5, kSpo = 6 };
 template <>
 struct EnumInfo<PolicyKind> {
   static constexpr const char* kName = "PolicyKind";
-  static constexpr int kCount = 6;
-  static constexpr const char* kNames[kCount] = {"ppo", "gppo", "cispo", "sapo", "pspo", "reinforce"};
+  static constexpr int kCount = 7;
+  static constexpr const char* kNames[kCount] = {"ppo", "gppo", "cispo", "sapo", "pspo", "reinforce", "spo"};
 };
 
 // KL-to-reference estimator (LossConfig.kl; None is "none"): SPEC.md section 5.

@@ -50,6 +50,10 @@ RLFUSE_HD Term policy_term(const TokenLossParams& p, float logp, float old_logp,
       return Term{-a * logp, -a};
     case kPspo:
       return Term{-a * ((1.0f - p.pspo_alpha) * r + p.pspo_alpha), -a * (1.0f - p.pspo_alpha) * dr};
+    case kSpo: {  // SPO: -(A r - |A| (r - 1)^2 / (2 eps)), eps = clip_high
+      const float d = r - 1.0f;
+      return Term{-(a * r - fabsf(a) * d * d / (2.0f * p.clip_high)), -(a - fabsf(a) * d / p.clip_high) * dr};
+    }
     case kSapo: {
       const float tau = a > 0.0f ? p.sapo_tau_pos : p.sapo_tau_neg;
       const float s = 1.0f / (1.0f + expf(-tau * (r - 1.0f)));

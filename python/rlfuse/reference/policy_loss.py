@@ -79,6 +79,8 @@ def policy_term(logp, old_logp, advantages, config) -> Tensor:
         return -a * (4.0 / tau) * torch.sigmoid(tau * (r - 1.0))
     if config.loss == "pspo":
         return -a * ((1.0 - config.pspo_alpha) * r + config.pspo_alpha)
+    if config.loss == "spo":  # eps = clip_high
+        return -(a * r - a.abs() * (r - 1.0) ** 2 / (2.0 * config.clip_high))
     raise ValueError(f"{config.loss!r} is not a token-local loss")
 
 
