@@ -139,3 +139,10 @@ def test_knobs_a_loss_would_ignore_are_errors(overrides, field):
     """A config knob the chosen loss does not implement is an error, never a silent no-op."""
     with pytest.raises(ValueError, match=f"LossConfig.{field}"):
         LossConfig(**overrides)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e39])
+def test_config_temperature_needs_a_normal_fp32_reciprocal(temperature):
+    """1/T overflows (or underflows) in fp32: the kernels would return NaN."""
+    with pytest.raises(ValueError, match="LossConfig.temperature"):
+        LossConfig(temperature=temperature)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from . import _schema
+from ._validation import MAX_TEMPERATURE, MIN_TEMPERATURE, TEMPERATURE_RANGE
 
 # The token-local losses, KL estimators and CISPO modes are the kernels' enums (rlfuse._schema).
 TOKEN_LOCAL_LOSSES = _schema.POLICY_KIND.names
@@ -100,6 +101,8 @@ class LossConfig:
             finite(name, 0.0, low_inclusive=False)
         finite("entropy_coef")
         finite("troll_alpha", 0.0)
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            fail("temperature", f"must lie in {TEMPERATURE_RANGE} (the kernels scale by 1 / T in fp32)")
         finite("cov_ub", self.cov_lb, low_inclusive=False)
         finite("rollout_cap_low", 0.0, allow_none=True)
         finite("norm_tokens", 0.0, low_inclusive=False, allow_none=True)
