@@ -1,0 +1,668 @@
+"""``rlfuse.LinearLogits``: logits that never exist (issue 15).
+
+A ``LinearLogits(hidden, weight, bias=None, *, scale=None, softcap=None, chunk_tokens=None,
+batch_invariant=False)`` stands for the logits
+
+    logits = softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)
+
+(``scale`` 1 and no ``tanh`` when not given) of ``hidden [..., D]``, the lm_head ``weight [V, D]``
+and ``bias [V]``, without ever storing them: the functions here make the logits of ``chunk_tokens``
+tokens at a time with the platform GEMM (``torch.addmm``: cuBLAS on GPU, the CPU BLAS here; never a
+GEMM of our own) into one reused ``[chunk, V]`` buffer, run the existing row kernels on that buffer,
+and send the gradient through the GEMMs' own backward formulas:
+
+    dpre = dL/dlogits * (1 - t^2),  t = tanh(scale * pre / softcap) kept in fp32 from the forward
+    grad_hidden[chunk] = scale * dpre @ W      grad_W += scale * dpre.T @ hidden[chunk]  (fp32 accumulator)
+    grad_b += scale * dpre.sum(0)              (fp32 accumulator)
+
+``scale`` and ``1 / softcap`` ride in the GEMMs' ``alpha`` / ``beta`` (no pass over the chunk for
+them); softcap costs two elementwise passes in the forward and two in the backward. A gradient is
+computed only for the tensors among hidden / weight / bias that require one (a frozen or LoRA'd
+lm_head costs no weight-gradient GEMM).
+
+Two paths, as for materialised logits (ARCHITECTURE.md, "The two paths for a loss"):
+
+* **General** (``linear_token_logprobs``, ``linear_entropy``; any loss on top): the forward keeps
+  only per-token ``lse`` and entropy (O(N)); the backward recomputes each chunk's logits, lets
+  ``token_logprobs_bwd_inplace`` write dL/dlogits into the chunk buffer, and runs the two gradient
+  GEMMs on it.
+* **Fused** (``linear_fused_policy_loss``; token-local policy losses): the forward runs
+  ``policy_loss_fused_inplace`` on each chunk buffer, which writes dL/dlogits there, and the gradient
+  GEMMs follow at once; the backward only rescales the three gradients by ``grad_output`` (the rules
+  of ``FusedPolicyLoss.backward``).
+
+Memory: one ``[chunk, V]`` buffer in the compute dtype (plus an fp32 one with ``softcap``), the
+``[N, D]`` hidden gradient, the ``[V, D]`` fp32 weight-gradient accumulator, O(N) per-token values:
+O(chunk x V + N x D + V x D), never O(N x V). (A ``hidden`` view whose rows cannot be addressed as
+``[N, D]`` without a copy, e.g. ``hidden[:, :-1]``, is copied once: O(N x D).)
+
+Compute dtype: the logits are made in the inputs' dtype, as the model's ``lm_head`` would make them;
+under ``torch.autocast`` (enabled for the tensors' device type when the op is called) in the autocast
+dtype, exactly as autocast runs ``F.linear`` (inputs cast to it, GEMM output in it; float64 is never
+autocast). The choice is recorded in the forward and reused by the backward's recomputation.
+
+Masked tokens: given a mask, only valid rows ever reach a GEMM or a kernel (one ``nonzero`` of the
+mask: a host synchronisation, since the number of valid rows sets the shapes). Their log-prob and
+entropy are reported as 0 (materialised logits report the real values there; every loss and metric
+ignores them either way) and their hidden rows get a zero gradient.
+
+``batch_invariant=True``: every GEMM and kernel launch has the same shape whatever the batch: each
+chunk is padded to ``chunk_tokens`` rows (zero hidden rows, token 0, zero upstream gradients and
+weights; discarded), and ``chunk_tokens=None`` then takes the budget rule *without* clamping to
+the number of tokens. A token's log-prob, entropy and hidden-gradient row are then bitwise the same
+whatever else shares the batch (tests/test_linear_logits.py; for a loss, given the same per-token
+weight, e.g. ``token-sum``). Sums over tokens -- the weight and bias gradients, and the loss itself --
+cannot be: their summation order depends on the other tokens.
+
+Precision: every GEMM accumulates in fp32 (the BLAS's / cuBLAS's own accumulation); the weight and
+bias gradients are accumulated over chunks in fp32 accumulators and rounded to the parameters' dtype
+once at the end. For bf16/fp16 inputs on CUDA the weight-gradient GEMM writes fp32 directly
+(``addmm`` with ``out_dtype``; falls back to the CPU scheme if unavailable -- not yet run on a GPU);
+on CPU, which has no fp32-output low-precision GEMM, each chunk's product is rounded once to the
+inputs' dtype before the fp32 accumulation.
+
+Not traceable by ``torch.compile`` (a host loop over chunks, and the mask's ``nonzero``).
+
+Chunk size (``chunk_tokens=None``): the largest ``c`` with ``c * V * bytes <= CHUNK_BUDGET_BYTES``
+for the device type (32 MiB on CPU -- large enough for BLAS efficiency, small enough to stay far
+under the fp32 logits; 256 MiB on CUDA, where the GEMM needs more rows to fill the GPU), where
+``bytes`` = 4 per logit (8 with ``softcap``: the extra fp32 tanh buffer), rounded down to a multiple
+of 64 when at least 128, then clamped to ``[1, N]`` (not clamped to N when ``batch_invariant``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import _validation as check
+from .backends import resolve_backend
+from .ops._launch import empty_buffer
+from .ops.policy_loss import TokenLossParams, policy_loss_fused_inplace
+from .ops.token_logprobs import token_logprobs_bwd_inplace, token_logprobs_fwd
+
+__all__ = ["LinearLogits", "linear_token_logprobs", "linear_entropy", "linear_fused_policy_loss",
+           "CHUNK_BUDGET_BYTES", "default_chunk_tokens"]
+
+# Bytes of chunk working set per device type (see the module docstring for the rule).
+CHUNK_BUDGET_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+_DEFAULT_BUDGET = 32 << 20
+HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def default_chunk_tokens(vocab: int, device: torch.device, softcap: float | None) -> int:
+    """``chunk_tokens=None``: the budget rule before clamping to the number of tokens."""
+    budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, _DEFAULT_BUDGET)
+    per_token = max(1, vocab) * (8 if softcap is not None else 4)
+    chunk = budget // per_token
+    if chunk >= 128:
+        chunk -= chunk % 64
+    return max(1, chunk)
+
+
+def _check_tensor(value, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in HIDDEN_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+
+
+def _finite_real(value, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or None, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+class LinearLogits:
+    """Logits ``softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)``, made a chunk at a time.
+
+    Args:
+        hidden: ``[..., D]`` hidden states (the leading shape is the tokens' shape).
+        weight: ``[V, D]`` lm_head weight (possibly tied to the embedding).
+        bias: optional ``[V]``.
+        scale: optional finite logit scale (Cohere / Granite style), applied to ``hidden @ W.T + b``.
+        softcap: optional final logit soft-cap ``> 0`` (Gemma-2 style).
+        chunk_tokens: tokens per chunk (positive int), or None for the memory-budget rule
+            (``rlfuse.linear`` module docstring; ``CHUNK_BUDGET_BYTES``).
+        batch_invariant: fixed GEMM / kernel shapes (every chunk padded to ``chunk_tokens`` rows), so
+            a token's outputs and hidden gradient are bitwise independent of the rest of the batch.
+
+    hidden, weight and bias must share a dtype (float32, float16, bfloat16, float64) and a device.
+    Gradients reach whichever of them requires grad.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, scale=None, softcap=None,
+                 chunk_tokens=None, batch_invariant: bool = False):
+        _check_tensor(hidden, "hidden")
+        _check_tensor(weight, "weight")
+        if hidden.dim() < 1:
+            raise ValueError("hidden must have shape [..., D], got a 0-dimensional tensor")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
+        vocab, dim = weight.shape
+        if vocab < 1:
+            raise ValueError(f"weight must have shape [V, D] with V >= 1, got {tuple(weight.shape)}")
+        if dim != hidden.shape[-1]:
+            raise ValueError(
+                f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, "
+                f"got {tuple(weight.shape)}"
+            )
+        if weight.dtype != hidden.dtype:
+            raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+        if weight.device != hidden.device:
+            raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+        if bias is not None:
+            _check_tensor(bias, "bias")
+            if bias.shape != (vocab,):
+                raise ValueError(
+                    f"bias must have shape [V] = ({vocab},) (V = weight.shape[0]), got {tuple(bias.shape)}")
+            if bias.dtype != hidden.dtype:
+                raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+            if bias.device != hidden.device:
+                raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+        if scale is not None:
+            scale = _finite_real(scale, "scale")
+        if softcap is not None:
+            softcap = _finite_real(softcap, "softcap")
+            if not softcap > 0:
+                raise ValueError(f"softcap must be > 0, got {softcap}")
+        if chunk_tokens is not None:
+            if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral):
+                raise TypeError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+            if chunk_tokens < 1:
+                raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens}")
+            chunk_tokens = int(chunk_tokens)
+        if not isinstance(batch_invariant, bool):
+            raise TypeError(f"batch_invariant must be a bool, got {batch_invariant!r}")
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.scale, self.softcap = scale, softcap
+        self.chunk_tokens, self.batch_invariant = chunk_tokens, batch_invariant
+
+    # --- tensor-like metadata (what the public functions' validation reads) -----------------------
+
+    @property
+    def shape(self) -> torch.Size:
+        """``hidden.shape[:-1] + (V,)``: the shape of the logits this stands for."""
+        return torch.Size(tuple(self.hidden.shape[:-1]) + (self.vocab,))
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.hidden.shape[:-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The inputs' dtype (the logits' dtype outside autocast; see ``compute_dtype``)."""
+        return self.hidden.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def ndim(self) -> int:
+        return self.hidden.dim()
+
+    def dim(self) -> int:
+        return self.hidden.dim()
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(t is not None and t.requires_grad for t in (self.hidden, self.weight, self.bias))
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the logits are made in now: the autocast dtype when autocast is enabled for the
+        tensors' device type (and they are not float64), else the inputs' dtype."""
+        kind = self.device.type
+        if self.dtype != torch.float64 and torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+        return self.dtype
+
+    def resolved_chunk_tokens(self, rows: int | None = None) -> int:
+        """Tokens per chunk for ``rows`` tokens (default: all of them)."""
+        rows = self.num_tokens if rows is None else rows
+        if self.chunk_tokens is not None:
+            chunk = self.chunk_tokens
+        else:
+            chunk = default_chunk_tokens(self.vocab, self.device, self.softcap)
+        if self.batch_invariant:
+            return chunk  # a fixed shape, whatever the batch
+        return max(1, min(chunk, rows))
+
+    def materialize(self) -> Tensor:
+        """The full ``[..., V]`` logits with plain torch ops (differentiable; O(N x V) memory). For
+        tests and for ops that take only a logits tensor."""
+        logits = torch.nn.functional.linear(self.hidden, self.weight, self.bias)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    def __repr__(self) -> str:
+        extras = [f"{k}={getattr(self, k)}" for k in ("scale", "softcap", "chunk_tokens")
+                  if getattr(self, k) is not None]
+        if self.batch_invariant:
+            extras.append("batch_invariant=True")
+        return (f"LinearLogits(shape={tuple(self.shape)}, hidden_dim={self.hidden_dim}, dtype={self.dtype}, "
+                f"device={self.device}, bias={self.bias is not None}{''.join(', ' + e for e in extras)})")
+
+
+# --- the chunk machinery ------------------------------------------------------------------------
+
+
+def _valid_rows(mask: Tensor | None, n: int) -> Tensor | None:
+    """Indices of the valid rows, or None when every row is valid (then chunks are plain slices).
+    ``nonzero`` synchronises with the host: the number of valid rows sets the GEMM shapes."""
+    if mask is None:
+        return None
+    rows = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+    return None if rows.numel() == n else rows
+
+
+def _mm_accumulate_(acc: Tensor, a: Tensor, b: Tensor, alpha: float, scratch: list) -> None:
+    """``acc += alpha * a @ b`` with ``acc`` fp32 (fp64 for fp64 inputs) whatever ``a``/``b``'s dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+        return
+    if a.device.type == "cuda":
+        try:  # cuBLAS: low-precision inputs, fp32 output accumulated in place (no [V, D] temporary)
+            torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, beta=1, alpha=alpha, out=acc)
+            return
+        except (RuntimeError, NotImplementedError):
+            pass
+    # CPU (no fp32-output GEMM for bf16/fp16 inputs): the chunk's product in the inputs' dtype (the
+    # BLAS accumulates it in fp32, then rounds it once), accumulated over chunks in fp32.
+    if not scratch or scratch[0].shape != acc.shape:
+        scratch[:] = [torch.empty(acc.shape, dtype=a.dtype, device=a.device)]
+    acc.add_(torch.mm(a, b, out=scratch[0]), alpha=alpha)
+
+
+class _Chunks:
+    """One call's chunk loop over the (valid) rows of a LinearLogits: buffers, logits, gradients."""
+
+    def __init__(self, src: LinearLogits, hidden, weight, bias, rows: Tensor | None, cdtype: torch.dtype):
+        self.src = src
+        self.cdtype = cdtype
+        self.acc_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
+        self.hidden2d = hidden.reshape(-1, src.hidden_dim)
+        self.rows = rows
+        self.n = self.hidden2d.shape[0] if rows is None else rows.numel()
+        self.chunk = src.resolved_chunk_tokens(self.n)
+        self.padded = src.batch_invariant
+        self.n_pad = -(-self.n // self.chunk) * self.chunk if self.padded else self.n
+        self.scale = 1.0 if src.scale is None else src.scale
+        self.softcap = src.softcap
+        self.weight = weight.to(cdtype)  # a no-op outside autocast
+        self.bias = None if bias is None else bias.to(cdtype)
+        device, vocab = hidden.device, src.vocab
+        rows_per_buffer = min(self.chunk, self.n_pad)
+        self.buf = empty_buffer((rows_per_buffer, vocab), cdtype, device) if self.n_pad else None
+        self.tbuf = None
+        if self.softcap is not None and self.n_pad:
+            self.tbuf = empty_buffer((rows_per_buffer, vocab), self.acc_dtype, device)
+        self.hbuf = None
+        if self.padded and self.n_pad:
+            self.hbuf = torch.empty((self.chunk, src.hidden_dim), dtype=cdtype, device=device)
+        self.scratch: list = []
+
+    def bounds(self):
+        return [(r0, min(r0 + self.chunk, self.n_pad)) for r0 in range(0, self.n_pad, self.chunk)]
+
+    def pad(self, values: Tensor) -> Tensor:
+        """Per-row values ``[n]`` (contiguous) zero-padded to ``[n_pad]``."""
+        values = values.reshape(-1).contiguous()
+        if self.n_pad == self.n:
+            return values
+        out = values.new_zeros(self.n_pad)
+        out[: self.n] = values
+        return out
+
+    def gather(self, values: Tensor) -> Tensor:
+        """A per-token tensor (any shape with N elements) at the valid rows, padded: ``[n_pad]``."""
+        flat = values.reshape(-1)
+        if self.rows is not None:
+            flat = flat.index_select(0, self.rows)
+        return self.pad(flat)
+
+    def hidden_chunk(self, r0: int, r1: int) -> Tensor:
+        """``[r1 - r0, D]`` hidden rows of the chunk in the compute dtype (zero rows past ``n``)."""
+        end = min(r1, self.n)
+        if self.rows is None:
+            rows = self.hidden2d[r0:end]
+        else:
+            rows = self.hidden2d.index_select(0, self.rows[r0:end])
+        if not self.padded:
+            return rows.to(self.cdtype)
+        h = self.hbuf[: r1 - r0]
+        h[: end - r0].copy_(rows)
+        h[end - r0:].zero_()
+        return h
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The chunk's logits in the chunk buffer (a ``[m, V]`` contiguous view). With softcap the GEMM
+        makes ``v = scale * pre / softcap`` (both factors in its alpha / beta), the fp32 buffer keeps
+        ``t = tanh(v)`` for the backward chain, and the logits are ``softcap * t`` (one rounding)."""
+        m = h.shape[0]
+        buf = self.buf[:m]
+        w_t = self.weight.t()
+        alpha = self.scale if self.softcap is None else self.scale / self.softcap
+        if self.bias is not None:
+            torch.addmm(self.bias, h, w_t, beta=alpha, alpha=alpha, out=buf)
+        elif alpha != 1.0:
+            torch.addmm(buf, h, w_t, beta=0, alpha=alpha, out=buf)
+        else:
+            torch.mm(h, w_t, out=buf)
+        if self.softcap is not None:
+            t = self.tbuf[:m]
+            if buf.dtype == t.dtype:
+                torch.tanh(buf, out=t)
+            else:  # tanh of the compute-dtype value, in fp32
+                t.copy_(buf).tanh_()
+            torch.mul(t, self.softcap, out=buf)
+        return buf
+
+    def backprop(self, r0: int, r1: int, h: Tensor, dlogits: Tensor, grads: "_Grads") -> None:
+        """Gradient GEMMs of one chunk; ``dlogits`` (the chunk buffer) holds dL/dlogits, with rows of
+        padding already zero."""
+        m = dlogits.shape[0]
+        dpre = dlogits
+        if self.softcap is not None:
+            # d logits / d (scale * pre) = 1 - t^2 (as autograd's tanh backward), in fp32, one rounding;
+            # the scale rides in the GEMMs' alpha below.
+            t2 = self.tbuf[:m].square_()
+            dlogits.addcmul_(dlogits, t2, value=-1.0)
+        s = self.scale
+        if grads.hidden is not None:
+            end = min(r1, self.n)
+            if self.rows is None and not self.padded and grads.hidden.dtype == dpre.dtype:
+                out = grads.hidden[r0:end]  # straight into the gradient's rows
+                torch.addmm(out, dpre, self.weight, beta=0, alpha=s, out=out)
+            else:
+                gh = torch.mm(dpre, self.weight)
+                if s != 1.0:
+                    gh.mul_(s)
+                if self.rows is None:
+                    grads.hidden[r0:end].copy_(gh[: end - r0])
+                else:
+                    grads.hidden.index_copy_(0, self.rows[r0:end], gh[: end - r0].to(grads.hidden.dtype))
+        if grads.weight is not None:
+            _mm_accumulate_(grads.weight, dpre.t(), h, s, self.scratch)
+        if grads.bias is not None:
+            grads.bias.add_(dpre.sum(0, dtype=grads.bias.dtype), alpha=s)
+
+
+class _Grads:
+    """The gradients being accumulated: hidden ``[N, D]`` (its dtype), weight / bias in fp32."""
+
+    def __init__(self, src: LinearLogits, chunks: _Chunks, hidden, weight, bias, needs):
+        need_h, need_w, need_b = needs
+        n_all = chunks.hidden2d.shape[0]
+        self.hidden = None
+        if need_h:
+            alloc = torch.zeros if chunks.rows is not None else torch.empty
+            self.hidden = alloc((n_all, src.hidden_dim), dtype=hidden.dtype, device=hidden.device)
+        self.weight = torch.zeros(weight.shape, dtype=chunks.acc_dtype, device=weight.device) if need_w else None
+        self.bias = torch.zeros(bias.shape, dtype=chunks.acc_dtype, device=bias.device) if need_b else None
+
+    def results(self, hidden, weight, bias):
+        gh = None if self.hidden is None else self.hidden.view(hidden.shape)
+        gw = None if self.weight is None else self.weight.to(weight.dtype)
+        gb = None if self.bias is None else self.bias.to(bias.dtype)
+        return gh, gw, gb
+
+
+def _scatter_rows(values: Tensor, chunks: _Chunks, shape) -> Tensor:
+    """``[n_pad]`` per-valid-row values -> the tokens' shape, 0 at masked positions."""
+    values = values[: chunks.n]
+    if chunks.rows is None:
+        return values.reshape(shape)
+    out = values.new_zeros(math.prod(shape))
+    out.index_copy_(0, chunks.rows, values)
+    return out.view(shape)
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
+# --- general path: log-probs and entropy --------------------------------------------------------
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, src, tokens, rows, temperature, backend, cdtype):
+        with _no_autocast(hidden.device):
+            chunks = _Chunks(src, hidden, weight, bias, rows, cdtype)
+            tok = chunks.gather(tokens.to(torch.int64))
+            logp, entropy, lse = (torch.empty(chunks.n_pad, dtype=torch.float32, device=hidden.device)
+                                  for _ in range(3))
+            for r0, r1 in chunks.bounds():
+                logits = chunks.logits(chunks.hidden_chunk(r0, r1))
+                lp, en, ls = token_logprobs_fwd(logits, tok[r0:r1], temperature, backend, False)
+                logp[r0:r1], entropy[r0:r1], lse[r0:r1] = lp, en, ls
+        ctx.save_for_backward(hidden, weight, bias, tok, lse, entropy, rows)
+        ctx.src, ctx.temperature, ctx.backend, ctx.cdtype = src, temperature, backend, cdtype
+        shape = tokens.shape
+        return _scatter_rows(logp, chunks, shape), _scatter_rows(entropy, chunks, shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, tok, lse, entropy, rows = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        none = (None,) * 6
+        if not any(needs):
+            return None, None, None, *none
+        with _no_autocast(hidden.device):
+            chunks = _Chunks(ctx.src, hidden, weight, bias, rows, ctx.cdtype)
+            # fp32 for the kernels; float64 for float64 logits (the torch backend's row_gradient
+            # scatters the upstream gradient into a gradient of the logits' dtype).
+            g_dtype = chunks.acc_dtype
+            zeros = torch.zeros(chunks.n_pad, dtype=g_dtype, device=hidden.device)
+            g_logp = zeros if grad_logp is None else chunks.gather(grad_logp.to(g_dtype))
+            g_entropy = zeros if grad_entropy is None else chunks.gather(grad_entropy.to(g_dtype))
+            grads = _Grads(ctx.src, chunks, hidden, weight, bias, needs)
+            for r0, r1 in chunks.bounds():
+                h = chunks.hidden_chunk(r0, r1)
+                buf = chunks.logits(h)
+                # dL/dlogits into the chunk buffer; padding rows have zero upstream gradients, so
+                # the kernels write them as zeros.
+                token_logprobs_bwd_inplace(buf, tok[r0:r1], lse[r0:r1], entropy[r0:r1], g_logp[r0:r1],
+                                           g_entropy[r0:r1], ctx.temperature, ctx.backend)
+                chunks.backprop(r0, r1, h, buf, grads)
+        return *grads.results(hidden, weight, bias), *none
+
+
+def _check_mask(mask, tokens: Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.shape != tokens.shape and mask.shape != (tokens.numel(),):
+        raise ValueError(f"mask must have the tokens' shape {tuple(tokens.shape)} (or be flat [N]), "
+                         f"got {tuple(mask.shape)}")
+    if mask.device != tokens.device:
+        raise ValueError(f"mask is on {mask.device} but hidden is on {tokens.device}")
+
+
+def _check_source(src) -> None:
+    if not isinstance(src, LinearLogits):
+        raise TypeError(f"expected a rlfuse.LinearLogits, got {type(src).__name__}")
+
+
+def linear_token_logprobs(src: LinearLogits, tokens: Tensor, temperature: float = 1.0, return_entropy: bool = False,
+                          backend: str = "auto", mask: Tensor | None = None, tokens_checked: bool = False):
+    """``rlfuse.token_logprobs`` for a ``LinearLogits``: log-probs (and entropy) of ``tokens``.
+
+    Same arguments and outputs as for materialised logits, plus ``mask`` (the tokens' shape or flat
+    ``[N]``; a position is valid iff nonzero): masked positions never reach a GEMM, and their log-prob and
+    entropy are 0 with zero gradient. Differentiable with respect to whichever of ``src.hidden``,
+    ``src.weight``, ``src.bias`` requires grad. ``tokens_checked``: the caller has validated the ids'
+    range (as ``functional._forward``'s), so it is not read back here.
+    """
+    logp, entropy = _token_logprobs(src, tokens, temperature, backend, mask, tokens_checked)
+    return (logp, entropy) if return_entropy else logp
+
+
+def linear_entropy(src: LinearLogits, temperature: float = 1.0, backend: str = "auto",
+                   mask: Tensor | None = None) -> Tensor:
+    """``rlfuse.entropy`` for a ``LinearLogits`` (``mask`` as in ``linear_token_logprobs``)."""
+    _check_source(src)
+    tokens = torch.zeros(src.shape[:-1], dtype=torch.int64, device=src.device)
+    return _token_logprobs(src, tokens, temperature, backend, mask, True)[1]
+
+
+def _token_logprobs(src, tokens, temperature, backend, mask, tokens_checked):
+    _check_source(src)
+    temperature = check.check_temperature(temperature)
+    if tokens_checked:  # type, shape and device only
+        if not isinstance(tokens, torch.Tensor) or tokens.shape != src.shape[:-1] or tokens.device != src.device:
+            check.check_tokens(tokens, src)  # raises the usual message
+    else:
+        check.check_tokens(tokens, src)
+    _check_mask(mask, tokens)
+    cdtype = src.compute_dtype()
+    resolved = resolve_backend(backend, src.device, "token_logprobs", cdtype)
+    rows = _valid_rows(mask, tokens.numel())
+    return _LinearTokenLogprobs.apply(src.hidden, src.weight, src.bias, src, tokens, rows, temperature, resolved,
+                                      cdtype)
+
+
+# --- fused path: token-local policy losses ------------------------------------------------------
+
+
+def _fused_chunk(logits: Tensor, tokens: Tensor, per_token, temperature: float, params: TokenLossParams,
+                 backend: str):
+    """The one call of ``rlfuse::policy_loss_fused_inplace``: the single place to adapt when its
+    signature changes. API of commit a479686 ("One declaration per kernel interface"): the
+    ``TokenLossParams`` fields are keyword-only op arguments (``rlfuse._schema``), as in
+    ``FusedPolicyLoss.forward``. Returns (per-token loss, logp, entropy) and leaves dL/dlogits in
+    ``logits``."""
+    op_params = {name: getattr(params, name) for name in TokenLossParams._fields}
+    return policy_loss_fused_inplace(logits, tokens, *per_token, temperature, backend, **op_params)
+
+
+def _rescale_(grads, factor: Tensor) -> None:
+    """Saved gradients *= factor, in place (their version counters kept: they are saved tensors)."""
+    for g in grads:
+        if g is None:
+            continue
+        with torch.autograd._unsafe_preserve_version_counter(g):
+            if g.dtype in (torch.float32, torch.float64):
+                g.mul_(factor.to(g.dtype))
+            else:  # multiply in fp32, round once
+                g.copy_(g.float() * factor)
+
+
+class _LinearFusedPolicyLoss(torch.autograd.Function):
+    """loss = sum of the fused per-token losses over the valid rows; its gradients with respect to
+    hidden / weight / bias are made in the forward; the backward rescales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, src, tokens, rows, per_token, temperature, params, backend, cdtype,
+                needs):
+        with _no_autocast(hidden.device):
+            chunks = _Chunks(src, hidden, weight, bias, rows, cdtype)
+            tok = chunks.gather(tokens.to(torch.int64))
+            # Padding rows: advantages, old/ref log-probs and both weights 0, so their loss and
+            # gradient rows are 0.
+            per_row = [chunks.gather(p.to(torch.float32)) for p in per_token]
+            loss, logp, entropy = (torch.empty(chunks.n_pad, dtype=torch.float32, device=hidden.device)
+                                   for _ in range(3))
+            grads = _Grads(src, chunks, hidden, weight, bias, needs)
+            for r0, r1 in chunks.bounds():
+                h = chunks.hidden_chunk(r0, r1)
+                buf = chunks.logits(h)
+                lo, lp, en = _fused_chunk(buf, tok[r0:r1], [p[r0:r1] for p in per_row], temperature, params, backend)
+                loss[r0:r1], logp[r0:r1], entropy[r0:r1] = lo, lp, en
+                if any(needs):
+                    chunks.backprop(r0, r1, h, buf, grads)
+            total = loss[: chunks.n].sum()
+        # Saved (not kept as ctx attributes): after a backward without retain_graph autograd frees
+        # them before AccumulateGrad runs, which then takes the tensors as .grad without a copy.
+        ctx.save_for_backward(*grads.results(hidden, weight, bias))
+        ctx.applied_scale = 1.0  # the factor the saved gradients carry (host path)
+        ctx.applied = None  # the same as a device scalar (device path)
+        shape = tokens.shape
+        logp, entropy = _scatter_rows(logp, chunks, shape), _scatter_rows(entropy, chunks, shape)
+        ctx.mark_non_differentiable(logp, entropy)
+        return total, logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        grads = ctx.saved_tensors
+        none = (None,) * 9
+        present = [g for g in grads if g is not None]
+        if not present:
+            return None, None, None, *none
+        device = present[0].device
+        if device.type != "cpu":  # never a host synchronisation: the factor stays on the device
+            upstream = grad_loss.detach().to(torch.float32).reshape(())
+            if ctx.applied is None:
+                ctx.applied = torch.ones((), dtype=torch.float32, device=device)
+            applied = ctx.applied
+            recoverable = (applied != 0) & torch.isfinite(applied)
+            factor = torch.where(upstream == applied, torch.ones_like(applied),
+                                 torch.where(recoverable, upstream / applied, torch.full_like(applied, math.nan)))
+            _rescale_(grads, factor)
+            ctx.applied.copy_(upstream)
+            return *grads, *none
+        scale = float(grad_loss)  # a CPU tensor: no synchronisation
+        if scale == ctx.applied_scale:  # the usual upstream gradient 1: the gradients as made
+            return *grads, *none
+        if scale == 0.0:
+            return None, None, None, *none
+        if not math.isfinite(scale):
+            return *(None if g is None else g * grad_loss.to(g.dtype) for g in grads), *none
+        # In place (no new [V, D] / [N, D] tensors); a repeated backward rescales from this factor.
+        _rescale_(grads, torch.tensor(scale / ctx.applied_scale, dtype=torch.float32))
+        ctx.applied_scale = scale
+        return *grads, *none
+
+
+def linear_fused_policy_loss(src: LinearLogits, tokens: Tensor, per_token, temperature: float,
+                             params: TokenLossParams, backend: str, valid: Tensor | None = None):
+    """The fused path of ``rlfuse.policy_loss`` for a ``LinearLogits``: ``FusedPolicyLoss.apply``'s
+    contract with the logits replaced by ``src``.
+
+    Args:
+        tokens: ids of ``src.shape[:-1]`` (already validated by the caller).
+        per_token: ``(advantages, old_logp, ref_logp, policy_weight, weight)``, each ``[N]`` fp32
+            with 0 at masked positions (``losses._fused`` builds them).
+        temperature, params (``TokenLossParams``), backend: a resolved kernel backend.
+        valid: optional ``[N]`` (or tokens-shaped) mask; rows with ``valid == 0`` are dropped before any
+            GEMM (their logp / entropy are reported as 0, their hidden rows get zero gradient).
+
+    Returns ``(loss, logp, entropy)``: the scalar loss (differentiable with respect to whichever of
+    ``src.hidden / weight / bias`` requires grad) and detached fp32 logp / entropy of the tokens' shape.
+    """
+    _check_source(src)
+    if backend not in ("cpu", "cuda", "triton"):
+        raise ValueError(f"the fused path needs a kernel backend ('cpu', 'cuda' or 'triton'), got {backend!r}")
+    if valid is not None and valid.numel() != tokens.numel():
+        raise ValueError(f"valid must have one entry per token ({tokens.numel()}), got {valid.numel()}")
+    rows = _valid_rows(valid, tokens.numel())
+    cdtype = src.compute_dtype()
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (src.hidden, src.weight, src.bias))
+    return _LinearFusedPolicyLoss.apply(src.hidden, src.weight, src.bias, src, tokens, rows, tuple(per_token),
+                                        float(temperature), params, backend, cdtype, needs)
