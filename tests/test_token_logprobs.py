@@ -178,3 +178,15 @@ def test_gpu_many_rows_and_64bit_offsets(backend):
     tol = value_tolerance(vocab)
     torch.testing.assert_close(logp[check_rows].double(), ref_logp, **tol)
     torch.testing.assert_close(entropy[check_rows].double(), ref_entropy, **tol)
+
+
+def test_float64_logits_backward():
+    """float64 logits (the torch backend) take fp32 upstream gradients in their backward."""
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    tokens = torch.tensor([1, 2, 3])
+    logp, entropy = rlfuse.token_logprobs(x, tokens, return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    y = x.detach().clone().requires_grad_(True)
+    log_p = torch.log_softmax(y, -1)
+    (log_p.gather(-1, tokens[:, None]).sum() - (log_p.exp() * log_p).sum()).backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-7)

@@ -89,8 +89,10 @@ def row_gradient(
     del lse  # see above
     log_probs = log_softmax_parts(_scaled(logits, temperature))[0]
     probs = log_probs.exp()
-    g_logp = grad_logp.unsqueeze(-1)
-    g_h = grad_entropy.unsqueeze(-1)
+    # Upstream gradients in the row's compute dtype (fp64 logits get fp32 upstream gradients).
+    g_logp = grad_logp.to(log_probs.dtype).unsqueeze(-1)
+    g_h = grad_entropy.to(log_probs.dtype).unsqueeze(-1)
+    entropy = entropy.to(log_probs.dtype)
     grad = torch.where(probs == 0, 0.0, -probs * (g_logp + g_h * (log_probs + entropy.unsqueeze(-1))))
     vocab = logits.shape[-1]
     in_range = ((tokens >= 0) & (tokens < vocab)).unsqueeze(-1)
