@@ -1,12 +1,12 @@
-"""Independent float64 oracle for ``rlfuse.policy_loss`` (SPEC.md sections 3-6).
+"""Independent float64 oracle for ``rlfuse.policy_loss`` (docs/SPEC.md sections 3-6).
 
 This module imports NOTHING from rlfuse (tests/test_policy_oracle_independent.py checks it): every
-formula is written out here, in float64, from the papers' formulas and SPEC.md, one token and one
+formula is written out here, in float64, from the papers' formulas and docs/SPEC.md, one token and one
 sequence at a time with plain Python loops, so that the library's math (``rlfuse.reference``, which
 its general path runs in production) is checked against a second derivation and not against itself.
 The gradient is float64 autograd through these formulas; stop-gradients are Python floats.
 
-The library's documented decisions (README "Policy losses", SPEC.md) it honours:
+The library's documented decisions (README "Policy losses", docs/SPEC.md) it honours:
 
 * Log-softmax, gather and entropy from the raw logits: ``x = z / T``, ``lse = log sum exp x`` (max
   shifted), ``logp = x_y - lse``, ``H = -sum_j p_j log p_j`` (``0 log 0 = 0``).
@@ -21,7 +21,7 @@ The library's documented decisions (README "Policy losses", SPEC.md) it honours:
   The sequence-level losses (gspo, gmpo) use ``A_i`` = the mean of the sequence's valid tokens'
   advantages (= ``A_i`` for per-sequence advantages).
 * gspo / gmpo: the policy term is the mean over non-empty sequences (whatever ``aggregation``
-  says); the KL / entropy penalties are aggregated by ``aggregation`` like everywhere else. SPEC.md
+  says); the KL / entropy penalties are aggregated by ``aggregation`` like everywhere else. docs/SPEC.md
   defines no per-token multiplier of a sequence-level loss: with a rollout correction or an entropy
   quantile the oracle raises NotImplementedError (LossConfig rejects those combinations too).
 * gspo_token: ``log s_it`` has only its own clamp ``<= 10`` (verl / TRL GSPO-token), no [-20, 20].
@@ -64,7 +64,7 @@ def _value_with_gradient_of(value: float, g: torch.Tensor) -> torch.Tensor:
     return _const(value) + (g - g.detach())
 
 
-# --- row statistics (SPEC.md section 1), from scratch --------------------------------------------
+# --- row statistics (docs/SPEC.md section 1), from scratch --------------------------------------------
 
 
 def _logprob_and_entropy(row: torch.Tensor, token: int, temperature: float):
@@ -81,7 +81,7 @@ def _logprob_and_entropy(row: torch.Tensor, token: int, temperature: float):
     return log_p[token], entropy
 
 
-# --- ratios and per-token variants (SPEC.md section 3) -------------------------------------------
+# --- ratios and per-token variants (docs/SPEC.md section 3) -------------------------------------------
 
 
 def _exp_clamped(log_value: torch.Tensor, low: float = -LOG_RATIO_CLAMP, high: float = LOG_RATIO_CLAMP):
@@ -127,7 +127,7 @@ def _ppo_token(logp, old: float, a: float, config, gppo: bool = False) -> torch.
 
 
 def _token_local_term(logp, old, a: float, config) -> torch.Tensor:
-    """Unweighted per-token policy loss of a token-local variant (SPEC.md section 3 table)."""
+    """Unweighted per-token policy loss of a token-local variant (docs/SPEC.md section 3 table)."""
     name = config.loss
     if name == "reinforce":  # GPG / REINFORCE: -A logp
         return -a * logp
@@ -156,7 +156,7 @@ def _token_local_term(logp, old, a: float, config) -> torch.Tensor:
     raise ValueError(f"{name!r} is not a token-local variant")
 
 
-# --- penalties (SPEC.md section 5) ---------------------------------------------------------------
+# --- penalties (docs/SPEC.md section 5) ---------------------------------------------------------------
 
 
 def _kl(logp, ref: float, kind: str) -> torch.Tensor:
@@ -243,7 +243,7 @@ def oracle_policy_loss(logits, tokens, advantages, old=None, ref_lp=None, rollou
         logp[i], entropy[i] = _logprob_and_entropy(rows[i], flat_tokens[i], config.temperature)
 
     def aggregate(per_token_values: dict) -> torch.Tensor:
-        """SPEC.md section 6, written per mode over the valid tokens."""
+        """docs/SPEC.md section 6, written per mode over the valid tokens."""
         total = _const(0.0)
         mode = config.aggregation
         if mode in ("token-sum", "token-mean"):
@@ -270,7 +270,7 @@ def oracle_policy_loss(logits, tokens, advantages, old=None, ref_lp=None, rollou
                 raise ValueError(f"unknown aggregation {mode!r}")
         return total / max(len(nonempty), 1)
 
-    # Multipliers of the policy term: rollout correction (SPEC.md section 4), entropy minority mask.
+    # Multipliers of the policy term: rollout correction (docs/SPEC.md section 4), entropy minority mask.
     policy_factor = {i: 1.0 for i in valid_tokens}
     if config.rollout_correction is not None:
         mode = config.rollout_correction
@@ -305,7 +305,7 @@ def oracle_policy_loss(logits, tokens, advantages, old=None, ref_lp=None, rollou
     name = config.loss
     if name in ("gspo", "gmpo"):
         if config.entropy_quantile is not None or config.rollout_correction is not None:
-            raise NotImplementedError(f"SPEC.md defines no per-token multiplier of the sequence-level {name!r} loss")
+            raise NotImplementedError(f"docs/SPEC.md defines no per-token multiplier of the sequence-level {name!r} loss")
         policy = _const(0.0)
         for seq in nonempty:
             a_seq = sum(adv[i] for i in seq) / len(seq)

@@ -307,7 +307,7 @@ def test_clip_cov_is_seeded(generator):
 
 
 def test_stop_gradient_variants_follow_the_spec_table(generator):
-    """Where a stop-gradient makes gradcheck inapplicable, check SPEC.md's dL/dlogp column directly."""
+    """Where a stop-gradient makes gradcheck inapplicable, check docs/SPEC.md's dL/dlogp column directly."""
     n = 64
     logp = (-3 + torch.randn(n, generator=generator, dtype=torch.float64)).requires_grad_(True)
     old = logp.detach() + 0.5 * torch.randn(n, generator=generator, dtype=torch.float64)

@@ -2,7 +2,7 @@
 
 Issue 14: the oracle once computed the expected loss with ``rlfuse.reference`` — the functions the
 general path runs in production — so that math was only checked against itself. These tests keep
-the oracle free of any rlfuse import, and check a few of its answers against SPEC.md's closed forms
+the oracle free of any rlfuse import, and check a few of its answers against docs/SPEC.md's closed forms
 (the dL/dlogp column of section 3 through the row gradient of section 2), so the oracle itself is
 checked by something other than the library.
 """
@@ -56,7 +56,7 @@ def test_importing_the_oracle_loads_no_rlfuse_module():
 
 
 def _row_gradient(logits, tokens, g_logp, temperature=1.0):
-    """SPEC.md section 2 with g_H = 0: dL/dz_j = g_logp (1[j=y] - p_j) / T, float64."""
+    """docs/SPEC.md section 2 with g_H = 0: dL/dz_j = g_logp (1[j=y] - p_j) / T, float64."""
     p = torch.softmax(logits.double() / temperature, -1)
     onehot = torch.nn.functional.one_hot(tokens, logits.shape[-1]).double()
     return g_logp.unsqueeze(-1) * (onehot - p) / temperature
@@ -67,7 +67,7 @@ def _sapo_s(r, a):
     return torch.sigmoid(torch.where(a > 0, torch.ones_like(a), torch.full_like(a, 1.05)) * (r - 1))
 
 
-# SPEC.md section 3, dL/dlogp column, as functions of (r, A); every case with token-sum aggregation.
+# docs/SPEC.md section 3, dL/dlogp column, as functions of (r, A); every case with token-sum aggregation.
 SPEC_TABLE = {
     "ppo": (C(aggregation="token-sum"),
             lambda r, a: torch.where(((a > 0) & (r > 1.2)) | ((a < 0) & (r < 0.8)), 0.0, -a * r)),

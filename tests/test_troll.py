@@ -123,7 +123,7 @@ def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, c
     vocab = logits.shape[-1]
     x_full = (logits.detach().double() / config.temperature).requires_grad_(True)
     log_p = torch.log_softmax(x_full, -1)
-    # The new policy's part of the support: its top tokens only (SPEC.md section 7 adds {y} separately).
+    # The new policy's part of the support: its top tokens only (docs/SPEC.md section 7 adds {y} separately).
     new = reference_sparse(logits, tokens, config.troll_k, config.troll_threshold, config.temperature)[0]
     old_k = config.troll_k if old_k is None else old_k
     old_top_ids, old_top_lp, _ = reference_sparse(old_logits, tokens, old_k, config.troll_threshold, config.temperature)

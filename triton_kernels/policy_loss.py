@@ -1,5 +1,5 @@
 """Fused policy loss: one program per row computes the row statistics, the per-token loss and
-the row's gradient, while the row is still in cache (DESIGN.md "The two paths for a loss").
+the row's gradient, while the row is still in cache (docs/ARCHITECTURE.md "The two paths for a loss").
 
 Per row (same row contract and conventions as token_logprobs.py):
 
@@ -7,7 +7,7 @@ Per row (same row contract and conventions as token_logprobs.py):
    (NaN for an out-of-range token id, which is never loaded);
 2. the per-token loss and its upstream gradients g_logp, g_H: a line-by-line port of
    ``policy_term``, ``kl_term`` and ``token_loss`` of csrc/include/rlfuse/token_loss.h
-   (SPEC.md sections 3 and 5), with the policy kind, the KL kind and the CISPO mode as
+   (docs/SPEC.md sections 3 and 5), with the policy kind, the KL kind and the CISPO mode as
    constexprs so unused variants compile away;
 3. gradient pass over the same row, exactly as the token_logprobs backward:
    g_j = p_j * (base + slope * log p_j) (+ target at j == y), every element written. A row with

@@ -1,4 +1,4 @@
-// Row kernels of the CPU token_logprobs backend (SPEC.md sections 1-2): one pass over each row
+// Row kernels of the CPU token_logprobs backend (docs/SPEC.md sections 1-2): one pass over each row
 // forward, one read + one write backward. Compiled once per instruction set: RLFUSE_CPU_ISA
 // names the namespace (see CMakeLists.txt and token_logprobs.cpp, which dispatches).
 #include "cpu_kernels.h"

@@ -1,5 +1,5 @@
-// Fused token-level policy loss on the GPU (DESIGN.md "The two paths for a loss", fused path;
-// SPEC.md sections 1-3 and 5).
+// Fused token-level policy loss on the GPU (docs/ARCHITECTURE.md "The two paths for a loss", fused path;
+// docs/SPEC.md sections 1-3 and 5).
 //
 // One block per row, one kernel: row_kernels.cuh's statistics pass (lse, H, logp), token_loss()
 // from token_loss.h in thread 0, then row_kernels.cuh's gradient pass over the same row, which a

@@ -1,4 +1,4 @@
-// Token log-probs, entropy and their gradient on the GPU (SPEC.md sections 1-2).
+// Token log-probs, entropy and their gradient on the GPU (docs/SPEC.md sections 1-2).
 //
 // The forward is row_kernels.cuh's statistics pass plus the target's logit; the backward is its
 // gradient pass with the coefficients of the given upstream gradients. See row_kernels.cuh for the

@@ -139,11 +139,11 @@ POLICY_KIND = Enum(
     "PolicyKind",
     (("ppo", "kPpo"), ("gppo", "kGppo"), ("cispo", "kCispo"), ("sapo", "kSapo"), ("pspo", "kPspo"),
      ("reinforce", "kReinforce"), ("spo", "kSpo")),
-    "Token-local policy-loss variant (LossConfig.loss) of the fused path: SPEC.md section 3.")
+    "Token-local policy-loss variant (LossConfig.loss) of the fused path: docs/SPEC.md section 3.")
 KL_KIND = Enum(
     "KlKind",
     (("none", "kKlNone"), ("k1", "kK1"), ("k2", "kK2"), ("k3", "kK3"), ("k3+", "kK3Plus"), ("abs", "kKlAbs")),
-    "KL-to-reference estimator (LossConfig.kl; None is \"none\"): SPEC.md section 5.")
+    "KL-to-reference estimator (LossConfig.kl; None is \"none\"): docs/SPEC.md section 5.")
 CISPO_MODE = Enum(
     "CispoMode", (("two_sided", "kCispoTwoSided"), ("upper", "kCispoUpper"), ("cap", "kCispoCap")),
     "How CISPO bounds its detached importance weight (LossConfig.cispo_mode).")
@@ -195,7 +195,7 @@ TOKEN_LOGPROBS_FWD_ARGS = Struct("TokenLogprobsFwdArgs", (
     Field("logp", "float*", "[rows]"),
     Field("entropy", "float*", "[rows]"),
     Field("lse", "float*", "[rows], saved for the backward"),
-), "Token log-prob and entropy of each row (SPEC.md section 1).")
+), "Token log-prob and entropy of each row (docs/SPEC.md section 1).")
 
 TOKEN_LOGPROBS_BWD_ARGS = Struct("TokenLogprobsBwdArgs", (
     _LOGITS, _DTYPE, _LAYOUT, _VOCAB, _TOKENS, _INV_TEMP,
@@ -208,7 +208,7 @@ TOKEN_LOGPROBS_BWD_ARGS = Struct("TokenLogprobsBwdArgs", (
           "grad_entropy = 0 are written as zeros without reading the logits, so garbage in masked rows "
           "never leaks"),
     _GRAD_LAYOUT,
-), "Row gradient of L(logp, H) from the upstream gradients (SPEC.md section 2).")
+), "Row gradient of L(logp, H) from the upstream gradients (docs/SPEC.md section 2).")
 
 POLICY_LOSS_FUSED_ARGS = Struct("PolicyLossFusedArgs", (
     _LOGITS, _DTYPE, _LAYOUT, _VOCAB, _TOKENS, _INV_TEMP,
@@ -238,7 +238,7 @@ KL_DIV_FWD_ARGS = Struct("KlDivFwdArgs", (
     Field("kl", "float*", "[rows]"),
     Field("lse", "float*", "[rows] logsumexp(x), saved for the backward"),
     Field("other_lse", "float*", "[rows] logsumexp(y)"),
-), "Full-vocabulary KL between two logit rows (SPEC.md section 5, last bullet): p = softmax(x),\n"
+), "Full-vocabulary KL between two logit rows (docs/SPEC.md section 5, last bullet): p = softmax(x),\n"
    "q = softmax(y), x = logits * inv_temp, y = other * inv_temp, both of `dtype`.\n"
    "  direction forward: KL(p || q);  reverse: KL(q || p).\n"
    "Forward: one read of both rows. Entries where the distribution being averaged over is 0\n"
@@ -294,7 +294,7 @@ SAMPLE_ARGS = Struct("SampleArgs", (
     Field("logprobs", "float*", "[rows, num_samples]"),
     Field("raw_logprobs", "float*", "[rows, num_samples]"),
     Field("entropy", "float*", "[rows]"),
-), "Sampling (SPEC.md section 8), num_samples draws per row. Per row: temperature T (T == 0:\n"
+), "Sampling (docs/SPEC.md section 8), num_samples draws per row. Per row: temperature T (T == 0:\n"
    "greedy), or with `adaptive` T = t_min + (t_max - t_min) * clamp((H1 - h_low) / (h_high - h_low), 0, 1)\n"
    "from the row's entropy H1 at temperature 1. Then, on x = z / T, the kept set is\n"
    "{j : x_j >= threshold}, threshold = max(t_k, t_p, t_min_p):\n"

@@ -1,4 +1,4 @@
-"""Kernel backends and the ``backend="auto"`` rule (DESIGN.md).
+"""Kernel backends and the ``backend="auto"`` rule (docs/ARCHITECTURE.md).
 
 ``cpu`` (C++ kernels in ``rlfuse._C``), ``cuda`` (CUDA kernels in ``rlfuse._C``, when built with
 nvcc), ``triton`` (``rlfuse.triton_kernels``; on CPU tensors only under ``TRITON_INTERPRET=1``)

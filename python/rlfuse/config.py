@@ -1,4 +1,4 @@
-"""``LossConfig``: every knob of the policy-loss family (SPEC.md sections 3-7), with presets."""
+"""``LossConfig``: every knob of the policy-loss family (docs/SPEC.md sections 3-7), with presets."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-toke
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Which policy loss, and all its knobs. Field names are public API (DESIGN.md).
+    """Which policy loss, and all its knobs. Field names are public API (docs/ARCHITECTURE.md).
 
     ``clip_low`` / ``clip_high`` are eps_low / eps_high of the ratio clip (GMPO: in log space; CISPO
     "cap" mode: ``clip_high`` is the cap itself, TRL/Liger's convention). ``dual_clip`` and

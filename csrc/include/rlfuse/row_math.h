@@ -1,4 +1,4 @@
-// Per-token math shared by the CPU and CUDA kernels (SPEC.md sections 1-2).
+// Per-token math shared by the CPU and CUDA kernels (docs/SPEC.md sections 1-2).
 // Everything here is fp32 and torch-free; each function works on one element or one row summary.
 #pragma once
 
@@ -17,7 +17,7 @@ namespace rlfuse {
 
 // Online softmax statistics of one row of x = z / T, kept relative to the running maximum:
 //   max = running maximum, sum = sum_j exp(x_j - max), dot = sum_j exp(x_j - max) * (x_j - max).
-// Keeping `dot` shifted (SPEC.md's t = dot + max * sum) avoids cancellation in H = lse - E[x]
+// Keeping `dot` shifted (docs/SPEC.md's t = dot + max * sum) avoids cancellation in H = lse - E[x]
 // for large logits. -inf entries contribute nothing; an all -inf (or empty) row keeps
 // max = -inf, sum = dot = 0. A NaN element turns max (and so every output) into NaN.
 struct RowStats {
@@ -84,7 +84,7 @@ RLFUSE_HD RowResult finalize(RowStats s, float x_target) {
   return r;
 }
 
-// Per-row coefficients of the gradient (SPEC.md section 2), in the form
+// Per-row coefficients of the gradient (docs/SPEC.md section 2), in the form
 //   dL/dx_j = target * 1[j = y] + p_j * (base + slope * (x_j - lse)),  with p_j = exp(x_j - lse).
 // Using log p_j = x_j - lse instead of x_j keeps the bracket well conditioned for large logits.
 // dL/dz_j = dL/dx_j / T, so every coefficient already carries the 1/T factor.

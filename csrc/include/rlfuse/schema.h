@@ -25,7 +25,7 @@ struct EnumInfo<DType> {
   static constexpr const char* kNames[kCount] = {"float32", "float16", "bfloat16"};
 };
 
-// Token-local policy-loss variant (LossConfig.loss) of the fused path: SPEC.md section 3.
+// Token-local policy-loss variant (LossConfig.loss) of the fused path: docs/SPEC.md section 3.
 enum PolicyKind : int { kPpo = 0, kGppo = 1, kCispo = 2, kSapo = 3, kPspo = 4, kReinforce = 5, kSpo = 6 };
 template <>
 struct EnumInfo<PolicyKind> {
@@ -34,7 +34,7 @@ struct EnumInfo<PolicyKind> {
   static constexpr const char* kNames[kCount] = {"ppo", "gppo", "cispo", "sapo", "pspo", "reinforce", "spo"};
 };
 
-// KL-to-reference estimator (LossConfig.kl; None is "none"): SPEC.md section 5.
+// KL-to-reference estimator (LossConfig.kl; None is "none"): docs/SPEC.md section 5.
 enum KlKind : int { kKlNone = 0, kK1 = 1, kK2 = 2, kK3 = 3, kK3Plus = 4, kKlAbs = 5 };
 template <>
 struct EnumInfo<KlKind> {
@@ -126,7 +126,7 @@ void visit_fields(const TokenLossParams& s, F&& f) {
   RLFUSE_FIELDS_TokenLossParams(RLFUSE_SCHEMA_VISIT_FIELD)
 }
 
-// Token log-prob and entropy of each row (SPEC.md section 1).
+// Token log-prob and entropy of each row (docs/SPEC.md section 1).
 //
 //   logits    row layout `layout`, element type `dtype`
 //   dtype     element type of logits (and of every gradient)
@@ -160,7 +160,7 @@ void visit_fields(const TokenLogprobsFwdArgs& s, F&& f) {
   RLFUSE_FIELDS_TokenLogprobsFwdArgs(RLFUSE_SCHEMA_VISIT_FIELD)
 }
 
-// Row gradient of L(logp, H) from the upstream gradients (SPEC.md section 2).
+// Row gradient of L(logp, H) from the upstream gradients (docs/SPEC.md section 2).
 //
 //   logits        row layout `layout`, element type `dtype`
 //   dtype         element type of logits (and of every gradient)
@@ -255,7 +255,7 @@ void visit_fields(const PolicyLossFusedArgs& s, F&& f) {
   RLFUSE_FIELDS_PolicyLossFusedArgs(RLFUSE_SCHEMA_VISIT_FIELD)
 }
 
-// Full-vocabulary KL between two logit rows (SPEC.md section 5, last bullet): p = softmax(x),
+// Full-vocabulary KL between two logit rows (docs/SPEC.md section 5, last bullet): p = softmax(x),
 // q = softmax(y), x = logits * inv_temp, y = other * inv_temp, both of `dtype`.
 //   direction forward: KL(p || q);  reverse: KL(q || p).
 // Forward: one read of both rows. Entries where the distribution being averaged over is 0
@@ -390,7 +390,7 @@ void visit_fields(const RowTopkArgs& s, F&& f) {
   RLFUSE_FIELDS_RowTopkArgs(RLFUSE_SCHEMA_VISIT_FIELD)
 }
 
-// Sampling (SPEC.md section 8), num_samples draws per row. Per row: temperature T (T == 0:
+// Sampling (docs/SPEC.md section 8), num_samples draws per row. Per row: temperature T (T == 0:
 // greedy), or with `adaptive` T = t_min + (t_max - t_min) * clamp((H1 - h_low) / (h_high - h_low), 0, 1)
 // from the row's entropy H1 at temperature 1. Then, on x = z / T, the kept set is
 // {j : x_j >= threshold}, threshold = max(t_k, t_p, t_min_p):

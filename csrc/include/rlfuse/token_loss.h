@@ -1,4 +1,4 @@
-// Per-token policy-loss math of the fused path (SPEC.md sections 3 and 5), shared by the CPU and
+// Per-token policy-loss math of the fused path (docs/SPEC.md sections 3 and 5), shared by the CPU and
 // CUDA kernels. Given one token's log-prob and entropy (from the row statistics) and its per-token
 // inputs, returns the weighted loss and the upstream gradients on logp and H that the row-gradient
 // step (row_math.h: grad_coeffs / grad_element) turns into the logits' gradient.

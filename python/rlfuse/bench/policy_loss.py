@@ -161,7 +161,7 @@ def _policy_loss_case(args: argparse.Namespace, device: torch.device) -> Case:
                                   f"rlfuse {check_backend} dapo", notes)
     with_liger = bool(liger)
     contenders += liger
-    # The floor of a fused loss: read the logits once, write the gradient once (DESIGN.md's 4 B/elem
+    # The floor of a fused loss: read the logits once, write the gradient once (docs/ARCHITECTURE.md's 4 B/elem
     # for bf16). The forward already does both; the backward moves nothing when grad_output is 1.
     return logits_case("policy_loss", "policy_loss (dapo fused, gspo general)", args, make_inputs, contenders,
                        {"fwd": 2, "fwd+bwd": 2}, notes)

@@ -1,4 +1,4 @@
-"""Plain-PyTorch implementations written from SPEC.md: the test oracle and the ``torch`` backend."""
+"""Plain-PyTorch implementations written from docs/SPEC.md: the test oracle and the ``torch`` backend."""
 
 from .kl_div import kl_divergence_reference, kl_gradients, kl_statistics
 from .policy_loss import (

@@ -1,4 +1,4 @@
-"""Plain-PyTorch full-vocabulary KL between two logit tensors (SPEC.md section 5, last bullet).
+"""Plain-PyTorch full-vocabulary KL between two logit tensors (docs/SPEC.md section 5, last bullet).
 
 * :func:`kl_divergence_reference` — two log-softmaxes and autograd: the test oracle (in float64)
   and the "torch eager" benchmark baseline.

@@ -1,4 +1,4 @@
-"""Plain-PyTorch policy losses, written from SPEC.md sections 3-6.
+"""Plain-PyTorch policy losses, written from docs/SPEC.md sections 3-6.
 
 Everything here works on per-token tensors of shape ``[N]`` (tokens flattened; sequences are
 contiguous runs given by ``cu_seqlens``) and is differentiable in ``logp`` and ``entropy`` through
@@ -31,7 +31,7 @@ def ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
 
 
 def ppo_term(logp, old_logp, advantages, config, ratios=None):
-    """Per-token PPO / GPPO loss (SPEC.md section 3), with dual clip and delta."""
+    """Per-token PPO / GPPO loss (docs/SPEC.md section 3), with dual clip and delta."""
     r = ratio(logp, old_logp) if ratios is None else ratios
     if config.delta is not None:
         r = torch.where(r > config.delta, torch.full_like(r, config.delta), r)
@@ -65,7 +65,7 @@ def cispo_weight(r: Tensor, config) -> Tensor:
 
 
 def policy_term(logp, old_logp, advantages, config) -> Tensor:
-    """Unweighted per-token loss of a token-local variant (SPEC.md section 3)."""
+    """Unweighted per-token loss of a token-local variant (docs/SPEC.md section 3)."""
     a = advantages
     if config.loss == "reinforce":
         return -a * logp
@@ -85,7 +85,7 @@ def policy_term(logp, old_logp, advantages, config) -> Tensor:
 
 
 def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
-    """Per-token KL estimate to the reference policy (SPEC.md section 5), without coefficient."""
+    """Per-token KL estimate to the reference policy (docs/SPEC.md section 5), without coefficient."""
     diff = logp - ref_logp
     if kind == "k1":
         return diff
@@ -104,7 +104,7 @@ def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
 
 
 def penalty_terms(logp, entropy, ref_logp, weight, config) -> Tensor:
-    """Weighted KL-to-reference and entropy-bonus terms per token (SPEC.md section 5)."""
+    """Weighted KL-to-reference and entropy-bonus terms per token (docs/SPEC.md section 5)."""
     zero = torch.zeros_like(logp)
     total = zero
     if config.kl is not None and config.kl_coef != 0:
@@ -131,7 +131,7 @@ def token_loss(logp, entropy, old_logp, ref_logp, advantages, policy_weight, wei
     return policy + penalty_terms(logp, entropy, ref_logp, weight, config)
 
 
-# --- aggregation (SPEC.md section 6) -------------------------------------------------------------
+# --- aggregation (docs/SPEC.md section 6) -------------------------------------------------------------
 
 
 def aggregation_weights(mask: Tensor, cu_seqlens: Tensor, config) -> Tensor:
@@ -156,7 +156,7 @@ def aggregation_weights(mask: Tensor, cu_seqlens: Tensor, config) -> Tensor:
 
 
 def rollout_correction_weights(old_logp, rollout_logp, mask, cu_seqlens, config) -> Tensor:
-    """Detached importance weights between trainer and inference engine (SPEC.md section 4)."""
+    """Detached importance weights between trainer and inference engine (docs/SPEC.md section 4)."""
     mode = config.rollout_correction
     cap = config.rollout_cap
     cap_low = config.rollout_cap_low if config.rollout_cap_low is not None else 1.0 / cap
@@ -178,7 +178,7 @@ def entropy_minority_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
     return ((entropy.detach() >= threshold) & valid).to(entropy.dtype)
 
 
-# --- sequence- and batch-level losses (SPEC.md section 4) ----------------------------------------
+# --- sequence- and batch-level losses (docs/SPEC.md section 4) ----------------------------------------
 
 
 def _per_sequence(values, mask, cu_seqlens):

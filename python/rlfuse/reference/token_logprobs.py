@@ -1,11 +1,11 @@
-"""Plain-PyTorch token log-probs and entropy, written from SPEC.md sections 1-2.
+"""Plain-PyTorch token log-probs and entropy, written from docs/SPEC.md sections 1-2.
 
 Two independent forms:
 
 * :func:`token_logprobs_reference` — the textbook eager computation with autograd (log_softmax,
   gather, entropy). It is the test oracle (run in float64) and the "torch eager" benchmark baseline.
 * :func:`row_statistics` / :func:`row_gradient` — the explicit forward statistics and the
-  closed-form gradient of SPEC.md section 2, used by the ``backend="torch"`` fallback of the ops.
+  closed-form gradient of docs/SPEC.md section 2, used by the ``backend="torch"`` fallback of the ops.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def token_logprobs_reference(
 def row_statistics(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward of SPEC.md section 1 without autograd: ``(logp, entropy, lse)``, float32.
+    """Forward of docs/SPEC.md section 1 without autograd: ``(logp, entropy, lse)``, float32.
 
     Out-of-range token ids give a NaN log-prob (the Python layer rejects them before this runs).
     """
@@ -81,7 +81,7 @@ def row_gradient(
     grad_entropy: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """SPEC.md section 2: dL/dz = [g_logp (1[j=y] - p) - g_H p (log p + H)] / T, in float32.
+    """docs/SPEC.md section 2: dL/dz = [g_logp (1[j=y] - p) - g_H p (log p + H)] / T, in float32.
 
     log p is recomputed from the row as (x - max) - log_sum; the saved fp32 ``lse`` is not used:
     x - lse would carry lse's rounding (relative ~6e-8 of |lse|) into every p_j.
