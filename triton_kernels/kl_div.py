@@ -2,10 +2,10 @@
 
 Per row, ``x = logits * inv_temp``, ``y = other * inv_temp``, ``p = softmax(x)``,
 ``q = softmax(y)``. ``direction`` 0 is the forward ``KL(p || q)``, 1 the reverse ``KL(q || p)``.
-Both logit tensors follow the row contract of token_logprobs.py, each with its own
+Both logit tensors follow the row contract of _row.py, each with its own
 ``layout = (rows, inner, stride_outer, stride_inner)``.
 
-Forward (one read of both rows), per lane online as in token_logprobs.py:
+Forward (one read of both rows), _row.py's lane-wise online pass with the cross term:
     Mx, sx = sum exp(x - Mx), tx = sum exp(x - Mx) * (x - y)      (and the same for y vs x)
     lse_p = Mx + log sx, lse_q = My + log sy
     KL(p || q) = tx / sx - (lse_p - lse_q),   KL(q || p) = ty / sy - (lse_q - lse_p).
@@ -23,33 +23,7 @@ import triton
 import triton.language as tl
 
 from ._launch import MIN_BLOCK_V, AotKernel, block_config
-from .token_logprobs import _exp, _row_ptr
-
-FLT_MAX = tl.constexpr(3.4028234663852886e38)
-
-
-@triton.jit
-def _online_update(m, s, t, u, diff):
-    """One [LANES, VEC] chunk of the lane-wise online (max, sum exp, sum exp * diff) of u."""
-    m_new = tl.maximum(m, tl.max(u, axis=1))
-    rescale = _exp(m - m_new)  # m starts at -FLT_MAX, so never -inf - -inf
-    e = _exp(u - m_new[:, None])  # NaN for NaN entries, which then poisons s
-    # e = 0 (u = -inf, or underflow) adds 0 whatever diff is (-inf - -inf, +inf).
-    term = tl.where(e == 0.0, 0.0, e * diff)
-    s = s * rescale + tl.sum(e, axis=1)
-    # Same rule when the max moves so far that the old terms underflow (t may be +inf).
-    t = tl.where(rescale == 0.0, 0.0, t * rescale) + tl.sum(term, axis=1)
-    return m_new, s, t
-
-
-@triton.jit
-def _combine_lanes(m, s, t):
-    """(row max, log sum exp, E[diff]) of one distribution from its per-lane statistics."""
-    row_max = tl.max(m, axis=0)
-    scale = _exp(m - row_max)
-    sum_exp = tl.sum(s * scale, axis=0)
-    sum_t = tl.sum(tl.where(scale == 0.0, 0.0, t * scale), axis=0)
-    return row_max, tl.log(sum_exp), sum_t / sum_exp
+from ._row import FLT_MAX, _combine, _exp, _online, _row_ptr
 
 
 @triton.jit
@@ -63,7 +37,7 @@ def _kl_div_fwd_kernel(
     x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
 
-    # [LANES, VEC] chunks, one 16-byte load per lane and row (see token_logprobs._row_stats).
+    # [LANES, VEC] chunks, one 16-byte load per lane and row (see _row.py).
     LANES: tl.constexpr = BLOCK_V // VEC
     cols = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     mx = tl.full([LANES], -FLT_MAX, tl.float32)
@@ -79,11 +53,13 @@ def _kl_div_fwd_kernel(
         zy = tl.load(y_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         # x - y as (zx - zy) * inv_temp: exactly 0 for equal entries, where zx * inv_temp - y
         # may be contracted to an FMA that leaves the rounding error of y.
-        mx, sx, tx = _online_update(mx, sx, tx, zx * inv_temp, (zx - zy) * inv_temp)
-        my, sy, ty = _online_update(my, sy, ty, zy * inv_temp, (zy - zx) * inv_temp)
+        mx, sx, tx = _online(mx, sx, tx, zx * inv_temp, (zx - zy) * inv_temp, False)
+        my, sy, ty = _online(my, sy, ty, zy * inv_temp, (zy - zx) * inv_temp, False)
 
-    max_x, log_sx, mean_x = _combine_lanes(mx, sx, tx)  # mean_x = E_p[x - y]
-    max_y, log_sy, mean_y = _combine_lanes(my, sy, ty)  # mean_y = E_q[y - x]
+    max_x, sum_x, t_x = _combine(mx, sx, tx, False)
+    log_sx, mean_x = tl.log(sum_x), t_x / sum_x  # mean_x = E_p[x - y]
+    max_y, sum_y, t_y = _combine(my, sy, ty, False)
+    log_sy, mean_y = tl.log(sum_y), t_y / sum_y  # mean_y = E_q[y - x]
     # lse_q - lse_p without rounding at |lse|'s scale when the maxima agree.
     lse_diff = (max_y - max_x) + (log_sy - log_sx)
     kl = tl.where(direction == 0, mean_x + lse_diff, mean_y - lse_diff)

@@ -4,7 +4,7 @@ Per row of x = z * inv_temp: the token_logprobs forward outputs (logp, entropy, 
 largest x in descending order, ties broken by the lower id, into ``ids[row, :k]`` (int32) and
 ``values[row, :k]`` (fp32 x). Slots past the row's finite entries (k > V, or -inf entries) hold
 id -1 and value -inf; -inf and NaN entries never enter the selection. Rows follow the row
-contract of token_logprobs.py: ``layout = (rows, inner, stride_outer, stride_inner)``.
+contract of _row.py: ``layout = (rows, inner, stride_outer, stride_inner)``.
 
 Selection without sorting the row: every entry becomes one int64 key that orders as
 (x descending, id ascending),
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._launch import AotKernel, block_config
-from .token_logprobs import _row_ptr, _row_stats, _token_logp
+from ._row import _row_ptr, _row_stats, _token_logp
 
 SENTINEL = tl.constexpr(-(2**63))
 INT32_MAX = tl.constexpr(2**31 - 1)

@@ -1,6 +1,6 @@
 """Sampling from logit rows with temperature, top-k, top-p and min-p (SPEC.md 8, kernels.h SampleArgs).
 
-One program per row, rows following the row contract of token_logprobs.py
+One program per row, rows following the row contract of _row.py
 (``layout = (rows, inner, stride_outer, stride_inner)``). Per row:
 
 1. Temperature: ``temperature[row]``, or with ``adaptive``
@@ -9,7 +9,7 @@ One program per row, rows following the row contract of token_logprobs.py
    the argmax of z (lower id on ties) with log-prob 0, and the raw log-prob and entropy are
    taken at T = 1.
 2. One statistics pass over x = z * (1 / T) (1 / T rounded once per row, as inv_temp elsewhere):
-   max, lse, entropy (online, as token_logprobs._row_stats), plus the smallest finite x and the
+   max, lse, entropy (_row.py's _row_stats, every op's), plus the smallest finite x and the
    number of finite entries.
 3. Thresholds without sorting, by bisection on the order-preserving int32 key of x (the float's
    bits with the magnitude flipped for negatives, -0.0 taken as +0.0; integer order is float
@@ -34,8 +34,9 @@ exp(x_j - max) / -log u_j instead: the same argmax up to float rounding at near-
 
 Interpreter: every call of a @triton.jit helper costs about a millisecond under
 TRITON_INTERPRET=1 (the interpreter re-patches triton.language per call), so the loop bodies
-(statistics, bisection steps, draws) inline _scaled / _key / _exp and the Gumbel noise G_j = -log(-log u_j) instead of calling
-them; the generated GPU code is the same.
+(bisection steps, draws) inline _scaled / _key / _exp and the Gumbel noise G_j = -log(-log u_j)
+instead of calling them (the statistics pass, _row.py's, makes one call per chunk); the generated
+GPU code is the same.
 
 Outputs: tokens[row, s] (int64), logprobs[row, s] = x_tok - lse(kept set),
 raw_logprobs[row, s] = x_tok - lse(all), entropy[row] of the unfiltered distribution at T.
@@ -46,9 +47,8 @@ import triton
 import triton.language as tl
 
 from ._launch import AotKernel, block_config
-from .token_logprobs import LOG2E, _row_ptr
+from ._row import LOG2E, _row_ptr, _row_stats
 
-FLT_MAX = tl.constexpr(3.4028234663852886e38)
 INT32_MAX = tl.constexpr(2**31 - 1)
 # row_math.h constants: lowbias32 multipliers, the golden-ratio increment, 2^-23 (rng_uniform).
 MIX_MUL1 = tl.constexpr(0x7FEB352D)
@@ -100,48 +100,6 @@ def _key_value(key):
     """The float whose _key is ``key``."""
     bits = tl.where(key >= 0, key, key ^ INT32_MAX)
     return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _sample_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """(max, log sum exp(x - max), entropy, sum exp(x - max), min finite x, #finite) of x.
-
-    Lane-wise online softmax over [LANES, VEC] chunks, as token_logprobs._row_stats.
-    """
-    LANES: tl.constexpr = BLOCK_V // VEC
-    cols = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    m = tl.full([LANES], -FLT_MAX, tl.float32)
-    s = tl.zeros([LANES], tl.float32)
-    dot = tl.zeros([LANES], tl.float32)
-    lo = tl.full([LANES], float("inf"), tl.float32)
-    n = tl.zeros([LANES], tl.int32)
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + cols
-        z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-        x = z.to(tl.float32) * inv_temp  # _scaled, inline (see "Interpreter" above)
-        finite = x > float("-inf")
-        lo = tl.minimum(lo, tl.min(tl.where(finite, x, float("inf")), axis=1))
-        n += tl.sum(finite.to(tl.int32), axis=1)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        shift = m - m_new  # <= 0
-        rescale = tl.exp2(shift * LOG2E)
-        d = x - m_new[:, None]
-        e = tl.exp2(d * LOG2E)
-        chunk_dot = tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)  # -inf entries add 0, not NaN
-        # Old terms that underflow add 0: from m = -FLT_MAX a max above ~1e31 makes shift -inf
-        # (s = 0 then, and 0 * -inf would be NaN).
-        dot = tl.where(rescale == 0.0, 0.0, (dot + s * shift) * rescale) + chunk_dot
-        s = s * rescale + tl.sum(e, axis=1)
-        m = m_new
-
-    row_max = tl.max(m, axis=0)
-    lane_scale = tl.exp2((m - row_max) * LOG2E)
-    sum_exp = tl.sum(s * lane_scale, axis=0)
-    # The same rule across lanes: a lane that saw only -inf (m = -FLT_MAX) adds 0, not NaN.
-    sum_dot = tl.sum(tl.where(lane_scale == 0.0, 0.0, (dot + s * (m - row_max)) * lane_scale), axis=0)
-    log_sum = tl.log(sum_exp)
-    entropy = log_sum - sum_dot / sum_exp
-    return row_max, log_sum, entropy, sum_exp, tl.min(lo, axis=0), tl.sum(n, axis=0)
 
 
 @triton.jit
@@ -277,7 +235,7 @@ def _sample_kernel(
 
     temp = tl.load(temperature_ptr + row)
     if adaptive != 0:
-        _, _, h1, _, _, _ = _sample_stats(logits_row, vocab, 1.0, BLOCK_V, VEC)
+        _, _, h1 = _row_stats(logits_row, vocab, 1.0, BLOCK_V, VEC)
         span = h_high - h_low
         # span == 0: a step at h_high (as the CPU kernel), not 0 / 0.
         frac = tl.where(h1 >= h_high, 1.0, 0.0)
@@ -287,8 +245,8 @@ def _sample_kernel(
     stochastic = temp != 0.0  # T == 0: greedy, statistics at T = 1
     inv_temp = tl.math.div_rn(1.0, tl.where(stochastic, temp, 1.0))
 
-    row_max, log_sum, entropy, sum_exp, x_min, n_finite = _sample_stats(
-        logits_row, vocab, inv_temp, BLOCK_V, VEC)
+    row_max, log_sum, entropy, sum_exp, x_min, n_finite = _row_stats(
+        logits_row, vocab, inv_temp, BLOCK_V, VEC, RANGE=True)
     tl.store(entropy_ptr + row, entropy)
 
     top_k = tl.load(top_k_ptr + row)

@@ -1,81 +1,14 @@
 """Per-token log-prob, entropy and their fused gradient, straight from the logits (SPEC.md 1-2).
 
-Row contract shared with the CPU and CUDA backends: row r of the logits starts at element
-``(r // inner) * stride_outer + (r % inner) * stride_inner`` of the base pointer and its ``vocab``
-entries are contiguous. ``layout = (rows, inner, stride_outer, stride_inner)``, in elements.
+Rows follow the row contract of _row.py; the forward is _row.py's statistics pass, the backward
+the row gradient pass below (also policy_loss.py's).
 """
 
 import triton
 import triton.language as tl
 
 from ._launch import AotKernel, block_config
-
-FLT_MAX = tl.constexpr(3.4028234663852886e38)
-LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _row_ptr(base_ptr, row, inner, stride_outer, stride_inner):
-    # 64-bit offsets: rows * vocab exceeds 2^31 at realistic sizes.
-    row = row.to(tl.int64)
-    return base_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
-
-
-@triton.jit
-def _exp(x):
-    # Straight to the exp2 instruction: tl.exp adds subnormal-range handling we do not need.
-    return tl.exp2(x * LOG2E)
-
-
-@triton.jit
-def _row_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """(row_max, log_sum, entropy) of x = z * inv_temp over one row: lse = row_max + log_sum."""
-    # A chunk is [LANES, VEC]: each lane owns VEC consecutive entries (one 16-byte load), so the
-    # per-chunk max and sums along VEC stay inside a thread. Each lane keeps its own online
-    # softmax, combined across lanes once at the end:
-    #   m = lane max, s = sum exp(x - m), dot = sum exp(x - m) * (x - m).
-    # dot is relative to m (SPEC's t = dot + m * s) so that H = lse - E[x] does not cancel.
-    # Lanes start at -FLT_MAX rather than -inf so that shifts are never -inf - -inf; a lane that
-    # only saw -inf keeps s = dot = 0 and weighs nothing.
-    LANES: tl.constexpr = BLOCK_V // VEC
-    cols = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    m = tl.full([LANES], -FLT_MAX, tl.float32)
-    s = tl.zeros([LANES], tl.float32)
-    dot = tl.zeros([LANES], tl.float32)
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + cols
-        z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-        x = z.to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        shift = m - m_new  # <= 0
-        rescale = _exp(shift)
-        d = x - m_new[:, None]
-        e = _exp(d)  # NaN for NaN entries, which then poisons s and dot
-        # Clamping d makes a -inf entry (e = 0, d = -inf) add 0 * -FLT_MAX = 0, not NaN.
-        chunk_dot = tl.sum(e * tl.maximum(d, -FLT_MAX), axis=1)
-        # Old terms that underflow add 0: from m = -FLT_MAX a max above ~1e31 makes shift -inf
-        # (s = 0 then, and 0 * -inf would be NaN).
-        dot = tl.where(rescale == 0.0, 0.0, (dot + s * shift) * rescale) + chunk_dot
-        s = s * rescale + tl.sum(e, axis=1)
-        m = m_new
-
-    row_max = tl.max(m, axis=0)
-    lane_scale = _exp(m - row_max)
-    sum_exp = tl.sum(s * lane_scale, axis=0)
-    # The same rule across lanes: a lane that saw only -inf (m = -FLT_MAX) adds 0, not NaN.
-    sum_dot = tl.sum(tl.where(lane_scale == 0.0, 0.0, (dot + s * (m - row_max)) * lane_scale), axis=0)
-    log_sum = tl.log(sum_exp)
-    entropy = log_sum - sum_dot / sum_exp
-    return row_max, log_sum, entropy
-
-
-@triton.jit
-def _token_logp(logits_row, token, vocab, inv_temp, row_max, log_sum):
-    """logp = x_y - lse of the row's token; NaN for an out-of-range id, which is never loaded."""
-    valid = (token >= 0) & (token < vocab)
-    z_token = tl.load(logits_row + tl.where(valid, token, 0), mask=valid, other=float("nan"))
-    # x_y - max is exact for the likely tokens; going through lse would round at |lse|'s scale.
-    return (z_token.to(tl.float32) * inv_temp - row_max) - log_sum
+from ._row import _exp, _row_ptr, _row_stats, _token_logp
 
 
 @triton.jit

@@ -1,5 +1,6 @@
 // Row kernels of the CPU full-vocabulary KL (kernels.h KlDivFwdArgs / KlDivBwdArgs): the forward
-// reads both rows once, chunk by chunk; the backward reads them again and writes the gradients.
+// reads both rows once, chunk by chunk, through row_kernels.h's online pass (with the cross-term
+// policy below); the backward reads them again and writes the gradients.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -10,65 +11,41 @@
 namespace rlfuse::cpu::RLFUSE_CPU_ISA {
 namespace {
 
-// Online statistics of one distribution and its cross term with the other row:
-//   max, sum = sum exp(u - max), cross = sum exp(u - max) * (u - v).
-struct CrossStats {
-  float max = -INFINITY;
-  float sum = 0.0f;
-  float cross = 0.0f;
-};
-
-// Adds a chunk of u (with the other row's v) to `s`; n is a multiple of kLanes, padding is -inf.
-RLFUSE_ALWAYS_INLINE void accumulate_cross(const float* u, const float* v, int64_t n, CrossStats& s) {
-  const float m = chunk_max(u, n);
-  if (m != m || s.max != s.max) {
-    s = CrossStats{NAN, NAN, NAN};
-    return;
-  }
-  if (m > s.max) {
+// The cross-term policy of online_chunk() (row_kernels.h): for u's softmax against the other
+// row's v, RowStats.dot holds cross = sum exp(u - max) * (u - v), which does not move with the max.
+struct Cross {
+  const float* u;
+  const float* v;
+  __attribute__((always_inline)) RowStats rebase(RowStats s, float m) const {
     const float scale = s.max == -INFINITY ? 0.0f : std::exp(s.max - m);
-    s.sum *= scale;
-    s.cross *= scale;
-    s.max = m;
+    return RowStats{m, s.sum * scale, s.dot * scale};
   }
-  if (s.max == -INFINITY) return;
-  const Vec mv = splat(s.max);
-  Vec sum = splat(0.0f), cross = splat(0.0f);
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const Vec uu = load_vec(u + i);
-    const Vec e = exp_nonpositive(uu - mv);
-    sum += e;
-    cross += e == 0.0f ? splat(0.0f) : e * (uu - load_vec(v + i));  // 0 * inf := 0
-  }
-  s.sum += lane_sum(sum);
-  s.cross += lane_sum(cross);
-}
+  __attribute__((always_inline)) Vec operator()(int64_t i, Vec) const { return load_vec(u + i) - load_vec(v + i); }
+};
 
 }  // namespace
 
 void kl_div_fwd_rows(const KlDivFwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float x[kChunk];
   alignas(64) float y[kChunk];
-  const int64_t esize = element_size(a.dtype);
   for (int64_t row = begin; row < end; ++row) {
     const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
     const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
-    CrossStats p, q;
+    // Online statistics of both softmaxes, each with its cross term against the other row.
+    RowStats p = empty_stats(), q = empty_stats();
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
-      load_scaled(src_x + start * esize, a.dtype, n, a.inv_temp, x);
-      load_scaled(src_y + start * esize, a.dtype, n, a.inv_temp, y);
-      const int64_t padded = pad_to_lanes(x, n);
-      pad_to_lanes(y, n);
-      accumulate_cross(x, y, padded, p);
-      accumulate_cross(y, x, padded, q);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      online_chunk(x, padded, p, Cross{x, y});
+      online_chunk(y, padded, q, Cross{y, x});
     }
     const float log_sum_p = std::log(p.sum);
     const float log_sum_q = std::log(q.sum);
     // lse_p - lse_q as (max_p - max_q) + (log s_p - log s_q): exact when the maxima are close,
     // where subtracting the two fp32 lse's would round at their own scale (~1e-3 at |lse| = 1e4).
     const float lse_diff = (p.max - q.max) + (log_sum_p - log_sum_q);
-    a.kl[row] = a.direction == kKlForward ? p.cross / p.sum - lse_diff : q.cross / q.sum + lse_diff;
+    a.kl[row] = a.direction == kKlForward ? p.dot / p.sum - lse_diff : q.dot / q.sum + lse_diff;
     a.lse[row] = p.max + log_sum_p;
     a.other_lse[row] = q.max + log_sum_q;
   }
@@ -93,10 +70,8 @@ void kl_div_bwd_rows(const KlDivBwdArgs& a, int64_t begin, int64_t end) {
     const Vec lse_p = splat(a.lse[row]), lse_q = splat(a.other_lse[row]), kl = splat(a.kl[row]);
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
-      load_scaled(src_x + start * esize, a.dtype, n, a.inv_temp, x);
-      load_scaled(src_y + start * esize, a.dtype, n, a.inv_temp, y);
-      const int64_t padded = pad_to_lanes(x, n);
-      pad_to_lanes(y, n);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
       for (int64_t i = 0; i < padded; i += kLanes) {
         const Vec log_p = load_vec(x + i) - lse_p, log_q = load_vec(y + i) - lse_q;
         const Vec p = exp_nonpositive(log_p), q = exp_nonpositive(log_q);

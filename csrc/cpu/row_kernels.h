@@ -1,7 +1,8 @@
 // One-row building blocks of the CPU kernels (SPEC.md sections 1-2), compiled once per
-// instruction set with the *_rows.cpp files that include them: the statistics pass and the
-// gradient pass. The vocabulary is walked in L1-sized chunks converted to fp32 and processed
-// kLanes at a time.
+// instruction set with the *_rows.cpp files that include them: the statistics pass (online_chunk,
+// the one statistics primitive of every op: token log-probs, policy loss, top-k, sampling and,
+// with its cross-term policy, KL) and the gradient pass. The vocabulary is walked in L1-sized
+// chunks converted to fp32 and processed kLanes at a time.
 #pragma once
 
 #include <algorithm>
@@ -38,40 +39,71 @@ RLFUSE_ALWAYS_INLINE float chunk_max(const float* x, int64_t n) {
   return result;
 }
 
-// Adds sum exp(x - max) and sum exp(x - max) * (x - max) over x[0, n) to `stats`.
-RLFUSE_ALWAYS_INLINE void accumulate_chunk(const float* x, int64_t n, RowStats& stats) {
-  const Vec m = splat(stats.max);
+// Loads elements [start, start + n) of one row as x = z * inv_temp into `buf`, padded with -inf
+// to whole lanes; returns the padded length.
+RLFUSE_ALWAYS_INLINE int64_t load_chunk(const char* src, DType dtype, int64_t start, int64_t n, float inv_temp,
+                                        float* buf) {
+  load_scaled(src + start * element_size(dtype), dtype, n, inv_temp, buf);
+  return pad_to_lanes(buf, n);
+}
+
+// ---- the statistics pass: one primitive for every op ------------------------------------------
+
+// What a RowStats' `dot` sums besides the softmax mass, as a policy of online_chunk():
+//   Centred (token log-probs, policy loss, top-k, sampling): w = x - max, SPEC.md section 1's
+//   dot, which moves with the max (row_math.h rebase());
+//   KL's cross term w = u - v (kl_div_rows.cpp), which does not.
+// A policy gives rebase(stats, m) for a larger max m and the weights w(i, d) of lanes [i, i + kLanes)
+// of the chunk, d = x - max.
+struct Centred {
+  __attribute__((always_inline)) RowStats rebase(RowStats s, float m) const { return rlfuse::rebase(s, m); }
+  __attribute__((always_inline)) Vec operator()(int64_t, Vec d) const { return d; }
+};
+
+// The online pass over one chunk x[0, n) (n a multiple of kLanes, padding -inf), SPEC.md section 1:
+// raises stats.max to the chunk's max (re-expressing what is there), then adds sum exp(x - max) to
+// stats.sum and sum exp(x - max) * w to stats.dot, a term whose exponential is 0 adding 0 (0 * inf
+// := 0). A NaN anywhere makes the stats NaN; while everything is -inf they stay empty.
+template <typename Weight = Centred>
+RLFUSE_ALWAYS_INLINE void online_chunk(const float* x, int64_t n, RowStats& stats, Weight weight = {}) {
+  const float m = chunk_max(x, n);
+  if (m != m || stats.max != stats.max) {
+    stats = RowStats{NAN, NAN, NAN};
+    return;
+  }
+  if (m > stats.max) stats = weight.rebase(stats, m);
+  if (stats.max == -INFINITY) return;
+  const Vec mv = splat(stats.max);
   Vec sum = splat(0.0f), dot = splat(0.0f);
   for (int64_t i = 0; i < n; i += kLanes) {
-    const Vec d = load_vec(x + i) - m;
+    const Vec d = load_vec(x + i) - mv;
     const Vec e = exp_nonpositive(d);
     sum += e;
-    dot += e == 0.0f ? splat(0.0f) : e * d;  // 0 * -inf is 0 here
+    dot += e == 0.0f ? splat(0.0f) : e * weight(i, d);
   }
   stats.sum += lane_sum(sum);
   stats.dot += lane_sum(dot);
 }
 
+struct NoChunkVisit {
+  void operator()(const float*, int64_t, int64_t) const {}
+};
+
 // Statistics pass over one row of x = z * inv_temp: logp of token y (NaN if y is out of
-// range), entropy and lse. `buf` holds kChunk floats.
+// range), entropy and lse. `buf` holds kChunk floats. Each chunk is also handed, while it is in
+// L1, to visit(x, start, n) (x[0, n) are the row's elements [start, start + n)), so an op that
+// needs another look at every element (top-k) does not read the row again.
+template <typename Visit = NoChunkVisit>
 RLFUSE_ALWAYS_INLINE RowResult row_statistics(const char* src, DType dtype, int64_t vocab, float inv_temp,
-                                              int64_t y, float* buf) {
-  const int64_t esize = element_size(dtype);
+                                              int64_t y, float* buf, Visit visit = {}) {
   RowStats stats = empty_stats();
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
-    load_scaled(src + start * esize, dtype, n, inv_temp, buf);
-    const int64_t padded = pad_to_lanes(buf, n);
-    const float m = chunk_max(buf, padded);
-    if (m != m) {
-      stats = RowStats{NAN, NAN, NAN};
-      break;
-    }
-    if (m > stats.max) stats = rebase(stats, m);
-    if (stats.max != -INFINITY) accumulate_chunk(buf, padded, stats);
+    online_chunk(buf, load_chunk(src, dtype, start, n, inv_temp, buf), stats);
+    visit(static_cast<const float*>(buf), start, n);
   }
   float x_target = NAN;
-  if (y >= 0 && y < vocab) load_scaled(src + y * esize, dtype, 1, inv_temp, &x_target);
+  if (y >= 0 && y < vocab) load_scaled(src + y * element_size(dtype), dtype, 1, inv_temp, &x_target);
   return finalize(stats, x_target);
 }
 
@@ -91,8 +123,7 @@ RLFUSE_ALWAYS_INLINE void row_gradient(const char* src, char* dst, DType dtype, 
   const GradCoeffs c = grad_coeffs(g_logp, g_entropy, entropy, inv_temp);
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
-    load_scaled(src + start * esize, dtype, n, inv_temp, buf);
-    const int64_t padded = pad_to_lanes(buf, n);
+    const int64_t padded = load_chunk(src, dtype, start, n, inv_temp, buf);
     for (int64_t i = 0; i < padded; i += kLanes) {
       const Vec logp = load_vec(buf + i) - lse;
       const Vec p = exp_nonpositive(logp);

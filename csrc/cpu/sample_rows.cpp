@@ -22,20 +22,14 @@ RLFUSE_ALWAYS_INLINE float from_order_key(uint32_t k) {
   return bits_to_float((k & 0x80000000u) ? k & 0x7FFFFFFFu : ~k);
 }
 
-struct RowSummary {
-  float max;
-  float sum;  // sum exp(x - max)
-  float entropy;
-};
-
-// max, sum exp(x - max) and entropy of x[0, padded) (padding is -inf); e[i] = exp(x[i] - max).
-RowSummary summarise(const float* x, float* e, int64_t padded) {
+// The statistics of x[0, padded) (padding is -inf), the whole row as one chunk of the shared
+// online pass; e[i] = exp(x[i] - max).
+RowStats summarise(const float* x, float* e, int64_t padded) {
   RowStats stats = empty_stats();
-  stats.max = chunk_max(x, padded);
-  accumulate_chunk(x, padded, stats);
+  online_chunk(x, padded, stats);
   const Vec m = splat(stats.max);
   for (int64_t i = 0; i < padded; i += kLanes) store_vec(e + i, exp_nonpositive(load_vec(x + i) - m));
-  return RowSummary{stats.max, stats.sum, std::log(stats.sum) - stats.dot / stats.sum};
+  return stats;
 }
 
 int64_t count_at_least(const float* x, int64_t padded, float t) {
@@ -94,7 +88,7 @@ void sample_rows(const SampleArgs& a, int64_t begin, int64_t end) {
     if (a.adaptive) {
       load_scaled(src, a.dtype, a.vocab, 1.0f, x);
       pad_to_lanes(x, a.vocab);
-      const float h1 = summarise(x, e, padded).entropy;
+      const float h1 = finalize(summarise(x, e, padded), NAN).entropy;
       const float span = a.h_high - a.h_low;
       const float w = span > 0.0f ? std::min(1.0f, std::max(0.0f, (h1 - a.h_low) / span)) : (h1 >= a.h_high ? 1.0f : 0.0f);
       temperature = a.t_min + (a.t_max - a.t_min) * w;
@@ -102,10 +96,10 @@ void sample_rows(const SampleArgs& a, int64_t begin, int64_t end) {
     const bool greedy = temperature == 0.0f;
     load_scaled(src, a.dtype, a.vocab, greedy ? 1.0f : 1.0f / temperature, x);
     pad_to_lanes(x, a.vocab);
-    const RowSummary summary = summarise(x, e, padded);
+    const RowStats summary = summarise(x, e, padded);
     // Log-probs as (x - max) - log(sum), never x - lse: an fp32 lse rounds at its own scale.
     const float log_sum = std::log(summary.sum);
-    a.entropy[row] = summary.entropy;
+    a.entropy[row] = finalize(summary, NAN).entropy;
     int64_t* tokens = a.tokens + row * a.num_samples;
     float* logprobs = a.logprobs + row * a.num_samples;
     float* raw = a.raw_logprobs + row * a.num_samples;

@@ -2,8 +2,9 @@
 // bullet; kernels.h KlDivFwdArgs / KlDivBwdArgs).
 //
 // One block per row pair, as in row_kernels.cuh: the forward reads both rows once, keeping per
-// thread online statistics of both softmaxes and the cross term, then a fixed-order block reduction
-// merges them; the backward reads both rows once more and writes the requested gradients once.
+// thread online statistics of both softmaxes and the cross term (re-centred per chunk with
+// row_kernels' recentre(), as its ThreadStats), then row_kernels' fixed-order block_reduce merges
+// them (KlMerge); the backward reads both rows once more and writes the requested gradients once.
 // No atomics: results are bitwise reproducible.
 //
 // The kernels only compute the forward direction, KL(p || q) with p from the first row. The
@@ -73,10 +74,6 @@ struct KlStats {
   float sum_q;
 };
 
-__device__ __forceinline__ KlStats empty_kl_stats() {
-  return KlStats{-INFINITY, 0.0f, 0.0f, -INFINITY, 0.0f};
-}
-
 // The common maximum of two partial maxima and the factors that rebase each side onto it.
 struct CommonMax {
   float max;
@@ -101,19 +98,24 @@ __device__ __forceinline__ float rebase_cross(const KlStats& s, float max_p, flo
   return rescale_cross(fmaf(s.sum_p, shift, s.cross), scale);
 }
 
-// Merges two partial summaries; p and q go through identical code.
-__device__ __forceinline__ KlStats merge(const KlStats& a, const KlStats& b) {
-  const CommonMax p = common_max(a.max_p, b.max_p);
-  const CommonMax q = common_max(a.max_q, b.max_q);
-  KlStats s;
-  s.max_p = p.max;
-  s.sum_p = __fadd_rn(__fmul_rn(a.sum_p, p.scale_a), __fmul_rn(b.sum_p, p.scale_b));
-  s.cross = __fadd_rn(rebase_cross(a, p.max, q.max, p.scale_a),
-                      rebase_cross(b, p.max, q.max, p.scale_b));
-  s.max_q = q.max;
-  s.sum_q = __fadd_rn(__fmul_rn(a.sum_q, q.scale_a), __fmul_rn(b.sum_q, q.scale_b));
-  return s;
-}
+// Merges two partial summaries (for block_reduce); p and q go through identical code.
+struct KlMerge {
+  static __device__ __forceinline__ KlStats identity() {
+    return KlStats{-INFINITY, 0.0f, 0.0f, -INFINITY, 0.0f};
+  }
+  static __device__ __forceinline__ KlStats merge(const KlStats& a, const KlStats& b) {
+    const CommonMax p = common_max(a.max_p, b.max_p);
+    const CommonMax q = common_max(a.max_q, b.max_q);
+    KlStats s;
+    s.max_p = p.max;
+    s.sum_p = __fadd_rn(__fmul_rn(a.sum_p, p.scale_a), __fmul_rn(b.sum_p, p.scale_b));
+    s.cross = __fadd_rn(rebase_cross(a, p.max, q.max, p.scale_a),
+                        rebase_cross(b, p.max, q.max, p.scale_b));
+    s.max_q = q.max;
+    s.sum_q = __fadd_rn(__fmul_rn(a.sum_q, q.scale_a), __fmul_rn(b.sum_q, q.scale_b));
+    return s;
+  }
+};
 
 // One thread's statistics, kept on the raw logits (z of the first row, w of the second) as
 // ThreadStats does, relative to the references ref = max, or 0 while the max is -inf. add() takes
@@ -127,24 +129,16 @@ struct KlThreadStats {
 
   template <int N>
   __device__ __forceinline__ void add(const float (&z)[N], const float (&w)[N], float inv_temp) {
-    float new_max_z = max_z;
-    float new_max_w = max_w;
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      new_max_z = fmaxf(new_max_z, z[k]);  // skips NaN: caught by the sums
-      new_max_w = fmaxf(new_max_w, w[k]);
-    }
-    const float old_ref_z = max_z == -INFINITY ? 0.0f : max_z;
-    const float old_ref_w = max_w == -INFINITY ? 0.0f : max_w;
-    const float ref_z = new_max_z == -INFINITY ? 0.0f : new_max_z;  // all -inf: every e is 0
-    const float ref_w = new_max_w == -INFINITY ? 0.0f : new_max_w;
-    const float rescale_p = expf((max_z - ref_z) * inv_temp);  // exactly 1 if the max held
-    const float rescale_q = expf((max_w - ref_w) * inv_temp);
+    const float new_max_z = chunk_max(max_z, z);
+    const float new_max_w = chunk_max(max_w, w);
+    const Recentre cz = recentre(max_z, new_max_z, inv_temp);
+    const Recentre cw = recentre(max_w, new_max_w, inv_temp);
+    const float ref_z = cz.ref;
+    const float ref_w = cw.ref;
     // Each earlier cross term moves by (old_ref_z - ref_z) - (old_ref_w - ref_w): 0 if both held.
-    const float shift = __fsub_rn(__fsub_rn(old_ref_z, ref_z), __fsub_rn(old_ref_w, ref_w));
-    cross_z = rescale_cross(fmaf(sum_p, shift, cross_z), rescale_p);
-    sum_p = __fmul_rn(sum_p, rescale_p);
-    sum_q = __fmul_rn(sum_q, rescale_q);
+    cross_z = rescale_cross(fmaf(sum_p, __fsub_rn(cz.shift, cw.shift), cross_z), cz.rescale);
+    sum_p = __fmul_rn(sum_p, cz.rescale);
+    sum_q = __fmul_rn(sum_q, cw.rescale);
     max_z = new_max_z;
     max_w = new_max_w;
     const float scale = inv_temp * kLog2e;
@@ -164,106 +158,57 @@ struct KlThreadStats {
     }
   }
 
-  // In x units. A NaN or +inf logit leaves a sum NaN; it is moved into that half's max so that
-  // merge() propagates it even past partial stats that are empty.
+  // In x units (a NaN sum moves into its half's max: stats_max()).
   __device__ __forceinline__ KlStats stats(float inv_temp) const {
-    return KlStats{sum_p != sum_p ? NAN : max_z * inv_temp, sum_p, cross_z * inv_temp,
-                   sum_q != sum_q ? NAN : max_w * inv_temp, sum_q};
+    return KlStats{stats_max(max_z, sum_p, inv_temp), sum_p, cross_z * inv_temp,
+                   stats_max(max_w, sum_q, inv_temp), sum_q};
   }
 };
 
-__device__ __forceinline__ KlStats shuffle_xor(const KlStats& s, int mask) {
-  constexpr unsigned kAll = 0xffffffffu;
-  return KlStats{__shfl_xor_sync(kAll, s.max_p, mask), __shfl_xor_sync(kAll, s.sum_p, mask),
-                 __shfl_xor_sync(kAll, s.cross, mask), __shfl_xor_sync(kAll, s.max_q, mask),
-                 __shfl_xor_sync(kAll, s.sum_q, mask)};
-}
-
-__device__ __forceinline__ KlStats warp_reduce(KlStats s) {
+// The walk of a row pair without a common 16-byte boundary: scalar, coalesced, kScalarChunk
+// elements of each row (kBlock apart) loaded before any use, then the rest one at a time. Hands
+// each chunk to visit(z, w, col0), element u of a chunk at column col0 + u * kBlock.
+template <typename T, int kBlock, typename Visit>
+__device__ __forceinline__ void walk_pair_scalar(const T* logits, const T* other, int64_t vocab,
+                                                 int tid, Visit&& visit) {
+  int64_t col = tid;
+  for (; col + (kScalarChunk - 1) * kBlock < vocab; col += kScalarChunk * kBlock) {
+    float z[kScalarChunk];
+    float w[kScalarChunk];
 #pragma unroll
-  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) s = merge(s, shuffle_xor(s, mask));
-  return s;
-}
-
-// Fixed-order block reduction; the result is valid in thread 0. Ends with a barrier so the next
-// row may reuse `warp_stats`.
-template <int kBlock>
-__device__ __forceinline__ KlStats block_reduce(KlStats s, KlStats* warp_stats) {
-  constexpr int kWarps = kBlock / kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  s = warp_reduce(s);
-  if (lane == 0) warp_stats[warp] = s;
-  __syncthreads();
-  if (warp == 0) s = warp_reduce(lane < kWarps ? warp_stats[lane] : empty_kl_stats());
-  __syncthreads();
-  return s;
+    for (int u = 0; u < kScalarChunk; ++u) {
+      z[u] = to_float(logits[col + u * kBlock]);
+      w[u] = to_float(other[col + u * kBlock]);
+    }
+    visit(z, w, col);
+  }
+  for (; col < vocab; col += kBlock) {
+    const float z[1] = {to_float(logits[col])};
+    const float w[1] = {to_float(other[col])};
+    visit(z, w, col);
+  }
 }
 
 // Statistics of one row pair, by the whole block; valid in thread 0.
 template <typename T, int kBlock>
 __device__ __forceinline__ KlStats pair_stats(const T* logits, const T* other, int64_t vocab,
                                               float inv_temp, KlStats* warp_stats) {
-  using Vec = Pack<T>;
-  constexpr int kSize = Vec::kSize;
   const int tid = threadIdx.x;
   KlThreadStats thread_stats;
 
   const uintptr_t phase = reinterpret_cast<uintptr_t>(logits) ^ reinterpret_cast<uintptr_t>(other);
   if (phase % kVecBytes != 0) {
-    // No common 16-byte boundary: scalar, coalesced, kScalarChunk loads per row before the math.
-    int64_t col = tid;
-    for (; col + (kScalarChunk - 1) * kBlock < vocab; col += kScalarChunk * kBlock) {
-      float z[kScalarChunk];
-      float w[kScalarChunk];
-#pragma unroll
-      for (int u = 0; u < kScalarChunk; ++u) {
-        z[u] = to_float(logits[col + u * kBlock]);
-        w[u] = to_float(other[col + u * kBlock]);
-      }
+    const auto add = [&](const auto& z, const auto& w, int64_t) {
       thread_stats.add(z, w, inv_temp);
-    }
-    for (; col < vocab; col += kBlock) {
-      thread_stats.add({to_float(logits[col])}, {to_float(other[col])}, inv_temp);
-    }
+    };
+    walk_pair_scalar<T, kBlock>(logits, other, vocab, tid, add);
   } else {
-    const RowSplit split = split_row(logits, vocab);  // the same split for `other`
-    if (tid < split.head) {
-      thread_stats.add({to_float(logits[tid])}, {to_float(other[tid])}, inv_temp);
-    }
-    if (tid < vocab - split.tail) {
-      const int64_t col = split.tail + tid;
-      thread_stats.add({to_float(logits[col])}, {to_float(other[col])}, inv_temp);
-    }
-    const Vec* z_vecs = reinterpret_cast<const Vec*>(logits + split.head);
-    const Vec* w_vecs = reinterpret_cast<const Vec*>(other + split.head);
-    int64_t i = tid;
-    for (; i + (kPairUnroll - 1) * kBlock < split.vectors; i += kPairUnroll * kBlock) {
-      Vec z_pack[kPairUnroll];
-      Vec w_pack[kPairUnroll];
-#pragma unroll
-      for (int u = 0; u < kPairUnroll; ++u) {  // loads first
-        z_pack[u] = load(z_vecs + i + u * kBlock);
-        w_pack[u] = load(w_vecs + i + u * kBlock);
-      }
-      float z[kPairUnroll * kSize];
-      float w[kPairUnroll * kSize];
-#pragma unroll
-      for (int u = 0; u < kPairUnroll; ++u) {
-        unpack(z_pack[u], z + u * kSize);
-        unpack(w_pack[u], w + u * kSize);
-      }
-      thread_stats.add(z, w, inv_temp);
-    }
-    for (; i < split.vectors; i += kBlock) {
-      float z[kSize];
-      float w[kSize];
-      unpack(load(z_vecs + i), z);
-      unpack(load(w_vecs + i), w);
-      thread_stats.add(z, w, inv_temp);
-    }
+    const T* const rows[2] = {logits, other};
+    walk_rows<T, kBlock, kPairUnroll>(rows, vocab, tid, [&](const auto& z, int64_t, int64_t) {
+      thread_stats.add(z[0], z[1], inv_temp);
+    });
   }
-  return block_reduce<kBlock>(thread_stats.stats(inv_temp), warp_stats);
+  return block_reduce<kBlock, KlMerge>(thread_stats.stats(inv_temp), warp_stats);
 }
 
 // KL(p || q) and both lse's; lse = max + log(sum) as row_math's finalize().
@@ -355,20 +300,14 @@ __device__ __forceinline__ void pair_grad(const T* logits, const T* other, T* gr
   if constexpr (kGradP) phase |= address(logits) ^ address(grad_p);
   if constexpr (kGradQ) phase |= address(logits) ^ address(grad_q);
   if (phase % kVecBytes != 0) {
-    // No common 16-byte boundary: scalar, coalesced, all of a chunk's loads before its stores.
-    int64_t col = tid;
-    for (; col + (kScalarChunk - 1) * kBlock < vocab; col += kScalarChunk * kBlock) {
-      float z[kScalarChunk];
-      float w[kScalarChunk];
+    // All of a chunk's loads before its stores.
+    const auto chunk_grad = [&](const auto& z, const auto& w, int64_t col) {
 #pragma unroll
-      for (int u = 0; u < kScalarChunk; ++u) {
-        z[u] = to_float(logits[col + u * kBlock]);
-        w[u] = to_float(other[col + u * kBlock]);
+      for (int u = 0; u < chunk_size<decltype(z)>; ++u) {
+        store(col + u * kBlock, element_grad(z[u], w[u]));
       }
-#pragma unroll
-      for (int u = 0; u < kScalarChunk; ++u) store(col + u * kBlock, element_grad(z[u], w[u]));
-    }
-    for (; col < vocab; col += kBlock) scalar_grad(col);
+    };
+    walk_pair_scalar<T, kBlock>(logits, other, vocab, tid, chunk_grad);
     return;
   }
 

@@ -1,6 +1,8 @@
 // Device building blocks shared by the row kernels in csrc/cuda (SPEC.md sections 1-2): element
-// access, the block-wide row statistics pass, the row gradient pass, and the host-side launch
-// dispatch. Included by .cu files only; everything is a template or inline.
+// access, the row walk, block reductions generic over the statistics type, the block-wide row
+// statistics pass (every op's: token log-probs, policy loss, sampling, top-k; the KL's pair
+// statistics reuse the walk, the re-centring and the reductions), the row gradient pass, and the
+// host-side launch dispatch. Included by .cu files only; everything is a template or inline.
 //
 // One thread block owns one row at a time (blocks loop over rows past kMaxGrid). The statistics
 // pass reads each logit once: every thread keeps online softmax statistics over its elements, then
@@ -25,6 +27,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "rlfuse/kernels.h"
 #include "rlfuse/row_math.h"
@@ -128,7 +131,155 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// threadIdx.x, read where it is used: values derived from it are not hoisted out of a row loop
+// and held in registers through the passes (kernels at the register cap would spill them).
+__device__ __forceinline__ int thread_index() {
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  return tid;
+}
+
+// ---- row walk ---------------------------------------------------------------------------------
+
+// The number of elements of a chunk a visitor is handed (z is `const float (&)[N]`).
+template <typename Z>
+constexpr int chunk_size = static_cast<int>(std::extent<std::remove_reference_t<Z>>::value);
+
+// Walks kRows rows of the same 16-byte phase in step, by the whole block: the head element and the
+// tail element of this thread (each shorter than one vector: one element per thread at most),
+// then kLoads 16-byte vectors of every row per step (all loads before any use), then the
+// remaining vectors. Hands every chunk to visit(z, col0, stride): z[r][m] is row r's element at
+// column col0 + (m / kSize) * stride + m % kSize (a single element: column col0). Every pass over
+// a row walks it this way, so each thread sees the same elements in the same order in every pass.
+// `tid` is threadIdx.x, or thread_index() in a kernel at the register cap that must not hold
+// values derived from it across passes.
+template <typename T, int kBlock, int kLoads, int kRows, typename Visit>
+__device__ __forceinline__ void walk_rows(const T* const (&rows)[kRows], int64_t vocab, int tid,
+                                          Visit&& visit) {
+  using Vec = Pack<T>;
+  constexpr int kSize = Vec::kSize;
+  const RowSplit split = split_row(rows[0], vocab);  // the same split for every row
+  const auto element = [&](int64_t col) {
+    float z[kRows][1];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) z[r][0] = to_float(rows[r][col]);
+    visit(z, col, int64_t{0});
+  };
+  if (tid < split.head) element(tid);
+  if (tid < vocab - split.tail) element(split.tail + tid);
+
+  const Vec* vecs[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) vecs[r] = reinterpret_cast<const Vec*>(rows[r] + split.head);
+  int64_t i = tid;
+  for (; i + (kLoads - 1) * kBlock < split.vectors; i += kLoads * kBlock) {
+    Vec pack[kLoads][kRows];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) pack[u][r] = load(vecs[r] + i + u * kBlock);  // loads first
+    }
+    float z[kRows][kLoads * kSize];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) unpack(pack[u][r], z[r] + u * kSize);
+    }
+    visit(z, split.head + i * kSize, int64_t{kBlock} * kSize);
+  }
+  for (; i < split.vectors; i += kBlock) {
+    float z[kRows][kSize];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) unpack(load(vecs[r] + i), z[r]);
+    visit(z, split.head + i * kSize, int64_t{0});
+  }
+}
+
+// walk_rows over one row: visit(z, col0, stride) with z[m] the element at column
+// col0 + (m / kSize) * stride + m % kSize.
+template <typename T, int kBlock, int kLoads = kUnroll, typename Visit>
+__device__ __forceinline__ void walk_row(const T* logits, int64_t vocab, int tid, Visit&& visit) {
+  const T* const rows[1] = {logits};
+  walk_rows<T, kBlock, kLoads>(rows, vocab, tid, [&](const auto& z, int64_t col0, int64_t stride) {
+    visit(z[0], col0, stride);
+  });
+}
+
+// ---- block reductions, generic over the statistics type ---------------------------------------
+
+// A statistics type S (a trivially copyable struct of 32-bit words) is reduced through a Merge:
+// Merge::merge(a, b) the pairwise combination, Merge::identity() the S that merging leaves the
+// other operand unchanged.
+
+// Lane `lane ^ mask`'s value of s, word by word.
+template <typename S>
+__device__ __forceinline__ S shuffle_xor(const S& s, int mask) {
+  static_assert(sizeof(S) % sizeof(uint32_t) == 0, "statistics are 32-bit words");
+  constexpr int kWords = sizeof(S) / sizeof(uint32_t);
+  uint32_t words[kWords];
+  memcpy(words, &s, sizeof(S));
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) words[w] = __shfl_xor_sync(0xffffffffu, words[w], mask);
+  S shuffled;
+  memcpy(&shuffled, words, sizeof(S));
+  return shuffled;
+}
+
+// Xor-butterfly over the warp: every lane ends with the merge of all 32 (in a fixed order).
+template <typename Merge, typename S>
+__device__ __forceinline__ S warp_reduce(S s) {
+#pragma unroll
+  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) s = Merge::merge(s, shuffle_xor(s, mask));
+  return s;
+}
+
+// Fixed-order block reduction; the result is valid in thread 0. `warp_stats` is __shared__,
+// kBlock / kWarpSize entries. Ends with a barrier so the next row may reuse `warp_stats`.
+template <int kBlock, typename Merge, typename S>
+__device__ __forceinline__ S block_reduce(S s, S* warp_stats) {
+  constexpr int kWarps = kBlock / kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  s = warp_reduce<Merge>(s);
+  if (lane == 0) warp_stats[warp] = s;
+  __syncthreads();
+  if (warp == 0) s = warp_reduce<Merge>(lane < kWarps ? warp_stats[lane] : Merge::identity());
+  __syncthreads();
+  return s;
+}
+
 // ---- statistics pass --------------------------------------------------------------------------
+
+// Where one thread's online pass moves when a chunk raises its maximum from max_z to new_max (raw
+// logits; x = z / T): sums are kept relative to `ref` (the max, or 0 while it is -inf: every
+// exponential is 0 then), earlier terms are multiplied by `rescale` = exp((max_z - ref) / T)
+// (exactly 1 if the max held, 0 while the max was -inf) and their centred logits move by `shift`
+// = old ref - ref.
+struct Recentre {
+  float ref;
+  float shift;
+  float rescale;
+};
+
+__device__ __forceinline__ Recentre recentre(float max_z, float new_max, float inv_temp) {
+  const float ref = new_max == -INFINITY ? 0.0f : new_max;
+  const float old_ref = max_z == -INFINITY ? ref : max_z;  // nothing accumulated yet: no shift
+  return Recentre{ref, old_ref - ref, expf((max_z - ref) * inv_temp)};
+}
+
+// The chunk's maximum merged into max_z; skips NaN (the sums catch it: exp of NaN is NaN).
+template <int N>
+__device__ __forceinline__ float chunk_max(float max_z, const float (&z)[N]) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) max_z = fmaxf(max_z, z[k]);
+  return max_z;
+}
+
+// The running maximum in x units, as the statistics' `max`. A NaN or +inf logit leaves `sum` NaN;
+// it is moved into the max so that merging propagates it even past partial stats that are empty.
+__device__ __forceinline__ float stats_max(float max_z, float sum, float inv_temp) {
+  return sum != sum ? NAN : max_z * inv_temp;
+}
 
 // One thread's online softmax statistics, kept on the raw logits z (x = z / T is applied once, in
 // stats()): sum = sum exp((z - max_z) / T), dot = sum exp((z - max_z) / T) * (z - max_z).
@@ -142,93 +293,45 @@ struct ThreadStats {
 
   template <int N>
   __device__ __forceinline__ void add(const float (&z)[N], float inv_temp) {
-    float new_max = max_z;
-#pragma unroll
-    for (int k = 0; k < N; ++k) new_max = fmaxf(new_max, z[k]);  // skips NaN: caught by `sum`
-    const float ref = new_max == -INFINITY ? 0.0f : new_max;      // all -inf so far: every e is 0
-    const float old_ref = max_z == -INFINITY ? ref : max_z;        // nothing accumulated yet: no shift
-    const float rescale = expf((max_z - ref) * inv_temp);          // exactly 1 if the max held
+    const float new_max = chunk_max(max_z, z);
+    const Recentre c = recentre(max_z, new_max, inv_temp);
     // Re-centre on the new max; terms that underflow add 0 (a shift of -inf would make 0 * inf).
-    dot = rescale == 0.0f ? 0.0f : (dot + sum * (old_ref - ref)) * rescale;
-    sum *= rescale;
+    dot = c.rescale == 0.0f ? 0.0f : (dot + sum * c.shift) * c.rescale;
+    sum *= c.rescale;
     max_z = new_max;
     const float scale = inv_temp * kLog2e;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float centred = z[k] - ref;
+      const float centred = z[k] - c.ref;
       const float e = fast_exp2(centred * scale);  // exp((z - ref) / T)
       sum += e;
       dot = fmaf(e, fmaxf(centred, -FLT_MAX), dot);  // z = -inf adds 0, not 0 * -inf
     }
   }
 
-  // As RowStats of x. A NaN or +inf logit leaves `sum` NaN; it is moved into `max` so merge()
-  // propagates it even past partial stats that are all -inf.
+  // As RowStats of x.
   __device__ __forceinline__ RowStats stats(float inv_temp) const {
-    return RowStats{sum != sum ? NAN : max_z * inv_temp, sum, dot * inv_temp};
+    return RowStats{stats_max(max_z, sum, inv_temp), sum, dot * inv_temp};
   }
 };
 
-__device__ __forceinline__ RowStats shuffle_xor(RowStats s, int mask) {
-  constexpr unsigned kAll = 0xffffffffu;
-  return RowStats{__shfl_xor_sync(kAll, s.max, mask), __shfl_xor_sync(kAll, s.sum, mask),
-                  __shfl_xor_sync(kAll, s.dot, mask)};
-}
-
-__device__ __forceinline__ RowStats warp_reduce(RowStats s) {
-#pragma unroll
-  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) s = merge(s, shuffle_xor(s, mask));
-  return s;
-}
-
-// Fixed-order block reduction; the result is valid in thread 0. Ends with a barrier so the next
-// row may reuse `warp_stats`.
-template <int kBlock>
-__device__ __forceinline__ RowStats block_reduce(RowStats s, RowStats* warp_stats) {
-  constexpr int kWarps = kBlock / kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  s = warp_reduce(s);
-  if (lane == 0) warp_stats[warp] = s;
-  __syncthreads();
-  if (warp == 0) s = warp_reduce(lane < kWarps ? warp_stats[lane] : empty_stats());
-  __syncthreads();
-  return s;
-}
+// RowStats merge (row_math.h) for block_reduce.
+struct RowStatsMerge {
+  static __device__ __forceinline__ RowStats identity() { return empty_stats(); }
+  static __device__ __forceinline__ RowStats merge(const RowStats& a, const RowStats& b) {
+    return rlfuse::merge(a, b);
+  }
+};
 
 // Statistics of one row of x = z / T (SPEC.md section 1), by the whole block; the result is valid
 // in thread 0. `warp_stats` is __shared__, kBlock / kWarpSize entries.
 template <typename T, int kBlock>
 __device__ __forceinline__ RowStats row_stats(const T* logits, int64_t vocab, float inv_temp,
                                               RowStats* warp_stats) {
-  using Vec = Pack<T>;
-  constexpr int kSize = Vec::kSize;
-  const int tid = threadIdx.x;
-  const RowSplit split = split_row(logits, vocab);
-  const Vec* vecs = reinterpret_cast<const Vec*>(logits + split.head);
   ThreadStats thread_stats;
-
-  // Head and tail are each shorter than one vector: one element per thread at most.
-  if (tid < split.head) thread_stats.add({to_float(logits[tid])}, inv_temp);
-  if (tid < vocab - split.tail) thread_stats.add({to_float(logits[split.tail + tid])}, inv_temp);
-
-  int64_t i = tid;
-  for (; i + (kUnroll - 1) * kBlock < split.vectors; i += kUnroll * kBlock) {
-    Vec pack[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) pack[u] = load(vecs + i + u * kBlock);  // loads first
-    float z[kUnroll * kSize];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) unpack(pack[u], z + u * kSize);
-    thread_stats.add(z, inv_temp);
-  }
-  for (; i < split.vectors; i += kBlock) {
-    float z[kSize];
-    unpack(load(vecs + i), z);
-    thread_stats.add(z, inv_temp);
-  }
-
-  return block_reduce<kBlock>(thread_stats.stats(inv_temp), warp_stats);
+  walk_row<T, kBlock>(logits, vocab, threadIdx.x,
+                      [&](const auto& z, int64_t, int64_t) { thread_stats.add(z, inv_temp); });
+  return block_reduce<kBlock, RowStatsMerge>(thread_stats.stats(inv_temp), warp_stats);
 }
 
 // x_y = z_y / T, or NaN for a token id outside [0, vocab) (never used as an index then).

@@ -39,8 +39,6 @@
 // threadIdx.x is re-read where used, which keeps values derived from it from being held in
 // registers across the row loop. Without this, ptxas spills a few bytes on some architectures.
 
-#include <type_traits>
-
 #include "row_kernels.cuh"
 
 #include "rlfuse/cuda_kernels.h"
@@ -86,51 +84,6 @@ __device__ __forceinline__ int32_t candidate_id(uint64_t c) {
   return static_cast<int32_t>(~static_cast<uint32_t>(c));
 }
 
-// threadIdx.x, read where it is used: values derived from it are not hoisted out of the row
-// loop and held in registers through the passes.
-__device__ __forceinline__ int thread_index() {
-  int tid;
-  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
-  return tid;
-}
-
-// Walks one row as row_stats does (head element, tail element, kUnroll vectors per step, the
-// remaining vectors) and hands every thread's chunks to visit(z, col0, stride): z[m] is the
-// logit at column col0 + (m / kSize) * stride + m % kSize (a single element: column col0).
-template <typename T, int kBlock, typename Visit>
-__device__ __forceinline__ void walk_row(const T* logits, int64_t vocab, Visit&& visit) {
-  using Vec = Pack<T>;
-  constexpr int kSize = Vec::kSize;
-  const int tid = thread_index();
-  const RowSplit split = split_row(logits, vocab);
-  const Vec* vecs = reinterpret_cast<const Vec*>(logits + split.head);
-
-  if (tid < split.head) {
-    const float z[1] = {to_float(logits[tid])};
-    visit(z, int64_t{tid}, int64_t{0});
-  }
-  if (tid < vocab - split.tail) {
-    const float z[1] = {to_float(logits[split.tail + tid])};
-    visit(z, split.tail + tid, int64_t{0});
-  }
-
-  int64_t i = tid;
-  for (; i + (kUnroll - 1) * kBlock < split.vectors; i += kUnroll * kBlock) {
-    Vec pack[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) pack[u] = load(vecs + i + u * kBlock);  // loads first
-    float z[kUnroll * kSize];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) unpack(pack[u], z + u * kSize);
-    visit(z, split.head + i * kSize, int64_t{kBlock} * kSize);
-  }
-  for (; i < split.vectors; i += kBlock) {
-    float z[kSize];
-    unpack(load(vecs + i), z);
-    visit(z, split.head + i * kSize, int64_t{0});
-  }
-}
-
 // atomicAdd(counter, 1) for each calling thread, one atomic per warp: the lanes that call it
 // together (the coalesced group) take consecutive slots.
 __device__ __forceinline__ int next_slot(int* counter) {
@@ -143,9 +96,6 @@ __device__ __forceinline__ int next_slot(int* counter) {
   first = __shfl_sync(active, first, leader);
   return first + __popc(active & ((1u << lane) - 1));
 }
-
-template <typename Z>
-constexpr int chunk_size = static_cast<int>(std::extent<std::remove_reference_t<Z>>::value);
 
 // Block-wide exclusive prefix sum of `value` in thread order; `total` gets the block's sum (in
 // every thread). Ends with a barrier, so `warp_counts` (kBlock / 32 ints) may be reused at once.
@@ -236,7 +186,7 @@ __device__ __forceinline__ void refine_histogram(const T* logits, int64_t vocab,
   constexpr int kShift = Digit<kLevel>::kShift;
   constexpr int kPrefixShift = kShift + Digit<kLevel>::kBits;
   constexpr uint32_t kMask = Digit<kLevel>::kBins - 1;
-  walk_row<T, kBlock>(logits, vocab, [&](const auto& z, int64_t, int64_t) {
+  walk_row<T, kBlock>(logits, vocab, thread_index(), [&](const auto& z, int64_t, int64_t) {
 #pragma unroll
     for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
       const float x = scaled(z[m], inv_temp);
@@ -324,7 +274,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
     }
     __syncthreads();
     const RowStats stats = row_stats<T, kBlock>(row_logits, vocab, inv_temp, warp_stats);
-    walk_row<T, kBlock>(row_logits, vocab, [&](const auto& z, int64_t, int64_t) {
+    walk_row<T, kBlock>(row_logits, vocab, thread_index(), [&](const auto& z, int64_t, int64_t) {
 #pragma unroll
       for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
         const float x = scaled(z[m], inv_temp);
@@ -379,7 +329,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
       // lowest-id ties below.
       const bool tied = above + b.count > kMaxK;
       const uint32_t lowest = tied ? prefix + 1 : prefix << shift;  // keys <= +inf's: no wrap
-      walk_row<T, kBlock>(row_logits, vocab, [&](const auto& z, int64_t col0, int64_t stride) {
+      const auto gather = [&](const auto& z, int64_t col0, int64_t stride) {
         constexpr int kSize = Pack<T>::kSize;
 #pragma unroll
         for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
@@ -391,7 +341,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
             if (slot < kMaxK) candidates[slot] = candidate(key, col);  // always: exact counts
           }
         }
-      });
+      };
+      walk_row<T, kBlock>(row_logits, vocab, thread_index(), gather);
       __syncthreads();
       if (tied) {
         gather_ties<T, kBlock>(row_logits, vocab, inv_temp, prefix, above, row_need - above,

@@ -119,8 +119,10 @@ __device__ __forceinline__ float gumbel(float u) { return u < 1.0f ? -logf(-logf
 
 // ---- row walk ---------------------------------------------------------------------------------
 
-// Walks one row as row_stats does (head and tail elements, kLoads 16-byte vectors per step, the
-// remaining vectors) and calls visit(col, z) for every element the thread owns.
+// Walks one row as row_kernels.cuh's walk_row does (head and tail elements, kLoads 16-byte vectors
+// per step, the remaining vectors) and calls visit(col, z) for every element the thread owns. Its
+// own copy for the register budget of the search and draw passes: 32-bit indices and one edge
+// element per thread (the statistics pass, row_stats, keeps walk_row's order).
 template <typename T, int kBlock, int kLoads, typename Visit>
 __device__ __forceinline__ void for_each_logit(const T* logits, int64_t vocab, Visit& visit) {
   using Vec = Pack<T>;
