@@ -1,4 +1,4 @@
-"""Row building blocks of the Triton kernels (SPEC.md section 1), the port of csrc/cpu/row_kernels.h
+"""Row building blocks of the Triton kernels (docs/SPEC.md section 1), the port of csrc/cpu/row_kernels.h
 and csrc/cuda/row_kernels.cuh: row addressing and the one online statistics pass of every op
 (token log-probs, policy loss, top-k, sampling; with its cross-term form, the KL).
 

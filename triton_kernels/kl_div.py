@@ -1,4 +1,4 @@
-"""Full-vocabulary KL between two logit rows and its gradient on both (SPEC.md 5, last bullet).
+"""Full-vocabulary KL between two logit rows and its gradient on both (docs/SPEC.md 5, last bullet).
 
 Per row, ``x = logits * inv_temp``, ``y = other * inv_temp``, ``p = softmax(x)``,
 ``q = softmax(y)``. ``direction`` 0 is the forward ``KL(p || q)``, 1 the reverse ``KL(q || p)``.

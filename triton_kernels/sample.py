@@ -1,4 +1,4 @@
-"""Sampling from logit rows with temperature, top-k, top-p and min-p (SPEC.md 8, kernels.h SampleArgs).
+"""Sampling from logit rows with temperature, top-k, top-p and min-p (docs/SPEC.md 8, kernels.h SampleArgs).
 
 One program per row, rows following the row contract of _row.py
 (``layout = (rows, inner, stride_outer, stride_inner)``). Per row:

@@ -1,4 +1,4 @@
-"""Per-token log-prob, entropy and their fused gradient, straight from the logits (SPEC.md 1-2).
+"""Per-token log-prob, entropy and their fused gradient, straight from the logits (docs/SPEC.md 1-2).
 
 Rows follow the row contract of _row.py; the forward is _row.py's statistics pass, the backward
 the row gradient pass below (also policy_loss.py's).

@@ -1,4 +1,4 @@
-// One-row building blocks of the CPU kernels (SPEC.md sections 1-2), compiled once per
+// One-row building blocks of the CPU kernels (docs/SPEC.md sections 1-2), compiled once per
 // instruction set with the *_rows.cpp files that include them: the statistics pass (online_chunk,
 // the one statistics primitive of every op: token log-probs, policy loss, top-k, sampling and,
 // with its cross-term policy, KL) and the gradient pass. The vocabulary is walked in L1-sized
@@ -50,7 +50,7 @@ RLFUSE_ALWAYS_INLINE int64_t load_chunk(const char* src, DType dtype, int64_t st
 // ---- the statistics pass: one primitive for every op ------------------------------------------
 
 // What a RowStats' `dot` sums besides the softmax mass, as a policy of online_chunk():
-//   Centred (token log-probs, policy loss, top-k, sampling): w = x - max, SPEC.md section 1's
+//   Centred (token log-probs, policy loss, top-k, sampling): w = x - max, docs/SPEC.md section 1's
 //   dot, which moves with the max (row_math.h rebase());
 //   KL's cross term w = u - v (kl_div_rows.cpp), which does not.
 // A policy gives rebase(stats, m) for a larger max m and the weights w(i, d) of lanes [i, i + kLanes)
@@ -60,7 +60,7 @@ struct Centred {
   __attribute__((always_inline)) Vec operator()(int64_t, Vec d) const { return d; }
 };
 
-// The online pass over one chunk x[0, n) (n a multiple of kLanes, padding -inf), SPEC.md section 1:
+// The online pass over one chunk x[0, n) (n a multiple of kLanes, padding -inf), docs/SPEC.md section 1:
 // raises stats.max to the chunk's max (re-expressing what is there), then adds sum exp(x - max) to
 // stats.sum and sum exp(x - max) * w to stats.dot, a term whose exponential is 0 adding 0 (0 * inf
 // := 0). A NaN anywhere makes the stats NaN; while everything is -inf they stay empty.
@@ -107,7 +107,7 @@ RLFUSE_ALWAYS_INLINE RowResult row_statistics(const char* src, DType dtype, int6
   return finalize(stats, x_target);
 }
 
-// Gradient pass over one row (SPEC.md section 2) for upstream gradients g_logp (on logp) and
+// Gradient pass over one row (docs/SPEC.md section 2) for upstream gradients g_logp (on logp) and
 // g_entropy (on H): dst may alias src, each chunk is read before it is written. A row with
 // g_logp = g_entropy = 0 (a masked or fully clipped token) is written as zeros without reading the
 // logits, so NaN/inf in a masked row never reaches its gradient (kernels.h contract). `buf` holds

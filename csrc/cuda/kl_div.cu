@@ -1,4 +1,4 @@
-// Full-vocabulary KL divergence between two logit rows on the GPU (SPEC.md section 5, last
+// Full-vocabulary KL divergence between two logit rows on the GPU (docs/SPEC.md section 5, last
 // bullet; kernels.h KlDivFwdArgs / KlDivBwdArgs).
 //
 // One block per row pair, as in row_kernels.cuh: the forward reads both rows once, keeping per

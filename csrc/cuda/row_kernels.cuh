@@ -1,4 +1,4 @@
-// Device building blocks shared by the row kernels in csrc/cuda (SPEC.md sections 1-2): element
+// Device building blocks shared by the row kernels in csrc/cuda (docs/SPEC.md sections 1-2): element
 // access, the row walk, block reductions generic over the statistics type, the block-wide row
 // statistics pass (every op's: token log-probs, policy loss, sampling, top-k; the KL's pair
 // statistics reuse the walk, the re-centring and the reductions), the row gradient pass, and the
@@ -323,7 +323,7 @@ struct RowStatsMerge {
   }
 };
 
-// Statistics of one row of x = z / T (SPEC.md section 1), by the whole block; the result is valid
+// Statistics of one row of x = z / T (docs/SPEC.md section 1), by the whole block; the result is valid
 // in thread 0. `warp_stats` is __shared__, kBlock / kWarpSize entries.
 template <typename T, int kBlock>
 __device__ __forceinline__ RowStats row_stats(const T* logits, int64_t vocab, float inv_temp,

@@ -1,4 +1,4 @@
-// Sampling on the GPU (SPEC.md section 8; the contract is the comment above kernels.h SampleArgs).
+// Sampling on the GPU (docs/SPEC.md section 8; the contract is the comment above kernels.h SampleArgs).
 //
 // One block per row, as in row_kernels.cuh (blocks loop over rows past kMaxGrid). Per row:
 //   1. Temperature: with `adaptive`, row_kernels' statistics pass at T = 1 gives H1 and the row's
