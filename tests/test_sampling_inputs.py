@@ -384,3 +384,33 @@ def test_property_check_temperature_of_the_other_ops(temperature):
         logp, entropy = rlfuse.token_logprobs(logits, tokens, temperature=temperature, return_entropy=True,
                                                backend=backend)
         assert torch.isfinite(logp).all() and torch.isfinite(entropy).all(), (backend, temperature, logp, entropy)
+
+
+# --- validation off (rlfuse.set_validation(False)): no host read, and still nothing out of range ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_validation_bad_rows_come_back_nan_with_tokens_in_range(backend):
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, NAN, 1.0, 2.0], [INF, 0.0, 1.0, 2.0], [-INF] * 4,
+                           [0.0, 3e38, 1.0, 2.0]])
+    previous = rlfuse.set_validation(False)
+    try:
+        out = rlfuse.sample(logits, temperature=0.5, seed=0, num_samples=3, backend=backend)
+        bad_parameter = rlfuse.sample(logits[:1], temperature=torch.tensor([-1.0]), top_p=torch.tensor([2.0]),
+                                      seed=0, backend=backend)
+    finally:
+        rlfuse.set_validation(previous)
+    assert ((out.tokens >= 0) & (out.tokens < 4)).all()
+    assert torch.isfinite(out.entropy[0]) and torch.isnan(out.entropy[1:]).all()
+    assert torch.isnan(out.raw_logprobs[1:]).all()
+    assert ((bad_parameter.tokens >= 0) & (bad_parameter.tokens < 4)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validation_reports_parameters_before_rows(backend):
+    """One read covers both; a bad parameter tensor is reported first (as before, when it was
+    checked before the rows)."""
+    logits = torch.tensor([[0.0, NAN], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="top_p has values out of range"):
+        rlfuse.sample(logits, top_p=torch.tensor([0.5, 0.0]), seed=0, backend=backend)
+    with pytest.raises(ValueError, match=rf"rows \[0\] {ROW_ERROR}"):
+        rlfuse.sample(logits, top_p=torch.tensor([0.5, 1.0]), seed=0, backend=backend)

@@ -8,6 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import nn, ops  # noqa: F401  (ops registers the torch.library ops)
+from ._validation import set_validation
 from .backends import available_backends
 from .config import LossConfig
 from .functional import entropy, kl_divergence, token_logprobs
@@ -16,4 +17,4 @@ from .sampling import SampleOutput, sample
 from .troll import SparseLogprobs, sparse_logprobs
 
 __all__ = ["__version__", "token_logprobs", "entropy", "kl_divergence", "policy_loss", "sparse_logprobs", "SparseLogprobs", "sample", "SampleOutput", "LossConfig", "LossOutput", "nn",
-           "available_backends"]
+           "available_backends", "set_validation"]

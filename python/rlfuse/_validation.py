@@ -1,14 +1,75 @@
-"""Argument checks shared by the public functions: clear errors before any kernel runs."""
+"""Argument checks shared by the public functions: clear errors before any kernel runs.
+
+Checks of types, shapes, devices and Python numbers read no tensor data and cost nothing. Checks
+that need tensor *values* (token ids in range, ``cu_seqlens`` monotone, ``old_topk`` ids, sampling
+parameters given as tensors, rows that cannot be sampled) need a host synchronisation: each public
+call gathers all of its data checks in one :class:`DataChecks` and reads them back with a single
+synchronisation (README "Host synchronisation"). They are skipped under ``torch.compile`` and when
+validation is switched off with :func:`set_validation` or ``RLFUSE_VALIDATE=0``; the kernels never
+read out of bounds either way (an out-of-range token id gives NaN).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+from typing import Callable
 
 import torch
 
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TOKEN_DTYPES = (torch.int32, torch.int64)
+
+_validation = os.environ.get("RLFUSE_VALIDATE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_validation(enabled: bool) -> bool:
+    """Switch the data-dependent input checks (the one host synchronisation a call may make for
+    them) on or off for the whole process; returns the previous setting. Off, nothing is read back
+    for validation: invalid data gives NaN or unspecified values instead of a ``ValueError``.
+    The initial setting is on unless the environment variable ``RLFUSE_VALIDATE`` is ``0``."""
+    global _validation
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_validation takes a bool, got {type(enabled).__name__}")
+    previous, _validation = _validation, enabled
+    return previous
+
+
+def validation_enabled() -> bool:
+    """Whether data checks run now: switched on and not tracing under ``torch.compile``."""
+    return _validation and not torch.compiler.is_compiling()
+
+
+class DataChecks:
+    """The data-dependent checks of one call, read back with one host synchronisation.
+
+    ``add(bad, error)`` registers a check: ``bad()`` returns a boolean tensor (the check fails if any
+    element is true), ``error()`` the exception to raise then. Neither is called when validation is
+    off. ``run()`` reads every flag in one transfer and raises the first failing check's error
+    (in the order they were added); ``error()`` may read more data, since the call fails anyway.
+    """
+
+    def __init__(self):
+        self.enabled = validation_enabled()
+        self._flags: list[torch.Tensor] = []
+        self._errors: list[Callable[[], Exception]] = []
+
+    def add(self, bad: Callable[[], torch.Tensor], error: Callable[[], Exception]) -> None:
+        if self.enabled:
+            self._flags.append(bad().any().reshape(1))
+            self._errors.append(error)
+
+    def run(self) -> None:
+        flags, errors = self._flags, self._errors
+        self._flags, self._errors = [], []
+        if not flags:
+            return
+        device = flags[0].device
+        failed = torch.cat([f.to(device) for f in flags]).tolist()  # the one host synchronisation
+        for fail, error in zip(failed, errors):
+            if fail:
+                raise error()
 
 
 def check_logits(logits, name: str = "logits") -> None:
@@ -44,7 +105,9 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
-def check_tokens(tokens, logits: torch.Tensor) -> None:
+def check_tokens(tokens, logits: torch.Tensor, checks: DataChecks | None = None) -> None:
+    """Type, shape and device of ``tokens``; their range [0, V) as a data check, added to ``checks``
+    (the caller runs it) or, without ``checks``, run here (one host synchronisation)."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in TOKEN_DTYPES:
@@ -55,11 +118,15 @@ def check_tokens(tokens, logits: torch.Tensor) -> None:
         )
     if tokens.device != logits.device:
         raise ValueError(f"tokens are on {tokens.device} but logits are on {logits.device}")
-    # A data-dependent check needs a host sync (and breaks a compiled graph); under torch.compile
-    # the kernels' own guard applies instead: an out-of-range id yields NaN, never a wild read.
-    if tokens.numel() and not torch.compiler.is_compiling():
-        vocab = logits.shape[-1]
+    own = checks is None
+    checks = DataChecks() if own else checks
+    vocab = logits.shape[-1]
+
+    def out_of_range():
         low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= vocab:
-            bad = low if low < 0 else high
-            raise ValueError(f"tokens must lie in [0, V) = [0, {vocab}), found id {bad}")
+        return ValueError(f"tokens must lie in [0, V) = [0, {vocab}), found id {low if low < 0 else high}")
+
+    if tokens.numel():
+        checks.add(lambda: (tokens < 0) | (tokens >= vocab), out_of_range)
+    if own:
+        checks.run()

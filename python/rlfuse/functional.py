@@ -43,13 +43,16 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0, backend: str = "auto
     """Entropy (natural log) of ``softmax(logits / T)`` per row, float32, differentiable."""
     check.check_logits(logits)
     tokens = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    return _forward(logits, tokens, temperature, backend, False)[1]
+    return _forward(logits, tokens, temperature, backend, False, tokens_checked=True)[1]
 
 
-def _forward(logits, tokens, temperature, backend, inplace_backward):
+def _forward(logits, tokens, temperature, backend, inplace_backward, tokens_checked=False):
+    """(logp, entropy). ``tokens_checked``: the caller has validated the ids (entropy's own zeros,
+    policy_loss's data checks); otherwise their range is a data check here: one host read."""
     check.check_logits(logits)
     temperature = check.check_temperature(temperature)
-    check.check_tokens(tokens, logits)
+    if not tokens_checked:
+        check.check_tokens(tokens, logits)
     resolved = resolve_backend(backend, logits.device, "token_logprobs", logits.dtype)
     if inplace_backward:
         inplace_layout(logits)

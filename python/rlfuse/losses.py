@@ -1,4 +1,4 @@
-"""``rlfuse.policy_loss``: the PPO/GRPO family from raw logits, in one call (SPEC.md sections 3-6).
+"""``rlfuse.policy_loss``: the PPO/GRPO family from raw logits, in one call (docs/SPEC.md sections 3-6).
 
 Token-local variants (ppo, dapo, gppo, cispo, sapo, pspo, reinforce, with KL, entropy bonus,
 rollout correction and any aggregation) take the fused path: one kernel per row computes the loss
@@ -10,6 +10,7 @@ then the per-token math of ``rlfuse.reference`` on ``[N]``-sized tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,8 +21,10 @@ from . import troll
 from ._layout import inplace_layout
 from .backends import resolve_backend
 from .config import LossConfig
-from .functional import token_logprobs
+from .ops.generator import generator_draws
 from .ops.policy_loss import FusedPolicyLoss, TokenLossParams
+from .ops.token_logprobs import token_logprobs_fwd
+from .reference.policy_loss import _covariance, ppo_term
 
 # Every other loss weighs tokens by their ratio to the old policy, so it needs old_logprobs (a new
 # variant is safe by default: forgetting old_logprobs is an error, never a silent ratio to 0).
@@ -35,6 +38,12 @@ class LossOutput:
     logprobs: Tensor  # per token, fp32, detached
     entropy: Tensor  # per token, fp32, detached
     metrics: dict = field(default_factory=dict)  # detached scalars; metrics["path"] is a string
+
+
+class _Aggregation(NamedTuple):
+    aggregation: str
+    norm_tokens: float | None
+    norm_length: float | None
 
 
 @dataclass
@@ -97,8 +106,10 @@ def policy_loss(
         raise ValueError(f"path must be 'auto', 'fused' or 'general', got {path!r}")
     if path == "fused" and not config.token_local:
         raise ValueError(f"loss={config.loss!r} (entropy_quantile={config.entropy_quantile}) has no fused path")
+    # Data checks (token ids, cu_seqlens, old_topk) are gathered and read back once, before any kernel.
+    checks = check.DataChecks()
     batch = _prepare(logits, tokens, advantages, old_logprobs, ref_logprobs, rollout_logprobs, mask, cu_seqlens,
-                     config)
+                     config, checks)
     if inplace_backward:
         inplace_layout(logits)
     resolved = resolve_backend(backend, logits.device, "policy_loss", logits.dtype)
@@ -108,8 +119,17 @@ def policy_loss(
         raise ValueError("ref_logits is required by kl_full_coef != 0")
     if inplace_backward and ref_logits is not None:
         raise ValueError("inplace_backward cannot be combined with ref_logits (the KL reads the logits again)")
+    if config.loss == "troll":
+        if inplace_backward:
+            raise ValueError("inplace_backward is not supported by loss='troll' (its gradient is a sparse scatter)")
+        old_topk = troll.checked_old_topk(old_topk, tokens, logits.shape[-1], batch.mask.view(tokens.shape) > 0,
+                                          checks)
+    checks.run()
 
-    aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, config.replace(norm_length=batch.norm_length))
+    # The aggregation settings with the batch's norm_length (not config.replace: under torch.compile
+    # with dynamic shapes norm_length may be symbolic, and LossConfig validates its fields as numbers).
+    settings = _Aggregation(config.aggregation, config.norm_tokens, batch.norm_length)
+    aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, settings)
     policy_weight = aggregation
     if config.rollout_correction is not None:
         rollout_w = ref.rollout_correction_weights(batch.old, batch.rollout, batch.mask, batch.cu_seqlens, config)
@@ -117,9 +137,6 @@ def policy_loss(
     use_fused = config.token_local and path != "general" and resolved != "torch"
     troll_terms = None
     if config.loss == "troll":
-        if inplace_backward:
-            raise ValueError("inplace_backward is not supported by loss='troll' (its gradient is a sparse scatter)")
-        old_topk = troll.checked_old_topk(old_topk, tokens, logits.shape[-1], batch.mask.view(tokens.shape) > 0)
         loss, logp, entropy, troll_terms = _troll(batch, old_topk, policy_weight, aggregation, config, resolved)
     elif use_fused:
         loss, logp, entropy = _fused(batch, policy_weight, aggregation, config, resolved, inplace_backward)
@@ -140,15 +157,14 @@ def policy_loss(
 
 
 def _troll(batch, old_topk, policy_weight, weight, config, backend):
-    """TROLL (SPEC.md section 7): projection on the sparse support; KL / entropy terms as usual."""
+    """TROLL (docs/SPEC.md section 7): projection on the sparse support; KL / entropy terms as usual."""
     terms = troll.troll_token_loss(batch.logits, batch.tokens, batch.advantages, batch.old, old_topk, config, backend,
                                    batch.mask > 0)
     loss = ref.weighted(terms.loss, policy_weight).sum()
     logp, entropy = terms.logp, terms.entropy
     if (config.kl is not None and config.kl_coef != 0) or config.entropy_coef != 0:
         # The penalties need differentiable log-probs / entropy: one more fused pass.
-        logp, entropy = token_logprobs(batch.logits, batch.tokens, temperature=config.temperature,
-                                       return_entropy=True, backend=backend)
+        logp, entropy = _token_logprobs(batch.logits, batch.tokens, config.temperature, backend, False)
         logp, entropy = logp.reshape(-1), entropy.reshape(-1)
         valid = batch.mask > 0
         penalties = ref.penalty_terms(_masked(logp, valid), _masked(entropy, valid), batch.ref, weight, config)
@@ -196,15 +212,14 @@ def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
 
 
 def _general(batch, policy_weight, weight, config, backend, inplace_backward):
-    logp, entropy = token_logprobs(batch.logits, batch.tokens, temperature=config.temperature, return_entropy=True,
-                                   backend=backend, inplace_backward=inplace_backward)
+    logp, entropy = _token_logprobs(batch.logits, batch.tokens, config.temperature, backend, inplace_backward)
     raw_logp, raw_entropy = logp.reshape(-1), entropy.reshape(-1)
     # Every formula below sees 0 at masked positions, never their (possibly NaN) values: then the
     # gradient there is an exact 0, not 0 x NaN, and the kernels write those rows as zeros.
     valid = batch.mask > 0
     logp, entropy = _masked(raw_logp, valid), _masked(raw_entropy, valid)
     if config.entropy_quantile is not None:
-        policy_weight = policy_weight * ref.entropy_minority_mask(entropy, batch.mask, config.entropy_quantile)
+        policy_weight = policy_weight * entropy_minority_mask(entropy, batch.mask, config.entropy_quantile)
     a, old, mask, cu = batch.advantages, batch.old, batch.mask, batch.cu_seqlens
     penalties = ref.penalty_terms(logp, entropy, batch.ref, weight, config).sum()
     if config.loss == "gspo":
@@ -214,12 +229,22 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
     if config.loss == "gspo_token":
         term = ref.gspo_token_term(logp, old, a, mask, cu, config)
     elif config.loss == "clip_cov":
-        term = ref.clip_cov_term(logp, old, a, mask, config)
+        term = clip_cov_term(logp, old, a, mask, config)
     elif config.loss == "kl_cov":
-        term = ref.kl_cov_term(logp, old, a, mask, config)
+        term = kl_cov_term(logp, old, a, mask, config)
     else:
         term = ref.policy_term(logp, old, a, config)
     return ref.weighted(term, policy_weight).sum() + penalties, raw_logp, raw_entropy
+
+
+def _token_logprobs(logits, tokens, temperature, backend, inplace_backward):
+    """(logp, entropy) through the token_logprobs op: the ids were validated with the call's checks,
+    the temperature by LossConfig (not again here: under torch.compile with dynamic=True it may be
+    a symbolic float, which no host check can read)."""
+    if inplace_backward:
+        inplace_layout(logits)
+    logp, entropy, _ = token_logprobs_fwd(logits, tokens, temperature, backend, bool(inplace_backward))
+    return logp, entropy
 
 
 def _masked(values: Tensor, valid: Tensor) -> Tensor:
@@ -227,9 +252,131 @@ def _masked(values: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, values, torch.zeros_like(values))
 
 
-def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens, config) -> _Batch:
+# --- token selections of the general path, without host synchronisation -------------------------
+#
+# docs/SPEC.md section 4 defines these selections by counts that depend on the data (the number of valid
+# tokens, of Clip-Cov candidates). They are computed here with a shape fixed by the number of
+# tokens N (known on the host) and the data-dependent count kept on the device as a mask, so no
+# value is read back. (rlfuse.reference.policy_loss has the same functions in their direct form.)
+
+
+def entropy_minority_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
+    """1 for valid tokens whose entropy is at least the (1 - rho)-quantile over valid tokens:
+    ``torch.quantile(entropy[valid].double(), 1 - rho)`` (linear interpolation; NaN if a valid
+    entropy is NaN) written out over a sort of all N tokens with the masked ones last."""
+    if entropy.numel() == 0:
+        return torch.zeros_like(entropy)
+    valid = mask > 0
+    h = entropy.detach()
+    ordered = torch.sort(torch.where(valid, h.double(), torch.inf)).values
+    last = (valid.sum() - 1).clamp(min=0).double()  # the last valid position
+    rank = (1.0 - rho) * last
+    below, above = rank.long().reshape(1), rank.ceil().long().reshape(1)  # as torch.quantile: truncation, ceil
+    threshold = torch.lerp(ordered.gather(0, below), ordered.gather(0, above), rank - below)[0]
+    threshold = torch.where((torch.isnan(h) & valid).any(), torch.nan, threshold)
+    return ((h >= threshold.to(h.dtype)) & valid).to(entropy.dtype)
+
+
+def kl_cov_term(logp, old_logp, advantages, mask, config) -> Tensor:
+    """KL-Cov: unclipped ``-A r``, plus ``kl_cov_coef |logp - old|`` on the
+    ``min(max(1, floor(cov_ratio N_valid)), N_valid)`` valid tokens of largest covariance. The top
+    ``min(max(1, floor(cov_ratio N)), N)`` (a bound fixed by the shape) are taken, the first
+    ``count`` of them kept on the device."""
+    loss = -advantages * ref.ratio(logp, old_logp)
+    n = loss.numel()
+    bound = min(max(1, int(config.cov_ratio * n)), n)
+    if bound == 0:
+        return loss
+    cov, valid = _covariance(logp, advantages, mask)
+    n_valid = valid.sum().double()
+    count = torch.minimum(torch.floor(config.cov_ratio * n_valid).clamp(min=1.0), n_valid)
+    top = torch.topk(cov.masked_fill(~valid, -torch.inf), bound).indices
+    picked = torch.zeros(n, dtype=torch.bool, device=loss.device)
+    picked[top] = torch.arange(bound, device=loss.device) < count
+    return loss + torch.where(picked, config.kl_cov_coef * (logp - old_logp).abs(), torch.zeros_like(loss))
+
+
+def clip_cov_term(logp, old_logp, advantages, mask, config) -> Tensor:
+    """Clip-Cov: the PPO loss with ``count = min(max(1, floor(cov_ratio N_valid)), #candidates)``
+    candidates (valid, unclipped, ``cov_lb < cov < cov_ub``, in token order) detached (loss 0):
+    those at positions ``torch.randperm(#candidates, generator=manual_seed(seed))[:count]``,
+    reproduced on the device by :func:`_randperm_prefix` without reading ``#candidates``."""
+    loss = ppo_term(logp, old_logp, advantages, config)
+    n = loss.numel()
+    bound = min(max(1, int(config.cov_ratio * n)), n)
+    if bound == 0:
+        return loss
+    cov, valid = _covariance(logp, advantages, mask)
+    r = ref.ratio(logp, old_logp).detach()
+    unclipped = ~(((advantages > 0) & (r > 1.0 + config.clip_high)) | ((advantages < 0) & (r < 1.0 - config.clip_low)))
+    candidate = valid & unclipped & (cov > config.cov_lb) & (cov < config.cov_ub)
+    n_candidates = candidate.sum()
+    count = torch.minimum(torch.floor(config.cov_ratio * valid.sum().double()).clamp(min=1.0), n_candidates.double())
+    if not _RANDPERM_REPRODUCED or n >= _RANDPERM_SMALL_N:  # not expected: the direct form (host syncs)
+        return ref.clip_cov_term(logp, old_logp, advantages, mask, config)
+    order = _randperm_prefix(n_candidates, bound, config.seed)  # candidate ranks, [bound]
+    chosen_rank = torch.zeros(n + 1, dtype=torch.bool, device=loss.device)
+    chosen_rank[torch.where(torch.arange(bound, device=loss.device) < count, order, n)] = True
+    rank = torch.cumsum(candidate, 0) - 1
+    chosen = candidate & chosen_rank[rank.clamp(min=0)]
+    return loss * torch.where(chosen, 0.0, 1.0).to(loss.dtype)
+
+
+# torch.randperm(n) on the CPU generator is a Fisher-Yates shuffle for n < 2^32 / 20: step i swaps
+# r[i] and r[i + (u_i mod (n - i))], u_i the generator's i-th 32-bit draw, which does not depend
+# on n. Checked against torch.randperm when this module loads (else the direct form is used).
+_RANDPERM_SMALL_N = (2**32 - 1) // 20
+
+
+def _randperm_prefix(n: Tensor, bound: int, seed: int) -> Tensor:
+    """``torch.randperm(int(n), generator=torch.Generator().manual_seed(seed))[:bound]`` (entries
+    past ``n`` unspecified) for an int64 device scalar ``n``, without reading ``n``.
+
+    Step i puts in slot i the content of slot ``t_i = i + u_i mod (n - i)`` (``t_i = i`` once
+    ``i >= n - 1``), and a slot's content before step i is that of the latest earlier step that
+    wrote it (step k writes the content slot k held before it into slot ``t_k``), else its own
+    index. So ``out_i = held[k]`` for the latest ``k < i`` with ``t_k = t_i``, else ``t_i``, where
+    ``held[j]`` (slot j before step j) is ``held[k]`` for the latest ``k < j`` with ``t_k = j``,
+    else j: "latest earlier step with that target" is a search in the sorted (target, step) keys,
+    and the chains of ``held`` resolve by pointer doubling."""
+    device = n.device
+    draws = generator_draws(n.reshape(1), seed, bound)
+    step = torch.arange(bound, device=device)
+    span = n - step  # n - i
+    target = torch.where(span > 1, step + torch.remainder(draws, span.clamp(min=1)), step)
+    keys, _ = torch.sort(target * bound + step)
+
+    def latest_before(wanted: Tensor, before: Tensor) -> Tensor:
+        """The latest step k < ``before`` with t_k == ``wanted`` (elementwise), or -1."""
+        position = torch.searchsorted(keys, wanted * bound + before - 1, right=True) - 1
+        key = keys[position.clamp(min=0)]
+        found = (position >= 0) & (key // bound == wanted) & (before > 0)
+        return torch.where(found, key % bound, -1)
+
+    parent = latest_before(step, step)  # held[j] = held[parent[j]] when parent[j] >= 0
+    root = torch.where(parent >= 0, parent, step)
+    for _ in range(max(1, bound - 1).bit_length()):
+        root = root[root]
+    source = latest_before(target, step)
+    return torch.where(source >= 0, root[source.clamp(min=0)], target)
+
+
+def _randperm_reproduced() -> bool:
+    for seed in (0, 1, 2**40 + 7):
+        for n in (1, 2, 3, 7, 40):
+            expected = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            got = _randperm_prefix(torch.tensor(n), n, seed)
+            if not torch.equal(got, expected):
+                return False
+    return True
+
+
+_RANDPERM_REPRODUCED = _randperm_reproduced()
+
+
+def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens, config, checks) -> _Batch:
     check.check_logits(logits)
-    check.check_tokens(tokens, logits)
+    check.check_tokens(tokens, logits, checks)
     device = logits.device
     if logits.dim() == 3:
         if cu_seqlens is not None:
@@ -240,7 +387,7 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
         norm_length = config.norm_length if config.norm_length is not None else float(max(seq_len, 1))
     elif logits.dim() == 2:
         n = tokens.shape[0]
-        cu = _check_cu_seqlens(cu_seqlens, n, device)
+        cu = _check_cu_seqlens(cu_seqlens, n, device, checks)
         norm_length = config.norm_length
     else:
         raise ValueError(f"logits must be padded [B, T, V] or packed [N, V], got shape {tuple(logits.shape)}")
@@ -299,17 +446,17 @@ def _per_token(name, value, tokens, required, reason=""):
     return value.detach().reshape(-1).float().contiguous()
 
 
-def _check_cu_seqlens(cu_seqlens, n_tokens, device):
+def _check_cu_seqlens(cu_seqlens, n_tokens, device, checks):
+    """cu_seqlens as int64 [S + 1]; its values (0 first, N last, non-decreasing) are data checks."""
     if cu_seqlens is None:
-        return torch.tensor([0, n_tokens], device=device, dtype=torch.int64)
+        return torch.arange(2, device=device, dtype=torch.int64) * n_tokens  # [0, N], no host-to-device copy
     cu = _as_tensor("cu_seqlens", cu_seqlens, device)
     if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [S + 1] of sequence offsets")
     cu = cu.to(torch.int64)
-    if int(cu[0]) != 0 or int(cu[-1]) != n_tokens:
-        raise ValueError(f"cu_seqlens must start at 0 and end at N = {n_tokens}, got {int(cu[0])} ... {int(cu[-1])}")
-    if bool((cu.diff() < 0).any()):
-        raise ValueError("cu_seqlens must be non-decreasing")
+    checks.add(lambda: (cu[0] != 0) | (cu[-1] != n_tokens), lambda: ValueError(
+        f"cu_seqlens must start at 0 and end at N = {n_tokens}, got {int(cu[0])} ... {int(cu[-1])}"))
+    checks.add(lambda: cu.diff() < 0, lambda: ValueError("cu_seqlens must be non-decreasing"))
     return cu
 
 

@@ -1,20 +1,19 @@
 """``rlfuse.sample``: temperature / top-k / top-p / min-p sampling with log-probs and entropy in
-the same pass over each row (SPEC.md section 8)."""
+the same pass over each row (docs/SPEC.md section 8)."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import struct
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import _validation as check
-from . import reference
-from ._layout import as_rows
 from .backends import resolve_backend
-from .ops._launch import kernels
+from .ops.sample import sample as sample_op
 
 
 @dataclass
@@ -25,27 +24,48 @@ class SampleOutput:
     entropy: Tensor  # entropy of the unfiltered distribution, per row
 
 
-def _per_row(name, value, rows, dtype, device, check_value):
-    if value is None:
-        return None
+def _fp32(value: float) -> float:
+    """``value`` rounded to fp32, as a Python float (+-inf past the fp32 range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def _per_row(name, value, rows, device, check_value, checks):
+    """Per-row fp32 values. A number is checked here (as fp32, as the kernels see it); a tensor's
+    values are a data check added to ``checks``."""
     if isinstance(value, Tensor):
         if value.shape != (rows,) and value.numel() != rows:
             raise ValueError(f"{name} must be a scalar or one value per row ({rows}), got shape {tuple(value.shape)}")
-        tensor = value.reshape(rows).to(device=device, dtype=dtype)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        tensor = torch.full((rows,), value, dtype=dtype, device=device)
-    else:
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if not bool(check_value(tensor).all()):
-        raise ValueError(f"{name} has values out of range: {tensor[~check_value(tensor)][:4].tolist()}")
-    return tensor
+        tensor = value.reshape(rows).to(device=device, dtype=torch.float32)
+        checks.add(lambda: ~check_value(tensor),
+                   lambda: ValueError(f"{name} has values out of range: {tensor[~check_value(tensor)][:4].tolist()}"))
+        return tensor
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = _fp32(float(value))
+        if not check_value(value):
+            raise ValueError(f"{name} has values out of range: {[value]}")
+        return torch.full((rows,), value, dtype=torch.float32, device=device)
+    raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
 
 
-def _temperature(value, rows, device):
+def _temperature_ok(t):
+    return (t == 0) | ((t >= check.MIN_TEMPERATURE) & (t <= check.MAX_TEMPERATURE))
+
+
+def _temperature_error(values) -> ValueError:
+    return ValueError(
+        f"temperature has values out of range: {values} (each must be 0, for greedy, or in "
+        f"{check.TEMPERATURE_RANGE}, where T and 1 / T are normal fp32 numbers: the kernels scale by 1 / T)")
+
+
+def _temperature(value, rows, device, checks):
     """Per-row fp32 temperatures: each 0 (greedy) or in [2^-126, 2^126], where T and 1 / T are
     normal fp32 numbers (the kernels scale by 1 / T in fp32: 1e-39 would make it +inf; see
     _validation.MIN_TEMPERATURE). Checked on the value as given (in float64), so a positive T that
-    rounds to 0 in fp32 is an error, not a silent switch to greedy."""
+    rounds to 0 in fp32 is an error, not a silent switch to greedy. A number is checked here, a
+    tensor's values are a data check added to ``checks``."""
     if isinstance(value, Tensor):
         if value.shape != (rows,) and value.numel() != rows:
             raise ValueError(f"temperature must be a scalar or one value per row ({rows}), got shape "
@@ -53,22 +73,22 @@ def _temperature(value, rows, device):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"temperature must be a real number or a real tensor, got {value.dtype}")
         given = value.reshape(rows).to(device=device)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        given = torch.full((rows,), float(value), dtype=torch.float64, device=device)
-    else:
-        raise TypeError(f"temperature must be a number or a tensor, got {type(value).__name__}")
-    wide = given.to(torch.float64)
-    ok = (wide == 0) | ((wide >= check.MIN_TEMPERATURE) & (wide <= check.MAX_TEMPERATURE))
-    if not bool(ok.all()):
-        raise ValueError(
-            f"temperature has values out of range: {wide[~ok][:4].tolist()} (each must be 0, for greedy, or in "
-            f"{check.TEMPERATURE_RANGE}, where T and 1 / T are normal fp32 numbers: the kernels scale by 1 / T)")
-    return given.to(torch.float32).abs()  # -0.0 -> 0.0
+        wide = given.to(torch.float64)
+        checks.add(lambda: ~_temperature_ok(wide),
+                   lambda: _temperature_error(wide[~_temperature_ok(wide)][:4].tolist()))
+        return given.to(torch.float32).abs()  # -0.0 -> 0.0
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
+        if not _temperature_ok(value):
+            raise _temperature_error([value])
+        return torch.full((rows,), abs(value), dtype=torch.float32, device=device)
+    raise TypeError(f"temperature must be a number or a tensor, got {type(value).__name__}")
 
 
-def _top_k(value, rows, vocab, device):
+def _top_k(value, rows, vocab, device, checks):
     """Per-row int32 top-k: integers >= 0 (0 = no filtering); values >= V mean no filtering too
-    and are clamped to V in int64 before the int32 conversion, so nothing wraps around."""
+    and are clamped to V in int64 before the int32 conversion, so nothing wraps around. A tensor's
+    sign is a data check added to ``checks``."""
     if isinstance(value, Tensor):
         if value.shape != (rows,) and value.numel() != rows:
             raise ValueError(f"top_k must be a scalar or one value per row ({rows}), got shape {tuple(value.shape)}")
@@ -79,8 +99,8 @@ def _top_k(value, rows, vocab, device):
             given = given.view(torch.int64)
             given = torch.where(given < 0, torch.full_like(given, vocab), given)
         given = given.to(torch.int64)
-        if not bool((given >= 0).all()):
-            raise ValueError(f"top_k has values out of range (must be >= 0): {given[given < 0][:4].tolist()}")
+        checks.add(lambda: given < 0, lambda: ValueError(
+            f"top_k has values out of range (must be >= 0): {given[given < 0][:4].tolist()}"))
         return given.clamp(max=vocab).to(torch.int32)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = int(value)
@@ -90,30 +110,33 @@ def _top_k(value, rows, vocab, device):
     raise TypeError(f"top_k must be an int or an integer tensor, got {type(value).__name__} {value!r}")
 
 
-def _check_rows(logits, temperature, adaptive):
-    """One reduction over the logits (a max per row) before any kernel runs. Rejects rows that
-    contain NaN (the max is NaN), contain +inf (the max is +inf), have no finite entry (the max is
-    -inf) or whose max overflows fp32 once scaled by the row's 1 / T (greedy rows: T = 1; with
-    adaptive temperature the smallest positive T it can give)."""
+def _check_temperature_scale(adaptive):
+    """The temperature a row's overflow is judged at, under adaptive temperature: the smallest
+    positive T the map can give (t_min; t_max when t_min = 0, a step to greedy)."""
+    t_min, t_max = adaptive[0], adaptive[1]
+    return t_min if t_min > 0 else t_max
+
+
+def _inverse_temperatures(temperature, adaptive, device):
+    """Per-row fp32 1 / T the rows are judged at: 1 for greedy rows; with adaptive temperature the
+    reciprocal of ``_check_temperature_scale`` (1 when that is 0: every row greedy)."""
     rows = temperature.shape[0]
-    if rows == 0:
-        return
-    row_max = logits.amax(-1).reshape(rows).float()  # NaN propagates; no copy of a strided view
     if adaptive is not None:
-        t_min, t_max = adaptive[0], adaptive[1]
-        t_low = t_min if t_min > 0 else t_max  # t_min = 0 is only allowed as a step to greedy
-        inv = torch.reciprocal(torch.tensor(t_low, dtype=torch.float32)) if t_low > 0 else torch.tensor(1.0)
-        inv = inv.to(logits.device).expand(rows)
-    else:
-        ones = torch.ones_like(temperature)
-        inv = torch.reciprocal(torch.where(temperature == 0, ones, temperature))
-    scaled_max = row_max * inv
-    bad = ~(torch.isfinite(row_max) & torch.isfinite(scaled_max))
-    if not bool(bad.any()):
-        return
+        t_low = _check_temperature_scale(adaptive)
+        inv = torch.reciprocal(torch.full((), t_low if t_low > 0 else 1.0, dtype=torch.float32, device=device))
+        return inv.expand(rows)
+    ones = torch.ones_like(temperature)
+    return torch.reciprocal(torch.where(temperature == 0, ones, temperature))
+
+
+def _rows_error(logits, bad, inv) -> ValueError:
+    """The ValueError for the rows flagged in ``bad`` (bool [rows]), naming up to four with the
+    reason read from their maximum (the call fails: reading those rows again costs nothing)."""
+    vocab = logits.shape[-1]
+    bad_rows = torch.nonzero(bad).flatten()[:4].tolist()
     reasons = []
-    for row in torch.nonzero(bad).flatten()[:4].tolist():
-        value = float(row_max[row])
+    for row in bad_rows:
+        value = float(logits.reshape(-1, vocab)[row].amax().float())
         if math.isnan(value):
             reasons.append(f"row {row}: NaN")
         elif value == math.inf:
@@ -123,10 +146,16 @@ def _check_rows(logits, temperature, adaptive):
         else:
             reasons.append(f"row {row}: max logit {value:.6g} overflows fp32 once divided by the temperature "
                            f"(1 / T = {float(inv[row]):.6g})")
-    bad_rows = torch.nonzero(bad).flatten()[:4].tolist()
-    raise ValueError(
+    return ValueError(
         f"logits rows {bad_rows} contain NaN or have no finite entry, or contain +inf or a logit that "
         f"overflows fp32 at the temperature: nothing to sample from ({'; '.join(reasons)})")
+
+
+def _rows_flagged_by_max(logits, inv):
+    """Rows whose max is NaN, +inf or -inf, or overflows fp32 once scaled by ``inv``: a second
+    read of the logits (one max per row), needed only with a varying adaptive temperature."""
+    row_max = logits.amax(-1).reshape(-1).float()  # NaN propagates; no copy of a strided view
+    return ~(torch.isfinite(row_max) & torch.isfinite(row_max * inv))
 
 
 def _adaptive(values):
@@ -143,8 +172,7 @@ def _adaptive(values):
     if len(adaptive) != 4:
         raise ValueError(f"{usage}, got {values!r}")
     t_min, t_max, h_low, h_high = adaptive
-    as_fp32 = torch.tensor(adaptive, dtype=torch.float64).float()
-    if not bool(torch.isfinite(as_fp32).all()) or not (0 <= t_min <= t_max) or h_high < h_low:
+    if not all(math.isfinite(_fp32(v)) for v in adaptive) or not (0 <= t_min <= t_max) or h_high < h_low:
         raise ValueError(f"{usage}, got {values!r}")
     for name, value in (("t_min", t_min), ("t_max", t_max)):
         if value != 0 and not check.MIN_TEMPERATURE <= value <= check.MAX_TEMPERATURE:
@@ -188,8 +216,11 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     t_max, h_low, h_high)`` maps each row's entropy (at T = 1) linearly, clamped, to its temperature.
     ``num_samples > 1`` draws several tokens per row (a trailing dimension on the outputs).
 
-    Arguments are checked before any kernel runs (``ValueError``, ``TypeError`` for a wrong type),
-    never silently changed:
+    Arguments are checked (``ValueError``, ``TypeError`` for a wrong type), never silently changed.
+    Numbers and shapes are checked before anything runs; the values of tensor arguments and the
+    rows that cannot be sampled are checked from the sampling pass's own results with one host
+    synchronisation, and nothing is returned for a call that fails (README "Host synchronisation";
+    ``rlfuse.set_validation(False)`` skips that synchronisation, as does ``torch.compile``):
 
     * ``temperature`` is 0 (greedy) or in [2^-126, 2^126] = [1.1754944e-38, 8.507059e37], where
       T and 1 / T are normal fp32 numbers (the kernels scale by 1 / T in fp32; 1e-39 is an error,
@@ -201,7 +232,9 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     * A logits row is rejected if it contains NaN or +inf, has no finite entry, or if its largest
       logit overflows fp32 once divided by the row's temperature (3e38 at T = 0.5; with adaptive
       temperature, at the smallest positive T the map can give; greedy rows are not divided).
-      One max per row finds all four.
+      The sampling pass finds all four: such a row's entropy is NaN. (With an adaptive temperature
+      whose t_min < t_max, a row's T is not known before the pass, so one max per row is taken
+      first: the only case that reads the logits twice.)
     """
     check.check_logits(logits)
     if logits.dtype == torch.float64:
@@ -212,32 +245,25 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     device = logits.device
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    temperature = _temperature(temperature, rows, device)
-    top_k = _top_k(0 if top_k is None else top_k, rows, vocab, device)
-    top_p = _per_row("top_p", 1.0 if top_p is None else top_p, rows, torch.float32, device,
-                     lambda p: (p > 0) & (p <= 1))
-    min_p = _per_row("min_p", 0.0 if min_p is None else min_p, rows, torch.float32, device,
-                     lambda p: (p >= 0) & (p < 1))
+    checks = check.DataChecks()
+    temperature = _temperature(temperature, rows, device, checks)
+    top_k = _top_k(0 if top_k is None else top_k, rows, vocab, device, checks)
+    top_p = _per_row("top_p", 1.0 if top_p is None else top_p, rows, device, lambda p: (p > 0) & (p <= 1), checks)
+    min_p = _per_row("min_p", 0.0 if min_p is None else min_p, rows, device, lambda p: (p >= 0) & (p < 1), checks)
     adaptive = None if adaptive_temperature is None else _adaptive(adaptive_temperature)
     seeds = _seeds(seed, generator, rows, device)
-    _check_rows(logits, temperature, adaptive)
     resolved = resolve_backend(backend, device, "sample", logits.dtype)
+    flagged = None
+    if checks.enabled and rows and adaptive is not None and adaptive[0] != adaptive[1]:
+        flagged = _rows_flagged_by_max(logits, _inverse_temperatures(temperature, adaptive, device))
 
-    if resolved == "torch":
-        flat = logits.reshape(rows, vocab)
-        tokens, logprobs, raw, entropy = reference.sample_reference(flat, temperature, top_k, top_p, min_p, seeds,
-                                                                    num_samples, adaptive)
-    else:
-        rows_view, layout = as_rows(logits)
-        tokens = torch.empty(rows, num_samples, dtype=torch.int64, device=device)
-        logprobs = torch.empty(rows, num_samples, dtype=torch.float32, device=device)
-        raw = torch.empty_like(logprobs)
-        entropy = torch.empty(rows, dtype=torch.float32, device=device)
-        if rows:
-            kernels(resolved, "sample").sample(
-                rows_view, layout, vocab, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(),
-                min_p.contiguous(), seeds, num_samples, adaptive is not None, *(adaptive or (0.0, 0.0, 0.0, 0.0)),
-                tokens, logprobs, raw, entropy,
-            )
-    shape = tuple(lead) if num_samples == 1 else tuple(lead) + (num_samples,)
-    return SampleOutput(tokens.reshape(shape), logprobs.reshape(shape), raw.reshape(shape), entropy.reshape(lead))
+    tokens, logprobs, raw, entropy = sample_op(logits.detach(), temperature, top_k, top_p, min_p, seeds, num_samples,
+                                               None if adaptive is None else list(adaptive), resolved)
+    if rows:
+        # A row that cannot be sampled has a NaN entropy (docs/SPEC.md section 1): no second read.
+        bad = (lambda: flagged) if flagged is not None else (lambda: ~torch.isfinite(entropy.reshape(rows)))
+        checks.add(bad, lambda: _rows_error(logits, bad(), _inverse_temperatures(temperature, adaptive, device)))
+    checks.run()
+    if num_samples == 1:
+        tokens, logprobs, raw = tokens.squeeze(-1), logprobs.squeeze(-1), raw.squeeze(-1)
+    return SampleOutput(tokens, logprobs, raw, entropy)

@@ -1,5 +1,5 @@
 """TROLL: trust-region projection of the new policy onto a KL ball around the old one, on a sparse
-support of each token's most probable tokens (SPEC.md section 7, arXiv 2510.03817).
+support of each token's most probable tokens (docs/SPEC.md section 7, arXiv 2510.03817).
 
 * :func:`sparse_logprobs` extracts what a trainer stores for the old policy, next to its old
   log-probs: per token, the most probable ids and their (full-vocabulary) log-probs.
@@ -24,7 +24,7 @@ from .ops._launch import empty_buffer
 from .ops.row_topk import row_topk
 
 LOG_FLOOR = math.log(1e-12)  # old log-prob of support tokens the old policy did not keep
-NEWTON_MAX_STEPS = 64  # a safeguarded step never does worse than bisection; typically < 10 are needed
+NEWTON_STEPS = 32  # fixed (no host read to stop early); typically 6-15 are needed, 31 in the worst measured case
 NEWTON_TOLERANCE = 1e-10  # relative error in KL(q || b) = eps (float64) ...
 NEWTON_ABS_TOLERANCE = 1e-13  # ... or absolute: below this the KL sum's own rounding dominates (tiny eps)
 
@@ -106,33 +106,41 @@ def solve_eta(a: Tensor, b: Tensor, valid: Tensor, eps: float) -> Tensor:
     Safeguarded Newton in s = 1 / (1 + eta) in (0, 1]: with d = a - b, KL(s) = s E_q[d] - log E_b[e^(s d)]
     increases from 0 at s = 0 to KL(a || b) at s = 1 with slope s Var_q(d), so [0, 1] brackets the root;
     a Newton step that leaves the current bracket is replaced by bisection. Converges quadratically
-    (a handful of steps to float64 precision instead of ~50 bisection passes)."""
+    (a handful of steps to float64 precision instead of ~50 bisection passes).
+
+    A fixed ``NEWTON_STEPS`` steps, so that nothing is read back to the host (no synchronisation);
+    a row stops moving once ``|KL - eps| <= max(1e-10 eps, 1e-13)``. Measured on random supports
+    (3 to 129 ids, logits of scale 0.1 to 100, eps 1e-8 to 3): 6 to 15 steps typically, 31 at most."""
     d = torch.where(valid, a - b, 0.0)
+    b_on_support = torch.where(valid, b, -math.inf)
     tolerance = max(NEWTON_TOLERANCE * eps, NEWTON_ABS_TOLERANCE)
     s_low = torch.zeros_like(a[..., 0])  # KL(s_low) <= eps
     s_high = torch.ones_like(s_low)  # KL(s_high) > eps on active rows
     s = s_high.clone()
-    for step in range(NEWTON_MAX_STEPS):
-        log_q = _project_s(a, b, valid, s)
-        q = torch.where(valid, log_q.exp(), 0.0)
-        mean = (q * d).sum(-1)
-        variance = (q * (d - mean.unsqueeze(-1)) ** 2).sum(-1)
-        residual = torch.where(valid, q * (log_q - b), 0.0).sum(-1) - eps
+    active = None
+    for step in range(NEWTON_STEPS):
+        # q = softmax(w), w = b + s d; with b normalised, log E_b[e^(s d)] = logsumexp(w).
+        w = b_on_support + s.unsqueeze(-1) * d
+        top = w.amax(-1, keepdim=True)
+        e = torch.exp(w - top)  # 0 off the support
+        total = e.sum(-1)
+        mean = (e * d).sum(-1) / total
+        variance = (e * (d - mean.unsqueeze(-1)) ** 2).sum(-1) / total
+        residual = s * mean - (top.squeeze(-1) + torch.log(total)) - eps  # KL(s) - eps
         if step == 0:  # s = 1 is q = a: the first residual is KL(a || b) - eps
             active = residual > 0
         s_low = torch.where(residual <= 0, s, s_low)
         s_high = torch.where(residual > 0, s, s_high)
         newton = s - residual / (s * variance).clamp(min=1e-300)
-        inside = (newton >= s_low) & (newton <= s_high)  # inclusive: a converged row stays put
-        s = torch.where(active, torch.where(inside, newton, 0.5 * (s_low + s_high)), s)
-        if step % 4 == 3 and not bool(((residual.abs() > tolerance) & active).any()):
-            break
+        inside = (newton >= s_low) & (newton <= s_high)
+        moving = active & (residual.abs() > tolerance)  # converged rows stay where they are
+        s = torch.where(moving, torch.where(inside, newton, 0.5 * (s_low + s_high)), s)
     return torch.where(active, 1.0 / s - 1.0, torch.zeros_like(s))
 
 
 class TrollProjection(torch.autograd.Function):
     """log q = projection of log-distribution ``a`` onto {KL(q || b) <= eps}, with the closed-form
-    implicit gradient of SPEC.md section 7 step 5. Float64 in, float64 out; ``b`` gets no gradient."""
+    implicit gradient of docs/SPEC.md section 7 step 5. Float64 in, float64 out; ``b`` gets no gradient."""
 
     @staticmethod
     def forward(ctx, a, b, valid, eps):
@@ -199,9 +207,12 @@ class TrollTerms:
     entropy: Tensor  # [N], detached
 
 
-def checked_old_topk(old_topk, tokens: Tensor, vocab: int, valid: Tensor) -> SparseLogprobs:
+def checked_old_topk(old_topk, tokens: Tensor, vocab: int, valid: Tensor,
+                     checks: check.DataChecks | None = None) -> SparseLogprobs:
     """``old_topk`` validated on the valid tokens (``valid``: bool, the tokens' shape), with the
-    masked tokens' entries emptied (ids -1), so whatever they hold never reaches the loss."""
+    masked tokens' entries emptied (ids -1), so whatever they hold never reaches the loss. Its
+    values (ids in range, finite log-probs, no repeats) are data checks added to ``checks`` (the
+    caller runs them) or, without ``checks``, run here with one host synchronisation."""
     if not isinstance(old_topk, SparseLogprobs):
         raise TypeError("old_topk must be the rlfuse.sparse_logprobs(...) of the old policy")
     if old_topk.vocab != vocab:
@@ -220,20 +231,25 @@ def checked_old_topk(old_topk, tokens: Tensor, vocab: int, valid: Tensor) -> Spa
     ids = torch.where(valid, old_topk.ids, torch.full_like(old_topk.ids, -1))
     used = ids >= 0
     logprobs = torch.where(used, old_topk.logprobs, torch.full_like(old_topk.logprobs, float("-inf")))
-    if ids.numel() and not torch.compiler.is_compiling():  # one host sync, before anything runs
-        bad_id = (ids < -1) | (ids >= vocab)
-        bad_logprob = used & (torch.isnan(logprobs) | (logprobs == float("inf")))
-        ordered = ids.sort(-1).values
-        duplicate = (ordered[..., 1:] >= 0) & (ordered[..., 1:] == ordered[..., :-1])
-        problems = torch.stack([bad_id.any(), bad_logprob.any(), duplicate.any()]).tolist()
-        if problems[0]:
-            raise ValueError(f"old_topk.ids must lie in [0, V) = [0, {vocab}), or be -1 for an empty slot; found "
-                             f"{ids[bad_id][:4].tolist()}")
-        if problems[1]:
-            raise ValueError("old_topk.logprobs must be finite (or -inf) for every used slot; found "
-                             f"{logprobs[bad_logprob][:4].tolist()}")
-        if problems[2]:
-            raise ValueError("old_topk.ids must not repeat an id within a token's slots")
+    own = checks is None
+    checks = check.DataChecks() if own else checks
+    if ids.numel():
+        bad_id = lambda: (ids < -1) | (ids >= vocab)  # noqa: E731
+        bad_logprob = lambda: used & (torch.isnan(logprobs) | (logprobs == float("inf")))  # noqa: E731
+
+        def duplicate():
+            ordered = ids.sort(-1).values
+            return (ordered[..., 1:] >= 0) & (ordered[..., 1:] == ordered[..., :-1])
+
+        checks.add(bad_id, lambda: ValueError(
+            f"old_topk.ids must lie in [0, V) = [0, {vocab}), or be -1 for an empty slot; found "
+            f"{ids[bad_id()][:4].tolist()}"))
+        checks.add(bad_logprob, lambda: ValueError(
+            "old_topk.logprobs must be finite (or -inf) for every used slot; found "
+            f"{logprobs[bad_logprob()][:4].tolist()}"))
+        checks.add(duplicate, lambda: ValueError("old_topk.ids must not repeat an id within a token's slots"))
+    if own:
+        checks.run()
     return SparseLogprobs(ids, logprobs, old_topk.count, old_topk.vocab)
 
 

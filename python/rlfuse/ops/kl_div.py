@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from .._layout import as_rows, contiguous_layout
+from ._fake import ROW, gradient, out_op
 from ._launch import empty_gradient, kernels
 
 OP = "kl_div"
@@ -21,7 +22,7 @@ def _direction_name(direction: int) -> str:
     return "forward" if direction == 0 else "reverse"
 
 
-@torch.library.custom_op("rlfuse::kl_div_fwd", mutates_args=())
+@out_op("rlfuse::kl_div_fwd", ROW, ROW, ROW)
 def kl_div_fwd(logits: Tensor, other: Tensor, temperature: float, direction: int, backend: str
                ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "torch":
@@ -30,17 +31,13 @@ def kl_div_fwd(logits: Tensor, other: Tensor, temperature: float, direction: int
     y, other_layout = as_rows(other)
     kl, lse, other_lse = (torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device) for _ in range(3))
     if layout[0] > 0:
-        kernels(backend, OP).kl_div_fwd(x, layout, y, other_layout, logits.shape[-1], 1.0 / temperature, direction,
-                                        kl, lse, other_lse)
+        kernels(backend, OP).kl_div_fwd(logits=x, layout=layout, other=y, other_layout=other_layout,
+                                        vocab=logits.shape[-1], inv_temp=1.0 / temperature, direction=direction,
+                                        kl=kl, lse=lse, other_lse=other_lse)
     return kl, lse, other_lse
 
 
-@kl_div_fwd.register_fake
-def _(logits, other, temperature, direction, backend):
-    return tuple(logits.new_empty(logits.shape[:-1], dtype=torch.float32) for _ in range(3))
-
-
-@torch.library.custom_op("rlfuse::kl_div_bwd", mutates_args=())
+@out_op("rlfuse::kl_div_bwd", gradient("logits", when="need_logits"), gradient("other", when="need_other"))
 def kl_div_bwd(logits: Tensor, other: Tensor, kl: Tensor, lse: Tensor, other_lse: Tensor, grad_kl: Tensor,
                temperature: float, direction: int, need_logits: bool, need_other: bool, backend: str
                ) -> tuple[Tensor, Tensor]:
@@ -56,19 +53,14 @@ def kl_div_bwd(logits: Tensor, other: Tensor, kl: Tensor, lse: Tensor, other_lse
     grad_x = empty_gradient(logits) if need_logits else None
     grad_y = empty_gradient(other) if need_other else None
     if rows > 0 and (need_logits or need_other):
-        flat = [t.reshape(-1).contiguous() for t in (kl, lse, other_lse, grad_kl.float())]
+        flat = {name: t.reshape(-1).contiguous() for name, t in
+                (("kl", kl), ("lse", lse), ("other_lse", other_lse), ("grad_kl", grad_kl.float()))}
         grad_layout = contiguous_layout(rows, vocab)
-        kernels(backend, OP).kl_div_bwd(x, layout, y, other_layout, vocab, 1.0 / temperature, direction, *flat,
-                                        grad_x, grad_layout, grad_y, grad_layout)
+        kernels(backend, OP).kl_div_bwd(logits=x, layout=layout, other=y, other_layout=other_layout, vocab=vocab,
+                                        inv_temp=1.0 / temperature, direction=direction, **flat, grad_logits=grad_x,
+                                        grad_layout=grad_layout, grad_other=grad_y, grad_other_layout=grad_layout)
     empty = logits.new_empty(0)
     return (grad_x if need_logits else empty, grad_y if need_other else empty)
-
-
-@kl_div_bwd.register_fake
-def _(logits, other, kl, lse, other_lse, grad_kl, temperature, direction, need_logits, need_other, backend):
-    empty = logits.new_empty(0)
-    return (torch.empty_like(logits, memory_format=torch.contiguous_format) if need_logits else empty,
-            torch.empty_like(other, memory_format=torch.contiguous_format) if need_other else empty)
 
 
 def _setup_context(ctx, inputs, output):

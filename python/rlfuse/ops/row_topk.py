@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from .._layout import as_rows
+from ._fake import ROW, out_op, per_row
 from ._launch import kernels
 
 
@@ -19,7 +20,7 @@ def _torch_row_topk(logits, tokens, temperature, k):
     vocab = x.shape[-1]
     # Stable descending sort: ties keep the lower id first, as the kernels do.
     values, ids = torch.sort(x, dim=-1, descending=True, stable=True)
-    values, ids = values[..., :k], ids[..., :k].to(torch.int32)
+    values, ids = values[..., :k].contiguous(), ids[..., :k].to(torch.int32)  # contiguous, as the fake
     if k > vocab:
         pad = list(x.shape[:-1]) + [k - vocab]
         values = torch.cat([values, values.new_full(pad, float("-inf"))], -1)
@@ -29,7 +30,7 @@ def _torch_row_topk(logits, tokens, temperature, k):
     return ids, values, logp, entropy, lse
 
 
-@torch.library.custom_op("rlfuse::row_topk", mutates_args=())
+@out_op("rlfuse::row_topk", per_row("k", torch.int32), per_row("k"), ROW, ROW, ROW)
 def row_topk(logits: Tensor, tokens: Tensor, temperature: float, k: int, backend: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "torch":
@@ -41,15 +42,8 @@ def row_topk(logits: Tensor, tokens: Tensor, temperature: float, k: int, backend
     logp, entropy, lse = (torch.empty(lead, dtype=torch.float32, device=logits.device) for _ in range(3))
     if layout[0] > 0:
         kernels(backend, "row_topk").row_topk(
-            rows_view, layout, logits.shape[-1], tokens.reshape(-1).to(torch.int64).contiguous(), 1.0 / temperature,
-            k, ids, values, logp, entropy, lse,
+            logits=rows_view, layout=layout, vocab=logits.shape[-1],
+            tokens=tokens.reshape(-1).to(torch.int64).contiguous(), inv_temp=1.0 / temperature, k=k, ids=ids,
+            values=values, logp=logp, entropy=entropy, lse=lse,
         )
     return ids, values, logp, entropy, lse
-
-
-@row_topk.register_fake
-def _(logits, tokens, temperature, k, backend):
-    lead = logits.shape[:-1]
-    per_row = [logits.new_empty(lead, dtype=torch.float32) for _ in range(3)]
-    return (logits.new_empty(*lead, k, dtype=torch.int32), logits.new_empty(*lead, k, dtype=torch.float32),
-            *per_row)

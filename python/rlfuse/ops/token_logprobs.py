@@ -1,4 +1,4 @@
-"""``rlfuse::token_logprobs_*``: per-token log-probs and entropy from logits (SPEC.md 1-2).
+"""``rlfuse::token_logprobs_*``: per-token log-probs and entropy from logits (docs/SPEC.md 1-2).
 
 Declared with torch.library (schema + fake + autograd), so the op works under torch.compile and
 passes ``torch.library.opcheck``. Three ops:
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import reference
 from .._layout import as_rows, contiguous_layout, inplace_layout
+from ._fake import ROW, gradient, out_op
 from ._launch import empty_gradient, kernels
 
 OP = "token_logprobs"
@@ -29,7 +30,7 @@ def _flat_f32(values: Tensor) -> Tensor:
     return values.reshape(-1).to(torch.float32).contiguous()
 
 
-@torch.library.custom_op("rlfuse::token_logprobs_fwd", mutates_args=())
+@out_op("rlfuse::token_logprobs_fwd", ROW, ROW, ROW)
 def token_logprobs_fwd(
     logits: Tensor, tokens: Tensor, temperature: float, backend: str, inplace_backward: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,15 +41,10 @@ def token_logprobs_fwd(
     logp, entropy, lse = (torch.empty(out_shape, dtype=torch.float32, device=logits.device) for _ in range(3))
     if layout[0] > 0:
         kernels(backend, OP).token_logprobs_fwd(
-            rows_view, layout, logits.shape[-1], _flat_tokens(tokens), 1.0 / temperature, logp, entropy, lse
+            logits=rows_view, layout=layout, vocab=logits.shape[-1], tokens=_flat_tokens(tokens),
+            inv_temp=1.0 / temperature, logp=logp, entropy=entropy, lse=lse,
         )
     return logp, entropy, lse
-
-
-@token_logprobs_fwd.register_fake
-def _(logits, tokens, temperature, backend, inplace_backward):
-    shape = logits.shape[:-1]
-    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(3))
 
 
 def _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend, grad_logits):
@@ -61,12 +57,13 @@ def _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temp
     if layout[0] == 0:
         return
     kernels(backend, OP).token_logprobs_bwd(
-        rows_view, layout, logits.shape[-1], _flat_tokens(tokens), 1.0 / temperature, _flat_f32(lse),
-        _flat_f32(entropy), _flat_f32(grad_logp), _flat_f32(grad_entropy), grad_logits, grad_layout,
+        logits=rows_view, layout=layout, vocab=logits.shape[-1], tokens=_flat_tokens(tokens),
+        inv_temp=1.0 / temperature, lse=_flat_f32(lse), entropy=_flat_f32(entropy), grad_logp=_flat_f32(grad_logp),
+        grad_entropy=_flat_f32(grad_entropy), grad_logits=grad_logits, grad_layout=grad_layout,
     )
 
 
-@torch.library.custom_op("rlfuse::token_logprobs_bwd", mutates_args=())
+@out_op("rlfuse::token_logprobs_bwd", gradient())
 def token_logprobs_bwd(
     logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor,
     temperature: float, backend: str,
@@ -79,12 +76,7 @@ def token_logprobs_bwd(
     return grad_logits
 
 
-@token_logprobs_bwd.register_fake
-def _(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("rlfuse::token_logprobs_bwd_inplace", mutates_args=("logits",))
+@out_op("rlfuse::token_logprobs_bwd_inplace", mutates_args=("logits",))
 def token_logprobs_bwd_inplace(
     logits: Tensor, tokens: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor,
     temperature: float, backend: str,
@@ -94,11 +86,6 @@ def token_logprobs_bwd_inplace(
         logits.copy_(reference.row_gradient(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature))
         return
     _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend, logits)
-
-
-@token_logprobs_bwd_inplace.register_fake
-def _(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend):
-    return None
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,4 +1,4 @@
-"""Plain-PyTorch sampling (SPEC.md section 8): sort-based filtering, the same counter-based random
+"""Plain-PyTorch sampling (docs/SPEC.md section 8): sort-based filtering, the same counter-based random
 numbers as the kernels (row_math.h rng_bits), Gumbel-max. The test oracle and the ``torch`` backend."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def rng_uniform(seed: torch.Tensor, num_samples: int, vocab: int) -> torch.Tenso
 
 
 def kept_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """The kept set of SPEC.md section 8 on scaled logits x [rows, V] (ties at thresholds kept)."""
+    """The kept set of docs/SPEC.md section 8 on scaled logits x [rows, V] (ties at thresholds kept)."""
     vocab = x.shape[-1]
     values = torch.sort(x, dim=-1, descending=True).values
     keep = torch.ones_like(x, dtype=torch.bool)
@@ -55,12 +55,18 @@ def kept_mask(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: 
     return keep & (x >= t_min.unsqueeze(-1))
 
 
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """Entropy per row of log-probabilities; -inf entries contribute 0 (0 * -inf := 0), NaN (a row
+    with NaN, +inf or no finite entry) propagates, as docs/SPEC.md section 1 says: ``rlfuse.sample``
+    rejects the rows whose entropy is NaN."""
+    return -(torch.where(torch.isneginf(log_p), 0.0, log_p.exp() * log_p)).sum(-1)
+
+
 def row_temperature(logits, temperature, adaptive):
     if adaptive is None:
         return temperature
     t_min, t_max, h_low, h_high = adaptive
-    log_p = torch.log_softmax(logits.float(), -1)
-    h1 = -(torch.where(log_p > float("-inf"), log_p.exp() * log_p, 0.0)).sum(-1)
+    h1 = _entropy(torch.log_softmax(logits.float(), -1))
     w = ((h1 - h_low) / (h_high - h_low)).clamp(0.0, 1.0) if h_high > h_low else (h1 >= h_high).float()
     return t_min + (t_max - t_min) * w
 
@@ -74,7 +80,7 @@ def sample_reference(logits, temperature, top_k, top_p, min_p, seed, num_samples
     # x = z * (1 / T) with 1 / T rounded once to fp32, as the kernels (and sample()'s overflow check).
     x = logits.float() * torch.reciprocal(scale.float()).unsqueeze(-1)
     log_p = torch.log_softmax(x, -1)
-    entropy = -(torch.where(log_p > float("-inf"), log_p.exp() * log_p, 0.0)).sum(-1)
+    entropy = _entropy(log_p)
     keep = kept_mask(x, top_k, top_p, min_p)
     kept_log_p = torch.log_softmax(x.masked_fill(~keep, float("-inf")), -1)
     gumbel = -torch.log(-torch.log(rng_uniform(seed, num_samples, x.shape[-1])))  # [rows, S, V]
