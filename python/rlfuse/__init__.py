@@ -1,6 +1,6 @@
 """rlfuse: fused RL losses and sampling for language models.
 
-See README.md for the API; SPEC.md (shared design docs) for the math every backend computes.
+See README.md for the API; docs/SPEC.md (shared design docs) for the math every backend computes.
 """
 
 from __future__ import annotations
