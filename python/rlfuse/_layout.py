@@ -90,5 +90,16 @@ def inplace_layout(tensor: torch.Tensor, what: str = "logits") -> Layout:
     return layout
 
 
+def gradient_layouts(logits: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, Layout, Layout]:
+    """(rows to read, their layout, the gradient's layout) for a kernel that reads ``logits`` and
+    writes ``grad``: in place (``grad is logits``) through the logits' own layout (inplace_layout's
+    rules), otherwise into a fresh contiguous ``[rows, V]`` gradient."""
+    if grad is logits:
+        layout = inplace_layout(logits)
+        return logits, layout, layout
+    rows_view, layout = as_rows(logits)
+    return rows_view, layout, contiguous_layout(layout[0], logits.shape[-1])
+
+
 def contiguous_layout(rows: int, vocab: int) -> Layout:
     return (rows, max(rows, 1), 0, vocab)

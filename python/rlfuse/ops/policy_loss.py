@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _schema
-from .._layout import as_rows, contiguous_layout, inplace_layout
+from .._layout import gradient_layouts, inplace_layout
 from ..backends import triton_installed, triton_interpreting
 from ._launch import empty_gradient, kernels
 
@@ -63,12 +63,7 @@ _FUSED_INPLACE_SCHEMA = (f"(Tensor(a!) logits, Tensor tokens, {_PER_TOKEN}, floa
 
 
 def _launch(logits, tokens, per_token, temperature, params, backend, grad_logits):
-    if grad_logits is logits:  # in place: the rows are written through logits' own layout
-        rows_view, layout = logits, inplace_layout(logits)
-        grad_layout = layout
-    else:
-        rows_view, layout = as_rows(logits)
-        grad_layout = contiguous_layout(layout[0], logits.shape[-1])
+    rows_view, layout, grad_layout = gradient_layouts(logits, grad_logits)
     n = layout[0]
     loss, logp, entropy = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n == 0:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._layout import as_rows, contiguous_layout, inplace_layout
+from .._layout import as_rows, gradient_layouts, inplace_layout
 from ._fake import ROW, gradient, out_op
 from ._launch import empty_gradient, kernels
 
@@ -48,12 +48,7 @@ def token_logprobs_fwd(
 
 
 def _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend, grad_logits):
-    if grad_logits is logits:  # in place: the rows are written through logits' own layout
-        rows_view, layout = logits, inplace_layout(logits)
-        grad_layout = layout
-    else:
-        rows_view, layout = as_rows(logits)
-        grad_layout = contiguous_layout(layout[0], logits.shape[-1])
+    rows_view, layout, grad_layout = gradient_layouts(logits, grad_logits)
     if layout[0] == 0:
         return
     kernels(backend, OP).token_logprobs_bwd(
