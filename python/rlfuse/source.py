@@ -26,6 +26,10 @@ class LogitsSource:
     def dtype(self) -> torch.dtype:
         raise NotImplementedError
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the logits are made in now (LinearLogits: the autocast dtype under autocast)."""
+        return self.dtype
+
     @property
     def vocab(self) -> int:
         return self.shape[-1]
@@ -53,8 +57,10 @@ class LogitsSource:
         flat, nonzero = valid): masked positions may be skipped; they then read 0 with zero gradient."""
         raise NotImplementedError
 
-    def _kl_divergence(self, other, direction: str, temperature: float, backend: str) -> Tensor:
-        """Per-row KL between ``self`` and ``other`` (a tensor or a source of the same kind)."""
+    def _kl_divergence(self, other, direction: str, temperature: float, backend: str,
+                       mask: Tensor | None = None) -> Tensor:
+        """Per-row KL between ``self`` and ``other`` (a tensor or a source of the same kind).
+        ``mask``: rows that may be skipped (the public function zeroes them afterwards)."""
         raise NotImplementedError
 
     def _sparse_logprobs(self, tokens: Tensor, k: int, threshold: float, temperature: float, backend: str):
