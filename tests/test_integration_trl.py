@@ -86,8 +86,9 @@ def _trainer(cls, model_dir, tmp_path, **overrides):
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)  # AutoTokenizer would pick Qwen2's BPE class
+    trainer_kwargs = {k: overrides.pop(k) for k in ("rlfuse_from_hidden",) if k in overrides}
     return cls(model=model_dir, reward_funcs=_reward, args=_config(tmp_path, **overrides),
-               train_dataset=_dataset(), processing_class=tokenizer)
+               train_dataset=_dataset(), processing_class=tokenizer, **trainer_kwargs)
 
 
 def _train(cls, model_dir, tmp_path, **overrides):
@@ -119,6 +120,23 @@ def test_train_three_steps_matches_grpo_trainer(case, model_dir, tmp_path):
     overrides = TRAIN_CASES[case]
     expected = _train(GRPOTrainer, model_dir, tmp_path / "trl", **overrides)
     got = _train(RLFuseGRPOTrainer, model_dir, tmp_path / "rlfuse", **overrides)
+    _assert_same_history(case, expected, got)
+
+
+@pytest.mark.parametrize("case", ["dapo+entropy", "gspo"])
+def test_train_from_hidden_states_matches_grpo_trainer(case, model_dir, tmp_path):
+    """rlfuse_from_hidden=True: the loss from the decoder's hidden states and the lm_head, no logits."""
+    from trl import GRPOTrainer
+
+    from rlfuse.integrations.trl import RLFuseGRPOTrainer
+
+    overrides = TRAIN_CASES[case]
+    expected = _train(GRPOTrainer, model_dir, tmp_path / "trl", **overrides)
+    got = _train(RLFuseGRPOTrainer, model_dir, tmp_path / "rlfuse", rlfuse_from_hidden=True, **overrides)
+    _assert_same_history(case, expected, got)
+
+
+def _assert_same_history(case, expected, got):
     for step, (e, g) in enumerate(zip(expected, got)):
         for key in ("loss", "grad_norm", "entropy"):
             assert g[key] == pytest.approx(e[key], rel=RTOL, abs=ATOL), (case, step, key, e, g)
@@ -138,8 +156,10 @@ def trainers(model_dir, tmp_path_factory):
     from rlfuse.integrations.trl import RLFuseGRPOTrainer
 
     tmp = tmp_path_factory.mktemp("out")
+    # TRL, rlfuse on the logits, rlfuse from the hidden states (LinearLogits: no logits built)
     return (_trainer(GRPOTrainer, model_dir, tmp / "a", max_steps=1),
-            _trainer(RLFuseGRPOTrainer, model_dir, tmp / "b", max_steps=1))
+            _trainer(RLFuseGRPOTrainer, model_dir, tmp / "b", max_steps=1),
+            _trainer(RLFuseGRPOTrainer, model_dir, tmp / "c", max_steps=1, rlfuse_from_hidden=True))
 
 
 def _batch(model=None):
@@ -252,14 +272,16 @@ def test_compute_loss_matches(case, trainers):
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}))
         trainer._metrics["train"].clear()
-    (loss_a, grads_a, metrics_a), (loss_b, grads_b, metrics_b) = results
-    torch.testing.assert_close(loss_b, loss_a, rtol=RTOL, atol=ATOL)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=RTOL, atol=1e-5, msg=f"{case}: {name}")
+    (loss_a, grads_a, metrics_a), *others = results
     assert any(g.abs().max() > 0 for g in grads_a.values())
-    for key in metrics_a:
-        assert metrics_b[key] == pytest.approx(metrics_a[key], rel=RTOL, abs=1e-5), (case, key)
+    for which, (loss_b, grads_b, metrics_b) in zip(("logits", "from_hidden"), others):
+        torch.testing.assert_close(loss_b, loss_a, rtol=RTOL, atol=ATOL, msg=lambda m: f"{case} {which}: {m}")
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=RTOL, atol=1e-5,
+                                       msg=lambda m: f"{case} {which}: {name}: {m}")
+        for key in metrics_a:
+            assert metrics_b[key] == pytest.approx(metrics_a[key], rel=RTOL, abs=1e-5), (case, which, key)
 
 
 @pytest.mark.parametrize("options, message", [

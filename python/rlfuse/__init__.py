@@ -12,9 +12,11 @@ from ._validation import set_validation
 from .backends import available_backends
 from .config import LossConfig
 from .functional import entropy, kl_divergence, token_logprobs
+from .linear import LinearLogits
 from .losses import LossOutput, policy_loss
 from .sampling import SampleOutput, sample
 from .troll import SparseLogprobs, sparse_logprobs
 
 __all__ = ["__version__", "token_logprobs", "entropy", "kl_divergence", "policy_loss", "sparse_logprobs", "SparseLogprobs", "sample", "SampleOutput", "LossConfig", "LossOutput", "nn",
+           "LinearLogits",
            "available_backends", "set_validation"]

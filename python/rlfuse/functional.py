@@ -9,6 +9,7 @@ from ._layout import inplace_layout
 from .backends import resolve_backend
 from .ops.kl_div import DIRECTIONS, kl_div_fwd
 from .ops.token_logprobs import token_logprobs_fwd
+from .source import is_source
 
 
 def token_logprobs(
@@ -23,7 +24,8 @@ def token_logprobs(
 
     Args:
         logits: ``[..., V]`` float32/float16/bfloat16 (float64 runs on the torch backend). Views
-            whose last dimension is contiguous, e.g. ``logits[:, :-1]``, are read in place.
+            whose last dimension is contiguous, e.g. ``logits[:, :-1]``, are read in place. Or a
+            logits source (``LinearLogits``, ``ShardedLogits``): the gradient then reaches its tensors.
         tokens: int32/int64 ids of shape ``logits.shape[:-1]``, each in ``[0, V)``.
         temperature: ``T > 0``; the distribution is ``softmax(logits / T)``.
         return_entropy: also return the entropy of that distribution.
@@ -40,8 +42,10 @@ def token_logprobs(
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
-    """Entropy (natural log) of ``softmax(logits / T)`` per row, float32, differentiable."""
-    check.check_logits(logits)
+    """Entropy (natural log) of ``softmax(logits / T)`` per row, float32, differentiable. ``logits``
+    may be a logits source, as for ``token_logprobs``."""
+    if not is_source(logits):
+        check.check_logits(logits)
     tokens = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     return _forward(logits, tokens, temperature, backend, False, tokens_checked=True)[1]
 
@@ -49,10 +53,16 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0, backend: str = "auto
 def _forward(logits, tokens, temperature, backend, inplace_backward, tokens_checked=False):
     """(logp, entropy). ``tokens_checked``: the caller has validated the ids (entropy's own zeros,
     policy_loss's data checks); otherwise their range is a data check here: one host read."""
-    check.check_logits(logits)
+    source = is_source(logits)
+    if not source:
+        check.check_logits(logits)
     temperature = check.check_temperature(temperature)
     if not tokens_checked:
         check.check_tokens(tokens, logits)
+    if source:
+        if inplace_backward:
+            raise ValueError("inplace_backward applies to a logits tensor; a logits source never stores its logits")
+        return logits._token_logprobs(tokens, temperature, backend)
     resolved = resolve_backend(backend, logits.device, "token_logprobs", logits.dtype)
     if inplace_backward:
         inplace_layout(logits)
@@ -74,16 +84,20 @@ def kl_divergence(
     ``logits.shape[:-1]``, differentiable with respect to both inputs (a gradient is computed only
     for inputs that require it). Neither distribution is materialised: the forward reads both rows
     once. ``mask`` (same shape as the result) zeroes masked rows' values and gradients.
+
+    Either argument may be a logits source (``LinearLogits``; ``ShardedLogits`` sharded like the other).
     """
-    check.check_logits(logits)
-    check.check_logits(other_logits, "other_logits")
+    for name, value in (("logits", logits), ("other_logits", other_logits)):
+        if not is_source(value):
+            check.check_logits(value, name)
     if other_logits.shape != logits.shape:
         raise ValueError(
             f"other_logits must have the logits' shape {tuple(logits.shape)} (same vocabulary), "
             f"got {tuple(other_logits.shape)}"
         )
-    if other_logits.dtype != logits.dtype:
-        raise TypeError(f"other_logits must have the logits' dtype {logits.dtype}, got {other_logits.dtype}")
+    dtype, other_dtype = _dtype(logits), _dtype(other_logits)
+    if other_dtype != dtype:
+        raise TypeError(f"other_logits must have the logits' dtype {dtype}, got {other_dtype}")
     if other_logits.device != logits.device:
         raise ValueError(f"other_logits are on {other_logits.device} but logits are on {logits.device}")
     if direction not in DIRECTIONS:
@@ -91,8 +105,19 @@ def kl_divergence(
     temperature = check.check_temperature(temperature)
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != logits.shape[:-1]):
         raise ValueError(f"mask must be a tensor of shape {tuple(logits.shape[:-1])}")
-    resolved = resolve_backend(backend, logits.device, "kl_div", logits.dtype)
-    kl, _, _ = kl_div_fwd(logits, other_logits, temperature, DIRECTIONS[direction], resolved)
+    if is_source(logits) or is_source(other_logits):
+        if not is_source(logits):  # KL(p || q) = the reverse KL seen from q
+            logits, other_logits = other_logits, logits
+            direction = "reverse" if direction == "forward" else "forward"
+        kl = logits._kl_divergence(other_logits, direction, temperature, backend, mask)
+    else:
+        resolved = resolve_backend(backend, logits.device, "kl_div", logits.dtype)
+        kl, _, _ = kl_div_fwd(logits, other_logits, temperature, DIRECTIONS[direction], resolved)
     if mask is not None:
         kl = torch.where(mask.to(device=kl.device, dtype=torch.bool), kl, torch.zeros_like(kl))
     return kl
+
+
+def _dtype(logits) -> torch.dtype:
+    """The dtype the logits are (or, for a source, are made) in."""
+    return logits.compute_dtype() if is_source(logits) else logits.dtype

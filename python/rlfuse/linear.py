@@ -72,6 +72,7 @@ of 64 when at least 128, then clamped to ``[1, N]`` (not clamped to N when ``bat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -83,6 +84,7 @@ from .backends import resolve_backend
 from .ops._launch import empty_buffer
 from .ops.policy_loss import TokenLossParams, policy_loss_fused_inplace
 from .ops.token_logprobs import token_logprobs_bwd_inplace, token_logprobs_fwd
+from .source import LogitsSource
 
 __all__ = ["LinearLogits", "linear_token_logprobs", "linear_entropy", "linear_fused_policy_loss",
            "CHUNK_BUDGET_BYTES", "default_chunk_tokens"]
@@ -123,7 +125,7 @@ def _finite_real(value, name: str) -> float:
     return value
 
 
-class LinearLogits:
+class LinearLogits(LogitsSource):
     """Logits ``softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)``, made a chunk at a time.
 
     Args:
@@ -217,13 +219,6 @@ class LinearLogits:
         return self.hidden.device
 
     @property
-    def ndim(self) -> int:
-        return self.hidden.dim()
-
-    def dim(self) -> int:
-        return self.hidden.dim()
-
-    @property
     def requires_grad(self) -> bool:
         return any(t is not None and t.requires_grad for t in (self.hidden, self.weight, self.bias))
 
@@ -248,13 +243,94 @@ class LinearLogits:
 
     def materialize(self) -> Tensor:
         """The full ``[..., V]`` logits with plain torch ops (differentiable; O(N x V) memory). For
-        tests and for ops that take only a logits tensor."""
-        logits = torch.nn.functional.linear(self.hidden, self.weight, self.bias)
+        tests and comparisons."""
+        return self._logits_of(self.hidden, self.weight, self.bias)
+
+    def _logits_of(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The logits of some hidden rows with plain, differentiable torch ops (autocast applies as
+        to ``F.linear``)."""
+        logits = torch.nn.functional.linear(hidden, weight, bias)
         if self.scale is not None:
             logits = logits * self.scale
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
+
+    def detach(self) -> "LinearLogits":
+        return LinearLogits(self.hidden.detach(), self.weight.detach(),
+                            None if self.bias is None else self.bias.detach(), scale=self.scale,
+                            softcap=self.softcap, chunk_tokens=self.chunk_tokens,
+                            batch_invariant=self.batch_invariant)
+
+    # --- the row work of the public ops (rlfuse.source.LogitsSource) -----------------------------
+
+    fused_path = True
+
+    def _token_logprobs(self, tokens, temperature, backend, mask=None):
+        return _token_logprobs(self, tokens, temperature, backend, mask, True)
+
+    def _fused_policy_loss(self, tokens, per_token, temperature, params, backend, valid):
+        loss, logp, entropy = linear_fused_policy_loss(self, tokens, per_token, temperature, params, backend, valid)
+        return loss, logp.reshape(-1), entropy.reshape(-1)  # flat [N], as FusedPolicyLoss's
+
+    def _kl_divergence(self, other, direction, temperature, backend, mask=None):
+        from .functional import kl_divergence
+
+        def kl(x, y):
+            return (kl_divergence(x, y, direction, temperature, backend=backend),)
+
+        return map_rows(kl, [self, other], mask=mask)[0].reshape(self.shape[:-1])
+
+    def _sparse_logprobs(self, tokens, k, threshold, temperature, backend):
+        from .troll import SparseLogprobs, sparse_logprobs
+
+        def topk(x, tok):
+            out = sparse_logprobs(x, tok, k, threshold, temperature, backend)
+            return out.ids, out.logprobs, out.count
+
+        with torch.no_grad():
+            ids, logprobs, count = map_rows(topk, [self], [tokens])
+        lead = self.shape[:-1]
+        return SparseLogprobs(ids.reshape(*lead, k), logprobs.reshape(*lead, k), count.reshape(lead), self.vocab)
+
+    def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
+        from .troll import SparseLogprobs, TrollTerms, troll_token_loss
+
+        def terms(x, tok, adv, old, ids, logprobs, count):
+            topk = SparseLogprobs(ids, logprobs, count, self.vocab)
+            out = troll_token_loss(x, tok, adv, old, topk, config, backend)
+            return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
+
+        per_row = [tokens, advantages, old_logprobs, old_topk.ids, old_topk.logprobs, old_topk.count]
+        return TrollTerms(*map_rows(terms, [self], per_row, mask=valid_tokens))
+
+    def _sample(self, **kwargs):
+        from .sampling import SampleOutput, per_row_seeds, sample
+
+        rows = self.num_tokens
+        kwargs["seed"] = per_row_seeds(kwargs.pop("seed", None), kwargs.pop("generator", None), rows, self.device)
+        per_row = {name: value for name, value in kwargs.items()
+                   if isinstance(value, torch.Tensor) and value.numel() == rows}
+        fixed = {name: value for name, value in kwargs.items() if name not in per_row}
+        names = list(per_row)
+
+        def draw(x, *values):
+            r0 = draw.start
+            draw.start += x.shape[0]
+            try:
+                out = sample(x, **fixed, **dict(zip(names, values)))
+            except ValueError as error:
+                raise ValueError(f"{error} (row numbers counted from token {r0} of the LinearLogits)") from None
+            return out.tokens, out.logprobs, out.raw_logprobs, out.entropy
+
+        draw.start = 0
+        with torch.no_grad():
+            tokens, logprobs, raw, entropy = map_rows(draw, [self], [per_row[n].reshape(rows) for n in names],
+                                                      pad=False)
+        lead = self.shape[:-1]
+        extra = tokens.shape[1:]
+        return SampleOutput(tokens.reshape(*lead, *extra), logprobs.reshape(*lead, *extra),
+                            raw.reshape(*lead, *extra), entropy.reshape(lead))
 
     def __repr__(self) -> str:
         extras = [f"{k}={getattr(self, k)}" for k in ("scale", "softcap", "chunk_tokens")
@@ -437,6 +513,80 @@ def _scatter_rows(values: Tensor, chunks: _Chunks, shape) -> Tensor:
     out = values.new_zeros(math.prod(shape))
     out.index_copy_(0, chunks.rows, values)
     return out.view(shape)
+
+
+# --- any tensor op, a chunk of rows at a time --------------------------------------------------
+
+
+def map_rows(fn, sources, per_row=(), mask: Tensor | None = None, pad: bool | None = None):
+    """``fn(*logits_chunks, *per_row_chunks)`` over chunks of rows, for ops whose row work is a tensor
+    op with no chunked kernel path of its own (KL, sparse top-k, TROLL, sampling).
+
+    ``sources``: LinearLogits (the first one sets the chunk size) or ``[..., V]`` tensors with the
+    same rows. ``per_row``: tensors whose leading dimensions are the tokens' shape (or one flat ``N``).
+    ``fn`` returns a tuple of tensors with one leading row per chunk row; the result is that tuple
+    concatenated over chunks: flat ``[N, ...]``. ``mask`` (nonzero = valid): only valid rows reach a
+    GEMM; masked rows' outputs are 0. ``pad`` (default: ``batch_invariant``): pad every chunk to the
+    fixed chunk size (zero rows, discarded), so GEMM shapes never depend on the batch.
+
+    With gradients, each chunk runs under activation checkpointing: the forward keeps only the
+    chunk's inputs, the backward recomputes that chunk's logits and ``fn`` (one chunk at a time), and
+    autograd sums the weight / bias gradients of the chunks: O(chunk x V + V x D) transient memory.
+    """
+    linear = next(s for s in sources if isinstance(s, LinearLogits))
+    lead = linear.shape[:-1]
+    n = linear.num_tokens
+    rows = _valid_rows(mask, n) if mask is not None else None
+    n_rows = n if rows is None else rows.numel()
+    pad = linear.batch_invariant if pad is None else pad
+    chunk = linear.resolved_chunk_tokens(n_rows)
+
+    def flat(t: Tensor) -> Tensor:
+        rest = t.shape[len(lead):] if t.shape[: len(lead)] == lead else t.shape[1:]
+        return t.reshape(n, *rest)
+
+    inputs = []  # the differentiable tensors, flat: per source (hidden2d, weight, bias) or (logits2d,)
+    for src in sources:
+        if isinstance(src, LinearLogits):
+            inputs += [src.hidden.reshape(n, src.hidden_dim), src.weight, src.bias]
+        else:
+            inputs.append(src.reshape(n, src.shape[-1]))
+    per_row = [flat(t) for t in per_row]
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+    def rows_of(t: Tensor, r0: int, r1: int) -> Tensor:
+        part = t[r0:r1] if rows is None else t.index_select(0, rows[r0:r1].to(t.device))
+        if pad and part.shape[0] < chunk:
+            part = torch.cat([part, part.new_zeros(chunk - part.shape[0], *part.shape[1:])])
+        return part
+
+    def run(r0, r1, *tensors):
+        logits, i = [], 0
+        for src in sources:
+            if isinstance(src, LinearLogits):
+                hidden2d, weight, bias = tensors[i : i + 3]
+                logits.append(src._logits_of(rows_of(hidden2d, r0, r1), weight, bias))
+                i += 3
+            else:
+                logits.append(rows_of(tensors[i], r0, r1))
+                i += 1
+        outs = fn(*logits, *(rows_of(t, r0, r1) for t in per_row))
+        return tuple(o[: min(r1, n_rows) - r0] for o in outs)
+
+    pieces = []
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(r0 + chunk, n_rows)
+        if differentiable:
+            pieces.append(torch.utils.checkpoint.checkpoint(run, r0, r1, *inputs, use_reentrant=False,
+                                                            preserve_rng_state=False))
+        else:
+            pieces.append(run(r0, r1, *inputs))
+    if not pieces:  # no valid row: fn on an empty chunk for the outputs' shapes and dtypes
+        pieces.append(run(0, 0, *inputs))
+    outs = [torch.cat(parts) for parts in zip(*pieces)]
+    if rows is None:
+        return outs
+    return [o.new_zeros(n, *o.shape[1:]).index_copy(0, rows, o) for o in outs]
 
 
 def _no_autocast(device: torch.device):

@@ -25,6 +25,7 @@ from .ops.generator import generator_draws
 from .ops.policy_loss import FusedPolicyLoss, TokenLossParams
 from .ops.token_logprobs import token_logprobs_fwd
 from .reference.policy_loss import _covariance, ppo_term
+from .source import is_source
 
 # Every other loss weighs tokens by their ratio to the old policy, so it needs old_logprobs (a new
 # variant is safe by default: forgetting old_logprobs is an error, never a silent ratio to 0).
@@ -81,7 +82,9 @@ def policy_loss(
 
     Args:
         logits: padded ``[B, T, V]`` (with ``mask [B, T]``) or packed ``[N, V]`` (with
-            ``cu_seqlens [S + 1]`` and optionally ``mask [N]``).
+            ``cu_seqlens [S + 1]`` and optionally ``mask [N]``), or a logits source of that shape
+            (``LinearLogits``: fused path through its chunks, masked tokens never reach a GEMM;
+            ``ShardedLogits``: the general path).
         tokens: chosen ids, ``logits.shape[:-1]``.
         advantages: per token (``logits.shape[:-1]``) or per sequence (``[B]`` / ``[S]``).
         old_logprobs / ref_logprobs / rollout_logprobs: per-token log-probs of the behaviour policy,
@@ -110,11 +113,17 @@ def policy_loss(
     checks = check.DataChecks()
     batch = _prepare(logits, tokens, advantages, old_logprobs, ref_logprobs, rollout_logprobs, mask, cu_seqlens,
                      config, checks)
+    source = is_source(logits)
     if inplace_backward:
+        if source:
+            raise ValueError("inplace_backward applies to a logits tensor; a logits source never stores its logits")
         inplace_layout(logits)
-    resolved = resolve_backend(backend, logits.device, "policy_loss", logits.dtype)
+    resolved = resolve_backend(backend, logits.device, "policy_loss",
+                               logits.compute_dtype() if source else logits.dtype)
     if path == "fused" and resolved == "torch":
         raise ValueError("the fused path needs a kernel backend; backend='torch' is the general path")
+    if path == "fused" and source and not logits.fused_path:
+        raise ValueError(f"{type(logits).__name__} has no fused path (its rows span ranks): use path='general'")
     if config.kl_full_coef != 0 and ref_logits is None:
         raise ValueError("ref_logits is required by kl_full_coef != 0")
     if inplace_backward and ref_logits is not None:
@@ -134,7 +143,8 @@ def policy_loss(
     if config.rollout_correction is not None:
         rollout_w = ref.rollout_correction_weights(batch.old, batch.rollout, batch.mask, batch.cu_seqlens, config)
         policy_weight = policy_weight * rollout_w
-    use_fused = config.token_local and path != "general" and resolved != "torch"
+    use_fused = (config.token_local and path != "general" and resolved != "torch"
+                 and (not source or logits.fused_path))
     troll_terms = None
     if config.loss == "troll":
         loss, logp, entropy, troll_terms = _troll(batch, old_topk, policy_weight, aggregation, config, resolved)
@@ -158,13 +168,16 @@ def policy_loss(
 
 def _troll(batch, old_topk, policy_weight, weight, config, backend):
     """TROLL (docs/SPEC.md section 7): projection on the sparse support; KL / entropy terms as usual."""
-    terms = troll.troll_token_loss(batch.logits, batch.tokens, batch.advantages, batch.old, old_topk, config, backend,
-                                   batch.mask > 0)
+    args = (batch.tokens, batch.advantages, batch.old, old_topk, config, backend, batch.mask > 0)
+    if is_source(batch.logits):
+        terms = batch.logits._troll_token_loss(*args)
+    else:
+        terms = troll.troll_token_loss(batch.logits, *args)
     loss = ref.weighted(terms.loss, policy_weight).sum()
     logp, entropy = terms.logp, terms.entropy
     if (config.kl is not None and config.kl_coef != 0) or config.entropy_coef != 0:
         # The penalties need differentiable log-probs / entropy: one more fused pass.
-        logp, entropy = _token_logprobs(batch.logits, batch.tokens, config.temperature, backend, False)
+        logp, entropy = _token_logprobs(batch, config.temperature, backend, False)
         logp, entropy = logp.reshape(-1), entropy.reshape(-1)
         valid = batch.mask > 0
         penalties = ref.penalty_terms(_masked(logp, valid), _masked(entropy, valid), batch.ref, weight, config)
@@ -207,12 +220,15 @@ def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
         weight.contiguous(),
     )
     params = TokenLossParams.from_config(config)
+    if is_source(batch.logits):
+        return batch.logits._fused_policy_loss(batch.tokens, per_token, config.temperature, params, backend,
+                                               batch.mask)
     return FusedPolicyLoss.apply(batch.logits, batch.tokens, per_token, config.temperature, params, backend,
                                  bool(inplace_backward))
 
 
 def _general(batch, policy_weight, weight, config, backend, inplace_backward):
-    logp, entropy = _token_logprobs(batch.logits, batch.tokens, config.temperature, backend, inplace_backward)
+    logp, entropy = _token_logprobs(batch, config.temperature, backend, inplace_backward)
     raw_logp, raw_entropy = logp.reshape(-1), entropy.reshape(-1)
     # Every formula below sees 0 at masked positions, never their (possibly NaN) values: then the
     # gradient there is an exact 0, not 0 x NaN, and the kernels write those rows as zeros.
@@ -237,10 +253,13 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
     return ref.weighted(term, policy_weight).sum() + penalties, raw_logp, raw_entropy
 
 
-def _token_logprobs(logits, tokens, temperature, backend, inplace_backward):
+def _token_logprobs(batch, temperature, backend, inplace_backward):
     """(logp, entropy) through the token_logprobs op: the ids were validated with the call's checks,
     the temperature by LossConfig (not again here: under torch.compile with dynamic=True it may be
-    a symbolic float, which no host check can read)."""
+    a symbolic float, which no host check can read). A source skips the masked rows."""
+    logits, tokens = batch.logits, batch.tokens
+    if is_source(logits):
+        return logits._token_logprobs(tokens, temperature, backend, batch.mask)
     if inplace_backward:
         inplace_layout(logits)
     logp, entropy, _ = token_logprobs_fwd(logits, tokens, temperature, backend, bool(inplace_backward))
@@ -375,7 +394,8 @@ _RANDPERM_REPRODUCED = _randperm_reproduced()
 
 
 def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens, config, checks) -> _Batch:
-    check.check_logits(logits)
+    if not is_source(logits):
+        check.check_logits(logits)
     check.check_tokens(tokens, logits, checks)
     device = logits.device
     if logits.dim() == 3:

@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _validation as check
 from .backends import resolve_backend
 from .ops.sample import sample as sample_op
+from .source import is_source
 
 
 @dataclass
@@ -187,7 +188,8 @@ def _adaptive(values):
     return adaptive
 
 
-def _seeds(seed, generator, rows, device):
+def per_row_seeds(seed, generator, rows, device) -> Tensor:
+    """The int64 ``[rows]`` keys of the random streams for ``sample``'s ``seed`` / ``generator``."""
     if seed is not None and generator is not None:
         raise ValueError("pass seed or generator, not both")
     if isinstance(seed, Tensor):
@@ -235,7 +237,14 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
       The sampling pass finds all four: such a row's entropy is NaN. (With an adaptive temperature
       whose t_min < t_max, a row's T is not known before the pass, so one max per row is taken
       first: the only case that reads the logits twice.)
+
+    ``logits`` may be a logits source (``LinearLogits``, ``ShardedLogits``): the same tokens are drawn
+    as from the materialised logits with the same seed (a row's draw depends only on its key).
     """
+    if is_source(logits):
+        return logits._sample(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                              generator=generator, adaptive_temperature=adaptive_temperature, backend=backend,
+                              num_samples=num_samples)
     check.check_logits(logits)
     if logits.dtype == torch.float64:
         logits = logits.float()
@@ -251,7 +260,7 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     top_p = _per_row("top_p", 1.0 if top_p is None else top_p, rows, device, lambda p: (p > 0) & (p <= 1), checks)
     min_p = _per_row("min_p", 0.0 if min_p is None else min_p, rows, device, lambda p: (p >= 0) & (p < 1), checks)
     adaptive = None if adaptive_temperature is None else _adaptive(adaptive_temperature)
-    seeds = _seeds(seed, generator, rows, device)
+    seeds = per_row_seeds(seed, generator, rows, device)
     resolved = resolve_backend(backend, device, "sample", logits.dtype)
     flagged = None
     if checks.enabled and rows and adaptive is not None and adaptive[0] != adaptive[1]:

@@ -21,6 +21,7 @@ class LogitsSource:
 
     shape: torch.Size
     device: torch.device
+    fused_path = False  # whether _fused_policy_loss exists (else policy_loss takes the general path)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,9 +73,9 @@ class LogitsSource:
 
     def _fused_policy_loss(self, tokens: Tensor, per_token, temperature: float, params, backend: str,
                            valid: Tensor | None):
-        """The fused path of ``policy_loss`` (``FusedPolicyLoss``'s contract), or None where the
-        source has none (then ``policy_loss`` takes the general path)."""
-        return None
+        """The fused path of ``policy_loss`` (``FusedPolicyLoss``'s contract); called only when the
+        class sets ``fused_path = True``."""
+        raise NotImplementedError
 
     def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
         """``troll.troll_token_loss`` on this source."""

@@ -22,6 +22,7 @@ from . import _validation as check
 from .backends import resolve_backend
 from .ops._launch import empty_buffer
 from .ops.row_topk import row_topk
+from .source import is_source
 
 LOG_FLOOR = math.log(1e-12)  # old log-prob of support tokens the old policy did not keep
 NEWTON_STEPS = 32  # fixed (no host read to stop early); typically 6-15 are needed, 31 in the worst measured case
@@ -60,14 +61,19 @@ def sparse_logprobs(logits: Tensor, tokens: Tensor, k: int = 64, threshold: floa
     """Per position, the most probable tokens until ``k`` or cumulative probability >= 1 - threshold,
     with their log-probs. One pass over each row (a streaming top-k; no sort of the vocabulary). No
     gradient. The chosen token is not inserted: TROLL takes its old log-prob from ``old_logprobs``,
-    so it never displaces one of the ``k`` most probable tokens (SPEC section 7)."""
-    check.check_logits(logits)
+    so it never displaces one of the ``k`` most probable tokens (SPEC section 7). ``logits`` may be a
+    logits source (``LinearLogits``, ``ShardedLogits``); the ids are then global vocabulary ids."""
+    source = is_source(logits)
+    if not source:
+        check.check_logits(logits)
     check.check_tokens(tokens, logits)
     temperature = check.check_temperature(temperature)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    if source:
+        return logits._sparse_logprobs(tokens, k, threshold, temperature, backend)
     resolved = resolve_backend(backend, logits.device, "row_topk", logits.dtype)
     with torch.no_grad():
         ids, values, _, _, lse = row_topk(logits.detach(), tokens, temperature, k, resolved)

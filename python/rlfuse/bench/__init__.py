@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from . import kl, policy_loss, sample, token_logprobs, troll  # noqa: F401  (each registers its case)
+from . import kl, linear, policy_loss, sample, token_logprobs, troll  # noqa: F401  (each registers its case)
 from .harness import (CASE_BUILDERS, CASE_DEFAULTS, DTYPE_NAMES, PHASES, Agreement, Case, Contender, Inputs,
                       MemoryProbe, Progress, Result, environment, format_results, log, measure_copy_bandwidth,
                       register_case, report, run_case, split_list, write_csv, write_plot)
@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of token positions (default: cpu 2048, cuda 16384)")
     parser.add_argument("--vocab", "-V", type=int, default=None,
                         help="vocabulary size (default: cpu 32768, cuda 151936)")
+    parser.add_argument("--hidden-dim", "-D", type=int, default=None,
+                        help="hidden size of the linear_* ops (default: cpu 256, cuda 4096)")
     parser.add_argument("--dtype", action="append", default=None, metavar="DTYPE",
                         help="logits dtype: fp32, bf16, fp16; repeatable or comma separated "
                              "(default: cpu fp32,bf16; cuda bf16)")
@@ -105,7 +107,9 @@ def _resolve(args: argparse.Namespace) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     defaults = dict(_DEFAULTS[device.type])
-    defaults.update(CASE_DEFAULTS[args.op])
+    op_defaults = CASE_DEFAULTS[args.op]  # its own defaults, for every device or per device type
+    defaults.update({k: v for k, v in op_defaults.items() if k not in _DEFAULTS})
+    defaults.update(op_defaults.get(device.type, {}))
     if args.quick:
         defaults.update(_QUICK)
     for name in ("tokens", "vocab", "repeats", "warmup"):

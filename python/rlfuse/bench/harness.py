@@ -313,13 +313,34 @@ class MemoryProbe:
     def reset_peak(self) -> None:
         if self.available and self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.available and not self._reset_hwm():
-            self.available = False
+        elif self.available:
+            # glibc keeps freed blocks of up to 32 MiB (its dynamic mmap threshold) in the heap, so after
+            # a warm-up a call's buffers would be reused unseen by VmHWM. While the peak is measured,
+            # every block over 128 KiB is a fresh mmap (counted when touched, returned when freed).
+            _set_mmap_threshold(128 << 10)
+            if not self._reset_hwm():
+                self.available = False
 
     def peak(self) -> int | None:
         if not self.available:
             return None
-        return torch.cuda.max_memory_allocated(self.device) if self.cuda else self._status_bytes("VmHWM")
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device)
+        peak = self._status_bytes("VmHWM")
+        _set_mmap_threshold(32 << 20)  # glibc's steady state (the dynamic threshold's maximum) for the timings
+        return peak
+
+
+def _set_mmap_threshold(nbytes: int) -> None:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD, nbytes)`` and ``malloc_trim(0)``; nothing elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def measure_copy_bandwidth(device: torch.device, repeats: int = 10) -> float:

@@ -6,6 +6,13 @@ Usage (the same arguments as ``trl.GRPOTrainer``)::
     trainer = RLFuseGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
     trainer.train()
 
+With ``RLFuseGRPOTrainer(..., rlfuse_from_hidden=True)`` (or the class attribute) the logits are never
+built: the decoder's last hidden states and the lm_head weight go to every rlfuse call as a
+``rlfuse.LinearLogits`` (chunked GEMMs; ``[B, C, V]`` logits exist neither in the forward nor in the
+backward), for every loss type, with the entropy metrics and the high-entropy mask. Under autocast the
+hidden states are cast to the lm_head's dtype and the logits made in that dtype (the logits path makes
+them under autocast: bf16-sized differences, as noted below).
+
 What changes: in the update step the model's logits go to ``rlfuse.policy_loss`` (the fused path
 for the token-level losses: one kernel reads each logit row, computes the token's loss and writes
 its gradient) instead of TRL's log-prob / entropy head followed by the loss in PyTorch. Generation,
@@ -50,6 +57,7 @@ import torch
 
 from .. import functional as F
 from ..config import LossConfig
+from ..linear import LinearLogits
 from ..losses import policy_loss
 
 try:
@@ -72,10 +80,13 @@ class RLFuseGRPOTrainer(GRPOTrainer):
     """
 
     rlfuse_backend = "auto"
+    rlfuse_from_hidden = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, rlfuse_from_hidden: bool | None = None, **kwargs):
         _check_trl_version()
         super().__init__(*args, **kwargs)
+        if rlfuse_from_hidden is not None:
+            self.rlfuse_from_hidden = bool(rlfuse_from_hidden)
         self._rlfuse_check_supported()
 
     # --- construction-time checks ---------------------------------------------------------------
@@ -119,15 +130,34 @@ class RLFuseGRPOTrainer(GRPOTrainer):
     # --- the loss ---------------------------------------------------------------------------------
 
     def _rlfuse_logits(self, model, input_ids, attention_mask, logits_to_keep, inputs):
-        """[B, C, V] logits predicting the completion tokens (a view; no copy)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False,
-                  "logits_to_keep": logits_to_keep + 1}
+        """[B, C, V] logits predicting the completion tokens (a view; no copy), or with
+        ``rlfuse_from_hidden`` a ``rlfuse.LinearLogits`` standing for them."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         for name in ("token_type_ids", "mm_token_type_ids"):
             if inputs.get(name) is not None:
                 kwargs[name] = inputs[name]
+        if self.rlfuse_from_hidden:
+            return self._rlfuse_linear_logits(model, kwargs, logits_to_keep)
         with self.accelerator.autocast():
-            logits = model(**kwargs).logits
+            logits = model(**kwargs, logits_to_keep=logits_to_keep + 1).logits
         return logits[:, -(logits_to_keep + 1):-1]
+
+    def _rlfuse_linear_logits(self, model, kwargs, logits_to_keep):
+        """The decoder's last hidden states at the completion-predicting positions and the lm_head
+        (``get_output_embeddings()``, with the model's logit scale and final soft-cap) as a LinearLogits:
+        the ``[B, C, V]`` logits are never built, in the forward or the backward."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "get_base_model"):  # PEFT: the adapters live inside the base model's modules
+            unwrapped = unwrapped.get_base_model()
+        text_config = unwrapped.config.get_text_config()
+        with self.accelerator.autocast():
+            hidden = unwrapped.base_model(**kwargs).last_hidden_state
+        lm_head = unwrapped.get_output_embeddings()
+        hidden = hidden[:, -(logits_to_keep + 1):-1].to(lm_head.weight.device)
+        if hidden.dtype != lm_head.weight.dtype:  # autocast made the hidden states in its dtype
+            hidden = hidden.to(lm_head.weight.dtype)
+        return LinearLogits(hidden, lm_head.weight, lm_head.bias, scale=_logit_scale(text_config),
+                            softcap=getattr(text_config, "final_logit_softcapping", None))
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -335,6 +365,18 @@ class RLFuseGRPOTrainer(GRPOTrainer):
             metrics["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
         elif self.loss_type == "vespo":
             metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi_seq))
+
+
+def _logit_scale(text_config):
+    """The factor a model's lm_head output is multiplied by before any soft-cap (None: 1): Cohere's
+    ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Granite's / MiniCPM3's ``1 / logits_scaling``."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text_config, name, None) is not None:
+            return getattr(text_config, name)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        return scaling if text_config.model_type == "hyperclovax" else 1.0 / scaling
+    return None
 
 
 def _check_trl_version():
