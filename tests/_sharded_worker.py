@@ -1,0 +1,700 @@
+"""The ranks of tests/test_sharded_logits.py: real processes, torch.distributed gloo on CPU.
+
+``run_group(world, cases)`` spawns ``world`` processes that join one gloo group (with a timeout on
+the group, so a rank left waiting in a collective fails instead of hanging) and run every case in
+turn; each case compares ``ShardedLogits`` with the unsharded op on the full logits, which every
+rank makes from the same seed. A case returns normally or raises; its outcome per rank is written
+to a JSON file that the parent reads.
+
+Tolerances. The sharded ops combine per-shard ``lse_r`` in fp32 (rlfuse/sharded.py): a log-prob or
+entropy differs from the one-pass kernel by a few ulps of ``|lse|`` (here |lse| < 30, ulp <= 2e-6),
+hence ``atol = 2e-5``; gradients ``p_j (...)`` carry the relative rounding of ``exp(x_j - lse)``
+(~1e-6), hence ``rtol = 1e-5``, ``atol = 1e-6``. bf16 gradients are compared at one bf16 ulp.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import rlfuse
+from rlfuse.sharded import ShardedLogits, vocab_parallel_entropy, vocab_parallel_log_probs_from_logits
+
+GROUP_TIMEOUT_S = 20
+F32 = dict(rtol=1e-5, atol=2e-5)
+GRAD32 = dict(rtol=1e-5, atol=1e-6)
+
+CASES = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+# --- layouts and data ----------------------------------------------------------------------------
+
+
+def uneven_sizes(vocab: int, world: int) -> list[int]:
+    """Uneven shard sizes adding up to ``vocab``; with 3 ranks the middle one holds one column."""
+    if world == 2:
+        return [vocab * 3 // 5, vocab - vocab * 3 // 5]
+    if world == 3:
+        return [vocab // 3, 1, vocab - vocab // 3 - 1]
+    base = vocab // world
+    return [base] * (world - 1) + [vocab - base * (world - 1)]
+
+
+def rank_order_layout(vocab, world):
+    sizes = uneven_sizes(vocab, world)
+    starts = [sum(sizes[:r]) for r in range(world)]
+    return starts, sizes
+
+
+def permuted_layout(vocab, world):
+    """Shards out of rank order: rank r holds the (world - 1 - r)-th block."""
+    sizes = uneven_sizes(vocab, world)
+    block_starts = [sum(sizes[:b]) for b in range(world)]
+    return [block_starts[world - 1 - r] for r in range(world)], [sizes[world - 1 - r] for r in range(world)]
+
+
+def full_logits(seed, lead, vocab, dtype=torch.float32, scale=3.0, neg_inf=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, vocab, generator=g) * scale
+    if neg_inf:
+        flat = x.view(-1, vocab)
+        flat[0, : max(1, vocab // 2)] = float("-inf")  # row 0: the first shard(s) have no finite entry
+        holes = torch.rand(flat.shape, generator=g) < 0.05
+        flat[1:][holes[1:]] = float("-inf")
+    return x.to(dtype)
+
+
+def local_part(full, starts, sizes, rank, requires_grad=False):
+    part = full[..., starts[rank]:starts[rank] + sizes[rank]].clone()
+    return part.requires_grad_(requires_grad)
+
+
+def tokens_for(seed, lead, vocab, full=None):
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, vocab, lead, generator=g)
+    if full is not None:  # keep tokens on finite logits (an exact -inf log-prob is tested separately)
+        flat_t, flat_x = tokens.view(-1), full.reshape(-1, vocab)
+        for i in range(flat_t.numel()):
+            if not torch.isfinite(flat_x[i, flat_t[i]]):
+                flat_t[i] = int(torch.argmax(flat_x[i].float()))
+    return tokens
+
+
+def same_on_all_ranks(tensor):
+    """Every rank holds bitwise the same tensor."""
+    world = dist.get_world_size()
+    t = tensor.detach().contiguous()
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    for r, other in enumerate(out):
+        assert torch.equal(other.view(torch.uint8) if other.dtype == torch.bool else other, t) or (
+            torch.equal(torch.isnan(other), torch.isnan(t)) and torch.equal(other[~torch.isnan(other)],
+                                                                            t[~torch.isnan(t)])
+        ), f"rank {r} differs from rank {dist.get_rank()}"
+
+
+def make(full, layout, rank, explicit=False, requires_grad=False, group=None):
+    starts, sizes = layout
+    local = local_part(full, starts, sizes, rank, requires_grad)
+    return ShardedLogits(local, group, vocab_start=starts[rank] if explicit else None), local
+
+
+# --- token_logprobs / entropy ----------------------------------------------------------------------
+
+
+def _check_token_logprobs(rank, world, dtype, backend, explicit, temperature, vocab, lead, seed, grad_tol):
+    layout = (permuted_layout if explicit else rank_order_layout)(vocab, world)
+    full = full_logits(seed, lead, vocab, dtype)
+    tokens = tokens_for(seed, lead, vocab, full)
+    src, local = make(full, layout, rank, explicit, requires_grad=True)
+    assert src.shape == full.shape and src.vocab == vocab and src.dtype == dtype
+    logp, entropy = src._token_logprobs(tokens, temperature, backend)
+    ref_full = full.clone().requires_grad_(True)
+    ref_backend = "torch" if dtype == torch.float64 else backend
+    ref_logp, ref_entropy = rlfuse.token_logprobs(ref_full, tokens, temperature, return_entropy=True,
+                                                  backend=ref_backend)
+    same_on_all_ranks(logp)
+    same_on_all_ranks(entropy)
+    torch.testing.assert_close(logp, ref_logp, **F32)
+    torch.testing.assert_close(entropy, ref_entropy, **F32)
+    g = torch.Generator().manual_seed(seed + 2)
+    a, b = torch.randn(lead, generator=g), torch.randn(lead, generator=g)
+    # Row 0 of the flattened rows: one shard has no finite entry; it keeps a gradient too.
+    (logp * a + entropy * b).sum().backward()
+    (ref_logp * a + ref_entropy * b).sum().backward()
+    starts, sizes = layout
+    want = ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]]
+    assert local.grad.dtype == dtype
+    torch.testing.assert_close(local.grad.float(), want.float(), **grad_tol)
+
+
+@case
+def token_logprobs_fp32_cpu(rank, world):
+    _check_token_logprobs(rank, world, torch.float32, "cpu", False, 0.7, 1001, (5, 13), 10, GRAD32)
+
+
+@case
+def token_logprobs_fp32_torch_backend(rank, world):
+    _check_token_logprobs(rank, world, torch.float32, "torch", False, 1.0, 997, (21,), 11, GRAD32)
+
+
+@case
+def token_logprobs_explicit_permuted_shards(rank, world):
+    _check_token_logprobs(rank, world, torch.float32, "cpu", True, 1.3, 1000, (17,), 12, GRAD32)
+
+
+@case
+def token_logprobs_bf16(rank, world):
+    # bf16 gradients: both sides round the same fp32 value to bf16; one bf16 ulp apart at most.
+    _check_token_logprobs(rank, world, torch.bfloat16, "cpu", False, 0.9, 1003, (4, 6), 13,
+                          dict(rtol=8e-3, atol=1e-5))
+
+
+@case
+def token_logprobs_fp16(rank, world):
+    _check_token_logprobs(rank, world, torch.float16, "cpu", False, 1.0, 515, (9,), 14, dict(rtol=1e-3, atol=1e-6))
+
+
+@case
+def token_logprobs_float64_auto(rank, world):
+    # float64 logits run on the torch backend ("auto"), outputs fp32 as for the unsharded op.
+    _check_token_logprobs(rank, world, torch.float64, "auto", False, 1.0, 300, (7,), 15, GRAD32)
+
+
+@case
+def token_logprobs_view_of_larger_tensor(rank, world):
+    """A strided local view (``logits[:, :-1]``) is read in place; its gradient is a plain tensor."""
+    vocab, seed = 777, 16
+    layout = rank_order_layout(vocab, world)
+    full = full_logits(seed, (3, 9), vocab)
+    starts, sizes = layout
+    base = full[..., starts[rank]:starts[rank] + sizes[rank]].clone().requires_grad_(True)
+    local = base[:, :-1]
+    tokens = tokens_for(seed, (3, 8), vocab, full[:, :-1])
+    src = ShardedLogits(local)
+    logp = src._token_logprobs(tokens, 1.0, "cpu")[0]
+    ref_full = full.clone().requires_grad_(True)
+    ref = rlfuse.token_logprobs(ref_full[:, :-1], tokens, backend="cpu")
+    torch.testing.assert_close(logp, ref, **F32)
+    logp.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(base.grad, ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]], **GRAD32)
+
+
+@case
+def token_logprobs_mask_and_edge_rows(rank, world):
+    """Masked positions read 0 and get exactly zero gradient, whatever their logits and ids hold; a
+    token at a -inf logit has log-prob -inf; a row with no finite entry gives NaN."""
+    vocab, lead, seed = 640, (12,), 17
+    layout = rank_order_layout(vocab, world)
+    full = full_logits(seed, lead, vocab)
+    tokens = tokens_for(seed, lead, vocab, full)
+    full[3] = float("nan")  # masked row full of NaN
+    tokens[3] = -100  # and an id out of range: masked positions are never read
+    full[5] = float("-inf")  # no finite entry (valid): NaN log-prob and entropy
+    tokens[6] = 0  # row 0's first half is finite in row 6; make the token's logit -inf
+    full[6, 0] = float("-inf")
+    mask = torch.ones(lead, dtype=torch.bool)
+    mask[3] = False
+    mask[9] = False
+    src, local = make(full, layout, rank, requires_grad=True)
+    logp, entropy = src._token_logprobs(tokens, 1.0, "cpu", mask=mask)
+    assert logp[3] == 0 and entropy[3] == 0 and logp[9] == 0 and entropy[9] == 0
+    assert torch.isnan(logp[5]) and torch.isnan(entropy[5])
+    assert logp[6] == float("-inf") and torch.isfinite(entropy[6])
+    keep = mask.clone()
+    keep[5] = False
+    keep[6] = False
+    safe_tokens = torch.where(mask, tokens, 0)
+    ref_full = full.clone().requires_grad_(True)
+    ref_logp, ref_entropy = rlfuse.token_logprobs(ref_full, safe_tokens, return_entropy=True, backend="cpu")
+    torch.testing.assert_close(logp[keep], ref_logp[keep], **F32)
+    torch.testing.assert_close(entropy[keep], ref_entropy[keep], **F32)
+    torch.testing.assert_close(entropy[6], ref_entropy[6], **F32)
+    g = torch.Generator().manual_seed(99)
+    a = torch.randn(lead, generator=g)
+    w = torch.where(keep, a, 0.0)
+    (torch.where(keep, logp, 0.0) * w + torch.where(keep, entropy, 0.0) * w).sum().backward()
+    (torch.where(keep, ref_logp, 0.0) * w + torch.where(keep, ref_entropy, 0.0) * w).sum().backward()
+    starts, sizes = layout
+    want = ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]]
+    torch.testing.assert_close(local.grad, want, **GRAD32)
+    assert torch.equal(local.grad[3], torch.zeros_like(local.grad[3]))  # NaN row, masked: exact zeros
+    # Upstream gradient sent to masked positions is dropped: still exact zeros.
+    local.grad = None
+    logp, entropy = src._token_logprobs(tokens, 1.0, "cpu", mask=mask)
+    (logp[3] + entropy[9] + logp[0]).backward()
+    assert torch.equal(local.grad[3], torch.zeros_like(local.grad[3]))
+    assert torch.equal(local.grad[9], torch.zeros_like(local.grad[9]))
+
+
+@case
+def entropy_and_temperature(rank, world):
+    vocab, lead, seed = 999, (2, 3, 4), 18
+    layout = rank_order_layout(vocab, world)
+    full = full_logits(seed, lead, vocab, neg_inf=False, scale=8.0)
+    src, local = make(full, layout, rank, requires_grad=True)
+    for temperature in (0.3, 1.0, 2.5):
+        h = src.entropy(temperature, backend="cpu")
+        torch.testing.assert_close(h, rlfuse.entropy(full, temperature, backend="cpu"), **F32)
+
+
+# --- KL ----------------------------------------------------------------------------------------------
+
+
+def _check_kl(rank, world, direction, backend, dtype, other_full_tensor, seed):
+    vocab, lead = 1001, (6, 5)
+    layout = rank_order_layout(vocab, world)
+    p_full = full_logits(seed, lead, vocab, dtype, neg_inf=False)
+    q_full = (p_full.float() + 0.7 * full_logits(seed + 5, lead, vocab, neg_inf=False)).to(dtype)
+    q_full[0, 0, 7] = float("-inf")  # an entry where q is 0 (forward KL stays finite only if p is 0 there)
+    p_full[0, 0, 7] = float("-inf")
+    src_p, local_p = make(p_full, layout, rank, requires_grad=True)
+    if other_full_tensor:
+        other = q_full.clone().requires_grad_(True)
+    else:
+        other, local_q = make(q_full, layout, rank, requires_grad=True)
+    kl = src_p._kl_divergence(other, direction, 0.8, backend)
+    ref_p, ref_q = p_full.clone().requires_grad_(True), q_full.clone().requires_grad_(True)
+    ref = rlfuse.kl_divergence(ref_p, ref_q, direction, 0.8, backend="torch" if dtype == torch.float64 else backend)
+    same_on_all_ranks(kl)
+    torch.testing.assert_close(kl, ref, rtol=1e-4, atol=2e-5)
+    g = torch.randn(lead, generator=torch.Generator().manual_seed(seed + 9))
+    (kl * g).sum().backward()
+    (ref * g).sum().backward()
+    starts, sizes = layout
+    cols = slice(starts[rank], starts[rank] + sizes[rank])
+    # p_j (log p_j - log q_j - KL) cancels: each log carries ~ulp(|lse|) (|lse| < 16 here: 1e-6), times
+    # |g| / T <~ 4: atol 2e-5.
+    tol = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=2e-5)
+    torch.testing.assert_close(local_p.grad.float(), ref_p.grad[..., cols].float(), **tol)
+    grad_q = other.grad[..., cols] if other_full_tensor else local_q.grad
+    torch.testing.assert_close(grad_q.float(), ref_q.grad[..., cols].float(), **tol)
+    if other_full_tensor:  # only this rank's columns of a full tensor receive a gradient
+        outside = torch.ones(vocab, dtype=torch.bool)
+        outside[cols] = False
+        assert torch.equal(other.grad[..., outside], torch.zeros_like(other.grad[..., outside]))
+
+
+@case
+def kl_forward_cpu(rank, world):
+    _check_kl(rank, world, "forward", "cpu", torch.float32, False, 20)
+
+
+@case
+def kl_reverse_torch_backend(rank, world):
+    _check_kl(rank, world, "reverse", "torch", torch.float32, False, 21)
+
+
+@case
+def kl_forward_against_full_tensor_bf16(rank, world):
+    _check_kl(rank, world, "forward", "cpu", torch.bfloat16, True, 22)
+
+
+@case
+def kl_identical_rows_exactly_zero(rank, world):
+    vocab, lead = 500, (7,)
+    layout = rank_order_layout(vocab, world)
+    full = full_logits(23, lead, vocab)
+    full[0] = torch.randn(vocab)  # keep every row with a finite entry
+    src, _ = make(full, layout, rank)
+    other, _ = make(full, layout, rank)
+    for direction in ("forward", "reverse"):
+        kl = src._kl_divergence(other, direction, 1.0, "cpu")
+        assert torch.equal(kl, torch.zeros_like(kl)), kl
+
+
+# --- sparse_logprobs -----------------------------------------------------------------------------------
+
+
+@case
+def sparse_logprobs_global_ids(rank, world):
+    for vocab, k, threshold, temperature, explicit, seed in ((1001, 8, 1e-5, 1.0, False, 30),
+                                                             (400, 64, 1e-3, 0.6, True, 31),
+                                                             (50, 64, 1e-5, 1.0, False, 32)):
+        lead = (4, 5)
+        layout = (permuted_layout if explicit else rank_order_layout)(vocab, world)
+        full = full_logits(seed, lead, vocab, scale=2.0)
+        full[1, 2, 10] = full[1, 2, vocab - 3] = full[1, 2].max() + 1.0  # a tie across shards: lower id first
+        tokens = tokens_for(seed, lead, vocab, full)
+        src, _ = make(full, layout, rank, explicit)
+        got = src._sparse_logprobs(tokens, k, threshold, temperature, "cpu")
+        want = rlfuse.sparse_logprobs(full, tokens, k, threshold, temperature, backend="cpu")
+        assert got.vocab == vocab and got.ids.dtype == want.ids.dtype and got.ids.shape == want.ids.shape
+        assert torch.equal(got.count, want.count), (got.count, want.count)
+        assert torch.equal(got.ids, want.ids)
+        torch.testing.assert_close(got.logprobs, want.logprobs, **F32)
+        assert got.ids[1, 2, 0] == 10 and got.ids[1, 2, 1] == vocab - 3
+        same_on_all_ranks(got.ids)
+        same_on_all_ranks(got.logprobs)
+
+
+# --- sampling --------------------------------------------------------------------------------------------
+
+SAMPLE_CONFIGS = [
+    dict(temperature=1.0),
+    dict(temperature=0.6, num_samples=3),
+    dict(temperature=0),
+    dict(temperature=0.9, top_k=7),
+    dict(temperature=1.2, top_p=0.8),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.01, num_samples=2),
+    dict(temperature="per-row", top_k="per-row", top_p="per-row"),
+    dict(adaptive_temperature=(0.4, 1.3, 1.0, 4.0)),
+    dict(temperature=1.0, top_k=1),
+]
+
+
+def _per_row(config, rows):
+    g = torch.Generator().manual_seed(7)
+    out = dict(config)
+    if out.get("temperature") == "per-row":
+        t = torch.rand(rows, generator=g) + 0.3
+        t[::4] = 0.0  # greedy rows mixed in
+        out["temperature"] = t
+    if out.get("top_k") == "per-row":
+        out["top_k"] = torch.randint(0, 30, (rows,), generator=g)
+    if out.get("top_p") == "per-row":
+        out["top_p"] = torch.rand(rows, generator=g) * 0.7 + 0.3
+    return out
+
+
+@case
+def sample_same_tokens_as_unsharded(rank, world):
+    vocab, lead = 1003, (3, 7)
+    rows = 21
+    layout = rank_order_layout(vocab, world)
+    for i, config in enumerate(SAMPLE_CONFIGS):
+        for dtype in (torch.float32, torch.bfloat16):
+            full = full_logits(40 + i, lead, vocab, dtype, scale=2.5, neg_inf=False)
+            full.view(-1, vocab)[2, ::3] = float("-inf")
+            src, _ = make(full, layout, rank)
+            kwargs = _per_row(config, rows)
+            for k, v in list(kwargs.items()):
+                if isinstance(v, torch.Tensor):
+                    kwargs[k] = v.reshape(lead)
+            got = src._sample(seed=1234 + i, **kwargs)
+            want = rlfuse.sample(full, seed=1234 + i, backend="cpu", **kwargs)
+            ref = rlfuse.sample(full, seed=1234 + i, backend="torch", **kwargs)
+            assert torch.equal(want.tokens, ref.tokens)  # the two unsharded backends agree on these inputs
+            assert got.tokens.shape == want.tokens.shape and got.tokens.dtype == torch.int64
+            assert torch.equal(got.tokens, want.tokens), (config, dtype, got.tokens, want.tokens)
+            torch.testing.assert_close(got.logprobs, want.logprobs, **F32)
+            torch.testing.assert_close(got.raw_logprobs, want.raw_logprobs, **F32)
+            torch.testing.assert_close(got.entropy, want.entropy, **F32)
+            same_on_all_ranks(got.tokens)
+            same_on_all_ranks(got.logprobs)
+
+
+@case
+def sample_generator_and_explicit_layout(rank, world):
+    """``generator=`` draws one seed on rank 0 and broadcasts it; shards out of rank order."""
+    vocab, lead = 811, (6,)
+    layout = permuted_layout(vocab, world)
+    full = full_logits(50, lead, vocab, neg_inf=False)
+    src, _ = make(full, layout, rank, explicit=True)
+    gen = torch.Generator().manual_seed(5 + rank)  # a different generator state on every rank
+    got = src._sample(generator=gen, top_k=50)
+    same_on_all_ranks(got.tokens)
+    seeds = torch.tensor([3, 1, 4, 1, 5, 9], dtype=torch.int64)
+    got = src._sample(seed=seeds, top_p=0.7)
+    want = rlfuse.sample(full, seed=seeds, top_p=0.7, backend="cpu")
+    assert torch.equal(got.tokens, want.tokens)
+
+
+@case
+def sample_bad_rows_raise_on_every_rank(rank, world):
+    vocab, lead = 300, (4,)
+    layout = rank_order_layout(vocab, world)
+    for bad in ("nan", "inf", "all_neg_inf"):
+        full = full_logits(60, lead, vocab, neg_inf=False)
+        if bad == "nan":
+            full[2, vocab - 1] = float("nan")  # on the last rank's shard only
+        elif bad == "inf":
+            full[1, 0] = float("inf")  # on rank 0's shard only
+        else:
+            full[3] = float("-inf")
+        src, _ = make(full, layout, rank)
+        try:
+            src._sample(seed=1)
+        except ValueError as error:
+            assert "nothing to sample from" in str(error)
+        else:
+            raise AssertionError(f"no ValueError for a row with {bad}")
+    # A bad argument on one rank only: every rank raises, none is left in a collective.
+    full = full_logits(61, lead, vocab, neg_inf=False)
+    src, _ = make(full, layout, rank)
+    try:
+        src._sample(seed=1, top_p=1.5 if rank == world - 1 else 0.5)
+    except ValueError as error:
+        assert ("top_p" in str(error)) == (rank == world - 1), str(error)
+    else:
+        raise AssertionError("no ValueError for top_p=1.5 on one rank")
+
+
+# --- TROLL ------------------------------------------------------------------------------------------------
+
+
+@case
+def troll_token_loss_matches(rank, world):
+    from rlfuse import LossConfig
+    from rlfuse.troll import troll_token_loss
+
+    vocab, lead, seed = 700, (10,), 70
+    layout = rank_order_layout(vocab, world)
+    full = full_logits(seed, lead, vocab, scale=2.0, neg_inf=False)
+    old_full = full + 0.3 * full_logits(seed + 1, lead, vocab, neg_inf=False)
+    tokens = tokens_for(seed, lead, vocab)
+    config = LossConfig.troll()
+    old_topk = rlfuse.sparse_logprobs(old_full, tokens, config.troll_k, backend="cpu")
+    old_logp = rlfuse.token_logprobs(old_full, tokens, backend="cpu")
+    adv = torch.randn(lead, generator=torch.Generator().manual_seed(seed + 3))
+    valid = torch.ones(lead, dtype=torch.bool)
+    valid[4] = False
+    src, local = make(full, layout, rank, requires_grad=True)
+    got = src._troll_token_loss(tokens, adv, old_logp, old_topk, config, "cpu", valid)
+    ref_full = full.clone().requires_grad_(True)
+    want = troll_token_loss(ref_full, tokens, adv, old_logp, old_topk, config, "cpu", valid)
+    for name in ("loss", "eta", "kl_before", "kl_after", "support", "logp", "entropy"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=2e-5, msg=name)
+    w = torch.where(valid, 1.0, 0.0)
+    (got.loss * w).sum().backward()
+    (want.loss * w).sum().backward()
+    starts, sizes = layout
+    torch.testing.assert_close(local.grad, ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]],
+                               rtol=1e-4, atol=1e-6)
+
+
+# --- drop-ins -----------------------------------------------------------------------------------------------
+
+
+@case
+def verl_drop_ins(rank, world):
+    vocab, lead = 1000, (11, 3)
+    sizes = [vocab // world] * world  # Megatron: equal partitions in rank order
+    sizes[-1] += vocab - sum(sizes)
+    layout = ([sum(sizes[:r]) for r in range(world)], sizes)
+    full = full_logits(80, lead, vocab, neg_inf=False)
+    tokens = tokens_for(80, lead, vocab)
+    local = local_part(full, *layout, rank, requires_grad=True)
+    logp = vocab_parallel_log_probs_from_logits(local, tokens)
+    ent = vocab_parallel_entropy(local)
+    ref_full = full.clone().requires_grad_(True)
+    ref_logp, ref_ent = rlfuse.token_logprobs(ref_full, tokens, return_entropy=True, backend="cpu")
+    torch.testing.assert_close(logp, ref_logp, **F32)
+    torch.testing.assert_close(ent, ref_ent, **F32)
+    (logp.sum() + ent.sum()).backward()
+    (ref_logp.sum() + ref_ent.sum()).backward()
+    starts, sizes = layout
+    torch.testing.assert_close(local.grad, ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]], **GRAD32)
+
+
+# --- the public functions ---------------------------------------------------------------------------------
+
+
+@case
+def public_functions(rank, world):
+    vocab, lead, seed = 1001, (4, 6), 90
+    layout = rank_order_layout(vocab, world)
+    full = full_logits(seed, lead, vocab, neg_inf=False)
+    tokens = tokens_for(seed, lead, vocab)
+    src, local = make(full, layout, rank, requires_grad=True)
+    logp, ent = rlfuse.token_logprobs(src, tokens, 0.9, return_entropy=True)
+    ref_logp, ref_ent = rlfuse.token_logprobs(full, tokens, 0.9, return_entropy=True)
+    torch.testing.assert_close(logp, ref_logp, **F32)
+    torch.testing.assert_close(ent, ref_ent, **F32)
+    torch.testing.assert_close(rlfuse.entropy(src), rlfuse.entropy(full), **F32)
+    other, _ = make(full + 0.5 * full_logits(seed + 1, lead, vocab, neg_inf=False), layout, rank)
+    mask = torch.ones(lead, dtype=torch.bool)
+    mask[0, 1] = False
+    torch.testing.assert_close(rlfuse.kl_divergence(src, other, mask=mask),
+                               rlfuse.kl_divergence(full, other.materialize(), mask=mask), rtol=1e-4, atol=2e-5)
+    got, want = rlfuse.sparse_logprobs(src, tokens, 8), rlfuse.sparse_logprobs(full, tokens, 8)
+    assert torch.equal(got.ids, want.ids)
+    assert torch.equal(rlfuse.sample(src, seed=3, top_k=40).tokens, rlfuse.sample(full, seed=3, top_k=40).tokens)
+
+
+def _compare_loss_outputs(out, ref, what, mask):
+    """Per-token outputs at valid positions (a source reports 0 at masked ones, materialised logits
+    their values), the loss, and every metric."""
+    valid = mask.reshape(out.logprobs.shape) != 0
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-6, msg=f"{what}: loss")
+    torch.testing.assert_close(out.logprobs[valid], ref.logprobs[valid], **F32, msg=f"{what}: logprobs")
+    torch.testing.assert_close(out.entropy[valid], ref.entropy[valid], **F32, msg=f"{what}: entropy")
+    assert out.metrics.get("path") == "general" and set(out.metrics) == set(ref.metrics), (out.metrics, ref.metrics)
+    for key, value in ref.metrics.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(out.metrics[key], value, rtol=1e-4, atol=1e-5, equal_nan=True,
+                                       msg=f"{what}: metric {key}")
+
+
+@case
+def public_policy_loss(rank, world):
+    """policy_loss on ShardedLogits (general path) against the unsharded call: padded [B, T] and packed
+    [N] + cu_seqlens inputs, token-level and sequence-level variants, KL / entropy terms, TROLL."""
+    from rlfuse import LossConfig
+
+    vocab, lead, seed = 600, (3, 8), 91
+    layout = rank_order_layout(vocab, world)
+    full = full_logits(seed, lead, vocab, neg_inf=False)
+    tokens = tokens_for(seed, lead, vocab)
+    g = torch.Generator().manual_seed(seed + 4)
+    adv = torch.randn(lead, generator=g)
+    mask = (torch.rand(lead, generator=g) > 0.2).float()
+    old = rlfuse.token_logprobs(full, tokens) + 0.05 * torch.randn(lead, generator=g)
+    ref_lp = old + 0.05 * torch.randn(lead, generator=g)
+    old_topk = rlfuse.sparse_logprobs(full + 0.2 * full_logits(seed + 9, lead, vocab, neg_inf=False), tokens, 16)
+    configs = [("grpo", LossConfig.grpo(), {}), ("dapo+entropy", LossConfig.dapo(entropy_coef=0.01), {}),
+               ("gspo", LossConfig(loss="gspo"), {}), ("troll", LossConfig.troll(troll_k=16), {"old_topk": old_topk})]
+    for packed in (False, True):
+        for what, config, extra in configs:
+            kwargs = dict(old_logprobs=old, mask=mask, config=config, **extra)
+            if config.kl is not None:
+                kwargs["ref_logprobs"] = ref_lp
+            toks, advs = tokens, adv
+            src_full = full
+            if packed:  # the same tokens as one packed [N] batch of three sequences
+                src_full = full.reshape(-1, vocab)
+                toks, advs = tokens.reshape(-1), adv.reshape(-1)
+                kwargs = {k: (v.reshape(-1) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+                if "old_topk" in kwargs:
+                    kwargs["old_topk"] = type(old_topk)(old_topk.ids.reshape(-1, 16), old_topk.logprobs.reshape(-1, 16),
+                                                        old_topk.count.reshape(-1), vocab)
+                kwargs["cu_seqlens"] = torch.tensor([0, 5, 13, 24], dtype=torch.int32)
+                if config.aggregation == "seq-mean-token-sum-norm":
+                    kwargs["config"] = config
+            src, local = make(src_full, layout, rank, requires_grad=True)
+            out = rlfuse.policy_loss(src, toks, advs, **kwargs)
+            ref_full = src_full.clone().requires_grad_(True)
+            ref = rlfuse.policy_loss(ref_full, toks, advs, **kwargs)
+            label = f"{what} packed={packed}"
+            _compare_loss_outputs(out, ref, label, mask)
+            same_on_all_ranks(out.loss)
+            out.loss.backward()
+            ref.loss.backward()
+            starts, sizes = layout
+            torch.testing.assert_close(local.grad, ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]],
+                                       rtol=1e-4, atol=1e-7, msg=label)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+def _expect_on_every_rank(kind, words, build):
+    try:
+        build()
+    except kind as error:
+        for word in words:
+            assert word in str(error), str(error)
+        return
+    raise AssertionError(f"no {kind.__name__} raised")
+
+
+@case
+def bad_layouts_raise_on_every_rank(rank, world):
+    vocab = 100
+    starts, sizes = rank_order_layout(vocab, world)
+    local = torch.randn(4, sizes[rank])
+    # Overlapping shards (explicit starts): rank 1 claims rank 0's columns.
+    bad_start = 0 if rank == 1 else starts[rank]
+    _expect_on_every_rank(ValueError, ["tile"], lambda: ShardedLogits(local, vocab_start=bad_start))
+    # A gap: the last rank starts one column late.
+    gap_start = starts[rank] + (1 if rank == world - 1 else 0)
+    _expect_on_every_rank(ValueError, ["tile", "gap"], lambda: ShardedLogits(local, vocab_start=gap_start))
+    # Starts that do not begin at 0.
+    _expect_on_every_rank(ValueError, ["tile"], lambda: ShardedLogits(local, vocab_start=starts[rank] + 5))
+    # vocab_start on some ranks only.
+    _expect_on_every_rank(ValueError, ["every rank or on none"],
+                          lambda: ShardedLogits(local, vocab_start=starts[rank] if rank == 0 else None))
+    # Another leading shape on one rank.
+    other_lead = torch.randn(5 if rank == world - 1 else 4, sizes[rank])
+    _expect_on_every_rank(ValueError, ["leading shape"], lambda: ShardedLogits(other_lead))
+    # Another dtype on one rank.
+    other_dtype = local.to(torch.bfloat16) if rank == 0 else local
+    _expect_on_every_rank(TypeError, ["dtype"], lambda: ShardedLogits(other_dtype))
+    # Not a tensor / an empty shard / a negative start, on one rank: every rank raises naming it.
+    _expect_on_every_rank(TypeError, [f"rank {world - 1}", "torch.Tensor"],
+                          lambda: ShardedLogits("logits" if rank == world - 1 else local))
+    _expect_on_every_rank(ValueError, ["rank 0", "at least one"],
+                          lambda: ShardedLogits(torch.randn(4, 0) if rank == 0 else local))
+    _expect_on_every_rank(ValueError, ["vocab_start"],
+                          lambda: ShardedLogits(local, vocab_start=-1 if rank == 0 else starts[rank]))
+    # KL between differently sharded sources: a local check with the same verdict on every rank.
+    src = ShardedLogits(local)
+    other = ShardedLogits(torch.randn(4, sizes[world - 1 - rank]), vocab_start=starts[world - 1 - rank])
+    if sizes != sizes[::-1]:
+        _expect_on_every_rank(ValueError, ["sharded the same way"], lambda: src._kl_divergence(other, "forward", 1.0,
+                                                                                                 "cpu"))
+    # After all that, the group still works.
+    assert src._token_logprobs(torch.zeros(4, dtype=torch.int64), 1.0, "cpu")[0].shape == (4,)
+
+
+# --- the process group ---------------------------------------------------------------------------------------
+
+
+def _worker(rank, world, port, result_dir, names):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        try:
+            CASES[name](rank, world)
+            results[name] = {"ok": True, "seconds": time.perf_counter() - start}
+        except Exception:  # noqa: BLE001 -- reported to the parent, case by case
+            results[name] = {"ok": False, "error": traceback.format_exc(), "seconds": time.perf_counter() - start}
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(world: int, names, result_dir: str, timeout_s: float) -> dict:
+    """Spawn ``world`` ranks that run ``names``; {rank: {case: outcome}} (a rank that died or was
+    stopped at the deadline has the cases it finished)."""
+    context = mp.spawn(_worker, args=(world, free_port(), result_dir, list(names)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    crashed = None
+    while True:
+        try:
+            if context.join(timeout=1):
+                break
+        except Exception as error:  # noqa: BLE001 -- a rank died: report what the others wrote
+            crashed = error
+            break
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            crashed = TimeoutError(f"the {world} ranks did not finish within {timeout_s} s")
+            break
+    results = {}
+    for rank in range(world):
+        path = os.path.join(result_dir, f"rank{rank}.json")
+        results[rank] = json.load(open(path)) if os.path.exists(path) else {}
+    if crashed is not None:
+        for rank in range(world):
+            for name in names:
+                results[rank].setdefault(name, {"ok": False, "error": f"not run: {crashed!r}"})
+    return results
