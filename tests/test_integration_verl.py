@@ -101,6 +101,50 @@ def test_patch_torch_functional():
     assert verl_F.entropy_from_logits is original
 
 
+@pytest.mark.parametrize("shape, temperature", [((2, 9), 1.0), ((13,), 0.7)])
+def test_fused_linear_matches_verl_fused_linear_for_ppo(shape, temperature):
+    """rlfuse's FusedLinearForPPO / linear_cross_entropy vs verl's own FusedLinearForPPO (its torch
+    implementation runs on CPU): log-probs, entropy and the gradients of hidden and weight."""
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO as VerlFusedLinear
+
+    gen = torch.Generator().manual_seed(3)
+    dim, vocab = 24, 301
+    hidden = torch.randn(*shape, dim, generator=gen)
+    weight = torch.randn(vocab, dim, generator=gen) * 0.4
+    ids = torch.randint(0, vocab, shape, generator=gen)
+    g_logp, g_entropy = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    results = []
+    for module in (VerlFusedLinear(chunk_size=4), rv.FusedLinearForPPO(chunk_size=4), None):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if module is None:
+            logp, entropy = rv.linear_cross_entropy(h, w, ids, temperature)
+        else:
+            logp, entropy = module(h, w, ids, temperature)
+        torch.autograd.backward([logp, entropy], [g_logp, g_entropy])
+        results.append((logp.detach(), entropy.detach().float(), h.grad, w.grad))
+    expected = results[0]
+    for got in results[1:]:
+        for a, b, name in zip(got, expected, ("log_probs", "entropy", "grad hidden", "grad weight")):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_patch_fused_kernels():
+    import verl.utils.experimental.torch_functional as verl_exp
+    import verl.utils.kernel.linear_cross_entropy as verl_lce
+
+    original = verl_lce.linear_cross_entropy
+    undo = rv.patch_fused_kernels()
+    try:
+        assert verl_lce.linear_cross_entropy is rv.linear_cross_entropy
+        assert verl_exp.FusedLinearForPPO is rv.FusedLinearForPPO
+    finally:
+        undo()
+    assert verl_lce.linear_cross_entropy is original
+    with pytest.raises(ValueError, match="reduction"):
+        rv.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.int64),
+                                reduction="mean")
+
+
 def test_registered_losses():
     names = rv.register_policy_losses(prefix="rlfuse_")
     assert set(names) <= set(core_algos.POLICY_LOSS_REGISTRY)

@@ -306,20 +306,22 @@ class MemoryProbe:
         return True
 
     def current(self) -> int | None:
+        """The baseline a peak is measured from. On CPU this also starts the measuring mode: glibc
+        keeps freed blocks of up to 32 MiB (its dynamic mmap threshold) in the heap, so after a
+        warm-up a call's buffers would be reused unseen by VmHWM; until ``peak()``, every block over
+        128 KiB is a fresh mmap (counted when touched, returned when freed), and the heap is trimmed."""
         if not self.available:
             return None
-        return torch.cuda.memory_allocated(self.device) if self.cuda else self._status_bytes("VmRSS")
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        _set_mmap_threshold(128 << 10)
+        return self._status_bytes("VmRSS")
 
     def reset_peak(self) -> None:
         if self.available and self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.available:
-            # glibc keeps freed blocks of up to 32 MiB (its dynamic mmap threshold) in the heap, so after
-            # a warm-up a call's buffers would be reused unseen by VmHWM. While the peak is measured,
-            # every block over 128 KiB is a fresh mmap (counted when touched, returned when freed).
-            _set_mmap_threshold(128 << 10)
-            if not self._reset_hwm():
-                self.available = False
+        elif self.available and not self._reset_hwm():
+            self.available = False
 
     def peak(self) -> int | None:
         if not self.available:

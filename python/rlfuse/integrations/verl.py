@@ -5,6 +5,9 @@ Helpers (same signatures as ``verl.utils.torch_functional``)::
     from rlfuse.integrations import verl as rlfuse_verl
     rlfuse_verl.patch_torch_functional()      # verl_F.logprobs_from_logits / entropy_from_logits -> rlfuse
     # or call rlfuse_verl.logprobs_from_logits(logits, labels) / entropy_from_logits(logits) directly
+    rlfuse_verl.patch_fused_kernels()         # use_fused_kernels: log-probs + entropy from hidden states,
+                                              # rlfuse.LinearLogits behind verl's linear_cross_entropy /
+                                              # FusedLinearForPPO (the logits are never stored)
 
 Losses (``actor_rollout_ref.actor.policy_loss.loss_mode``)::
 
@@ -28,6 +31,7 @@ import torch
 from .. import functional as F
 from .. import reference as ref
 from ..config import LossConfig
+from ..linear import LinearLogits
 from ..losses import policy_loss
 
 try:
@@ -70,6 +74,58 @@ HELPERS = {
     "entropy_from_logits": entropy_from_logits,
     "entropy_from_logits_with_chunking": entropy_from_logits_with_chunking,
 }
+
+
+def linear_cross_entropy(hidden, weight, labels, temperature: float = 1.0, reduction: str = "none",
+                         dist_process_group=None):
+    """``verl.utils.kernel.linear_cross_entropy`` (verl's ``use_fused_kernels`` path): the log-probs of
+    ``labels`` and the entropy from ``hidden [..., D]`` and the lm_head ``weight [V, D]``, through
+    ``rlfuse.LinearLogits`` (chunked GEMMs, the ``[N, V]`` logits never stored). Only verl's
+    ``reduction="none"`` (per-token outputs of ``labels``' shape) and no vocabulary-parallel group."""
+    if reduction.lower() != "none":
+        raise ValueError(f"reduction={reduction!r}: rlfuse's drop-in returns per-token values only ('none')")
+    if dist_process_group is not None:
+        raise ValueError("dist_process_group: the vocabulary-parallel lm_head is not supported by this drop-in")
+    src = LinearLogits(hidden, weight)
+    return F.token_logprobs(src, labels.to(torch.int64), temperature=float(temperature), return_entropy=True)
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """``verl.utils.experimental.torch_functional.FusedLinearForPPO``: ``forward(hidden_states,
+    vocab_weights, input_ids, temperature) -> (log_probs, entropy)`` from hidden states, through
+    ``rlfuse.LinearLogits``. ``chunk_size`` is the tokens per chunk; ``impl_backend`` is accepted
+    for signature compatibility (rlfuse picks its kernel backend itself)."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
+        src = LinearLogits(hidden_states, vocab_weights, chunk_tokens=self.chunk_size)
+        return F.token_logprobs(src, input_ids.to(torch.int64), temperature=float(temperature), return_entropy=True)
+
+
+def patch_fused_kernels():
+    """Point verl's fused-kernel path (``use_fused_kernels``: log-probs and entropy from hidden
+    states) at rlfuse: ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` and
+    ``verl.utils.experimental.torch_functional.FusedLinearForPPO``. verl's model code imports them
+    when called, so the patch reaches it. Returns a function that undoes the patch."""
+    import importlib
+
+    targets = [("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy", linear_cross_entropy),
+               ("verl.utils.experimental.torch_functional", "FusedLinearForPPO", FusedLinearForPPO)]
+    originals = []
+    for module_name, name, replacement in targets:
+        module = importlib.import_module(module_name)
+        originals.append((module, name, getattr(module, name)))
+        setattr(module, name, replacement)
+
+    def undo():
+        for module, name, original in originals:
+            setattr(module, name, original)
+
+    return undo
 
 
 def patch_torch_functional():
