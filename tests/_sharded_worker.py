@@ -233,6 +233,10 @@ def token_logprobs_mask_and_edge_rows(rank, world):
     want = ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]]
     torch.testing.assert_close(local.grad, want, **GRAD32)
     assert torch.equal(local.grad[3], torch.zeros_like(local.grad[3]))  # NaN row, masked: exact zeros
+    # An id outside [0, V) at a valid position (the public functions reject it first): NaN, as the kernels.
+    bad_ids = tokens.clone()
+    bad_ids[0], bad_ids[1] = vocab, -1
+    assert torch.isnan(src._token_logprobs(bad_ids, 1.0, "cpu", mask=mask)[0][:2]).all()
     # Upstream gradient sent to masked positions is dropped: still exact zeros.
     local.grad = None
     logp, entropy = src._token_logprobs(tokens, 1.0, "cpu", mask=mask)
@@ -559,6 +563,21 @@ def public_policy_loss(rank, world):
     old_topk = rlfuse.sparse_logprobs(full + 0.2 * full_logits(seed + 9, lead, vocab, neg_inf=False), tokens, 16)
     configs = [("grpo", LossConfig.grpo(), {}), ("dapo+entropy", LossConfig.dapo(entropy_coef=0.01), {}),
                ("gspo", LossConfig(loss="gspo"), {}), ("troll", LossConfig.troll(troll_k=16), {"old_topk": old_topk})]
+    # Full-vocabulary KL to a reference sharded the same way (kl_full_coef).
+    ref_full_logits = full + 0.3 * full_logits(seed + 11, lead, vocab, neg_inf=False)
+    src, local = make(full, layout, rank, requires_grad=True)
+    ref_src, _ = make(ref_full_logits, layout, rank)
+    config = LossConfig.dapo(kl_full_coef=0.1)
+    out = rlfuse.policy_loss(src, tokens, adv, old_logprobs=old, mask=mask, config=config, ref_logits=ref_src)
+    ref_full = full.clone().requires_grad_(True)
+    ref = rlfuse.policy_loss(ref_full, tokens, adv, old_logprobs=old, mask=mask, config=config,
+                             ref_logits=ref_full_logits)
+    _compare_loss_outputs(out, ref, "kl_full", mask)
+    out.loss.backward()
+    ref.loss.backward()
+    starts, sizes = layout
+    torch.testing.assert_close(local.grad, ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]],
+                               rtol=1e-4, atol=1e-7, msg="kl_full")
     for packed in (False, True):
         for what, config, extra in configs:
             kwargs = dict(old_logprobs=old, mask=mask, config=config, **extra)

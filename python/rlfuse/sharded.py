@@ -342,6 +342,13 @@ class ShardedLogits(LogitsSource):
         local_ids, owned = self._local_ids(tokens, valid)
         logp, entropy = _ShardedTokenLogprobs.apply(self.local_logits, local_ids, owned, valid, temperature, backend,
                                                     self.group)
+        # An id outside [0, V) (only if the caller skipped the public check) is owned by no rank: NaN,
+        # as the kernels give, never a value.
+        ids = tokens.reshape(self._lead()).to(self.device)
+        unknown = (ids < 0) | (ids >= self._vocab)
+        if valid is not None:
+            unknown = unknown & valid
+        logp = torch.where(unknown, torch.full_like(logp, math.nan), logp)
         return logp.reshape(tokens.shape), entropy.reshape(tokens.shape)
 
     def token_logprobs(self, tokens: Tensor, temperature: float = 1.0, return_entropy: bool = False,
@@ -366,8 +373,8 @@ class ShardedLogits(LogitsSource):
             local = other.local_logits
         elif isinstance(other, Tensor):
             if other.shape[-1] != self._vocab:
-                raise ValueError(f"other_logits must be ShardedLogits or a full [..., V] tensor with V = {self._vocab}, "
-                                 f"got shape {tuple(other.shape)}")
+                raise ValueError(f"other_logits must be ShardedLogits or a full [..., V] tensor with "
+                                 f"V = {self._vocab}, got shape {tuple(other.shape)}")
             local = other[..., self.vocab_start:self.vocab_end]
         else:
             raise TypeError(f"other_logits must be ShardedLogits or a tensor, got {type(other).__name__}")
