@@ -16,6 +16,8 @@ namespace rlfuse::cpu {
   void kl_div_bwd_rows(const KlDivBwdArgs& args, int64_t begin, int64_t end);         \
   void row_topk_rows(const RowTopkArgs& args, int64_t begin, int64_t end);             \
   void sample_rows(const SampleArgs& args, int64_t begin, int64_t end);                \
+  void jsd_fwd_rows(const JsdFwdArgs& args, int64_t begin, int64_t end);               \
+  void jsd_bwd_rows(const JsdBwdArgs& args, int64_t begin, int64_t end);               \
   }
 
 RLFUSE_DECLARE_ROW_KERNELS(base)

@@ -88,6 +88,14 @@ void sample_cpu(const SampleArgs& args, int num_threads) {
   run_rows(args, num_threads, RLFUSE_ROWS(sample_rows));
 }
 
+void jsd_fwd_cpu(const JsdFwdArgs& args, int num_threads) {
+  run_rows(args, num_threads, RLFUSE_ROWS(jsd_fwd_rows));
+}
+
+void jsd_bwd_cpu(const JsdBwdArgs& args, int num_threads) {
+  run_rows(args, num_threads, RLFUSE_ROWS(jsd_bwd_rows));
+}
+
 const char* cpu_isa() { return kIsaNames[static_cast<int>(selected_isa())]; }
 
 }  // namespace rlfuse

@@ -264,6 +264,46 @@ KL_DIV_BWD_ARGS = Struct("KlDivBwdArgs", (
    "times grad_kl[row] * inv_temp, stored in `dtype`. Rows with grad_kl == 0 are written as zeros\n"
    "without reading the inputs (masked rows may hold garbage).")
 
+JSD_FWD_ARGS = Struct("JsdFwdArgs", (
+    _LOGITS, _DTYPE, _LAYOUT,
+    Field("other", "const void*", "same dtype as logits"),
+    Field("other_layout", "RowLayout", "rows of other"),
+    _VOCAB, _INV_TEMP,
+    Field("beta", "float", "mixture weight of q, in (0, 1): m = (1 - beta) p + beta q"),
+    Field("jsd", "float*", "[rows] beta KL(q || m) + (1 - beta) KL(p || m)"),
+    Field("kl_logits", "float*", "[rows] KL(p || m), saved for the backward"),
+    Field("kl_other", "float*", "[rows] KL(q || m), saved for the backward"),
+    Field("lse", "float*", "[rows] logsumexp(x), saved for the backward"),
+    Field("other_lse", "float*", "[rows] logsumexp(y), saved for the backward"),
+), "Generalised Jensen-Shannon divergence between two logit rows (docs/distillation.md; TRL's GKD\n"
+   "generalized_jsd_loss for 0 < beta < 1): p = softmax(x), q = softmax(y), x = logits * inv_temp,\n"
+   "y = other * inv_temp, m = (1 - beta) p + beta q. Two reads of both rows: the statistics, then\n"
+   "the mixture sums with d = log q - log p, u = log(m / p), v = log(m / q) = u - d, formed as\n"
+   "r = log(w), w = (1 - beta) + beta e^d (d <= 0, u = r) or beta + (1 - beta) e^-d (d > 0, v = r):\n"
+   "  KL(p || m) = -sum p u,  KL(q || m) = -sum q v  (terms with p = 0, resp. q = 0, add 0).\n"
+   "Identical rows give d = 0, w = 1 and exactly 0. NaN anywhere, or a row with no finite entry, gives NaN.")
+
+JSD_BWD_ARGS = Struct("JsdBwdArgs", (
+    _LOGITS, _DTYPE, _LAYOUT,
+    Field("other", "const void*", "same dtype as logits"),
+    Field("other_layout", "RowLayout", "rows of other"),
+    _VOCAB, _INV_TEMP,
+    Field("beta", "float", "as in the forward"),
+    Field("kl_logits", "const float*", "[rows] from the forward"),
+    Field("kl_other", "const float*", "[rows] from the forward"),
+    Field("lse", "const float*", "[rows] from the forward"),
+    Field("other_lse", "const float*", "[rows] from the forward"),
+    Field("grad_jsd", "const float*", "[rows]"),
+    Field("grad_logits", "void*", "nullable"),
+    _GRAD_LAYOUT,
+    Field("grad_other", "void*", "nullable"),
+    Field("grad_other_layout", "RowLayout", "rows of grad_other"),
+), "JSD backward: one more read of both rows, a write of each requested gradient (either may be null):\n"
+   "  dJSD/dx_j = -(1 - beta) p_j (u_j + KL(p || m))  (0 where p_j = 0)\n"
+   "  dJSD/dy_j = -beta q_j (v_j + KL(q || m))        (0 where q_j = 0)\n"
+   "times grad_jsd[row] * inv_temp, stored in `dtype`; log p = x - lse, log q = y - other_lse. Rows with\n"
+   "grad_jsd == 0 are written as zeros without reading the inputs.")
+
 ROW_TOPK_ARGS = Struct("RowTopkArgs", (
     _LOGITS, _DTYPE, _LAYOUT, _VOCAB, _TOKENS, _INV_TEMP,
     Field("k", "int64_t", ">= 1"),
@@ -311,7 +351,8 @@ SAMPLE_ARGS = Struct("SampleArgs", (
    "at T (T = 1 when greedy). Rows with NaN, or with no finite entry, are rejected by the caller.")
 
 STRUCTS = (ROW_LAYOUT, TOKEN_LOSS_PARAMS, TOKEN_LOGPROBS_FWD_ARGS, TOKEN_LOGPROBS_BWD_ARGS,
-           POLICY_LOSS_FUSED_ARGS, KL_DIV_FWD_ARGS, KL_DIV_BWD_ARGS, ROW_TOPK_ARGS, SAMPLE_ARGS)
+           POLICY_LOSS_FUSED_ARGS, KL_DIV_FWD_ARGS, KL_DIV_BWD_ARGS, ROW_TOPK_ARGS, SAMPLE_ARGS,
+           JSD_FWD_ARGS, JSD_BWD_ARGS)
 
 KERNELS = {k.name: k for k in (
     Kernel("token_logprobs_fwd", TOKEN_LOGPROBS_FWD_ARGS, "token_logprobs"),
@@ -321,6 +362,8 @@ KERNELS = {k.name: k for k in (
     Kernel("kl_div_bwd", KL_DIV_BWD_ARGS, "kl_div"),
     Kernel("row_topk", ROW_TOPK_ARGS, "row_topk"),
     Kernel("sample", SAMPLE_ARGS, "sample"),
+    Kernel("jsd_fwd", JSD_FWD_ARGS, "distill"),
+    Kernel("jsd_bwd", JSD_BWD_ARGS, "distill"),
 )}
 
 # The float fields of TokenLossParams, in declaration order: the Triton kernel takes them as one

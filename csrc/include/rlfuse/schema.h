@@ -453,6 +453,108 @@ void visit_fields(const SampleArgs& s, F&& f) {
   RLFUSE_FIELDS_SampleArgs(RLFUSE_SCHEMA_VISIT_FIELD)
 }
 
+// Generalised Jensen-Shannon divergence between two logit rows (docs/distillation.md; TRL's GKD
+// generalized_jsd_loss for 0 < beta < 1): p = softmax(x), q = softmax(y), x = logits * inv_temp,
+// y = other * inv_temp, m = (1 - beta) p + beta q. Two reads of both rows: the statistics, then
+// the mixture sums with d = log q - log p, u = log(m / p), v = log(m / q) = u - d, formed as
+// r = log(w), w = (1 - beta) + beta e^d (d <= 0, u = r) or beta + (1 - beta) e^-d (d > 0, v = r):
+//   KL(p || m) = -sum p u,  KL(q || m) = -sum q v  (terms with p = 0, resp. q = 0, add 0).
+// Identical rows give d = 0, w = 1 and exactly 0. NaN anywhere, or a row with no finite entry, gives NaN.
+//
+//   logits        row layout `layout`, element type `dtype`
+//   dtype         element type of logits (and of every gradient)
+//   layout        rows of logits
+//   other         same dtype as logits
+//   other_layout  rows of other
+//   vocab         V, the row length
+//   inv_temp      fp32(1 / T)
+//   beta          mixture weight of q, in (0, 1): m = (1 - beta) p + beta q
+//   jsd           [rows] beta KL(q || m) + (1 - beta) KL(p || m)
+//   kl_logits     [rows] KL(p || m), saved for the backward
+//   kl_other      [rows] KL(q || m), saved for the backward
+//   lse           [rows] logsumexp(x), saved for the backward
+//   other_lse     [rows] logsumexp(y), saved for the backward
+#define RLFUSE_FIELDS_JsdFwdArgs(X) \
+  X(const void*, logits, void)      \
+  X(DType, dtype, void)             \
+  X(RowLayout, layout, void)        \
+  X(const void*, other, void)       \
+  X(RowLayout, other_layout, void)  \
+  X(int64_t, vocab, void)           \
+  X(float, inv_temp, void)          \
+  X(float, beta, void)              \
+  X(float*, jsd, void)              \
+  X(float*, kl_logits, void)        \
+  X(float*, kl_other, void)         \
+  X(float*, lse, void)              \
+  X(float*, other_lse, void)
+struct JsdFwdArgs {
+  RLFUSE_FIELDS_JsdFwdArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
+};
+constexpr const char* struct_name(const JsdFwdArgs*) { return "JsdFwdArgs"; }
+template <typename F>
+void visit_fields(JsdFwdArgs& s, F&& f) {
+  RLFUSE_FIELDS_JsdFwdArgs(RLFUSE_SCHEMA_VISIT_FIELD)
+}
+template <typename F>
+void visit_fields(const JsdFwdArgs& s, F&& f) {
+  RLFUSE_FIELDS_JsdFwdArgs(RLFUSE_SCHEMA_VISIT_FIELD)
+}
+
+// JSD backward: one more read of both rows, a write of each requested gradient (either may be null):
+//   dJSD/dx_j = -(1 - beta) p_j (u_j + KL(p || m))  (0 where p_j = 0)
+//   dJSD/dy_j = -beta q_j (v_j + KL(q || m))        (0 where q_j = 0)
+// times grad_jsd[row] * inv_temp, stored in `dtype`; log p = x - lse, log q = y - other_lse. Rows with
+// grad_jsd == 0 are written as zeros without reading the inputs.
+//
+//   logits             row layout `layout`, element type `dtype`
+//   dtype              element type of logits (and of every gradient)
+//   layout             rows of logits
+//   other              same dtype as logits
+//   other_layout       rows of other
+//   vocab              V, the row length
+//   inv_temp           fp32(1 / T)
+//   beta               as in the forward
+//   kl_logits          [rows] from the forward
+//   kl_other           [rows] from the forward
+//   lse                [rows] from the forward
+//   other_lse          [rows] from the forward
+//   grad_jsd           [rows]
+//   grad_logits        nullable
+//   grad_layout        rows of grad_logits
+//   grad_other         nullable
+//   grad_other_layout  rows of grad_other
+#define RLFUSE_FIELDS_JsdBwdArgs(X)     \
+  X(const void*, logits, void)          \
+  X(DType, dtype, void)                 \
+  X(RowLayout, layout, void)            \
+  X(const void*, other, void)           \
+  X(RowLayout, other_layout, void)      \
+  X(int64_t, vocab, void)               \
+  X(float, inv_temp, void)              \
+  X(float, beta, void)                  \
+  X(const float*, kl_logits, void)      \
+  X(const float*, kl_other, void)       \
+  X(const float*, lse, void)            \
+  X(const float*, other_lse, void)      \
+  X(const float*, grad_jsd, void)       \
+  X(void*, grad_logits, void)           \
+  X(RowLayout, grad_layout, void)       \
+  X(void*, grad_other, void)            \
+  X(RowLayout, grad_other_layout, void)
+struct JsdBwdArgs {
+  RLFUSE_FIELDS_JsdBwdArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
+};
+constexpr const char* struct_name(const JsdBwdArgs*) { return "JsdBwdArgs"; }
+template <typename F>
+void visit_fields(JsdBwdArgs& s, F&& f) {
+  RLFUSE_FIELDS_JsdBwdArgs(RLFUSE_SCHEMA_VISIT_FIELD)
+}
+template <typename F>
+void visit_fields(const JsdBwdArgs& s, F&& f) {
+  RLFUSE_FIELDS_JsdBwdArgs(RLFUSE_SCHEMA_VISIT_FIELD)
+}
+
 #undef RLFUSE_SCHEMA_DECLARE_FIELD
 #undef RLFUSE_SCHEMA_VISIT_FIELD
 
@@ -465,6 +567,8 @@ void visit_fields(const SampleArgs& s, F&& f) {
   X(kl_div_fwd, KlDivFwdArgs)                 \
   X(kl_div_bwd, KlDivBwdArgs)                 \
   X(row_topk, RowTopkArgs)                    \
-  X(sample, SampleArgs)
+  X(sample, SampleArgs)                       \
+  X(jsd_fwd, JsdFwdArgs)                      \
+  X(jsd_bwd, JsdBwdArgs)
 
 }  // namespace rlfuse

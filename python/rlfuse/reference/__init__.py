@@ -1,5 +1,6 @@
 """Plain-PyTorch implementations written from docs/SPEC.md: the test oracle and the ``torch`` backend."""
 
+from .distill import jsd_gradients, jsd_reference, jsd_statistics, sampled_kl_terms, sparse_kl_terms
 from .kl_div import kl_divergence_reference, kl_gradients, kl_statistics
 from .policy_loss import (
     aggregation_weights,
@@ -26,4 +27,5 @@ __all__ = [
     "kl_gradients", "aggregation_weights", "clip_cov_term",
     "entropy_minority_mask", "gmpo_loss", "gspo_loss", "gspo_token_term", "kl_cov_term", "kl_term",
     "penalty_terms", "policy_term", "ratio", "rollout_correction_weights", "segment_sum", "token_loss", "weighted", "sample_reference",
+    "jsd_reference", "jsd_statistics", "jsd_gradients", "sparse_kl_terms", "sampled_kl_terms",
 ]

@@ -1,0 +1,115 @@
+// Row kernels of the CPU generalised Jensen-Shannon divergence (schema.h JsdFwdArgs / JsdBwdArgs,
+// docs/distillation.md). p = softmax(x) (logits), q = softmax(y) (other), m = (1 - beta) p + beta q.
+// Forward: two reads of both rows, chunk by chunk: row_kernels.h's online statistics of each row,
+// then the mixture sums. Backward: one more read of both rows and the requested gradients.
+//
+// Per element, with d = log q - log p:
+//   w = (1 - beta) + beta e^d  (d <= 0)   or   beta + (1 - beta) e^-d  (d > 0),   r = log w,
+//   u = log(m / p) = r (d <= 0) or r + d,   v = log(m / q) = r - d (d <= 0) or r,
+// so the exponential only sees -|d| <= 0 and the logarithm a value in [min(beta, 1 - beta), 1]:
+// no overflow for any d, and identical rows (d = 0, w = 1 exactly) give exactly 0.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu_kernels.h"
+#include "row_kernels.h"
+
+namespace rlfuse::cpu::RLFUSE_CPU_ISA {
+namespace {
+
+// u and v of one lane group.
+struct MixtureLogs {
+  Vec u;
+  Vec v;
+};
+
+RLFUSE_ALWAYS_INLINE MixtureLogs mixture_logs(Vec log_p, Vec log_q, float beta) {
+  const Vec d = log_q - log_p;
+  const auto below = d <= 0.0f;
+  const Vec abs_d = below ? -d : d;
+  const Vec e = exp_nonpositive(-abs_d);  // NaN d (both entries -inf): garbage, selected away
+  const Vec w = below ? (1.0f - beta) + beta * e : beta + (1.0f - beta) * e;
+  const Vec r = log_positive(w);
+  return MixtureLogs{below ? r : r + d, below ? r - d : r};
+}
+
+}  // namespace
+
+void jsd_fwd_rows(const JsdFwdArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float x[kChunk];
+  alignas(64) float y[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
+    const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+    // Read 1: both rows' statistics, through the same code (identical rows, identical results).
+    RowStats p = empty_stats(), q = empty_stats();
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      online_chunk(x, padded, p);
+      online_chunk(y, padded, q);
+    }
+    const float log_sum_p = std::log(p.sum), log_sum_q = std::log(q.sum);
+    // Read 2: the mixture sums. log p = (x - max) - log sum: exact for the probable entries.
+    const Vec max_p = splat(p.max), max_q = splat(q.max);
+    Vec sum_pu = splat(0.0f), sum_qv = splat(0.0f);
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      for (int64_t i = 0; i < padded; i += kLanes) {
+        const Vec log_p = (load_vec(x + i) - max_p) - log_sum_p;
+        const Vec log_q = (load_vec(y + i) - max_q) - log_sum_q;
+        const Vec pv = exp_nonpositive(log_p), qv = exp_nonpositive(log_q);
+        const MixtureLogs m = mixture_logs(log_p, log_q, a.beta);
+        sum_pu += pv == 0.0f ? splat(0.0f) : pv * m.u;
+        sum_qv += qv == 0.0f ? splat(0.0f) : qv * m.v;
+      }
+    }
+    const float kl_p = -lane_sum(sum_pu), kl_q = -lane_sum(sum_qv);
+    a.kl_logits[row] = kl_p;
+    a.kl_other[row] = kl_q;
+    a.jsd[row] = a.beta * kl_q + (1.0f - a.beta) * kl_p;
+    a.lse[row] = p.max + log_sum_p;
+    a.other_lse[row] = q.max + log_sum_q;
+  }
+}
+
+void jsd_bwd_rows(const JsdBwdArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float x[kChunk];
+  alignas(64) float y[kChunk];
+  const int64_t esize = element_size(a.dtype);
+  for (int64_t row = begin; row < end; ++row) {
+    const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
+    const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+    char* dst_x = a.grad_logits ? const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row)) : nullptr;
+    char* dst_y = a.grad_other ? const_cast<char*>(row_pointer(a.grad_other, a.dtype, a.grad_other_layout, row)) : nullptr;
+    const float g = a.grad_jsd[row] * a.inv_temp;
+    if (g == 0.0f) {  // masked row: zeros, without reading (possibly garbage) logits
+      if (dst_x) std::memset(dst_x, 0, a.vocab * esize);
+      if (dst_y) std::memset(dst_y, 0, a.vocab * esize);
+      continue;
+    }
+    const Vec lse_p = splat(a.lse[row]), lse_q = splat(a.other_lse[row]);
+    const Vec kl_p = splat(a.kl_logits[row]), kl_q = splat(a.kl_other[row]);
+    const float coef_x = -(1.0f - a.beta) * g, coef_y = -a.beta * g;
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      for (int64_t i = 0; i < padded; i += kLanes) {
+        const Vec log_p = load_vec(x + i) - lse_p, log_q = load_vec(y + i) - lse_q;
+        const Vec pv = exp_nonpositive(log_p), qv = exp_nonpositive(log_q);
+        const MixtureLogs m = mixture_logs(log_p, log_q, a.beta);
+        store_vec(x + i, pv == 0.0f ? splat(0.0f) : coef_x * (pv * (m.u + kl_p)));
+        store_vec(y + i, qv == 0.0f ? splat(0.0f) : coef_y * (qv * (m.v + kl_q)));
+      }
+      if (dst_x) store_converted(x, n, a.dtype, dst_x + start * esize);
+      if (dst_y) store_converted(y, n, a.dtype, dst_y + start * esize);
+    }
+  }
+}
+
+}  // namespace rlfuse::cpu::RLFUSE_CPU_ISA

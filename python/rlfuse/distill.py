@@ -1,0 +1,288 @@
+"""Distillation losses over the vocabulary (docs/distillation.md, issue 19).
+
+``distill_loss(student, teacher, ...)`` trains a student's logits towards a teacher's:
+
+* ``"jsd"``: TRL's generalised Jensen-Shannon divergence JSD(beta) (GKD's
+  ``generalized_jsd_loss``): ``beta KL(t || m) + (1 - beta) KL(s || m)``, ``m = (1 - beta) s + beta t``;
+  ``beta = 0`` is ``KL(t || s)`` and ``beta = 1`` ``KL(s || t)``, as TRL defines them. The JSD runs
+  on its own row kernels (``rlfuse::jsd_fwd`` / ``_bwd``), the two KLs on ``rlfuse::kl_div_*``.
+* ``"forward_kl"`` ``KL(t || s)`` and ``"reverse_kl"`` ``KL(s || t)`` over the full vocabulary.
+* ``"sparse_kl"``: the teacher given as its top-k (``SparseLogprobs`` or ``(ids, logprobs)``): the
+  KL ``(t || s)`` on the teacher's support, TRL's tail-bucket convention or verl's (``sparse_convention``).
+* ``"sampled_reverse_kl"``: only the teacher's log-prob of each sampled token (``teacher_logprobs``):
+  the k1 / k3 estimators of ``KL(s || t)``.
+
+``s = softmax(student / T)``; ``t = softmax(teacher / T)`` for logits teachers (sparse and sampled
+teachers' log-probs are used as given). Gradients reach the student, and the teacher's logits when
+they require grad. ``distill_term`` returns the per-token values for other losses to combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import _validation as check
+from .backends import resolve_backend
+from .ops.distill import jsd_fwd
+from .ops.kl_div import DIRECTIONS, kl_div_fwd
+from .ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
+from .reference.distill import sampled_kl_terms, sparse_kl_terms
+from .troll import SparseLogprobs
+
+KINDS = ("jsd", "forward_kl", "reverse_kl", "sparse_kl", "sampled_reverse_kl")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "sum", "token-sum")
+SPARSE_CONVENTIONS = ("tail", "verl", "renorm")
+ESTIMATORS = ("k1", "k3")
+MIN_BETA = float(torch.finfo(torch.float32).tiny)  # 0 < beta < 1 must keep beta and 1 - beta normal fp32
+
+
+@dataclass
+class DistillOutput:
+    """``loss`` (scalar, differentiable); ``per_token`` (fp32, ``student.shape[:-1]``, differentiable,
+    0 at masked positions); ``metrics`` (detached scalars, plus ``kind`` and ``backend`` strings)."""
+
+    loss: Tensor
+    per_token: Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+# --- the student's log-probs at a sparse support ------------------------------------------------
+
+
+class SupportLogprobs(torch.autograd.Function):
+    """The student's full-vocabulary log-probs at ``ids`` ([..., K]; the ``valid`` ones distinct).
+
+    Forward: one ``token_logprobs`` pass for the row statistics, with the first id as anchor, so
+    ``log s_k = (x_k - x_a) + log s_a`` is exact for the probable ids (no rounded lse; x_k - lse
+    where the anchor logit is -inf). Backward: ``dL/dz_j = (g_j - G s_j) / T`` (g on the support,
+    ``G = sum g``): the dense ``-G s_j / T`` from the ``token_logprobs`` gradient kernel with no
+    target, then the support's entries written exactly (fp32) over it."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, valid, temperature, backend):
+        vocab = logits.shape[-1]
+        safe_ids = torch.where(valid, ids.long(), 0).clamp(0, vocab - 1)
+        anchor = safe_ids[..., 0].contiguous()
+        logp_a, entropy, lse = token_logprobs_fwd(logits, anchor, temperature, backend, False)
+        compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        inv_temp = 1.0 / temperature
+        x = logits.gather(-1, safe_ids).to(compute) * inv_temp
+        x_a = logits.gather(-1, anchor.unsqueeze(-1)).to(compute) * inv_temp
+        exact = (x - x_a) + logp_a.to(compute).unsqueeze(-1)
+        rounded = x - lse.to(compute).unsqueeze(-1)
+        logs = torch.where(torch.isfinite(x_a), exact, rounded)
+        logs = torch.where(valid, logs, float("-inf"))
+        ctx.save_for_backward(logits, safe_ids, valid, lse, entropy, logs)
+        ctx.temperature, ctx.backend = temperature, backend
+        return logs
+
+    @staticmethod
+    def backward(ctx, grad_logs):
+        logits, ids, valid, lse, entropy, logs = ctx.saved_tensors
+        temperature, backend = ctx.temperature, ctx.backend
+        g = torch.where(valid, grad_logs, 0.0)
+        total = g.sum(-1)
+        no_target = torch.full_like(ids[..., 0], -1)
+        grad = token_logprobs_bwd(logits, no_target, lse, entropy, total.float(), torch.zeros_like(lse),
+                                  temperature, backend)
+        # The support's entries, exactly: (g_k - G s_k) / T (s_k = 0 where log s_k = -inf).
+        probs = torch.where(valid, logs.exp(), 0.0)
+        values = (g - total.unsqueeze(-1) * probs) / temperature
+        # Invalid slots repeat the first valid slot (same index, same value: deterministic); rows
+        # without one rewrite entry 0 with what it holds.
+        first = valid.to(torch.int8).argmax(-1, keepdim=True)
+        has_any = valid.any(-1, keepdim=True)
+        fill_idx = torch.where(has_any, ids.gather(-1, first), 0)
+        fill_val = torch.where(has_any, values.gather(-1, first), grad[..., :1].to(values.dtype))
+        idx = torch.where(valid, ids, fill_idx)
+        val = torch.where(valid, values, fill_val)
+        grad = grad.scatter(-1, idx, val.to(grad.dtype))
+        return grad, None, None, None, None
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def _check_mask(mask, shape, device):
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must be a tensor of shape {tuple(shape)} (the student's leading dimensions)")
+    return mask.to(device=device) != 0
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a number in [0, 1], got {beta!r}")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if 0.0 < beta < MIN_BETA or 0.0 < 1.0 - beta < MIN_BETA:
+        raise ValueError(f"beta and 1 - beta must be 0 or at least {MIN_BETA:.8g}, got beta = {beta!r}")
+    return beta
+
+
+def _sparse_teacher(teacher, student):
+    if isinstance(teacher, SparseLogprobs):
+        ids, logprobs = teacher.ids, teacher.logprobs
+        if teacher.vocab != student.shape[-1]:
+            raise ValueError(f"the sparse teacher was taken over {teacher.vocab} ids, the student has "
+                             f"V = {student.shape[-1]}")
+    elif isinstance(teacher, (tuple, list)) and len(teacher) == 2:
+        ids, logprobs = teacher
+    else:
+        raise TypeError("kind='sparse_kl' takes the teacher as rlfuse.SparseLogprobs or a tuple (ids, logprobs)")
+    if not isinstance(ids, Tensor) or not isinstance(logprobs, Tensor):
+        raise TypeError("the sparse teacher's ids and logprobs must be tensors")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"the sparse teacher's ids must be int32 or int64, got {ids.dtype}")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"the sparse teacher's logprobs must be floating point, got {logprobs.dtype}")
+    lead = tuple(student.shape[:-1])
+    if ids.dim() != len(lead) + 1 or tuple(ids.shape[:-1]) != lead or ids.shape != logprobs.shape or ids.shape[-1] < 1:
+        raise ValueError(f"the sparse teacher's ids and logprobs must both have shape {lead + ('K',)} with K >= 1, "
+                         f"got {tuple(ids.shape)} and {tuple(logprobs.shape)}")
+    if ids.device != student.device or logprobs.device != student.device:
+        raise ValueError("the sparse teacher must be on the student's device")
+    return ids, logprobs
+
+
+# --- per-token terms ------------------------------------------------------------------------------
+
+
+def _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs, estimator,
+           sparse_convention):
+    """(per-token fp32 values of shape student.shape[:-1], 0 where not valid; resolved backend)."""
+    if kind in ("jsd", "forward_kl", "reverse_kl"):
+        check.check_logits(teacher, "teacher")
+        if teacher.shape != student.shape:
+            raise ValueError(f"teacher must have the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}")
+        if teacher.dtype != student.dtype:
+            raise TypeError(f"teacher must have the student's dtype {student.dtype}, got {teacher.dtype}")
+        if teacher.device != student.device:
+            raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+        resolved = resolve_backend(backend, student.device, "kl_div", student.dtype)
+        if kind == "jsd" and 0.0 < beta < 1.0:
+            values = jsd_fwd(student, teacher, temperature, beta, resolved)[0]
+        else:
+            # KL(t || s) is the reverse direction of (student, teacher); KL(s || t) the forward one.
+            reverse = kind == "forward_kl" or (kind == "jsd" and beta == 0.0)
+            direction = DIRECTIONS["reverse" if reverse else "forward"]
+            values = kl_div_fwd(student, teacher, temperature, direction, resolved)[0]
+    elif kind == "sparse_kl":
+        ids, logprobs = _sparse_teacher(teacher, student)
+        resolved = resolve_backend(backend, student.device, "token_logprobs", student.dtype)
+        vocab = student.shape[-1]
+        slot_valid = (ids >= 0) & (ids < vocab) & (logprobs > float("-inf"))
+        if valid is not None:
+            slot_valid = slot_valid & valid.unsqueeze(-1)
+        compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+        student_logs = SupportLogprobs.apply(student, ids, slot_valid, temperature, resolved)
+        teacher_logs = torch.where(slot_valid, logprobs.to(compute), float("-inf"))
+        values = sparse_kl_terms(student_logs, teacher_logs, slot_valid, sparse_convention)
+    elif kind == "sampled_reverse_kl":
+        if tokens is None:
+            raise ValueError("kind='sampled_reverse_kl' needs the sampled tokens")
+        if not isinstance(teacher_logprobs, Tensor) or tuple(teacher_logprobs.shape) != tuple(student.shape[:-1]):
+            raise ValueError(f"kind='sampled_reverse_kl' needs teacher_logprobs of shape {tuple(student.shape[:-1])}")
+        check.check_tokens(tokens, student)
+        resolved = resolve_backend(backend, student.device, "token_logprobs", student.dtype)
+        logp = token_logprobs_fwd(student, tokens, temperature, resolved, False)[0]
+        teacher_lp = teacher_logprobs.to(device=student.device, dtype=logp.dtype)
+        if valid is not None:  # masked positions see zeros (docs/SPEC.md section 9)
+            logp = torch.where(valid, logp, 0.0)
+            teacher_lp = torch.where(valid, teacher_lp, 0.0)
+        values = sampled_kl_terms(logp, teacher_lp, estimator)
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    values = values.float()
+    if valid is not None:
+        values = torch.where(valid, values, 0.0)
+    return values, resolved
+
+
+def _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator, sparse_convention):
+    check.check_logits(student, "student")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    beta = _check_beta(beta)
+    temperature = check.check_temperature(temperature)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if sparse_convention not in SPARSE_CONVENTIONS:
+        raise ValueError(f"sparse_convention must be one of {SPARSE_CONVENTIONS}, got {sparse_convention!r}")
+    if kind != "sampled_reverse_kl" and teacher is None:
+        raise ValueError(f"kind={kind!r} needs a teacher")
+    valid = _check_mask(mask, student.shape[:-1], student.device)
+    return beta, temperature, valid
+
+
+def distill_term(student: Tensor, teacher=None, tokens: Tensor | None = None, *, kind: str = "jsd",
+                 beta: float = 0.5, temperature: float = 1.0, mask: Tensor | None = None, backend: str = "auto",
+                 teacher_logprobs: Tensor | None = None, estimator: str = "k1",
+                 sparse_convention: str = "tail") -> Tensor:
+    """Per-token distillation values, fp32 ``[N]`` (N = ``student.shape[:-1].numel()``, row-major),
+    differentiable (student, and teacher logits that require grad), exactly 0 at masked positions,
+    which also get exactly zero gradient. Arguments as :func:`distill_loss`. The loss of a caller
+    is ``sum_t w_t term_t`` with its own weights."""
+    beta, temperature, valid = _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator,
+                                        sparse_convention)
+    values, _ = _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs,
+                       estimator, sparse_convention)
+    return values.reshape(-1)
+
+
+def _weights(valid, shape, aggregation, device):
+    """Per-token aggregation weights (docs/SPEC.md section 6) and the valid-token count."""
+    ones = torch.ones(shape, dtype=torch.bool, device=device)
+    valid = ones if valid is None else valid
+    v = valid.float()
+    count = v.sum()
+    if aggregation == "token-mean":
+        return v / count.clamp(min=1), count
+    if aggregation in ("sum", "token-sum"):
+        return v, count
+    if len(shape) != 2:
+        raise ValueError(f"aggregation='seq-mean-token-mean' needs padded [B, T] inputs, got leading shape {tuple(shape)}")
+    per_seq = v.sum(-1, keepdim=True)
+    sequences = (per_seq > 0).float().sum().clamp(min=1)
+    return v / (per_seq.clamp(min=1) * sequences), count
+
+
+def distill_loss(student: Tensor, teacher=None, tokens: Tensor | None = None, *, kind: str = "jsd",
+                 beta: float = 0.5, temperature: float = 1.0, mask: Tensor | None = None,
+                 aggregation: str = "token-mean", backend: str = "auto", teacher_logprobs: Tensor | None = None,
+                 estimator: str = "k1", sparse_convention: str = "tail") -> DistillOutput:
+    """Distillation loss between student logits ``[..., V]`` and a teacher (docs/distillation.md).
+
+    ``teacher``: logits of the student's shape and dtype (``jsd``, ``forward_kl``, ``reverse_kl``),
+    ``rlfuse.SparseLogprobs`` or ``(ids, logprobs)`` of shape ``[..., K]`` (``sparse_kl``), or None
+    (``sampled_reverse_kl``, which takes ``tokens`` and ``teacher_logprobs`` of shape ``[...]``).
+    ``beta``: JSD's mixture weight (0: ``KL(t || s)``, 1: ``KL(s || t)``). ``temperature`` divides
+    the student's and the teacher's logits. ``mask`` (``[...]``, nonzero = valid). ``aggregation``:
+    ``token-mean``, ``seq-mean-token-mean`` (padded ``[B, T]``) or ``sum``. ``estimator``: ``k1`` or
+    ``k3`` (``sampled_reverse_kl``). ``sparse_convention``: ``tail`` (TRL), ``verl`` or ``renorm``.
+    """
+    beta, temperature, valid = _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator,
+                                        sparse_convention)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    values, resolved = _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs,
+                              estimator, sparse_convention)
+    weights, count = _weights(valid, tuple(student.shape[:-1]), aggregation, student.device)
+    loss = (weights * values).sum()
+    detached = values.detach()
+    valid_f = torch.ones_like(detached) if valid is None else valid.float()
+    metrics = {
+        "distill_mean": (detached * valid_f).sum() / count.clamp(min=1),
+        "valid_tokens": count,
+        "kind": kind,
+        "backend": resolved,
+    }
+    return DistillOutput(loss=loss, per_token=values, metrics=metrics)
+
+
+__all__ = ["DistillOutput", "distill_loss", "distill_term", "SupportLogprobs", "KINDS", "AGGREGATIONS"]
