@@ -175,6 +175,28 @@ def token_logprobs_float64_auto(rank, world):
 
 
 @case
+def token_logprobs_triton_and_kl_triton(rank, world):
+    """The Triton kernels (interpreted on CPU here: tests/conftest.py sets TRITON_INTERPRET=1, which
+    the ranks inherit) with id -1 for tokens another rank owns, and the KL pair."""
+    assert "triton" in rlfuse.available_backends("cpu"), "TRITON_INTERPRET=1 must reach the ranks"
+    _check_token_logprobs(rank, world, torch.float32, "triton", False, 0.8, 301, (5,), 19, GRAD32)
+    vocab, lead = 257, (3,)
+    layout = rank_order_layout(vocab, world)
+    p_full, q_full = full_logits(24, lead, vocab, neg_inf=False), full_logits(25, lead, vocab, neg_inf=False)
+    src, local = make(p_full, layout, rank, requires_grad=True)
+    other, _ = make(q_full, layout, rank)
+    kl = src._kl_divergence(other, "reverse", 1.0, "triton")
+    ref_p = p_full.clone().requires_grad_(True)
+    ref = rlfuse.kl_divergence(ref_p, q_full, "reverse", backend="triton")
+    torch.testing.assert_close(kl, ref, rtol=1e-4, atol=2e-5)
+    kl.sum().backward()
+    ref.sum().backward()
+    starts, sizes = layout
+    torch.testing.assert_close(local.grad, ref_p.grad[..., starts[rank]:starts[rank] + sizes[rank]],
+                               rtol=1e-4, atol=2e-5)
+
+
+@case
 def token_logprobs_view_of_larger_tensor(rank, world):
     """A strided local view (``logits[:, :-1]``) is read in place; its gradient is a plain tensor."""
     vocab, seed = 777, 16
