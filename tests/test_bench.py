@@ -63,6 +63,27 @@ def test_every_op_runs_and_writes_its_files(op, tmp_path, monkeypatch, capsys):
     assert env["op"] == op and env["contenders"] == contenders and env["shape"] == {"tokens": 256, "vocab": 96}
 
 
+@pytest.mark.parametrize("op", ["linear_policy_loss", "linear_token_logprobs"])
+def test_linear_ops_run_with_every_contender(op, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "measure_copy_bandwidth", lambda device: 10e9)
+    args = _args("--op", op, "--device", "cpu", "--tokens", "64", "--vocab", "96", "--hidden-dim", "8", "--dtype",
+                 "fp32", "--repeats", "1", "--warmup", "1", "--backends", "cpu", "--no-compile", "--out", str(tmp_path))
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "N=64 D=8 V=96  |  cpu: " in out[0]
+    contenders = ["3 GEMMs", "rlfuse cpu LinearLogits", "rlfuse cpu materialised", "torch eager"]
+    if op == "linear_policy_loss" and importlib.util.find_spec("liger_kernel"):
+        contenders.append("liger fused-linear dapo")  # checked against rlfuse's loss before it is timed
+    rows = out[5:5 + len(contenders)]
+    assert [r.split("  ")[0].strip() for r in rows] == contenders
+    assert all(" fp32 " in r and "error" not in r and "invalid" not in r for r in rows)
+    csv_path = tmp_path / next(f for f in sorted(os.listdir(tmp_path)) if f.endswith(".csv"))
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["contender"] for r in table] == contenders
+    assert all(r["hidden"] == "8" and r["tokens"] == "64" and float(r["fwd+bwd_ms"]) > 0 for r in table)
+
+
 def test_op_defaults_and_bad_arguments(capsys):
     args = _args("--op", "sample", "--device", "cpu")
     bench._resolve(args)
