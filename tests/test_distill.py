@@ -397,3 +397,26 @@ def test_liger_jsd_parity(beta, generator):
     expected = LigerFusedLinearJSDFunction.distillation_loss_fn(student, teacher, beta=beta, target=target)
     out = distill_loss(student, teacher, kind="jsd", beta=beta, mask=target != -100, aggregation="sum")
     torch.testing.assert_close(out.loss, expected, atol=2e-5, rtol=1e-5)
+
+
+# --- the ops are proper torch.library ops ---------------------------------------------------------------
+
+
+def test_opcheck_jsd_ops(target, generator):
+    from rlfuse.ops.distill import jsd_bwd, jsd_fwd
+
+    device, backend = target
+    student, teacher = _inputs(generator, (2, 3), 40, torch.float32)
+    s, t = student.to(device).requires_grad_(True), teacher.to(device).requires_grad_(True)
+    torch.library.opcheck(jsd_fwd, (s, t, 0.8, 0.3, backend))
+    _, kl_s, kl_t, lse, other_lse = jsd_fwd(s.detach(), t.detach(), 0.8, 0.3, backend)
+    grad = torch.linspace(-1, 1, 6, device=device).reshape(2, 3)
+    for need in ((True, True), (True, False)):
+        torch.library.opcheck(jsd_bwd, (s.detach(), t.detach(), kl_s, kl_t, lse, other_lse, grad, 0.8, 0.3, *need,
+                                        backend))
+
+
+def test_compiles_fullgraph(generator):
+    student, teacher = _inputs(generator, (4,), 64, torch.float32)
+    fn = torch.compile(lambda s, t: distill_loss(s, t, kind="jsd", beta=0.3).loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(student, teacher), distill_loss(student, teacher, kind="jsd", beta=0.3).loss)
