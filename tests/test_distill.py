@@ -420,3 +420,18 @@ def test_compiles_fullgraph(generator):
     student, teacher = _inputs(generator, (4,), 64, torch.float32)
     fn = torch.compile(lambda s, t: distill_loss(s, t, kind="jsd", beta=0.3).loss, fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(student, teacher), distill_loss(student, teacher, kind="jsd", beta=0.3).loss)
+
+
+def test_strided_views_and_empty_support(target, generator):
+    device, backend = target
+    student, teacher = _inputs(generator, (2, 5), 33, torch.bfloat16)
+    _check_full(student[:, :-1], teacher[:, 1:], target, "jsd", 0.3)
+    # A row whose teacher support is empty contributes 0 and gets no gradient, in every convention.
+    s = torch.randn(3, 20, generator=generator)
+    ids = torch.tensor([[1, 2], [-1, -1], [4, -1]])
+    lp = torch.tensor([[-0.5, -1.5], [NEG_INF, NEG_INF], [-0.2, NEG_INF]])
+    for convention in ("tail", "verl", "renorm"):
+        out, grad = _run_sparse(s, (ids, lp), target, convention)
+        values, ref_grad = _oracle_sparse(s, ids, lp, convention, 1.0)
+        assert out.per_token[1].item() == 0 and torch.all(grad[1] == 0) and torch.isfinite(grad).all()
+        _close_values(out.per_token, torch.where(torch.isnan(values), 0.0, values), 2)
