@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from . import kl, linear, policy_loss, sample, token_logprobs, troll  # noqa: F401  (each registers its case)
+from . import distill, kl, linear, policy_loss, sample, token_logprobs, troll  # noqa: F401  (each registers its case)
 from .harness import (CASE_BUILDERS, CASE_DEFAULTS, DTYPE_NAMES, PHASES, Agreement, Case, Contender, Inputs,
                       MemoryProbe, Progress, Result, environment, format_results, log, measure_copy_bandwidth,
                       register_case, report, run_case, split_list, write_csv, write_plot)
