@@ -71,7 +71,7 @@ def test_linear_ops_run_with_every_contender(op, tmp_path, monkeypatch, capsys):
     assert bench.run(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert "N=64 D=8 V=96  |  cpu: " in out[0]
-    contenders = ["3 GEMMs", "rlfuse cpu LinearLogits", "rlfuse cpu materialised", "torch eager"]
+    contenders = ["3 GEMMs", "3 GEMMs chunked", "rlfuse cpu LinearLogits", "rlfuse cpu materialised", "torch eager"]
     if op == "linear_policy_loss" and importlib.util.find_spec("liger_kernel"):
         contenders.append("liger fused-linear dapo")  # checked against rlfuse's loss before it is timed
     rows = out[5:5 + len(contenders)]
