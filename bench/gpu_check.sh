@@ -17,13 +17,15 @@
 #   bench-token_logprobs  0.7       1.25   log-probs + entropy vs torch eager
 #   bench-sample          0.4       0.75   top-k/top-p sampling vs torch's sort sampler (+ FlashInfer)
 #   bench-troll           0.7       1.25   TROLL (K=64) vs rlfuse's fused dapo
+#   bench-linear_policy_loss 0.7    1.5    dapo from hidden states (LinearLogits) vs the 3 GEMMs, Liger
 #   racecheck             2         3      compute-sanitizer racecheck, same script
 #   initcheck             2         3      compute-sanitizer initcheck
 #   synccheck             1.5       2.5    compute-sanitizer synccheck
 #   tests-rest            3         4      pytest -m "not gpu" (the CPU suite, nvcc spill check, ...)
 #   bench-kl              0.7       1.25   kl_divergence vs torch eager
+#   bench-distill         0.7       1.25   generalised JSD vs torch eager (and Liger's JSD)
 #
-# The first eight add up to about 7.2 minutes: in 480 s the last five are usually "skipped for time";
+# The first nine add up to about 7.9 minutes: in 480 s the last six are usually "skipped for time";
 # run them in a second call with RLFUSE_GPU_STEPS (below). Benchmarks: bf16, N=16384, V=151936
 # (sample: B=256, fp32 and bf16), bench.py's GPU defaults; CSV/PNG/JSON land in RESULTS/bench/.
 #
@@ -229,11 +231,13 @@ run_steps() {
   bench_step token_logprobs 75 --no-compile
   bench_step sample 45 --no-compile
   bench_step troll 75 --no-compile
+  bench_step linear_policy_loss 90 --no-compile
   sanitizer_step racecheck 180
   sanitizer_step initcheck 180
   sanitizer_step synccheck 150
   step tests-rest 240 "${IN_TESTS[@]}" "$PY" "${PYTEST[@]}" -m "not gpu" --junitxml="$OUT/tests-rest.xml" .
   bench_step kl 75 --no-compile
+  bench_step distill 75 --no-compile
 }
 
 finish() {  # the final line, then the whole summary on screen

@@ -22,7 +22,8 @@ import pytest
 REPO = Path(__file__).parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STEPS = ["build", "info", "tests-gpu", "memcheck", "bench-policy_loss", "bench-token_logprobs",
-         "bench-sample", "bench-troll", "racecheck", "initcheck", "synccheck", "tests-rest", "bench-kl"]
+         "bench-sample", "bench-troll", "bench-linear_policy_loss", "racecheck", "initcheck", "synccheck",
+         "tests-rest", "bench-kl", "bench-distill"]
 LINE = re.compile(r"^(\S+)\s+(.+?)\s+(\d+)\s+(\d+)$")
 
 # Stub python: logs each call (cwd, tool, the build environment, arguments) one per line, answers the GPU
