@@ -145,7 +145,7 @@ def test_fake_gpu_runs_every_step_in_priority_order(tmp_path: Path, stubs: Path)
     assert [c["cwd"] for c in pytest_calls] == [str(REPO / "tests")] * 2  # the installed package
     assert "-m gpu" in pytest_calls[0]["args"] and "-m not gpu" in pytest_calls[1]["args"]
     benches = [re.search(r"--op (\S+)", c["args"]).group(1) for c in calls if "rlfuse.cli bench" in c["args"]]
-    assert benches == ["policy_loss", "token_logprobs", "sample", "troll", "kl"]
+    assert benches == ["policy_loss", "token_logprobs", "sample", "troll", "linear_policy_loss", "kl", "distill"]
     tools = [c["args"].split("]")[0][1:] for c in calls if c["args"].startswith("[")]
     assert tools == ["memcheck", "racecheck", "initcheck", "synccheck"]
     assert all(c["args"].endswith("bench/sanitize_cuda.py") for c in calls if c["args"].startswith("["))
