@@ -300,3 +300,59 @@ def test_source_errors_name_the_argument(generator):
         rlfuse.entropy(src, temperature=0.0)
     with pytest.raises(ValueError, match="top_k"):
         rlfuse.sample(src, top_k=-1)
+
+
+DISTILL_KINDS = [("jsd", {}), ("jsd", {"beta": 0.0}), ("forward_kl", {}), ("reverse_kl", {}),
+                 ("sparse_kl", {}), ("sparse_kl", {"sparse_convention": "verl"}), ("sampled_reverse_kl", {}),
+                 ("sampled_reverse_kl", {"estimator": "k3"})]
+
+
+@pytest.mark.parametrize("kind, options", DISTILL_KINDS, ids=lambda v: str(v))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_from_hidden_states(kind, options, backend, generator):
+    from rlfuse.distill import distill_loss
+
+    tensors, tokens, src_options, t = make(generator, lead=(2, 5), dim=7, vocab=131, chunk=3, temperature=0.9)
+    vocab = tensors[1].shape[0]
+    teacher_logits = torch.randn(*tokens.shape, vocab, generator=generator) * 2
+    mask = torch.rand(tokens.shape, generator=generator) > 0.3
+    kwargs = dict(kind=kind, temperature=t, mask=mask, backend=backend, aggregation="seq-mean-token-mean", **options)
+    if kind == "sparse_kl":
+        teacher = rlfuse.sparse_logprobs(teacher_logits, tokens, k=6, temperature=t)
+    elif kind == "sampled_reverse_kl":
+        teacher = None
+        kwargs.update(tokens=tokens, teacher_logprobs=torch.log_softmax(teacher_logits / t, -1).gather(
+            -1, tokens.unsqueeze(-1)).squeeze(-1))
+    else:
+        teacher = teacher_logits
+    pair = Pair(tensors, src_options)
+
+    def loss(x):
+        out = distill_loss(x, teacher, **kwargs)
+        return out.loss, out.per_token, out.metrics["distill_mean"]
+
+    (got, grads), (expected, grads_m) = pair.run(loss)
+    assert_same(got, expected, tensors[0].dtype, f"distill {kind}")
+    assert_same(grads, grads_m, tensors[0].dtype, f"distill {kind} gradients")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_teacher_from_hidden_states(backend, generator):
+    """Both sides LinearLogits (a student head and a teacher head on their own hidden states)."""
+    from rlfuse.distill import distill_loss
+
+    tensors, tokens, options, t = make(generator, lead=(9,), dim=6, vocab=77, chunk=4)
+    teacher_hidden = torch.randn(9, 6, generator=generator)
+    teacher_weight = torch.randn(77, 6, generator=generator)
+    pair = Pair(tensors, options)
+
+    def loss(x):
+        if isinstance(x, LinearLogits):
+            teacher = LinearLogits(teacher_hidden, teacher_weight, chunk_tokens=2)
+        else:
+            teacher = torch.nn.functional.linear(teacher_hidden, teacher_weight)
+        return distill_loss(x, teacher, kind="jsd", beta=0.3, backend=backend).loss
+
+    (got, grads), (expected, grads_m) = pair.run(loss)
+    assert_same(got, expected, tensors[0].dtype, "distill jsd, teacher source")
+    assert_same(grads, grads_m, tensors[0].dtype, "distill jsd, teacher source, gradients")

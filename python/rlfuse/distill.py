@@ -30,6 +30,7 @@ from .ops.distill import jsd_fwd
 from .ops.kl_div import DIRECTIONS, kl_div_fwd
 from .ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 from .reference.distill import sampled_kl_terms, sparse_kl_terms
+from .source import is_source
 from .troll import SparseLogprobs
 
 KINDS = ("jsd", "forward_kl", "reverse_kl", "sparse_kl", "sampled_reverse_kl")
@@ -204,8 +205,61 @@ def _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, te
     return values, resolved
 
 
+def _source_terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs, estimator,
+                  sparse_convention):
+    """``_terms`` where the student or the teacher is a logits source (docs/distillation.md, "Logits
+    sources"): a LinearLogits runs the tensor terms a chunk of rows at a time (masked rows never reach
+    a GEMM); a ShardedLogits supports the kinds its own methods cover (the KLs, the sampled estimators)."""
+    from .linear import LinearLogits, map_rows
+
+    lead = tuple(student.shape[:-1])
+    resolved = resolve_backend(backend, student.device, "kl_div", _dtype(student))
+    if kind == "sampled_reverse_kl":
+        if not is_source(student):
+            raise TypeError("kind='sampled_reverse_kl' takes no teacher logits")
+        if tokens is None or not isinstance(teacher_logprobs, Tensor) or tuple(teacher_logprobs.shape) != lead:
+            raise ValueError(f"kind='sampled_reverse_kl' needs tokens and teacher_logprobs of shape {lead}")
+        check.check_tokens(tokens, student)
+        logp = student._token_logprobs(tokens, temperature, backend, valid)[0]
+        teacher_lp = teacher_logprobs.to(device=student.device, dtype=logp.dtype)
+        if valid is not None:
+            logp, teacher_lp = torch.where(valid, logp, 0.0), torch.where(valid, teacher_lp, 0.0)
+        return sampled_kl_terms(logp, teacher_lp, estimator).float(), resolved
+    if any(isinstance(x, LinearLogits) for x in (student, teacher)):
+        if kind == "sparse_kl":
+            sources, per_row = [student], list(_sparse_teacher(teacher, student))
+        else:
+            if not is_source(teacher):
+                check.check_logits(teacher, "teacher")
+            if tuple(teacher.shape) != tuple(student.shape):
+                raise ValueError(f"teacher must have the student's shape {tuple(student.shape)}, got "
+                                 f"{tuple(teacher.shape)}")
+            if _dtype(teacher) != _dtype(student):
+                raise TypeError(f"teacher must have the student's dtype {_dtype(student)}, got {_dtype(teacher)}")
+            sources, per_row = [student, teacher], []
+
+        def chunk_terms(s, *rest):
+            t = tuple(rest) if kind == "sparse_kl" else rest[0]
+            return (_terms(s, t, None, kind, beta, temperature, None, backend, None, estimator, sparse_convention)[0],)
+
+        return map_rows(chunk_terms, sources, per_row, mask=valid)[0].reshape(lead), resolved
+    if kind in ("forward_kl", "reverse_kl") or (kind == "jsd" and beta in (0.0, 1.0)):
+        from .functional import kl_divergence
+
+        forward = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)  # KL(s || t), else KL(t || s)
+        values = kl_divergence(student, teacher, "forward" if forward else "reverse", temperature, backend=backend)
+        return (values if valid is None else torch.where(valid, values, 0.0)), resolved
+    raise NotImplementedError(f"kind={kind!r} (beta={beta}) is not available for {type(student).__name__} / "
+                              f"{type(teacher).__name__}: use LinearLogits, logits tensors, or a KL kind")
+
+
+def _dtype(logits) -> torch.dtype:
+    return logits.compute_dtype() if is_source(logits) else logits.dtype
+
+
 def _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator, sparse_convention):
-    check.check_logits(student, "student")
+    if not is_source(student):
+        check.check_logits(student, "student")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     beta = _check_beta(beta)
@@ -230,9 +284,16 @@ def distill_term(student: Tensor, teacher=None, tokens: Tensor | None = None, *,
     is ``sum_t w_t term_t`` with its own weights."""
     beta, temperature, valid = _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator,
                                         sparse_convention)
-    values, _ = _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs,
-                       estimator, sparse_convention)
+    values, _ = _any_terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs,
+                           estimator, sparse_convention)
     return values.reshape(-1)
+
+
+def _any_terms(student, teacher, *args):
+    """``_terms`` for logits tensors, ``_source_terms`` when either side is a logits source."""
+    if is_source(student) or is_source(teacher):
+        return _source_terms(student, teacher, *args)
+    return _terms(student, teacher, *args)
 
 
 def _weights(valid, shape, aggregation, device):
@@ -270,8 +331,8 @@ def distill_loss(student: Tensor, teacher=None, tokens: Tensor | None = None, *,
                                         sparse_convention)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    values, resolved = _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs,
-                              estimator, sparse_convention)
+    values, resolved = _any_terms(student, teacher, tokens, kind, beta, temperature, valid, backend,
+                                  teacher_logprobs, estimator, sparse_convention)
     weights, count = _weights(valid, tuple(student.shape[:-1]), aggregation, student.device)
     loss = (weights * values).sum()
     detached = values.detach()
