@@ -435,3 +435,94 @@ def test_strided_views_and_empty_support(target, generator):
         values, ref_grad = _oracle_sparse(s, ids, lp, convention, 1.0)
         assert out.per_token[1].item() == 0 and torch.all(grad[1] == 0) and torch.isfinite(grad).all()
         _close_values(out.per_token, torch.where(torch.isnan(values), 0.0, values), 2)
+
+
+# --- the distillation term inside policy_loss ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, beta", [("jsd", 0.4), ("forward_kl", 0.5), ("reverse_kl", 0.5)])
+@pytest.mark.parametrize("path", ["fused", "general"])
+def test_policy_loss_distill_coef(target, kind, beta, path, generator):
+    """policy_loss(config.distill_coef=c, teacher=t) = the same policy loss without it + c x the float64
+    oracle's term aggregated like the loss (token-mean over valid tokens); gradient likewise."""
+    device, backend = target
+    if backend == "torch" and path == "fused":
+        pytest.skip("the torch backend has no fused path")
+    b, t, vocab, coef, temperature = 2, 6, 97, 0.3, 0.8
+    student = (torch.randn(b, t, vocab, generator=generator) * 2).to(device)
+    teacher = (torch.randn(b, t, vocab, generator=generator) * 2).to(device)
+    tokens = torch.randint(0, vocab, (b, t), generator=generator).to(device)
+    advantages = torch.randn(b, t, generator=generator).to(device)
+    old = (-4 + torch.randn(b, t, generator=generator)).to(device)
+    mask = (torch.rand(b, t, generator=generator) > 0.3).to(device)
+    config = rlfuse.LossConfig.dapo(temperature=temperature)
+    with_distill = config.replace(distill_coef=coef, distill_kind=kind, distill_beta=beta)
+
+    def run(cfg, **extra):
+        x = student.clone().requires_grad_(True)
+        out = rlfuse.policy_loss(x, tokens, advantages, old_logprobs=old, mask=mask, config=cfg, backend=backend,
+                                 path=path, **extra)
+        out.loss.backward()
+        return out, x.grad
+
+    base, base_grad = run(config)
+    got, got_grad = run(with_distill, teacher=teacher)
+    x64 = student.double().requires_grad_(True)
+    term = _aggregate(oracle_full(x64, teacher.double(), kind, beta, temperature), mask, "token-mean")
+    term.backward()
+    torch.testing.assert_close(got.loss.double(), base.loss.double() + coef * term.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad.double(), base_grad.double() + coef * x64.grad, rtol=1e-4, atol=1e-5)
+    assert got.metrics["path"] == path
+    torch.testing.assert_close(got.metrics["distill"].double(), term.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_policy_loss_distill_arguments():
+    tokens = torch.zeros(2, 3, dtype=torch.int64)
+    logits = torch.randn(2, 3, 5)
+    args = (logits, tokens, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="teacher .* is required by distill_coef"):
+        rlfuse.policy_loss(*args, old_logprobs=torch.zeros(2, 3), config=rlfuse.LossConfig.dapo(distill_coef=0.1))
+    with pytest.raises(ValueError, match="inplace_backward cannot be combined with a teacher"):
+        rlfuse.policy_loss(*args, old_logprobs=torch.zeros(2, 3), teacher=logits, inplace_backward=True)
+    with pytest.raises(ValueError, match="LossConfig.distill_kind"):
+        rlfuse.LossConfig(distill_kind="jsdd")
+    with pytest.raises(ValueError, match="LossConfig.distill_beta"):
+        rlfuse.LossConfig(distill_beta=1.5)
+    # a teacher without a coefficient: the term is a metric only (no gradient to the loss)
+    out = rlfuse.policy_loss(*args, old_logprobs=torch.zeros(2, 3), teacher=torch.randn(2, 3, 5))
+    assert out.metrics["distill"] > 0
+
+
+@pytest.mark.parametrize("reduction, with_labels, num_items", [
+    ("batchmean", True, None), ("batchmean", False, None), ("sum", True, None), ("mean", True, None),
+    ("mean", False, None), ("batchmean", True, 7)])
+def test_trl_gkd_drop_in(reduction, with_labels, num_items, generator):
+    trl_jsd = _trl_jsd()
+    from rlfuse.integrations.trl import generalized_jsd_loss, patch_gkd_trainer
+
+    student, teacher = _inputs(generator, (2, 5), 64, torch.float32)
+    labels = torch.randint(0, 64, (2, 5), generator=generator)
+    labels[1, 3:] = -100
+    kwargs = dict(labels=labels if with_labels else None, beta=0.4, temperature=1.3, reduction=reduction,
+                  num_items_in_batch=num_items)
+    results = []
+    for fn in (trl_jsd, generalized_jsd_loss):
+        s, t = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+        loss = fn(s, t, **kwargs)
+        loss.backward()
+        results.append((loss.detach(), s.grad, t.grad))
+    (expected, gs, gt), (got, gs2, gt2) = results
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gs2, gs, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(gt2, gt, atol=1e-7, rtol=1e-4)
+
+    from trl.experimental.gkd import GKDTrainer
+
+    undo = patch_gkd_trainer()
+    try:
+        assert GKDTrainer.generalized_jsd_loss is generalized_jsd_loss
+    finally:
+        undo()
+    assert GKDTrainer.generalized_jsd_loss is trl_jsd
+    with pytest.raises(ValueError, match="reduction='none'"):
+        generalized_jsd_loss(student, teacher, reduction="none")

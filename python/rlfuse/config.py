@@ -17,6 +17,8 @@ SEQUENCE_MEAN_LOSSES = ("gspo", "gmpo")  # one term per sequence, averaged over 
 KL_ESTIMATORS = tuple(name for name in _schema.KL_KIND.names if name != "none")  # kl=None is "none"
 CISPO_MODES = _schema.CISPO_MODE.names
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "seq_truncate", "seq_mask")
+# rlfuse.distill.KINDS (not imported: the config module imports no kernels)
+DISTILL_KINDS = ("jsd", "forward_kl", "reverse_kl", "sparse_kl", "sampled_reverse_kl")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -29,7 +31,9 @@ class LossConfig:
     ``delta`` are off when None. ``rollout_correction`` multiplies the policy term only (as verl),
     never the KL or entropy terms. ``kl_full_coef`` adds the full-vocabulary KL to the reference
     policy's logits (``policy_loss(..., ref_logits=...)``) in ``kl_full_direction``, aggregated like
-    the other per-token terms (general path).
+    the other per-token terms (general path). ``distill_coef`` adds a distillation term to a teacher
+    (``policy_loss(..., teacher=...)`` or ``teacher_logprobs=``; ``rlfuse.distill``'s ``distill_kind``
+    with ``distill_beta`` for the JSD), aggregated like the other per-token terms.
     """
 
     loss: str = "ppo"
@@ -53,6 +57,9 @@ class LossConfig:
     kl_coef: float = 0.0
     kl_full_coef: float = 0.0
     kl_full_direction: str = "forward"
+    distill_coef: float = 0.0
+    distill_kind: str = "reverse_kl"
+    distill_beta: float = 0.5
     entropy_coef: float = 0.0
     rollout_correction: str | None = None
     rollout_cap: float = 2.0
@@ -90,12 +97,15 @@ class LossConfig:
         choice("rollout_correction", ROLLOUT_CORRECTIONS, allow_none=True)
         choice("aggregation", AGGREGATIONS)
         choice("kl_full_direction", ("forward", "reverse"))
+        choice("distill_kind", DISTILL_KINDS)
+        if not (isinstance(self.distill_beta, (int, float)) and 0.0 <= self.distill_beta <= 1.0):
+            fail("distill_beta", "must be in [0, 1]")
         finite("clip_low", 0.0, allow_none=self.loss == "cispo")
         finite("clip_high", 0.0)
         finite("dual_clip", 1.0, low_inclusive=False, allow_none=True)
         finite("delta", 1.0, low_inclusive=False, allow_none=True)
         for name in ("gppo_beta_low", "gppo_beta_high", "pspo_alpha", "kl_coef", "kl_full_coef", "kl_cov_coef",
-                     "cov_lb"):
+                     "cov_lb", "distill_coef"):
             finite(name, 0.0)
         for name in ("sapo_tau_pos", "sapo_tau_neg", "rollout_cap", "temperature", "troll_eps"):
             finite(name, 0.0, low_inclusive=False)

@@ -367,6 +367,49 @@ class RLFuseGRPOTrainer(GRPOTrainer):
             metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi_seq))
 
 
+# --- GKD / distillation -------------------------------------------------------------------------
+
+
+def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
+                         reduction="batchmean", num_items_in_batch=None):
+    """``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` on rlfuse's JSD kernels: the same value
+    and gradients (both logits), without TRL's ``[B, T, V]`` log-softmaxes and mixture. Either logits
+    argument may be a ``rlfuse.LinearLogits``. TRL's reductions: ``batchmean`` (over the tokens whose
+    label is not -100, or over the batch without labels), ``sum``, ``mean`` (over every element),
+    ``num_items_in_batch``; ``reduction="none"`` (per vocabulary element) has no rlfuse form."""
+    from ..distill import distill_loss
+
+    mask = None if labels is None else labels != -100
+    total = distill_loss(student_logits, teacher_logits, kind="jsd", beta=beta, temperature=temperature, mask=mask,
+                         aggregation="sum").loss
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / (mask.sum().clamp_min(1) if mask is not None else max(student_logits.shape[0], 1))
+    if reduction == "mean":
+        rows = mask.sum() if mask is not None else student_logits.shape[:-1].numel()
+        return total / (rows * student_logits.shape[-1])
+    raise ValueError(f"reduction={reduction!r}: rlfuse computes per-token values; use 'batchmean', 'sum' or 'mean'")
+
+
+def patch_gkd_trainer():
+    """Make TRL's ``GKDTrainer`` (and subclasses that do not override it) compute its loss with
+    :func:`generalized_jsd_loss`. Returns a function that undoes the patch."""
+    from trl.experimental.gkd import GKDTrainer
+
+    original = GKDTrainer.__dict__["generalized_jsd_loss"]
+    GKDTrainer.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
+
+    def undo():
+        GKDTrainer.generalized_jsd_loss = original
+
+    return undo
+
+
 def _logit_scale(text_config):
     """The factor a model's lm_head output is multiplied by before any soft-cap (None: 1): Cohere's
     ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Granite's / MiniCPM3's ``1 / logits_scaling``."""
