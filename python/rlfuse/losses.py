@@ -77,6 +77,8 @@ def policy_loss(
     inplace_backward: bool = False,
     path: str = "auto",
     ref_logits: Tensor | None = None,
+    teacher=None,
+    teacher_logprobs: Tensor | None = None,
 ) -> LossOutput:
     """One policy-loss computation from logits. See README.md for the variants and conventions.
 
@@ -97,6 +99,9 @@ def policy_loss(
             ``"general"``.
         ref_logits: the reference policy's logits (same shape as ``logits``), for the full-vocabulary
             KL penalty ``config.kl_full_coef``; when given, ``metrics["kl_full"]`` reports it.
+        teacher / teacher_logprobs: a teacher for the distillation term ``config.distill_coef`` (as
+            ``rlfuse.distill.distill_loss`` takes them, for ``config.distill_kind``; no gradient to
+            the teacher); when given, ``metrics["distill"]`` reports the term's mean.
     """
     config = LossConfig.dapo() if config is None else config
     if not isinstance(config, LossConfig):
@@ -128,6 +133,13 @@ def policy_loss(
         raise ValueError("ref_logits is required by kl_full_coef != 0")
     if inplace_backward and ref_logits is not None:
         raise ValueError("inplace_backward cannot be combined with ref_logits (the KL reads the logits again)")
+    has_teacher = teacher is not None or teacher_logprobs is not None
+    if config.distill_coef != 0 and not has_teacher:
+        raise ValueError("teacher (or teacher_logprobs for distill_kind='sampled_reverse_kl') is required by "
+                         "distill_coef != 0")
+    if inplace_backward and has_teacher:
+        raise ValueError("inplace_backward cannot be combined with a teacher (the distillation term reads the "
+                         "logits again)")
     if config.loss == "troll":
         if inplace_backward:
             raise ValueError("inplace_backward is not supported by loss='troll' (its gradient is a sparse scatter)")
@@ -161,6 +173,12 @@ def policy_loss(
             loss = loss + config.kl_full_coef * ref.weighted(kl_full, aggregation).sum()
         valid = batch.mask > 0
         metrics["kl_full"] = torch.where(valid, kl_full.detach(), 0.0).sum() / valid.sum().clamp(min=1)
+    if has_teacher:
+        distill = _distill(logits, teacher, teacher_logprobs, batch, config, resolved)
+        if config.distill_coef != 0:
+            loss = loss + config.distill_coef * ref.weighted(distill, aggregation).sum()
+        valid = batch.mask > 0
+        metrics["distill"] = torch.where(valid, distill.detach(), 0.0).sum() / valid.sum().clamp(min=1)
     metrics["path"] = "fused" if use_fused else "general"
     shape = tokens.shape
     return LossOutput(loss, logp.detach().view(shape), entropy.detach().view(shape), metrics)
@@ -208,6 +226,18 @@ def _full_kl(logits, ref_logits, config, backend):
         kl = kl_divergence(logits, ref_logits.detach(), config.kl_full_direction, config.temperature,
                            backend=backend)
     return kl.reshape(-1)
+
+
+def _distill(logits, teacher, teacher_logprobs, batch, config, backend):
+    """Per-token distillation term to the (detached) teacher, flattened to [N]."""
+    from .distill import distill_term
+
+    if isinstance(teacher, Tensor) or is_source(teacher):
+        teacher = teacher.detach()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and config.distill_coef != 0):
+        return distill_term(logits, teacher, batch.tokens, kind=config.distill_kind, beta=config.distill_beta,
+                            temperature=config.temperature, mask=batch.mask.view(batch.tokens.shape),
+                            backend=backend, teacher_logprobs=teacher_logprobs)
 
 
 def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
