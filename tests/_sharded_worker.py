@@ -631,6 +631,307 @@ def public_policy_loss(rank, world):
                                        rtol=1e-4, atol=1e-7, msg=label)
 
 
+# --- LinearLogits with the lm_head split over the group ---------------------------------------------------
+
+
+def _linear_pair(rank, world, vocab, dim, lead, seed, *, bias=True, explicit=False, dtype=torch.float32, **options):
+    """(sharded LinearLogits, unsharded LinearLogits on the full weight, layout, leaves): the same
+    hidden on every rank; ``leaves`` = (hidden, weight shard, bias shard, ref hidden, ref weight, ref bias)."""
+    layout = (permuted_layout if explicit else rank_order_layout)(vocab, world)
+    starts, sizes = layout
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, dim, generator=g).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=g) * 0.6).to(dtype)
+    b = (torch.randn(vocab, generator=g) * 0.5).to(dtype) if bias else None
+    cols = slice(starts[rank], starts[rank] + sizes[rank])
+    h = hidden.clone().requires_grad_(True)
+    w = weight[cols].clone().requires_grad_(True)
+    bb = None if b is None else b[cols].clone().requires_grad_(True)
+    src = rlfuse.LinearLogits(h, w, bb, group=dist.group.WORLD, vocab_start=starts[rank] if explicit else None,
+                              **options)
+    rh, rw = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    rb = None if b is None else b.clone().requires_grad_(True)
+    ref = rlfuse.LinearLogits(rh, rw, rb, **options)
+    return src, ref, layout, (h, w, bb, rh, rw, rb)
+
+
+def _check_linear_grads(layout, rank, leaves, what, rtol=1e-4, atol=1e-5):
+    h, w, b, rh, rw, rb = leaves
+    starts, sizes = layout
+    cols = slice(starts[rank], starts[rank] + sizes[rank])
+    torch.testing.assert_close(h.grad.float(), rh.grad.float(), rtol=rtol, atol=atol, msg=f"{what}: grad hidden")
+    torch.testing.assert_close(w.grad.float(), rw.grad[cols].float(), rtol=rtol, atol=atol, msg=f"{what}: grad weight")
+    if b is not None:
+        torch.testing.assert_close(b.grad.float(), rb.grad[cols].float(), rtol=rtol, atol=atol,
+                                   msg=f"{what}: grad bias")
+    same_on_all_ranks(h.grad)
+    for t in leaves:
+        if t is not None:
+            t.grad = None
+
+
+@case
+def linear_token_logprobs_and_entropy(rank, world):
+    """token_logprobs / entropy of LinearLogits(..., group=): values identical on every rank and equal to
+    the unsharded LinearLogits; each rank its weight / bias rows' gradient; hidden the full gradient.
+    Uneven shards (a one-row shard at 3 ranks), bias, scale, softcap, temperature, masked tokens,
+    chunks that do not divide N, shards out of rank order, the torch backend, bf16."""
+    configs = [
+        dict(vocab=301, dim=24, lead=(3, 7), seed=100, backend="cpu", temperature=0.8,
+             options=dict(scale=0.7, softcap=6.0, chunk_tokens=4)),
+        dict(vocab=256, dim=17, lead=(13,), seed=101, backend="cpu", temperature=1.0, explicit=True, bias=False,
+             options=dict()),
+        dict(vocab=199, dim=8, lead=(9,), seed=102, backend="torch", temperature=1.3,
+             options=dict(chunk_tokens=5, batch_invariant=True)),
+        dict(vocab=300, dim=16, lead=(2, 5), seed=103, backend="cpu", temperature=1.0, dtype=torch.bfloat16,
+             options=dict(chunk_tokens=3)),
+    ]
+    for cfg in configs:
+        dtype = cfg.get("dtype", torch.float32)
+        src, ref, layout, leaves = _linear_pair(rank, world, cfg["vocab"], cfg["dim"], cfg["lead"], cfg["seed"],
+                                                bias=cfg.get("bias", True), explicit=cfg.get("explicit", False),
+                                                dtype=dtype, **cfg["options"])
+        assert src.shape == ref.shape and src.vocab == cfg["vocab"] and not src.fused_path
+        tokens = tokens_for(cfg["seed"], cfg["lead"], cfg["vocab"])
+        mask = torch.rand(cfg["lead"], generator=torch.Generator().manual_seed(cfg["seed"])) > 0.25
+        what = f"{cfg['seed']}"
+        logp, ent = src._token_logprobs(tokens, cfg["temperature"], cfg["backend"], mask)
+        want_logp, want_ent = ref._token_logprobs(tokens, cfg["temperature"], cfg["backend"], mask)
+        same_on_all_ranks(logp)
+        tol = F32 if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(logp, want_logp, **tol, msg=what)
+        torch.testing.assert_close(ent, want_ent, **tol, msg=what)
+        g = torch.Generator().manual_seed(cfg["seed"] + 1)
+        a, b = torch.randn(cfg["lead"], generator=g), torch.randn(cfg["lead"], generator=g)
+        (logp * a + ent * b).sum().backward()
+        (want_logp * a + want_ent * b).sum().backward()
+        grad_tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        _check_linear_grads(layout, rank, leaves, what, **grad_tol)
+        # The public functions, and entropy alone.
+        torch.testing.assert_close(rlfuse.token_logprobs(src, tokens, cfg["temperature"], backend=cfg["backend"]),
+                                   rlfuse.token_logprobs(ref, tokens, cfg["temperature"], backend=cfg["backend"]),
+                                   **tol, msg=what)
+        torch.testing.assert_close(rlfuse.entropy(src, backend=cfg["backend"]),
+                                   rlfuse.entropy(ref, backend=cfg["backend"]), **tol, msg=what)
+    # The logits it stands for, gathered (tests only).
+    src, ref, _, _ = _linear_pair(rank, world, 97, 5, (4,), 104)
+    torch.testing.assert_close(src.materialize(), ref.materialize().detach(), rtol=1e-6, atol=1e-6)
+    # reduce_hidden_grad=False: hidden receives only this rank's part; summed over ranks, the full one.
+    src, ref, layout, (h, w, bb, rh, rw, rb) = _linear_pair(rank, world, 97, 5, (4,), 105,
+                                                            reduce_hidden_grad=False)
+    tokens = tokens_for(105, (4,), 97)
+    rlfuse.token_logprobs(src, tokens).sum().backward()
+    rlfuse.token_logprobs(ref, tokens).sum().backward()
+    summed = h.grad.clone()
+    dist.all_reduce(summed)
+    torch.testing.assert_close(summed, rh.grad, rtol=1e-5, atol=1e-6)
+
+
+def _linear_loss_close(out, ref, what, mask):
+    valid = mask.reshape(out.logprobs.shape) != 0
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-6, msg=f"{what}: loss")
+    torch.testing.assert_close(out.logprobs[valid], ref.logprobs[valid], **F32, msg=f"{what}: logprobs")
+    torch.testing.assert_close(out.entropy[valid], ref.entropy[valid], **F32, msg=f"{what}: entropy")
+    assert out.metrics["path"] == "general" and set(out.metrics) == set(ref.metrics), (what, out.metrics)
+    for key, value in ref.metrics.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(out.metrics[key], value, rtol=1e-4, atol=1e-5, equal_nan=True,
+                                       msg=f"{what}: metric {key}")
+    same_on_all_ranks(out.loss)
+
+
+@case
+def linear_policy_losses(rank, world):
+    """policy_loss on a split LinearLogits (general path, also for token-local configs whose unsharded
+    call takes the fused path) against the unsharded LinearLogits: padded and packed inputs with masked
+    tokens, token- and sequence-level variants, KL / entropy terms, TROLL, kl_full_coef to a split
+    reference LinearLogits."""
+    from rlfuse import LossConfig
+
+    vocab, dim, lead, seed = 203, 12, (3, 6), 110
+    g = torch.Generator().manual_seed(seed + 4)
+    tokens = tokens_for(seed, lead, vocab)
+    adv = torch.randn(lead, generator=g)
+    mask = (torch.rand(lead, generator=g) > 0.2).float()
+    old = -5.0 + 0.1 * torch.randn(lead, generator=g)
+    ref_lp = old + 0.05 * torch.randn(lead, generator=g)
+    options = dict(chunk_tokens=5, softcap=8.0)
+    _, old_ref, _, _ = _linear_pair(rank, world, vocab, dim, lead, seed + 7, **options)
+    old_topk = rlfuse.sparse_logprobs(old_ref, tokens, 8)
+    configs = [("dapo", LossConfig.dapo(), {}), ("grpo+kl+entropy", LossConfig.grpo(entropy_coef=0.01), {}),
+               ("gspo", LossConfig(loss="gspo"), {}), ("troll", LossConfig.troll(troll_k=8), {"old_topk": old_topk})]
+    for packed in (False, True):
+        for what, config, extra in configs:
+            if packed and what in ("dapo", "grpo+kl+entropy"):
+                continue
+            kwargs = dict(old_logprobs=old, mask=mask, config=config, **extra)
+            if config.kl is not None:
+                kwargs["ref_logprobs"] = ref_lp
+            toks, advs, shape = tokens, adv, lead
+            if packed:
+                toks, advs, shape = tokens.reshape(-1), adv.reshape(-1), (lead[0] * lead[1],)
+                kwargs = {k: (v.reshape(-1) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+                if "old_topk" in kwargs:
+                    kwargs["old_topk"] = type(old_topk)(old_topk.ids.reshape(-1, 8), old_topk.logprobs.reshape(-1, 8),
+                                                        old_topk.count.reshape(-1), vocab)
+                kwargs["cu_seqlens"] = torch.tensor([0, 5, 11, 18], dtype=torch.int32)
+            src, ref, layout, leaves = _linear_pair(rank, world, vocab, dim, shape, seed, **options)
+            out = rlfuse.policy_loss(src, toks, advs, **kwargs)
+            want = rlfuse.policy_loss(ref, toks, advs, **kwargs)
+            label = f"{what} packed={packed}"
+            _linear_loss_close(out, want, label, mask)
+            out.loss.backward()
+            want.loss.backward()
+            _check_linear_grads(layout, rank, leaves, label, rtol=1e-4, atol=1e-6)
+    # Full-vocabulary KL to a reference split the same way.
+    src, ref, layout, leaves = _linear_pair(rank, world, vocab, dim, lead, seed, **options)
+    ref_src, ref_ref, _, _ = _linear_pair(rank, world, vocab, dim, lead, seed + 3, **options)
+    config = LossConfig.dapo(kl_full_coef=0.1)
+    out = rlfuse.policy_loss(src, tokens, adv, old_logprobs=old, mask=mask, config=config, ref_logits=ref_src)
+    want = rlfuse.policy_loss(ref, tokens, adv, old_logprobs=old, mask=mask, config=config, ref_logits=ref_ref)
+    _linear_loss_close(out, want, "kl_full", mask)
+    out.loss.backward()
+    want.loss.backward()
+    _check_linear_grads(layout, rank, leaves, "kl_full", rtol=1e-4, atol=1e-6)
+    # path='fused' is refused on every rank alike (no collective has run).
+    _expect_on_every_rank(ValueError, ["no fused path"], lambda: rlfuse.policy_loss(
+        src, tokens, adv, old_logprobs=old, mask=mask, path="fused"))
+
+
+@case
+def linear_kl_sparse_and_sample(rank, world):
+    """kl_divergence between split sources (a LinearLogits and another one, a ShardedLogits or a full
+    tensor, either argument first), gradients to both; sparse_logprobs' global ids; sample: the
+    unsharded LinearLogits' tokens for the same seed, every parameter form."""
+    vocab, dim, lead, seed = 211, 10, (2, 7), 120
+    mask = torch.ones(lead, dtype=torch.bool)
+    mask[1, 3] = False
+    for other_kind, direction in (("linear", "forward"), ("sharded", "reverse"), ("full", "forward"),
+                                  ("sharded-first", "forward")):
+        src, ref, layout, leaves = _linear_pair(rank, world, vocab, dim, lead, seed, chunk_tokens=4, scale=1.5)
+        osrc, oref, _, oleaves = _linear_pair(rank, world, vocab, dim, lead, seed + 1, chunk_tokens=3)
+        starts, sizes = layout
+        cols = slice(starts[rank], starts[rank] + sizes[rank])
+        full_other = oref.materialize().detach().clone().requires_grad_(True)  # the sharded side's
+        full_ref = full_other.detach().clone().requires_grad_(True)  # the unsharded side's
+        if other_kind == "linear":
+            got = rlfuse.kl_divergence(src, osrc, direction, 0.9, mask=mask)
+        elif other_kind == "sharded":
+            local = full_other.detach()[..., cols].clone().requires_grad_(True)
+            got = rlfuse.kl_divergence(src, ShardedLogits(local), direction, 0.9, mask=mask)
+        elif other_kind == "full":
+            got = rlfuse.kl_divergence(full_other, src, direction, 0.9, mask=mask)
+        else:
+            local = full_other.detach()[..., cols].clone().requires_grad_(True)
+            got = rlfuse.kl_divergence(ShardedLogits(local), src, direction, 0.9, mask=mask)
+        second = full_ref if other_kind != "linear" else oref
+        if other_kind in ("full", "sharded-first"):
+            want = rlfuse.kl_divergence(second, ref, direction, 0.9, mask=mask)
+        else:
+            want = rlfuse.kl_divergence(ref, second, direction, 0.9, mask=mask)
+        same_on_all_ranks(got)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=other_kind)
+        w = torch.randn(lead, generator=torch.Generator().manual_seed(seed + 2))
+        (got * w).sum().backward()
+        (want * w).sum().backward()
+        _check_linear_grads(layout, rank, leaves, f"kl {other_kind}", rtol=1e-4, atol=2e-5)
+        if other_kind == "linear":
+            _check_linear_grads(layout, rank, oleaves, "kl other", rtol=1e-4, atol=2e-5)
+        elif other_kind == "full":  # this rank's columns of the full tensor, nothing else
+            want_grad = torch.zeros_like(full_ref.grad)
+            want_grad[..., cols] = full_ref.grad[..., cols]
+            torch.testing.assert_close(full_other.grad, want_grad, rtol=1e-4, atol=2e-5)
+        else:
+            torch.testing.assert_close(local.grad, full_ref.grad[..., cols], rtol=1e-4, atol=2e-5)
+    # sparse_logprobs: global ids, equal to the unsharded call.
+    src, ref, _, _ = _linear_pair(rank, world, vocab, dim, lead, seed + 5, chunk_tokens=4)
+    tokens = tokens_for(seed, lead, vocab)
+    got, want = rlfuse.sparse_logprobs(src, tokens, 16, 1e-3), rlfuse.sparse_logprobs(ref, tokens, 16, 1e-3)
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.count, want.count) and got.vocab == vocab
+    torch.testing.assert_close(got.logprobs, want.logprobs, **F32)
+    # sample: the same tokens as the unsharded LinearLogits.
+    for i, config in enumerate(SAMPLE_CONFIGS[:2] + SAMPLE_CONFIGS[6:8]):
+        kwargs = _per_row(config, 14)
+        kwargs = {k: (v.reshape(lead) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        got = rlfuse.sample(src, seed=77 + i, **kwargs)
+        want = rlfuse.sample(ref, seed=77 + i, backend="cpu", **kwargs)
+        assert torch.equal(got.tokens, want.tokens), (config, got.tokens, want.tokens)
+        torch.testing.assert_close(got.logprobs, want.logprobs, **F32)
+        torch.testing.assert_close(got.entropy, want.entropy, **F32)
+    got = rlfuse.sample(src, generator=torch.Generator().manual_seed(rank), top_k=20)  # rank 0's draw
+    same_on_all_ranks(got.tokens)
+
+
+@case
+def linear_bad_input_raises_on_every_rank(rank, world):
+    vocab, dim = 60, 6
+    starts, sizes = rank_order_layout(vocab, world)
+    hidden = torch.randn(5, dim)
+    weight = torch.randn(sizes[rank], dim)
+    group = dist.group.WORLD
+    # A local problem on one rank (weight's D): that rank its own error, the others one naming it.
+    bad_weight = torch.randn(sizes[rank], dim + 1) if rank == world - 1 else weight
+    _expect_on_every_rank(ValueError, [] if rank == world - 1 else [f"rank {world - 1}"],
+                          lambda: rlfuse.LinearLogits(hidden, bad_weight, group=group))
+    # Options that differ between ranks.
+    _expect_on_every_rank(ValueError, ["chunk_tokens", "every rank"], lambda: rlfuse.LinearLogits(
+        hidden, weight, group=group, chunk_tokens=4 if rank == 0 else None))
+    _expect_on_every_rank(ValueError, ["softcap"], lambda: rlfuse.LinearLogits(
+        hidden, weight, group=group, softcap=5.0 if rank == 0 else 6.0))
+    _expect_on_every_rank(ValueError, ["tile"], lambda: rlfuse.LinearLogits(
+        hidden, weight, group=group, vocab_start=0))
+    _expect_on_every_rank(ValueError, ["leading shape"], lambda: rlfuse.LinearLogits(
+        torch.randn(5 + (rank == 0), dim), weight, group=group))
+    # vocab_start without a group: a local error, no collective.
+    _expect_on_every_rank(ValueError, ["group"], lambda: rlfuse.LinearLogits(hidden, weight, vocab_start=0))
+    # KL against an unsharded LinearLogits: refused alike on every rank.
+    src = rlfuse.LinearLogits(hidden, weight, group=group)
+    full = rlfuse.LinearLogits(hidden, torch.randn(vocab, dim))
+    _expect_on_every_rank(ValueError, ["split the same way"], lambda: rlfuse.kl_divergence(src, full))
+    assert rlfuse.token_logprobs(src, torch.zeros(5, dtype=torch.int64)).shape == (5,)
+    # No token, or every token masked: empty / zero outputs and gradients, the same collectives everywhere.
+    for n in (0, 3):
+        h = torch.randn(n, dim, requires_grad=True)
+        empty = rlfuse.LinearLogits(h, weight, group=group)
+        ids = torch.zeros(n, dtype=torch.int64)
+        out = rlfuse.policy_loss(empty, ids, torch.ones(n), old_logprobs=torch.zeros(n), mask=torch.zeros(n))
+        out.loss.backward()
+        assert out.loss == 0 and torch.equal(h.grad, torch.zeros_like(h))
+        assert rlfuse.sparse_logprobs(empty, ids, 4).ids.shape == (n, 4)
+        assert rlfuse.sample(empty, seed=1).tokens.shape == (n,)
+
+
+@case
+def data_checks_agree_across_ranks(rank, world):
+    """A token id out of range on one rank only: the public functions raise on every rank (the failing
+    one its own error, the others one naming it) and none is left waiting in a collective."""
+    from rlfuse import LossConfig
+
+    vocab, lead = 90, (3, 4)
+    layout = rank_order_layout(vocab, world)
+    full = full_logits(130, lead, vocab, neg_inf=False)
+    tokens = tokens_for(130, lead, vocab)
+    bad = tokens.clone()
+    if rank == world - 1:
+        bad[1, 2] = vocab + 3
+    words = ["tokens must lie in [0, V)"] if rank == world - 1 else [f"rank {world - 1}"]
+    src, _ = make(full, layout, rank, requires_grad=True)
+    lsrc, _, _, _ = _linear_pair(rank, world, vocab, 7, lead, 131, chunk_tokens=5)
+    adv = torch.randn(lead)
+    for source in (src, lsrc):
+        _expect_on_every_rank(ValueError, words, lambda: rlfuse.token_logprobs(source, bad))
+        _expect_on_every_rank(ValueError, words, lambda: rlfuse.policy_loss(source, bad, adv,
+                                                                             old_logprobs=torch.zeros(lead)))
+        _expect_on_every_rank(ValueError, words, lambda: rlfuse.sparse_logprobs(source, bad, 4))
+    old_topk = rlfuse.sparse_logprobs(full, tokens, 4)
+    if rank == 0:
+        old_topk.ids[0, 0, 0] = -7  # a bad old_topk id on rank 0 only
+    _expect_on_every_rank(ValueError, ["old_topk"] if rank == 0 else ["rank 0"], lambda: rlfuse.policy_loss(
+        src, tokens, adv, old_logprobs=torch.zeros(lead), config=LossConfig.troll(troll_k=4), old_topk=old_topk))
+    # The group still works, and good calls agree.
+    torch.testing.assert_close(rlfuse.token_logprobs(src, tokens), rlfuse.token_logprobs(full, tokens), **F32)
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 

@@ -103,3 +103,25 @@ def test_python_dash_m_is_the_bench_command():
     assert result.stdout.startswith("usage: python -m rlfuse.bench")
     for op in OPS:
         assert op in result.stdout
+
+
+def test_vocab_parallel_spawns_ranks_and_counts_bytes(tmp_path, capsys):
+    """``--vocab-parallel 2``: two gloo ranks time the sharded op next to the unsharded one, and the bytes
+    counted on the wrapped collectives equal docs/sharded.md's formula (20 B per token + 120 B)."""
+    args = _args("--op", "token_logprobs", "--vocab-parallel", "2", "--device", "cpu", "--tokens", "64", "--vocab",
+                 "97", "--dtype", "fp32", "--repeats", "1", "--warmup", "1", "--backends", "cpu", "--threads", "1",
+                 "--out", str(tmp_path))
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert "vocab-parallel over 2 ranks (gloo), N=64 V=97" in out
+    assert f"= {20 * 64 + 120} B in the forward, 0 in the backward; measured [({20 * 64 + 120}, 0)]: match" in out
+    csv_path = next(p for p in tmp_path.iterdir() if p.suffix == ".csv")
+    assert csv_path.name.startswith("token_logprobs_vocab_parallel2_cpu_")
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["contender"] for r in table] == ["rlfuse cpu unsharded", "rlfuse cpu rank 0/2", "rlfuse cpu rank 1/2"]
+    assert [r["local_vocab"] for r in table] == ["97", "49", "48"]
+    assert all(float(r["fwd+bwd_ms"]) > 0 and r["error"] == "" for r in table)
+    assert [r["payload_bytes_fwd"] for r in table[1:]] == [str(20 * 64 + 120)] * 2
+    assert [r["collectives_fwd"] for r in table[1:]] == ["4", "4"] and table[1]["payload_bytes_bwd"] == "0"
+    assert bench.run(_args("--op", "kl", "--vocab-parallel", "2", "--device", "cpu")) == 2

@@ -15,8 +15,9 @@ from .functional import entropy, kl_divergence, token_logprobs
 from .linear import LinearLogits
 from .losses import LossOutput, policy_loss
 from .sampling import SampleOutput, sample
+from .sharded import ShardedLogits
 from .troll import SparseLogprobs, sparse_logprobs
 
 __all__ = ["__version__", "token_logprobs", "entropy", "kl_divergence", "policy_loss", "sparse_logprobs", "SparseLogprobs", "sample", "SampleOutput", "LossConfig", "LossOutput", "nn",
-           "LinearLogits",
+           "LinearLogits", "ShardedLogits",
            "available_backends", "set_validation"]

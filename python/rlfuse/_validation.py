@@ -48,12 +48,21 @@ class DataChecks:
     element is true), ``error()`` the exception to raise then. Neither is called when validation is
     off. ``run()`` reads every flag in one transfer and raises the first failing check's error
     (in the order they were added); ``error()`` may read more data, since the call fails anyway.
+
+    ``logits``: the call's logits (tensor or source). A source split over a process group (its
+    ``collective_group`` is not None: ``ShardedLogits``, ``LinearLogits(..., group=...)``) makes
+    ``run()`` agree over the group (``rlfuse.sharded.agree``: one all-reduce of one number, also when
+    no check was added): a check failing on one rank raises there and a ValueError naming that rank on
+    every other rank, so no rank goes on into a collective the failing one never joins. Every rank must
+    then call ``run()`` at the same point with validation switched the same way.
     """
 
-    def __init__(self):
+    def __init__(self, logits=None):
         self.enabled = validation_enabled()
         self._flags: list[torch.Tensor] = []
         self._errors: list[Callable[[], Exception]] = []
+        self.group = getattr(logits, "collective_group", None) if logits is not None else None
+        self.device = logits.device if self.group is not None else None
 
     def add(self, bad: Callable[[], torch.Tensor], error: Callable[[], Exception]) -> None:
         if self.enabled:
@@ -61,6 +70,14 @@ class DataChecks:
             self._errors.append(error)
 
     def run(self) -> None:
+        if self.group is not None and self.enabled:
+            from .sharded import agree
+
+            agree(self.group, self.device, self._run_local)
+            return
+        self._run_local()
+
+    def _run_local(self) -> None:
         flags, errors = self._flags, self._errors
         self._flags, self._errors = [], []
         if not flags:
@@ -119,7 +136,7 @@ def check_tokens(tokens, logits: torch.Tensor, checks: DataChecks | None = None)
     if tokens.device != logits.device:
         raise ValueError(f"tokens are on {tokens.device} but logits are on {logits.device}")
     own = checks is None
-    checks = DataChecks() if own else checks
+    checks = DataChecks(logits) if own else checks
     vocab = logits.shape[-1]
 
     def out_of_range():

@@ -138,13 +138,50 @@ class LinearLogits(LogitsSource):
             (``rlfuse.linear`` module docstring; ``CHUNK_BUDGET_BYTES``).
         batch_invariant: fixed GEMM / kernel shapes (every chunk padded to ``chunk_tokens`` rows), so
             a token's outputs and hidden gradient are bitwise independent of the rest of the batch.
+        group: a ``torch.distributed`` process group over which the lm_head is split by vocabulary rows
+            (Megatron's column-parallel output layer): ``weight`` / ``bias`` are then this rank's rows
+            ``[vocab_start, vocab_start + V_r)`` and ``hidden`` is replicated on every rank. None (the
+            default): the whole lm_head is here. Pass ``torch.distributed.group.WORLD`` for the
+            default group. See ``rlfuse.sharded`` and docs/sharded.md.
+        vocab_start: with ``group``, this rank's first vocabulary row; None on every rank means the
+            shards lie in group-rank order.
+        reduce_hidden_grad: with ``group``, all-reduce (sum) ``hidden``'s gradient over the group in the
+            backward, so the replicated ``hidden`` receives the full gradient (Megatron's
+            copy-to-tensor-parallel-region). False when the op that made ``hidden`` already sums its
+            gradient over the group (e.g. Megatron's sequence-parallel gather).
 
     hidden, weight and bias must share a dtype (float32, float16, bfloat16, float64) and a device.
     Gradients reach whichever of them requires grad.
+
+    With ``group`` every rank of the group must construct its ``LinearLogits`` (one all_gather of the
+    layout) and call the same ops with the same replicated inputs; outputs are identical on every rank
+    and equal to the unsharded call's, each rank receives its own shard's weight / bias gradient.
     """
 
+    shard_layout = None  # rlfuse.sharded.ShardLayout when the lm_head is split over a process group
+
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, scale=None, softcap=None,
-                 chunk_tokens=None, batch_invariant: bool = False):
+                 chunk_tokens=None, batch_invariant: bool = False, group=None, vocab_start=None,
+                 reduce_hidden_grad: bool = True):
+        if group is None:
+            if vocab_start is not None:
+                raise ValueError("vocab_start is for an lm_head split over a process group: pass group= too")
+            self._init(hidden, weight, bias, scale, softcap, chunk_tokens, batch_invariant)
+            return
+        from .sharded import shard_linear_logits
+
+        error = None
+        try:  # a local problem is exchanged with the layout: every rank raises, none waits in a collective
+            self._init(hidden, weight, bias, scale, softcap, chunk_tokens, batch_invariant)
+            if not isinstance(reduce_hidden_grad, bool):
+                raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
+        except (TypeError, ValueError) as exc:
+            error = exc
+        self.reduce_hidden_grad = reduce_hidden_grad
+        self.shard_layout = shard_linear_logits(self, group, vocab_start, error)
+        self.fused_path = False  # the fused kernel cannot see the global row: policy_loss takes the general path
+
+    def _init(self, hidden, weight, bias, scale, softcap, chunk_tokens, batch_invariant):
         _check_tensor(hidden, "hidden")
         _check_tensor(weight, "weight")
         if hidden.dim() < 1:
@@ -199,7 +236,19 @@ class LinearLogits(LogitsSource):
 
     @property
     def vocab(self) -> int:
+        """The (global) vocabulary ``V``; with ``group``, the sum of every rank's rows."""
+        return self.weight.shape[0] if self.shard_layout is None else self.shard_layout.vocab
+
+    @property
+    def local_vocab(self) -> int:
+        """The rows of ``weight`` held here (``V`` unless the lm_head is split over a group)."""
         return self.weight.shape[0]
+
+    @property
+    def collective_group(self):
+        """The process group of a split lm_head (None otherwise): the public functions' data checks
+        agree over it (``rlfuse._validation.DataChecks``)."""
+        return None if self.shard_layout is None else self.shard_layout.group
 
     @property
     def hidden_dim(self) -> int:
@@ -235,15 +284,19 @@ class LinearLogits(LogitsSource):
         rows = self.num_tokens if rows is None else rows
         if self.chunk_tokens is not None:
             chunk = self.chunk_tokens
-        else:
-            chunk = default_chunk_tokens(self.vocab, self.device, self.softcap)
+        else:  # split over a group: the widest shard's budget, so every rank runs the same chunks
+            widest = self.local_vocab if self.shard_layout is None else max(self.shard_layout.sizes)
+            chunk = default_chunk_tokens(widest, self.device, self.softcap)
         if self.batch_invariant:
             return chunk  # a fixed shape, whatever the batch
         return max(1, min(chunk, rows))
 
     def materialize(self) -> Tensor:
         """The full ``[..., V]`` logits with plain torch ops (differentiable; O(N x V) memory). For
-        tests and comparisons."""
+        tests and comparisons. Split over a group: gathered from every rank, not differentiable."""
+        if self.shard_layout is not None:
+            with torch.no_grad():
+                return self.shard_layout.wrap(self._logits_of(self.hidden, self.weight, self.bias)).materialize()
         return self._logits_of(self.hidden, self.weight, self.bias)
 
     def _logits_of(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -257,6 +310,12 @@ class LinearLogits(LogitsSource):
         return logits
 
     def detach(self) -> "LinearLogits":
+        if self.shard_layout is not None:  # the same layout, no collective
+            out = object.__new__(LinearLogits)
+            out.__dict__.update(self.__dict__)
+            out.hidden, out.weight = self.hidden.detach(), self.weight.detach()
+            out.bias = None if self.bias is None else self.bias.detach()
+            return out
         return LinearLogits(self.hidden.detach(), self.weight.detach(),
                             None if self.bias is None else self.bias.detach(), scale=self.scale,
                             softcap=self.softcap, chunk_tokens=self.chunk_tokens,
@@ -266,15 +325,36 @@ class LinearLogits(LogitsSource):
 
     fused_path = True
 
+    def _local(self) -> "LinearLogits":
+        """Split over a group: this rank's rows as an unsharded ``LinearLogits`` (its logits are the
+        local columns) with the agreed chunk size, and ``hidden`` whose gradient is all-reduced over the
+        group in the backward (``reduce_hidden_grad``). For ``map_rows`` in ``rlfuse.sharded``."""
+        from .sharded import hidden_with_reduced_grad
+
+        out = object.__new__(LinearLogits)
+        out.__dict__.update(self.__dict__)
+        out.shard_layout, out.fused_path = None, True
+        if self.chunk_tokens is None:
+            out.chunk_tokens = default_chunk_tokens(max(self.shard_layout.sizes), self.device, self.softcap)
+        out.hidden = hidden_with_reduced_grad(self)
+        return out
+
     def _token_logprobs(self, tokens, temperature, backend, mask=None):
         return _token_logprobs(self, tokens, temperature, backend, mask, True)
 
     def _fused_policy_loss(self, tokens, per_token, temperature, params, backend, valid):
+        if self.shard_layout is not None:
+            raise ValueError("a LinearLogits split over a process group has no fused path: use path='general'")
         loss, logp, entropy = linear_fused_policy_loss(self, tokens, per_token, temperature, params, backend, valid)
         return loss, logp.reshape(-1), entropy.reshape(-1)  # flat [N], as FusedPolicyLoss's
 
     def _kl_divergence(self, other, direction, temperature, backend, mask=None):
         from .functional import kl_divergence
+
+        if self.shard_layout is not None or getattr(other, "shard_layout", None) is not None:
+            from .sharded import linear_kl_divergence
+
+            return linear_kl_divergence(self, other, direction, temperature, backend, mask)
 
         def kl(x, y):
             return (kl_divergence(x, y, direction, temperature, backend=backend),)
@@ -283,6 +363,11 @@ class LinearLogits(LogitsSource):
 
     def _sparse_logprobs(self, tokens, k, threshold, temperature, backend):
         from .troll import SparseLogprobs, sparse_logprobs
+
+        if self.shard_layout is not None:
+            from .sharded import linear_sparse_logprobs
+
+            return linear_sparse_logprobs(self, tokens, k, threshold, temperature, backend)
 
         def topk(x, tok):
             out = sparse_logprobs(x, tok, k, threshold, temperature, backend)
@@ -296,6 +381,12 @@ class LinearLogits(LogitsSource):
     def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
         from .troll import SparseLogprobs, TrollTerms, troll_token_loss
 
+        if self.shard_layout is not None:
+            from .sharded import linear_troll_token_loss
+
+            return linear_troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend,
+                                           valid_tokens)
+
         def terms(x, tok, adv, old, ids, logprobs, count):
             topk = SparseLogprobs(ids, logprobs, count, self.vocab)
             out = troll_token_loss(x, tok, adv, old, topk, config, backend)
@@ -307,6 +398,10 @@ class LinearLogits(LogitsSource):
     def _sample(self, **kwargs):
         from .sampling import SampleOutput, per_row_seeds, sample
 
+        if self.shard_layout is not None:
+            from .sharded import linear_sample
+
+            return linear_sample(self, **kwargs)
         rows = self.num_tokens
         kwargs["seed"] = per_row_seeds(kwargs.pop("seed", None), kwargs.pop("generator", None), rows, self.device)
         per_row = {name: value for name, value in kwargs.items()
@@ -337,6 +432,9 @@ class LinearLogits(LogitsSource):
                   if getattr(self, k) is not None]
         if self.batch_invariant:
             extras.append("batch_invariant=True")
+        if self.shard_layout is not None:
+            layout = self.shard_layout
+            extras.append(f"rows=[{layout.vocab_start}, {layout.vocab_end}), rank={layout.rank}/{layout.world_size}")
         return (f"LinearLogits(shape={tuple(self.shape)}, hidden_dim={self.hidden_dim}, dtype={self.dtype}, "
                 f"device={self.device}, bias={self.bias is not None}{''.join(', ' + e for e in extras)})")
 
@@ -388,7 +486,7 @@ class _Chunks:
         self.softcap = src.softcap
         self.weight = weight.to(cdtype)  # a no-op outside autocast
         self.bias = None if bias is None else bias.to(cdtype)
-        device, vocab = hidden.device, src.vocab
+        device, vocab = hidden.device, src.local_vocab
         rows_per_buffer = min(self.chunk, self.n_pad)
         self.buf = empty_buffer((rows_per_buffer, vocab), cdtype, device) if self.n_pad else None
         self.tbuf = None
@@ -597,18 +695,35 @@ def _no_autocast(device: torch.device):
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
+    """Split over a group (``src.shard_layout``), the two-kernel contract of ``rlfuse.sharded``: the
+    forward kernel on each chunk of local logits (the token's local id, or -1 where another rank owns
+    it), then one combination of the per-row statistics over the group for all rows (2 all-reduces);
+    the backward kernel with the global ``lse`` / entropy on the recomputed local chunks, no collective
+    (``hidden``'s gradient is summed over the group by the op that made ``src``'s hidden input)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, src, tokens, rows, temperature, backend, cdtype):
+        layout = src.shard_layout
         with _no_autocast(hidden.device):
             chunks = _Chunks(src, hidden, weight, bias, rows, cdtype)
             tok = chunks.gather(tokens.to(torch.int64))
+            ids = tok
+            if layout is not None:  # the kernels see local ids; -1: another rank's token
+                owned = (tok >= layout.vocab_start) & (tok < layout.vocab_end)
+                ids = torch.where(owned, tok - layout.vocab_start, torch.full_like(tok, -1))
             logp, entropy, lse = (torch.empty(chunks.n_pad, dtype=torch.float32, device=hidden.device)
                                   for _ in range(3))
             for r0, r1 in chunks.bounds():
                 logits = chunks.logits(chunks.hidden_chunk(r0, r1))
-                lp, en, ls = token_logprobs_fwd(logits, tok[r0:r1], temperature, backend, False)
+                lp, en, ls = token_logprobs_fwd(logits, ids[r0:r1], temperature, backend, False)
                 logp[r0:r1], entropy[r0:r1], lse[r0:r1] = lp, en, ls
-        ctx.save_for_backward(hidden, weight, bias, tok, lse, entropy, rows)
+            if layout is not None:
+                from .sharded import combine_token_stats
+
+                logp, entropy, lse = combine_token_stats(logp, entropy, lse, owned, layout.group)
+                unknown = (tok < 0) | (tok >= layout.vocab)  # owned by no rank: NaN, as the kernels give
+                logp = torch.where(unknown, torch.full_like(logp, math.nan), logp)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy, rows)
         ctx.src, ctx.temperature, ctx.backend, ctx.cdtype = src, temperature, backend, cdtype
         shape = tokens.shape
         return _scatter_rows(logp, chunks, shape), _scatter_rows(entropy, chunks, shape)
@@ -635,8 +750,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 buf = chunks.logits(h)
                 # dL/dlogits into the chunk buffer; padding rows have zero upstream gradients, so
                 # the kernels write them as zeros.
-                token_logprobs_bwd_inplace(buf, tok[r0:r1], lse[r0:r1], entropy[r0:r1], g_logp[r0:r1],
-                                           g_entropy[r0:r1], ctx.temperature, ctx.backend)
+                if ctx.backend == "torch" and ctx.src.shard_layout is not None:
+                    from .sharded import _torch_token_gradient  # the reference recomputes a local normaliser
+
+                    buf.copy_(_torch_token_gradient(buf, tok[r0:r1], lse[r0:r1], entropy[r0:r1], g_logp[r0:r1],
+                                                    g_entropy[r0:r1], ctx.temperature))
+                else:
+                    token_logprobs_bwd_inplace(buf, tok[r0:r1], lse[r0:r1], entropy[r0:r1], g_logp[r0:r1],
+                                               g_entropy[r0:r1], ctx.temperature, ctx.backend)
                 chunks.backprop(r0, r1, h, buf, grads)
         return *grads.results(hidden, weight, bias), *none
 
@@ -692,7 +813,12 @@ def _token_logprobs(src, tokens, temperature, backend, mask, tokens_checked):
     cdtype = src.compute_dtype()
     resolved = resolve_backend(backend, src.device, "token_logprobs", cdtype)
     rows = _valid_rows(mask, tokens.numel())
-    return _LinearTokenLogprobs.apply(src.hidden, src.weight, src.bias, src, tokens, rows, temperature, resolved,
+    hidden = src.hidden
+    if src.shard_layout is not None:
+        from .sharded import hidden_with_reduced_grad
+
+        hidden = hidden_with_reduced_grad(src)
+    return _LinearTokenLogprobs.apply(hidden, src.weight, src.bias, src, tokens, rows, temperature, resolved,
                                       cdtype)
 
 
@@ -806,6 +932,8 @@ def linear_fused_policy_loss(src: LinearLogits, tokens: Tensor, per_token, tempe
     ``src.hidden / weight / bias`` requires grad) and detached fp32 logp / entropy of the tokens' shape.
     """
     _check_source(src)
+    if src.shard_layout is not None:
+        raise ValueError("a LinearLogits split over a process group has no fused path (its rows span ranks)")
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"the fused path needs a kernel backend ('cpu', 'cuda' or 'triton'), got {backend!r}")
     if valid is not None and valid.numel() != tokens.numel():

@@ -115,7 +115,7 @@ def policy_loss(
     if path == "fused" and not config.token_local:
         raise ValueError(f"loss={config.loss!r} (entropy_quantile={config.entropy_quantile}) has no fused path")
     # Data checks (token ids, cu_seqlens, old_topk) are gathered and read back once, before any kernel.
-    checks = check.DataChecks()
+    checks = check.DataChecks(logits)  # split over a group: every rank raises if one does
     batch = _prepare(logits, tokens, advantages, old_logprobs, ref_logprobs, rollout_logprobs, mask, cu_seqlens,
                      config, checks)
     source = is_source(logits)

@@ -35,6 +35,7 @@ docs/sharded.md lists the collectives of every op, their bytes per token and the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -57,8 +58,9 @@ _MAX_DIMS = 8  # leading dims exchanged exactly; beyond that the rest is folded 
 
 # Local problems found before the layout exchange: every rank still takes part in the all_gather,
 # then every rank raises the same error naming the rank (no rank is left waiting in a collective).
-_OK, _NOT_TENSOR, _BAD_DTYPE, _BAD_NDIM, _EMPTY_SHARD, _BAD_START, _NOT_DENSE = range(7)
+_OK, _NOT_TENSOR, _BAD_DTYPE, _BAD_NDIM, _EMPTY_SHARD, _BAD_START, _NOT_DENSE, _LOCAL_ERROR = range(8)
 _PROBLEMS = {
+    _LOCAL_ERROR: (ValueError, "its arguments were rejected (see that rank's error)"),
     _NOT_TENSOR: (TypeError, "local_logits must be a torch.Tensor"),
     _BAD_DTYPE: (TypeError, "local_logits must be float32, float16, bfloat16 or float64"),
     _BAD_NDIM: (ValueError, "local_logits must have shape [..., V_local] (at least one dimension)"),
@@ -153,9 +155,11 @@ def _local_problem(local_logits, vocab_start) -> int:
     return _OK
 
 
-def _layout_row(local_logits, vocab_start, problem: int, device) -> Tensor:
-    row = torch.full((_ROW_INFO + _MAX_DIMS,), -1, dtype=torch.int64)
+def _layout_row(local_logits, vocab_start, problem: int, device, extra=()) -> Tensor:
+    row = torch.full((_ROW_INFO + _MAX_DIMS + len(extra),), -1, dtype=torch.int64)
     row[0] = problem
+    if extra:
+        row[_ROW_INFO + _MAX_DIMS:] = torch.tensor([int(value) for _, value in extra], dtype=torch.int64)
     if problem == _OK:
         lead = tuple(local_logits.shape[:-1])
         row[1] = vocab_start is not None
@@ -168,25 +172,29 @@ def _layout_row(local_logits, vocab_start, problem: int, device) -> Tensor:
     return row.to(device)
 
 
-def _check_layout(table: list[list[int]]):
+def _check_layout(table: list[list[int]], what: str = "ShardedLogits", extra_names=()):
     """(starts, sizes) from every rank's layout row, or the (exception type, message) that every
     rank raises: the same table on every rank gives the same verdict."""
     for rank, row in enumerate(table):
         if row[0] != _OK:
             kind, message = _PROBLEMS[row[0]]
-            return kind, f"ShardedLogits: rank {rank}: {message}"
+            return kind, f"{what}: rank {rank}: {message}"
+    for i, name in enumerate(extra_names):
+        values = [row[_ROW_INFO + _MAX_DIMS + i] for row in table]
+        if len(set(values)) > 1:
+            return ValueError, f"{what}: {name} must be the same on every rank, got {values} by rank"
     dtypes = [_CODE_DTYPES[row[4]] for row in table]
     if len(set(dtypes)) > 1:
-        return TypeError, f"ShardedLogits: local_logits must have one dtype on every rank, got {dtypes} by rank"
+        return TypeError, f"{what}: the logits must have one dtype on every rank, got {dtypes} by rank"
     leads = [tuple(row[_ROW_INFO:_ROW_INFO + min(row[5], _MAX_DIMS)]) + (row[5],) for row in table]
     if len(set(leads)) > 1:
         shapes = [lead[:-1] for lead in leads]
-        return ValueError, (f"ShardedLogits: local_logits must have the same leading shape on every rank "
+        return ValueError, (f"{what}: the logits must have the same leading shape on every rank "
                             f"(one row per token), got {shapes} by rank")
     given = [bool(row[1]) for row in table]
     sizes = [row[3] for row in table]
     if any(given) and not all(given):
-        return ValueError, (f"ShardedLogits: vocab_start must be given on every rank or on none, given on ranks "
+        return ValueError, (f"{what}: vocab_start must be given on every rank or on none, given on ranks "
                             f"{[r for r, g in enumerate(given) if g]} only")
     if not any(given):
         starts = [sum(sizes[:r]) for r in range(len(sizes))]
@@ -198,10 +206,67 @@ def _check_layout(table: list[list[int]]):
         if starts[r] != position:
             what = "overlap" if starts[r] < position else "leave a gap"
             shards = ", ".join(f"rank {q}: [{starts[q]}, {starts[q] + sizes[q]})" for q in order)
-            return ValueError, (f"ShardedLogits: the shards must tile the vocabulary [0, V) without gaps or "
+            return ValueError, (f"{what}: the shards must tile the vocabulary [0, V) without gaps or "
                                 f"overlaps; they {what} at column {min(starts[r], position)} ({shards})")
         position += sizes[r]
     return starts, sizes
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardLayout:
+    """Which columns of the vocabulary each rank of ``group`` holds (exchanged once, by
+    ``exchange_layout``); shared by every source cut the same way, at no further collective."""
+
+    group: object
+    rank: int
+    world_size: int
+    starts: tuple
+    sizes: tuple
+
+    @property
+    def vocab_start(self) -> int:
+        return self.starts[self.rank]
+
+    @property
+    def vocab_end(self) -> int:
+        return self.starts[self.rank] + self.sizes[self.rank]
+
+    @property
+    def vocab(self) -> int:
+        return sum(self.sizes)
+
+    def same(self, other: "ShardLayout") -> bool:
+        return other.group == self.group and other.starts == self.starts and other.sizes == self.sizes
+
+    def wrap(self, local_logits: Tensor) -> "ShardedLogits":
+        """``local_logits`` (this rank's columns) as a ``ShardedLogits`` of this layout: no collective."""
+        out = ShardedLogits.__new__(ShardedLogits)
+        out._set(local_logits, self)
+        return out
+
+
+def exchange_layout(group, like, vocab_start, device, *, what: str = "ShardedLogits", problem: int | None = None,
+                    local_error: BaseException | None = None, extra=()) -> ShardLayout:
+    """The layout of a vocabulary split over ``group``, from every rank's ``like`` (a tensor, possibly on
+    the meta device, with this rank's ``[..., V_r]`` shape and dtype) and ``vocab_start``: one all_gather
+    of ``14 + len(extra)`` int64 per rank. ``extra``: ``(name, int)`` pairs that must be equal on every
+    rank. ``local_error``: this rank's arguments were rejected before (then it raises that error, and
+    every other rank a ValueError naming it). Every rank decides from the same table, so every rank
+    raises or none does: no rank is left waiting in a collective."""
+    group, rank, world = _resolve_group(group)
+    if local_error is not None:
+        problem = _LOCAL_ERROR
+    elif problem is None:
+        problem = _local_problem(like, vocab_start)
+    row = _layout_row(like, vocab_start, problem, device, extra)
+    table = _all_gather(row, group, world).tolist()
+    if local_error is not None:
+        raise local_error
+    verdict = _check_layout(table, what, [name for name, _ in extra])
+    if isinstance(verdict[1], str):
+        raise verdict[0](verdict[1])
+    starts, sizes = verdict
+    return ShardLayout(group, rank, world, tuple(starts), tuple(sizes))
 
 
 class ShardedLogits(LogitsSource):
@@ -225,30 +290,27 @@ class ShardedLogits(LogitsSource):
     fused_path = False  # the fused kernel cannot see the global row: policy_loss takes the general path
 
     def __init__(self, local_logits: Tensor, group=None, vocab_start: int | None = None):
-        group, rank, world = _resolve_group(group)
-        problem = _local_problem(local_logits, vocab_start)
-        device = _comm_device(local_logits, group)
-        table = _all_gather(_layout_row(local_logits, vocab_start, problem, device), group, world).tolist()
-        verdict = _check_layout(table)
-        if isinstance(verdict[1], str):
-            raise verdict[0](verdict[1])
-        starts, sizes = verdict
-        self._set(local_logits, group, rank, world, tuple(starts), tuple(sizes))
+        group = _resolve_group(group)[0]
+        layout = exchange_layout(group, local_logits, vocab_start, _comm_device(local_logits, group))
+        self._set(local_logits, layout)
 
-    def _set(self, local_logits, group, rank, world, starts, sizes):
+    def _set(self, local_logits, layout: ShardLayout):
         self.local_logits = local_logits
-        self.group, self.rank, self.world_size = group, rank, world
-        self.starts, self.sizes = starts, sizes
-        self.vocab_start = starts[rank]
-        self.vocab_end = starts[rank] + sizes[rank]
-        self._vocab = sum(sizes)
+        self.layout = layout
+        self.group, self.rank, self.world_size = layout.group, layout.rank, layout.world_size
+        self.starts, self.sizes = layout.starts, layout.sizes
+        self.vocab_start, self.vocab_end = layout.vocab_start, layout.vocab_end
+        self._vocab = layout.vocab
 
     @classmethod
     def _from_parts(cls, local_logits, like: "ShardedLogits") -> "ShardedLogits":
         """Another local tensor with ``like``'s (already exchanged) layout: no collective."""
-        out = cls.__new__(cls)
-        out._set(local_logits, like.group, like.rank, like.world_size, like.starts, like.sizes)
-        return out
+        return like.layout.wrap(local_logits)
+
+    @property
+    def collective_group(self):
+        """The group every rank's data checks agree over (``rlfuse._validation.DataChecks``)."""
+        return self.group
 
     # --- tensor-like metadata ---------------------------------------------------------------------
 
@@ -281,8 +343,7 @@ class ShardedLogits(LogitsSource):
         return ShardedLogits._from_parts(self.local_logits.detach(), self)
 
     def same_layout(self, other: "ShardedLogits") -> bool:
-        return (isinstance(other, ShardedLogits) and other.group == self.group and other.starts == self.starts
-                and other.sizes == self.sizes)
+        return isinstance(other, ShardedLogits) and self.layout.same(other.layout)
 
     def __repr__(self) -> str:
         return (f"ShardedLogits(shape={tuple(self.shape)}, columns=[{self.vocab_start}, {self.vocab_end}), "
@@ -394,9 +455,12 @@ class ShardedLogits(LogitsSource):
         8 B, SUM of 12 B per token). ``mask`` is accepted and ignored: every row takes part in the
         collectives, and the caller zeroes masked rows (their upstream gradient then is 0: zero
         gradient rows, written without reading the logits)."""
-        del mask
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+        if getattr(other, "shard_layout", None) is not None:  # a sharded LinearLogits: KL(p || q) = reverse from q
+            return other._kl_divergence(self, "reverse" if direction == "forward" else "forward", temperature,
+                                        backend, mask)
+        del mask
         temperature = check.check_temperature(temperature)
         other_local = self._other_local(other)
         backend = self._resolve(backend, "kl_div")
@@ -454,8 +518,8 @@ class ShardedLogits(LogitsSource):
         all_values = gathered[..., :width].contiguous().view(torch.float32)  # [W, ..., width]
         all_ids = gathered[..., width:2 * width]
         all_stats = gathered[..., 2 * width:].contiguous().view(torch.float32)  # [W, ..., 3]
-        all_values = torch.movedim(all_values, 0, -2).reshape(*lead, -1)
-        all_ids = torch.movedim(all_ids, 0, -2).reshape(*lead, -1)
+        all_values = torch.movedim(all_values, 0, -2).reshape(*lead, self.world_size * width)
+        all_ids = torch.movedim(all_ids, 0, -2).reshape(*lead, self.world_size * width)
         # Ties lower id first: order by id, then a stable descending sort by value (empty slots,
         # -1 / -inf, go last).
         by_id = torch.where(all_ids >= 0, all_ids.to(torch.int64), torch.full_like(all_ids, 2**40, dtype=torch.int64))
@@ -955,8 +1019,8 @@ def _sharded_troll_token_loss(src: ShardedLogits, tokens, advantages, old_logpro
     device = src.device
     new_ids, new_values, new_lse, logp, entropy = src._global_topk(config.troll_k, temperature, backend, tokens)
     new_ids, _, _ = _kept(new_values, new_ids, new_lse, config.troll_threshold)
-    old_ids = old_topk.ids.to(torch.int64).reshape(*lead, -1)
-    old_lp = old_topk.logprobs.double().reshape(*lead, -1)
+    old_ids = old_topk.ids.to(torch.int64).reshape(*lead, old_topk.ids.shape[-1])
+    old_lp = old_topk.logprobs.double().reshape(*lead, old_topk.ids.shape[-1])
     token_ids = tokens.to(torch.int64).unsqueeze(-1)
     candidates = torch.cat([token_ids, old_ids, new_ids.to(torch.int64)], -1)
     old_values = torch.cat([
@@ -991,3 +1055,190 @@ def _sharded_troll_token_loss(src: ShardedLogits, tokens, advantages, old_logpro
     return TrollTerms(loss.float().reshape(-1), eta.float().reshape(-1), kl_before.float().reshape(-1),
                       kl_after.float().reshape(-1), valid.sum(-1).float().reshape(-1), logp.reshape(-1),
                       entropy.reshape(-1))
+
+
+# --- LinearLogits with the lm_head split over a group (rlfuse.LinearLogits(..., group=...)) -----------
+#
+# The rows of the tokens are replicated on every rank (hidden is), so every rank runs the same chunks
+# (the chunk size is agreed: ``LinearLogits.resolved_chunk_tokens`` budgets the widest shard) and the
+# chunks' local logits ``[chunk, V_r]`` are exactly a ShardedLogits' local logits. token_logprobs /
+# entropy (and so every policy loss, which takes the general path) run in ``linear._LinearTokenLogprobs``:
+# the local kernel per chunk, one combination of all rows' statistics (2 all-reduces), and a backward
+# with no collective. The other ops run this module's ShardedLogits methods on each chunk through
+# ``linear.map_rows`` (under activation checkpointing when differentiable: the backward recomputes a
+# chunk, collectives included; every rank recomputes the same chunks in the same order, since autograd
+# walks the same graph on every rank). ``hidden``'s gradient is all-reduced once per op in the backward
+# (``_ReduceHiddenGrad``), as Megatron's copy-to-tensor-parallel-region does.
+
+
+combine_token_stats = _combine_token_stats
+
+
+def _float_bits(value) -> int:
+    """An optional float as int64 bits (None: -1, a NaN pattern, never a finite number's)."""
+    if value is None:
+        return -1
+    return int(torch.tensor(float(value), dtype=torch.float64).view(torch.int64))
+
+
+def shard_linear_logits(src, group, vocab_start, local_error) -> ShardLayout:
+    """The layout of ``LinearLogits(..., group=group, vocab_start=vocab_start)`` (one all_gather): the
+    weight shards must tile the vocabulary; the hidden size, the bias's presence, ``scale``, ``softcap``,
+    ``chunk_tokens``, ``batch_invariant``, ``reduce_hidden_grad``, ``hidden.requires_grad``, the
+    tokens' shape and the dtype must be the same on every rank. ``local_error``: this rank's arguments
+    failed ``LinearLogits``' own checks (every rank then raises)."""
+    group = _resolve_group(group)[0]
+    if local_error is None:
+        hidden, weight = src.hidden, src.weight
+        like = torch.empty(tuple(hidden.shape[:-1]) + (weight.shape[0],), dtype=hidden.dtype, device="meta")
+        device = hidden.device
+        extra = [("the hidden size D", weight.shape[1]), ("bias (given or None)", src.bias is not None),
+                 ("scale (as float64 bits)", _float_bits(src.scale)),
+                 ("softcap (as float64 bits)", _float_bits(src.softcap)),
+                 ("chunk_tokens (0: None)", src.chunk_tokens or 0), ("batch_invariant", src.batch_invariant),
+                 ("reduce_hidden_grad", src.reduce_hidden_grad), ("hidden.requires_grad", hidden.requires_grad),
+                 ("the device type (1: cuda)", device.type == "cuda")]
+    else:
+        like, device = None, _comm_device(None, group)
+        extra = [(name, 0) for name in range(9)]
+    return exchange_layout(group, like, vocab_start, device, what="LinearLogits(group=...)",
+                           local_error=local_error, extra=extra)
+
+
+class _ReduceHiddenGrad(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the group (one all-reduce of ``[N, D]``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, group):
+        ctx.group = group
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        return _all_reduce(grad, dist.ReduceOp.SUM, ctx.group), None
+
+
+def hidden_with_reduced_grad(src) -> Tensor:
+    """``src.hidden``, through ``_ReduceHiddenGrad`` when its gradient is to be summed over the group."""
+    hidden = src.hidden
+    if src.reduce_hidden_grad and hidden.requires_grad and torch.is_grad_enabled():
+        return _ReduceHiddenGrad.apply(hidden, src.shard_layout.group)
+    return hidden
+
+
+def _linear_layout(src, other):
+    """The layout shared by ``src`` (a split LinearLogits) and ``other`` (the same kind, a ShardedLogits
+    or a full ``[..., V]`` tensor); ValueError when they are cut differently."""
+    layout = src.shard_layout
+    if isinstance(other, ShardedLogits):
+        other_layout = other.layout
+    elif isinstance(other, Tensor):
+        return layout
+    else:
+        other_layout = getattr(other, "shard_layout", None)
+    if layout is None or other_layout is None or not layout.same(other_layout):
+        raise ValueError("kl_divergence on a vocabulary-split source needs the other side split the same way (a "
+                         "ShardedLogits or a LinearLogits with the same group and rows per rank) or a full "
+                         "[..., V] tensor")
+    return layout
+
+
+def linear_kl_divergence(src, other, direction, temperature, backend, mask=None) -> Tensor:
+    """``kl_divergence`` with a split LinearLogits on either side: ``ShardedLogits._kl_divergence`` on each
+    chunk's local logits (2 all-reduces per chunk), masked rows dropped before any GEMM."""
+    from .linear import map_rows
+
+    if src.shard_layout is None:  # src unsharded, other split: only a mismatch is possible
+        _linear_layout(other, src)
+    layout = _linear_layout(src, other)
+    if isinstance(other, ShardedLogits):
+        other_input, wrap_other = other.local_logits, True
+    elif isinstance(other, Tensor):
+        other_input, wrap_other = other, False
+    else:
+        other_input, wrap_other = other._local(), True
+
+    def kl(x, y):
+        y = layout.wrap(y) if wrap_other else y
+        return (layout.wrap(x)._kl_divergence(y, direction, temperature, backend),)
+
+    return map_rows(kl, [src._local(), other_input], mask=mask)[0].reshape(src.shape[:-1])
+
+
+def linear_sparse_logprobs(src, tokens, k, threshold, temperature, backend):
+    """``sparse_logprobs`` of a split LinearLogits: the global top-k of each chunk (one all_gather each)."""
+    from .linear import map_rows
+    from .troll import SparseLogprobs
+
+    layout = src.shard_layout
+
+    def topk(x, tok):
+        out = layout.wrap(x)._sparse_logprobs(tok, k, threshold, temperature, backend)
+        return out.ids, out.logprobs, out.count
+
+    with torch.no_grad():
+        ids, logprobs, count = map_rows(topk, [src._local()], [tokens])
+    lead = src.shape[:-1]
+    return SparseLogprobs(ids.reshape(*lead, k), logprobs.reshape(*lead, k), count.reshape(lead), layout.vocab)
+
+
+def linear_troll_token_loss(src, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
+    """TROLL on a split LinearLogits: ``_sharded_troll_token_loss`` on each chunk of valid rows."""
+    from .linear import map_rows
+    from .troll import SparseLogprobs, TrollTerms
+
+    layout = src.shard_layout
+
+    def terms(x, tok, adv, old, ids, logprobs, count):
+        topk = SparseLogprobs(ids, logprobs, count, layout.vocab)
+        out = _sharded_troll_token_loss(layout.wrap(x), tok, adv, old, topk, config, backend)
+        return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
+
+    per_row = [tokens, advantages, old_logprobs, old_topk.ids, old_topk.logprobs, old_topk.count]
+    return TrollTerms(*map_rows(terms, [src._local()], per_row, mask=valid_tokens))
+
+
+def linear_sample(src, **kwargs):
+    """``sample`` on a split LinearLogits: ``_sharded_sample`` on each chunk, with per-row seeds agreed
+    first (an int / per-row seed as given; ``seed=None`` / ``generator``: rank 0's draw, broadcast), so
+    the tokens equal the unsharded call's for the same seed."""
+    from .linear import map_rows
+    from .sampling import SampleOutput, per_row_seeds
+
+    layout = src.shard_layout
+    group, device, rows = layout.group, src.device, src.num_tokens
+    seed, generator = kwargs.pop("seed", None), kwargs.pop("generator", None)
+
+    def seeds_given():
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        return None if seed is None else per_row_seeds(seed, None, rows, device)
+
+    seeds = agree(group, device, seeds_given)
+    if seeds is None:  # one draw, rank 0's, so every rank keys the same streams
+        base = torch.randint(0, 2**62, (1,), generator=generator).to(device)
+        dist.broadcast(base, src=_group_src(group), group=group)
+        seeds = per_row_seeds(int(base.item()), None, rows, device)
+    kwargs["seed"] = seeds
+    per_row = {name: value for name, value in kwargs.items() if isinstance(value, Tensor) and value.numel() == rows}
+    fixed = {name: value for name, value in kwargs.items() if name not in per_row}
+    names = list(per_row)
+
+    def draw(x, *values):
+        r0 = draw.start
+        draw.start += x.shape[0]
+        try:
+            out = _sharded_sample(layout.wrap(x), **fixed, **dict(zip(names, values)))
+        except ValueError as error:
+            raise ValueError(f"{error} (row numbers counted from token {r0} of the LinearLogits)") from None
+        return out.tokens, out.logprobs, out.raw_logprobs, out.entropy
+
+    draw.start = 0
+    with torch.no_grad():
+        tokens, logprobs, raw, entropy = map_rows(draw, [src._local()], [per_row[n].reshape(rows) for n in names],
+                                                  pad=False)
+    lead = src.shape[:-1]
+    extra = tokens.shape[1:]
+    return SampleOutput(tokens.reshape(*lead, *extra), logprobs.reshape(*lead, *extra), raw.reshape(*lead, *extra),
+                        entropy.reshape(lead))

@@ -87,7 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     liger.add_argument("--no-liger", action="store_true",
                        help="policy_loss: leave out Liger-Kernel's GRPO loss")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads before running (CPU)")
+                        help="torch.set_num_threads before running (CPU); with --vocab-parallel, per process "
+                             "(default there: cpu_count // ranks)")
+    parser.add_argument("--vocab-parallel", type=int, default=None, metavar="W",
+                        help="token_logprobs with the logits split over the vocabulary across W spawned ranks "
+                             "(rlfuse.ShardedLogits; gloo on CPU, NCCL on W GPUs): time per rank and bytes "
+                             "communicated, next to the unsharded op (bench/vocab_parallel.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--out", default=os.path.join("bench", "results"),
                         help="directory for the CSV, PNG and environment JSON "
@@ -137,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vocab_parallel is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.run(args, device)
 
     case = CASE_BUILDERS[args.op](args, device)
     env = environment(device, args)
