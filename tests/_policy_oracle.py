@@ -34,6 +34,22 @@ The library's documented decisions (README "Policy losses", docs/SPEC.md) it hon
   "Already clipped" means PPO-clipped by the (log-clamped) ratio before ``delta``, as verl.
   KL-Cov's top tokens are the valid tokens of largest covariance (ties: any order).
 * TROLL and the full-vocabulary KL (``kl_full_coef``) are not covered here (their own oracles).
+
+Off-policy corrections (docs/SPEC.md section 4, from the peers' formulas):
+
+* ``rollout_rejection`` (verl ``compute_rollout_rejection_mask``): ``l = clamp(old - rollout, +-20)``,
+  ``k1 = -l``, ``k2 = l^2 / 2``, ``k3 = e^l - 1 - l``; per token, or the sum / mean / max over the
+  sequence's valid tokens; k1 keeps ``log lo <= v <= log hi``, k2 / k3 keep ``v <= hi``. A rejected
+  token leaves the mask (the loss and every normaliser), as verl's response mask. The rollout
+  weights and their batch normalisation are computed on the caller's mask.
+* ``seq_mask_tis`` (OpenRLHF): sequence kept iff ``lo <= exp(mean_t l_t) <= hi``; weight ``min(e^l_t, hi)``.
+* ``rollout_is_batch_normalize`` (verl): weights divided by their mean over valid tokens (``seq_*``
+  modes: over non-empty sequences), unless that mean is <= 1e-8.
+* ``off_policy_mask_threshold`` (TRL ``get_off_policy_mask``): a token with ``A < 0`` is dropped from
+  the policy term when its sequence's mean of ``behaviour - sg(logp)`` exceeds the threshold
+  (behaviour = rollout if given, else old).
+* ``kl_bias_correction`` (TRL ``use_bias_correction_kl``): the KL times ``exp(logp - old)`` (per
+  token), or ``exp(mean_t (logp - old))`` for gspo / gspo_token, the ratio NOT detached.
 """
 
 from __future__ import annotations
@@ -193,6 +209,81 @@ def _linear_quantile(values: list[float], q: float) -> float:
     return v[lo] + (pos - lo) * (v[hi] - v[lo])
 
 
+def _rollout_weights(sequences, old, rollout, config) -> dict:
+    """Rollout importance weights per valid token of the caller's mask (docs/SPEC.md section 4)."""
+    mode = config.rollout_correction
+    cap = config.rollout_cap
+    cap_low = config.rollout_cap_low if config.rollout_cap_low is not None else 1.0 / cap
+
+    def clamped_exp(v):
+        return math.exp(max(-LOG_RATIO_CLAMP, min(LOG_RATIO_CLAMP, v)))
+
+    weights, seq_weights = {}, []
+    for seq in sequences:
+        logs = [old[i] - rollout[i] for i in seq]
+        if mode == "seq_mask_tis":
+            geo = clamped_exp(sum(logs) / len(seq)) if seq else 1.0
+            for i, lw in zip(seq, logs):
+                weights[i] = min(clamped_exp(lw), cap) if cap_low <= geo <= cap else 0.0
+            continue
+        for i, lw in zip(seq, logs):
+            w = clamped_exp(sum(logs) if mode.startswith("seq_") else lw)
+            if mode.endswith("truncate"):
+                w = min(w, cap)
+            elif not cap_low <= w <= cap:
+                w = 0.0
+            weights[i] = w
+        if seq:
+            seq_weights.append(weights[seq[0]])
+    if getattr(config, "rollout_is_batch_normalize", False) and weights:
+        if mode in ("seq_truncate", "seq_mask"):
+            mean = sum(seq_weights) / len(seq_weights)
+        else:
+            mean = sum(weights.values()) / len(weights)
+        if mean > 1e-8:
+            weights = {i: w / mean for i, w in weights.items()}
+    return weights
+
+
+def _rejection(valid, sequences, old, rollout, config) -> list:
+    """verl's rejection options applied to the caller's mask: the new per-token validity."""
+    options = [o.strip() for o in config.rollout_rejection.split(",") if o.strip()]
+    options = list(dict.fromkeys(options))
+    spec = config.rollout_rejection_threshold
+    specs = [str(spec)] if not isinstance(spec, str) else [p.strip() for p in spec.split(",") if p.strip()]
+    specs = specs * len(options) if len(specs) == 1 else specs
+    keep = list(valid)
+    for option, text in zip(options, specs):
+        kind = option[-2:]
+        if kind == "k1":
+            low_text, high_text = text.split("_") if "_" in text else (None, text)
+            high = float(high_text)
+            low = float(low_text) if low_text is not None else 1.0 / high
+        else:
+            high, low = float(text), None
+
+        def stat(i):
+            lr = max(-LOG_RATIO_CLAMP, min(LOG_RATIO_CLAMP, old[i] - rollout[i]))
+            return {"k1": -lr, "k2": 0.5 * lr * lr, "k3": math.exp(lr) - 1.0 - lr}[kind]
+
+        def ok(v):
+            return math.log(low) <= v <= math.log(high) if low is not None else v <= high
+
+        for seq in sequences:
+            if option.startswith("token_"):
+                for i in seq:
+                    keep[i] = keep[i] and ok(stat(i))
+                continue
+            values = [stat(i) for i in seq]
+            if not values:
+                continue
+            agg = {"seq_sum": sum(values), "seq_mean": sum(values) / len(values), "seq_max": max(values)}
+            if not ok(agg[option.rsplit("_", 1)[0]]):
+                for i in seq:
+                    keep[i] = False
+    return keep
+
+
 def oracle_policy_loss(logits, tokens, advantages, old=None, ref_lp=None, rollout=None, mask=None,
                        cu_seqlens=None, config=None):
     """(loss, d loss / d logits) in float64, for padded [B, T, V] or packed [N, V] logits."""
@@ -232,6 +323,11 @@ def oracle_policy_loss(logits, tokens, advantages, old=None, ref_lp=None, rollou
             for i in range(start, end):
                 adv[i] = a
     old, ref_lp, rollout = per_token(old), per_token(ref_lp), per_token(rollout)
+
+    caller_sequences = [[i for i in range(start, end) if valid[i]] for start, end in bounds]
+    rejection = getattr(config, "rollout_rejection", None)
+    if rejection is not None:
+        valid = _rejection(valid, caller_sequences, old, rollout, config)
 
     # Valid tokens of each sequence; empty sequences are skipped everywhere.
     sequences = [[i for i in range(start, end) if valid[i]] for start, end in bounds]
@@ -273,31 +369,44 @@ def oracle_policy_loss(logits, tokens, advantages, old=None, ref_lp=None, rollou
     # Multipliers of the policy term: rollout correction (docs/SPEC.md section 4), entropy minority mask.
     policy_factor = {i: 1.0 for i in valid_tokens}
     if config.rollout_correction is not None:
-        mode = config.rollout_correction
-        cap = config.rollout_cap
-        cap_low = config.rollout_cap_low if config.rollout_cap_low is not None else 1.0 / cap
+        weights = _rollout_weights(caller_sequences, old, rollout, config)
+        for i in valid_tokens:
+            policy_factor[i] *= weights[i]
+    if getattr(config, "off_policy_mask_threshold", None) is not None:
+        behaviour = rollout if rollout is not None else old
         for seq in sequences:
-            seq_log_w = sum(old[i] - rollout[i] for i in seq)
+            diffs = [behaviour[i] - _value(logp[i]) for i in seq]
+            mean_kl = sum(0.0 if math.isnan(d) else d for d in diffs) / max(len(seq), 1)
             for i in seq:
-                log_w = seq_log_w if mode.startswith("seq_") else old[i] - rollout[i]
-                w = math.exp(max(-LOG_RATIO_CLAMP, min(LOG_RATIO_CLAMP, log_w)))
-                if mode.endswith("truncate"):
-                    w = min(w, cap)
-                elif not cap_low <= w <= cap:
-                    w = 0.0
-                policy_factor[i] *= w
+                if adv[i] < 0 and mean_kl > config.off_policy_mask_threshold:
+                    policy_factor[i] = 0.0
     if config.entropy_quantile is not None and valid_tokens:
         threshold = _linear_quantile([_value(entropy[i]) for i in valid_tokens], 1.0 - config.entropy_quantile)
         for i in valid_tokens:
             if not _value(entropy[i]) >= threshold:
                 policy_factor[i] = 0.0
 
+    # kl_bias_correction's importance ratio (with its gradient).
+    kl_ratio = {}
+    if getattr(config, "kl_bias_correction", False):
+        for seq in sequences:
+            if config.loss in ("gspo", "gspo_token") and seq:
+                seq_log = sum((logp[i] - old[i] for i in seq), _const(0.0)) / len(seq)
+                for i in seq:
+                    kl_ratio[i] = _exp_clamped(seq_log)
+            else:
+                for i in seq:
+                    kl_ratio[i] = _exp_clamped(logp[i] - old[i])
+
     # Penalties: KL to the reference and the entropy bonus, per valid token.
     penalties = {}
     for i in valid_tokens:
         term = _const(0.0)
         if config.kl is not None and config.kl_coef != 0:
-            term = term + config.kl_coef * _kl(logp[i], ref_lp[i], config.kl)
+            kl = _kl(logp[i], ref_lp[i], config.kl)
+            if getattr(config, "kl_bias_correction", False):
+                kl = kl * kl_ratio[i]
+            term = term + config.kl_coef * kl
         if config.entropy_coef != 0:
             term = term - config.entropy_coef * entropy[i]
         penalties[i] = term

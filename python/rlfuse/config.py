@@ -16,7 +16,11 @@ PPO_CLIP_LOSSES = ("ppo", "gppo", "clip_cov")  # the ones whose ratio takes dual
 SEQUENCE_MEAN_LOSSES = ("gspo", "gmpo")  # one term per sequence, averaged over sequences
 KL_ESTIMATORS = tuple(name for name in _schema.KL_KIND.names if name != "none")  # kl=None is "none"
 CISPO_MODES = _schema.CISPO_MODE.names
-ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "seq_truncate", "seq_mask")
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "seq_truncate", "seq_mask", "seq_mask_tis")
+# verl's rollout rejection options (rollout_corr_helper.SUPPORTED_ROLLOUT_RS_OPTIONS): divergence of the
+# trainer's old log-probs from the inference engine's, per token or per sequence (sum / mean / max).
+ROLLOUT_REJECTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
+                      "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
 # rlfuse.distill.KINDS (not imported: the config module imports no kernels)
 DISTILL_KINDS = ("jsd", "forward_kl", "reverse_kl", "sparse_kl", "sampled_reverse_kl")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -34,6 +38,16 @@ class LossConfig:
     the other per-token terms (general path). ``distill_coef`` adds a distillation term to a teacher
     (``policy_loss(..., teacher=...)`` or ``teacher_logprobs=``; ``rlfuse.distill``'s ``distill_kind``
     with ``distill_beta`` for the JSD), aggregated like the other per-token terms.
+
+    Off-policy corrections (docs/SPEC.md section 4, "Off-policy corrections"; README "Off-policy
+    corrections"): ``rollout_is_batch_normalize`` divides the rollout weights by their batch mean
+    (verl); ``rollout_rejection`` / ``rollout_rejection_threshold`` drop tokens or sequences whose
+    trainer-vs-engine divergence is out of bounds, in verl's ``rollout_rs`` / ``rollout_rs_threshold``
+    syntax (comma-separated options, every one must pass; k1 bounds ``"lower_upper"`` ratios, default
+    lower ``1 / upper``); rejected tokens leave the loss and every normaliser, as verl's response
+    mask. ``off_policy_mask_threshold`` is DeepSeek-V3.2's off-policy sequence mask (TRL's formula);
+    ``kl_bias_correction`` multiplies the KL penalty by the importance ratio to the old policy (TRL /
+    Liger ``use_bias_correction_kl``).
     """
 
     loss: str = "ppo"
@@ -64,6 +78,11 @@ class LossConfig:
     rollout_correction: str | None = None
     rollout_cap: float = 2.0
     rollout_cap_low: float | None = None
+    rollout_is_batch_normalize: bool = False
+    rollout_rejection: str | None = None
+    rollout_rejection_threshold: str | float | None = None
+    off_policy_mask_threshold: float | None = None
+    kl_bias_correction: bool = False
     aggregation: str = "token-mean"
     norm_tokens: float | None = None
     norm_length: float | None = None
@@ -139,10 +158,45 @@ class LossConfig:
             fail("clip_high", "is the CISPO cap in 'cap' mode and must be > 0")
         if self.rollout_cap_low is not None and self.rollout_cap_low > self.rollout_cap:
             fail("rollout_cap_low", "must not exceed rollout_cap")
+        self._check_off_policy(fail, finite)
         if not isinstance(self.troll_k, int) or self.troll_k < 1:
             fail("troll_k", "must be a positive integer")
         if not 0.0 < self.troll_threshold < 1.0:
             fail("troll_threshold", "must be in (0, 1)")
+
+    def _check_off_policy(self, fail, finite):
+        for name in ("rollout_is_batch_normalize", "kl_bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be a bool")
+        if self.rollout_is_batch_normalize and self.rollout_correction is None:
+            fail("rollout_is_batch_normalize", "needs a rollout_correction (it normalises its weights)")
+        if self.rollout_correction == "seq_mask_tis" and self.loss in SEQUENCE_MEAN_LOSSES:
+            fail("rollout_correction", f"is not supported by loss={self.loss!r} (a per-sequence ratio)")
+        if self.rollout_rejection is None:
+            if self.rollout_rejection_threshold is not None:
+                fail("rollout_rejection_threshold", "is set but rollout_rejection is None")
+        else:
+            try:
+                parse_rollout_rejection(self.rollout_rejection, self.rollout_rejection_threshold)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"LossConfig.rollout_rejection / rollout_rejection_threshold: {error}") from None
+        finite("off_policy_mask_threshold", allow_none=True)
+        if self.off_policy_mask_threshold is not None and self.loss in SEQUENCE_MEAN_LOSSES:
+            fail("off_policy_mask_threshold", f"is not supported by loss={self.loss!r} (a mean over sequences)")
+        if self.kl_bias_correction and (self.kl is None or self.kl_coef == 0):
+            fail("kl_bias_correction", "corrects the KL penalty, which is off (set kl and kl_coef)")
+
+    @property
+    def kl_correction_level(self) -> str:
+        """The importance ratio of ``kl_bias_correction``: per sequence for the sequence-ratio losses
+        (TRL's importance_sampling_level="sequence"), per token otherwise."""
+        return "sequence" if self.loss in ("gspo", "gspo_token") else "token"
+
+    @property
+    def needs_current_logprobs(self) -> bool:
+        """True when a detached factor of the policy term depends on the current log-probs (the
+        fused path then reads the logits once more, without gradient, before its kernel)."""
+        return self.off_policy_mask_threshold is not None
 
     def replace(self, **overrides) -> "LossConfig":
         return dataclasses.replace(self, **overrides)
@@ -150,7 +204,8 @@ class LossConfig:
     @property
     def token_local(self) -> bool:
         """True when the loss can take the fused path (one kernel: loss + gradient per row)."""
-        return self.loss in TOKEN_LOCAL_LOSSES and self.entropy_quantile is None and self.kl_full_coef == 0
+        return (self.loss in TOKEN_LOCAL_LOSSES and self.entropy_quantile is None and self.kl_full_coef == 0
+                and not self.kl_bias_correction)  # the corrected KL's ratio carries a gradient
 
     # --- presets: published defaults; keyword arguments override any field ----------------------
 
@@ -225,3 +280,50 @@ class LossConfig:
     def kl_cov(cls, **overrides):
         """KL-Cov: unclipped -A r plus |logp - old| on the top 2e-3 tokens by covariance."""
         return cls(**{"loss": "kl_cov", "cov_ratio": 2e-3, "kl_cov_coef": 1.0, **overrides})
+
+
+def parse_rollout_rejection(options: str, threshold) -> tuple:
+    """verl's ``rollout_rs`` / ``rollout_rs_threshold`` (rollout_corr_helper._parse_rollout_rs_thresholds):
+    ``((option, lower, upper), ...)`` in the given order, duplicates dropped. One threshold is shared by
+    every option, else one per option (comma-separated). k1 options bound the ratio: ``"lower_upper"``
+    or ``upper`` (lower ``1 / upper``); the others take one positive upper bound."""
+    if not isinstance(options, str):
+        raise TypeError(f"rollout_rejection must be a comma-separated string of {ROLLOUT_REJECTIONS}")
+    names = []
+    for name in (part.strip() for part in options.split(",")):
+        if not name:
+            continue
+        if name not in ROLLOUT_REJECTIONS:
+            raise ValueError(f"unknown rejection option {name!r} (one of {ROLLOUT_REJECTIONS})")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("rollout_rejection names no option")
+    if threshold is None:
+        raise ValueError("rollout_rejection_threshold is required by rollout_rejection")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, str)):
+        raise TypeError("rollout_rejection_threshold must be a number or a string")
+    specs = [str(threshold)] if not isinstance(threshold, str) else [p.strip() for p in threshold.split(",") if p.strip()]
+    if len(specs) not in (1, len(names)):
+        raise ValueError(f"rollout_rejection_threshold needs 1 or {len(names)} comma-separated thresholds")
+    specs = specs * len(names) if len(specs) == 1 else specs
+    parsed = []
+    for name, spec in zip(names, specs):
+        try:
+            if name.endswith("k1"):
+                upper_text, lower_text = (spec.split("_", 1)[1], spec.split("_", 1)[0]) if "_" in spec else (spec, None)
+                upper = float(upper_text)
+                lower = 1.0 / upper if lower_text is None else float(lower_text)
+            else:
+                if "_" in spec:
+                    raise ValueError(f"{name} takes one upper bound, got {spec!r}")
+                upper, lower = float(spec), None
+        except ZeroDivisionError:
+            raise ValueError(f"threshold {spec!r} of {name} must be positive") from None
+        bounds = [b for b in (lower, upper) if b is not None]
+        if not all(math.isfinite(b) and b > 0 for b in bounds):
+            raise ValueError(f"threshold {spec!r} of {name} must be positive and finite")
+        if lower is not None and lower > upper:
+            raise ValueError(f"threshold {spec!r} of {name}: lower must not exceed upper")
+        parsed.append((name, lower, upper))
+    return tuple(parsed)

@@ -150,13 +150,26 @@ def policy_loss(
     # The aggregation settings with the batch's norm_length (not config.replace: under torch.compile
     # with dynamic shapes norm_length may be symbolic, and LossConfig validates its fields as numbers).
     settings = _Aggregation(config.aggregation, config.norm_tokens, batch.norm_length)
-    aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, settings)
-    policy_weight = aggregation
+    # The rollout weights (and their batch normalisation) see the caller's mask; rejected tokens then
+    # leave the mask itself, so the loss and every normaliser skip them (verl's response mask).
+    caller_mask = batch.mask
+    rollout_w = None
     if config.rollout_correction is not None:
         rollout_w = ref.rollout_correction_weights(batch.old, batch.rollout, batch.mask, batch.cu_seqlens, config)
-        policy_weight = policy_weight * rollout_w
+    if config.rollout_rejection is not None:
+        batch.mask = batch.mask * ref.rollout_rejection_mask(batch.old, batch.rollout, batch.mask, batch.cu_seqlens,
+                                                             config)
+    aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, settings)
+    policy_weight = aggregation if rollout_w is None else aggregation * rollout_w
     use_fused = (config.token_local and path != "general" and resolved != "torch"
                  and (not source or logits.fused_path))
+    if config.needs_current_logprobs and (use_fused or config.loss == "troll"):
+        # Factors that depend on the current log-probs (detached) must be known before the kernel
+        # writes the gradient: one forward read of the logits, without gradient.
+        with torch.no_grad():
+            current, _ = _token_logprobs(batch, config.temperature, resolved, False)
+        policy_weight = policy_weight * current_policy_factor(_masked(current.reshape(-1).float(), batch.mask > 0),
+                                                               batch, config)
     troll_terms = None
     if config.loss == "troll":
         loss, logp, entropy, troll_terms = _troll(batch, old_topk, policy_weight, aggregation, config, resolved)
@@ -164,7 +177,8 @@ def policy_loss(
         loss, logp, entropy = _fused(batch, policy_weight, aggregation, config, resolved, inplace_backward)
     else:
         loss, logp, entropy = _general(batch, policy_weight, aggregation, config, resolved, inplace_backward)
-    metrics = _metrics(batch, logp.detach(), entropy.detach(), config, policy_weight)
+    metrics = _metrics(batch, logp.detach(), entropy.detach(), config, rollout_w)
+    metrics.update(_off_policy_metrics(batch, caller_mask, logp.detach(), config, rollout_w))
     if troll_terms is not None:
         metrics.update(_troll_metrics(troll_terms, batch.mask > 0))
     if ref_logits is not None:
@@ -198,7 +212,8 @@ def _troll(batch, old_topk, policy_weight, weight, config, backend):
         logp, entropy = _token_logprobs(batch, config.temperature, backend, False)
         logp, entropy = logp.reshape(-1), entropy.reshape(-1)
         valid = batch.mask > 0
-        penalties = ref.penalty_terms(_masked(logp, valid), _masked(entropy, valid), batch.ref, weight, config)
+        penalties = ref.penalty_terms(_masked(logp, valid), _masked(entropy, valid), batch.ref, weight, config,
+                                      batch.old, batch.mask, batch.cu_seqlens)
         loss = loss + penalties.sum()
     return loss, logp, entropy, terms
 
@@ -266,8 +281,10 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
     logp, entropy = _masked(raw_logp, valid), _masked(raw_entropy, valid)
     if config.entropy_quantile is not None:
         policy_weight = policy_weight * entropy_minority_mask(entropy, batch.mask, config.entropy_quantile)
+    if config.needs_current_logprobs:
+        policy_weight = policy_weight * current_policy_factor(logp.detach(), batch, config)
     a, old, mask, cu = batch.advantages, batch.old, batch.mask, batch.cu_seqlens
-    penalties = ref.penalty_terms(logp, entropy, batch.ref, weight, config).sum()
+    penalties = ref.penalty_terms(logp, entropy, batch.ref, weight, config, old, mask, cu).sum()
     if config.loss == "gspo":
         return ref.gspo_loss(logp, old, a, mask, cu, config) + penalties, raw_logp, raw_entropy
     if config.loss == "gmpo":
@@ -281,6 +298,46 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
     else:
         term = ref.policy_term(logp, old, a, config)
     return ref.weighted(term, policy_weight).sum() + penalties, raw_logp, raw_entropy
+
+
+def current_policy_factor(logp: Tensor, batch, config) -> Tensor:
+    """The detached per-token factor of the policy term that depends on the current log-probs
+    ``logp`` ([N], 0 at masked positions): the off-policy sequence mask."""
+    factor = torch.ones_like(batch.mask)
+    if config.off_policy_mask_threshold is not None:
+        behaviour = batch.rollout if batch.rollout is not None else batch.old
+        factor = factor * ref.off_policy_sequence_mask(logp, behaviour, batch.advantages, batch.mask, batch.cu_seqlens,
+                                                       config.off_policy_mask_threshold)
+    return factor
+
+
+def _off_policy_metrics(batch, caller_mask, logp, config, rollout_w) -> dict:
+    """Trainer-vs-engine diagnostics (whenever old and rollout log-probs are both given) and the
+    fractions of valid tokens each off-policy filter drops."""
+    metrics = {}
+    caller_valid = caller_mask > 0
+    caller_count = caller_valid.sum().clamp(min=1).float()
+    if batch.old is not None and batch.rollout is not None:
+        metrics.update(ref.mismatch_metrics(batch.old, batch.rollout, caller_mask, batch.cu_seqlens))
+    if rollout_w is not None:
+        if config.rollout_is_batch_normalize:
+            raw = ref.rollout_correction_weights(batch.old, batch.rollout, caller_mask, batch.cu_seqlens,
+                                                 config.replace(rollout_is_batch_normalize=False))
+            metrics["rollout_batch_norm_factor"] = ref.rollout_weight_batch_mean(raw, caller_mask, batch.cu_seqlens,
+                                                                                 config.rollout_correction)
+        else:
+            raw = rollout_w
+        w = raw.clamp(min=0.0, max=config.rollout_cap)
+        mean_w = torch.where(caller_valid, w, 0.0).sum() / caller_count
+        normalised = w / (mean_w + 1e-8)
+        metrics["rollout_ess"] = 1.0 / (torch.where(caller_valid, normalised * normalised, 0.0).sum() / caller_count)
+    if config.rollout_rejection is not None:
+        metrics["rollout_rejected_frac"] = (caller_valid & (batch.mask == 0)).sum() / caller_count
+    if config.needs_current_logprobs:
+        valid = batch.mask > 0
+        kept = current_policy_factor(_masked(logp.reshape(-1).float(), valid), batch, config)
+        metrics["off_policy_masked_frac"] = (valid & (kept == 0)).sum() / valid.sum().clamp(min=1).float()
+    return metrics
 
 
 def _token_logprobs(batch, temperature, backend, inplace_backward):
@@ -457,7 +514,9 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
         raise ValueError(
             f"advantages must be per token {tuple(tokens.shape)} or per sequence ({n_seqs},), got {tuple(adv.shape)}"
         )
-    needs_old = config.loss not in LOSSES_WITHOUT_RATIO or config.rollout_correction is not None
+    needs_rollout = config.rollout_correction is not None or config.rollout_rejection is not None
+    needs_old = (config.loss not in LOSSES_WITHOUT_RATIO or needs_rollout or config.kl_bias_correction
+                 or (config.off_policy_mask_threshold is not None and rollout is None))
     needs_ref = config.kl is not None and config.kl_coef != 0
 
     def per_token(name, value, required, reason=""):
@@ -470,8 +529,9 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
         logits=logits, tokens=tokens, cu_seqlens=cu, mask=flat_mask, advantages=_masked(flat_adv, valid).contiguous(),
         old=per_token("old_logprobs", old, needs_old, f"loss={config.loss!r}"),
         ref=per_token("ref_logprobs", ref_lp, needs_ref, f"kl={config.kl!r}"),
-        rollout=per_token("rollout_logprobs", rollout, config.rollout_correction is not None,
-                          f"rollout_correction={config.rollout_correction!r}"),
+        rollout=per_token("rollout_logprobs", rollout, needs_rollout,
+                          f"rollout_correction={config.rollout_correction!r} / "
+                          f"rollout_rejection={config.rollout_rejection!r}"),
         norm_length=norm_length,
     )
 
@@ -510,7 +570,7 @@ def _check_cu_seqlens(cu_seqlens, n_tokens, device, checks):
     return cu
 
 
-def _metrics(batch, logp, entropy, config, policy_weight) -> dict:
+def _metrics(batch, logp, entropy, config, rollout_w) -> dict:
     """Detached scalar diagnostics over valid tokens (no host synchronisation)."""
     valid = batch.mask > 0
     count = valid.sum()
@@ -535,7 +595,7 @@ def _metrics(batch, logp, entropy, config, policy_weight) -> dict:
     if batch.ref is not None and config.kl is not None:
         metrics["kl_ref"] = mean(ref.kl_term(logp, batch.ref, config.kl))
     if config.rollout_correction is not None:
-        w = ref.rollout_correction_weights(batch.old, batch.rollout, batch.mask, batch.cu_seqlens, config)
+        w = rollout_w
         metrics["rollout_weight_mean"] = mean(w)
         metrics["rollout_weight_min"] = _masked_extreme(w, valid, count, "min")
         metrics["rollout_weight_max"] = _masked_extreme(w, valid, count, "max")

@@ -103,12 +103,16 @@ def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown kl {kind!r}")
 
 
-def penalty_terms(logp, entropy, ref_logp, weight, config) -> Tensor:
-    """Weighted KL-to-reference and entropy-bonus terms per token (docs/SPEC.md section 5)."""
+def penalty_terms(logp, entropy, ref_logp, weight, config, old_logp=None, mask=None, cu_seqlens=None) -> Tensor:
+    """Weighted KL-to-reference and entropy-bonus terms per token (docs/SPEC.md section 5).
+    ``kl_bias_correction`` multiplies the KL by :func:`kl_importance_weights` (needs ``old_logp``,
+    and ``mask`` / ``cu_seqlens`` at the sequence level)."""
     zero = torch.zeros_like(logp)
     total = zero
     if config.kl is not None and config.kl_coef != 0:
         kl = kl_term(logp, ref_logp, config.kl)
+        if getattr(config, "kl_bias_correction", False):
+            kl = kl * kl_importance_weights(logp, old_logp, mask, cu_seqlens, config.kl_correction_level)
         total = total + torch.where(weight != 0, weight * config.kl_coef * kl, zero)
     if config.entropy_coef != 0:
         total = total - torch.where(weight != 0, weight * config.entropy_coef * entropy, zero)
@@ -156,17 +160,176 @@ def aggregation_weights(mask: Tensor, cu_seqlens: Tensor, config) -> Tensor:
 
 
 def rollout_correction_weights(old_logp, rollout_logp, mask, cu_seqlens, config) -> Tensor:
-    """Detached importance weights between trainer and inference engine (docs/SPEC.md section 4)."""
+    """Detached importance weights between trainer and inference engine (docs/SPEC.md section 4).
+
+    ``token_*`` / ``seq_*``: ``w = exp(clamp(log w))`` of the token's / sequence's summed log-ratio,
+    truncated at ``rollout_cap`` or zeroed outside ``[rollout_cap_low, rollout_cap]`` (verl TIS /
+    IcePop). ``seq_mask_tis`` (OpenRLHF): the sequence's geometric-mean ratio ``exp(mean_t log w_t)``
+    outside ``[rollout_cap_low, rollout_cap]`` zeroes the sequence; the kept tokens get
+    ``min(w_t, rollout_cap)``. ``rollout_is_batch_normalize`` then divides by the batch mean of the
+    weights over valid tokens (per sequence for ``seq_*``: the mean of the sequences' weights), as
+    verl, when that mean exceeds 1e-8."""
     mode = config.rollout_correction
     cap = config.rollout_cap
     cap_low = config.rollout_cap_low if config.rollout_cap_low is not None else 1.0 / cap
-    log_w = (old_logp - rollout_logp).detach().masked_fill(mask == 0, 0.0)
-    if mode.startswith("seq_"):
-        log_w = torch.repeat_interleave(segment_sum(log_w, cu_seqlens), cu_seqlens.diff(), output_size=mask.numel())
-    w = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    if mode.endswith("truncate"):
-        return torch.clamp(w, max=cap)
-    return torch.where((w >= cap_low) & (w <= cap), w, torch.zeros_like(w))
+    valid = mask != 0
+    log_w = (old_logp - rollout_logp).detach().masked_fill(~valid, 0.0)
+    n = mask.numel()
+    if mode == "seq_mask_tis":
+        seq_mean, _ = _per_sequence(log_w, mask, cu_seqlens)
+        geo = torch.exp(_broadcast(seq_mean, cu_seqlens, n).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        w = torch.clamp(torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)), max=cap)
+        w = torch.where((geo >= cap_low) & (geo <= cap), w, torch.zeros_like(w))
+    else:
+        if mode.startswith("seq_"):
+            log_w = _broadcast(segment_sum(log_w, cu_seqlens), cu_seqlens, n)
+        w = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        if mode.endswith("truncate"):
+            w = torch.clamp(w, max=cap)
+        else:
+            w = torch.where((w >= cap_low) & (w <= cap), w, torch.zeros_like(w))
+    if getattr(config, "rollout_is_batch_normalize", False):
+        w = w / rollout_weight_batch_mean(w, mask, cu_seqlens, mode)
+    return w
+
+
+def rollout_weight_batch_mean(w, mask, cu_seqlens, mode) -> Tensor:
+    """verl's ``rollout_is_batch_normalize`` divisor: the mean weight over valid tokens (sequence modes:
+    over non-empty sequences of their weight), or 1 when it is <= 1e-8."""
+    valid = mask != 0
+    if mode in ("seq_truncate", "seq_mask"):
+        seq_w, lengths = _per_sequence(w, mask, cu_seqlens)
+        nonempty = lengths > 0
+        mean = torch.where(nonempty, seq_w, 0.0).sum() / nonempty.sum().clamp(min=1)
+    else:
+        mean = torch.where(valid, w, 0.0).sum() / valid.sum().clamp(min=1)
+    return torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+
+
+# --- off-policy corrections that are not importance weights (docs/SPEC.md section 4) -------------
+
+
+def _sequence_ids(cu_seqlens, n):
+    return torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), cu_seqlens.diff(),
+                                   output_size=n)
+
+
+def _segment_max(values, mask, cu_seqlens):
+    """Per-sequence max over valid tokens; 0 for a sequence without one (verl's convention)."""
+    n_seqs = cu_seqlens.numel() - 1
+    out = values.new_full((n_seqs,), -math.inf)
+    filled = torch.where(mask != 0, values, torch.full_like(values, -math.inf))
+    out = out.scatter_reduce(0, _sequence_ids(cu_seqlens, values.numel()), filled, "amax", include_self=True)
+    return torch.where(out == -math.inf, torch.zeros_like(out), out)
+
+
+def rollout_rejection_mask(old_logp, rollout_logp, mask, cu_seqlens, config) -> Tensor:
+    """1 for tokens every ``rollout_rejection`` option keeps, else 0 (verl's
+    ``compute_rollout_rejection_mask``). With ``l = clamp(old - rollout, +-20)``: ``k1 = -l``,
+    ``k2 = l^2 / 2``, ``k3 = exp(l) - 1 - l``; ``token_*`` tests each token's value, ``seq_sum_*`` /
+    ``seq_mean_*`` / ``seq_max_*`` the sum / mean / max over the sequence's valid tokens; k1 keeps
+    ``log(lower) <= value <= log(upper)``, k2 / k3 keep ``value <= upper``."""
+    from ..config import parse_rollout_rejection
+
+    valid = mask != 0
+    n = mask.numel()
+    log_r = (old_logp - rollout_logp).detach().masked_fill(~valid, 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    stats = {"k1": -log_r, "k2": 0.5 * log_r * log_r, "k3": torch.exp(log_r) - 1.0 - log_r}
+    keep = torch.ones_like(valid)
+    for name, lower, upper in parse_rollout_rejection(config.rollout_rejection, config.rollout_rejection_threshold):
+        stat = stats[name[-2:]]
+        if name.startswith("seq_sum"):
+            stat = _broadcast(segment_sum(torch.where(valid, stat, 0.0), cu_seqlens), cu_seqlens, n)
+        elif name.startswith("seq_mean"):
+            stat = _broadcast(_per_sequence(stat, mask, cu_seqlens)[0], cu_seqlens, n)
+        elif name.startswith("seq_max"):
+            stat = _broadcast(_segment_max(stat, mask, cu_seqlens), cu_seqlens, n)
+        if lower is not None:  # k1: bounds on the log-ratio
+            keep = keep & (stat >= math.log(lower)) & (stat <= math.log(upper))
+        else:
+            keep = keep & (stat <= upper)
+    return (keep & valid).to(torch.float32)
+
+
+def off_policy_sequence_mask(logp, behaviour_logp, advantages, mask, cu_seqlens, threshold) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask in TRL's form (``GRPOTrainer.get_off_policy_mask``):
+    0 for tokens with ``A < 0`` in a sequence whose mean over valid tokens of
+    ``behaviour - sg(logp)`` (NaN counted as 0) exceeds ``threshold``, else 1. Detached."""
+    valid = mask != 0
+    diff = torch.nan_to_num((behaviour_logp - logp).detach(), nan=0.0)
+    seq_mean, _ = _per_sequence(torch.where(valid, diff, 0.0), mask, cu_seqlens)
+    low_divergence = _broadcast(seq_mean, cu_seqlens, mask.numel()) <= threshold
+    return ((advantages >= 0) | low_divergence).to(torch.float32)
+
+
+def kl_importance_weights(logp, old_logp, mask, cu_seqlens, level="token") -> Tensor:
+    """The importance ratio of ``kl_bias_correction`` (TRL / Liger ``use_bias_correction_kl``):
+    ``exp(clamp(logp - old))`` per token, or ``exp(clamp(mean_t (logp - old)))`` over the sequence's
+    valid tokens at the sequence level. NOT detached (TRL's convention): with samples from the old
+    policy, ``r * KL_t`` has the expectation and the gradient of the KL under the current policy."""
+    log_r = logp - old_logp
+    if level == "sequence":
+        seq_mean, _ = _per_sequence(log_r, mask, cu_seqlens)
+        log_r = _broadcast(seq_mean, cu_seqlens, logp.numel())
+    return torch.exp(torch.clamp(log_r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def mismatch_metrics(old_logp, rollout_logp, mask, cu_seqlens, weights=None, cap=None) -> dict:
+    """Trainer-vs-inference diagnostics over valid tokens (verl ``compute_offpolicy_metrics``; non-empty
+    sequences only where verl averages over rows): ``mismatch_kl`` = mean(rollout - old),
+    ``mismatch_k3_kl`` = mean(exp(l) - l - 1) with ``l = old - rollout``, ``training_ppl`` /
+    ``rollout_ppl`` = mean over sequences of exp(-mean log-prob) (and their ``*_log_ppl``),
+    ``log_ppl_diff`` (mean, ``_abs``, ``_max``, ``_min``) = per-sequence mean(rollout) - mean(old),
+    ``ppl_ratio`` = mean exp(log_ppl_diff), ``chi2_token`` = mean(exp(l)^2) - 1, ``chi2_seq`` =
+    mean over sequences of exp(2 sum l) - 1 (log-ratios clamped to +-20), and with ``weights`` (the
+    rollout correction's, before batch normalisation) ``rollout_ess`` = 1 / mean((w / mean w)^2) of
+    ``clamp(w, 0, cap)`` (verl's effective sample size, as a fraction of the valid tokens)."""
+    valid = mask != 0
+    count = valid.sum().clamp(min=1)
+    old = torch.where(valid, old_logp.detach().float(), 0.0)
+    rollout = torch.where(valid, rollout_logp.detach().float(), 0.0)
+    log_r = old - rollout
+    safe = log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+    def mean(values):
+        return torch.where(valid, values, 0.0).sum() / count
+
+    old_seq, lengths = _per_sequence(old, mask, cu_seqlens)
+    rollout_seq, _ = _per_sequence(rollout, mask, cu_seqlens)
+    nonempty = lengths > 0
+    n_seqs = nonempty.sum().clamp(min=1)
+
+    def seq_mean(values):
+        return torch.where(nonempty, values, 0.0).sum() / n_seqs
+
+    def seq_extreme(values, kind):
+        fill = math.inf if kind == "min" else -math.inf
+        padded = torch.cat([values.masked_fill(~nonempty, fill), values.new_full((1,), fill)])
+        extreme = padded.amin() if kind == "min" else padded.amax()
+        return torch.where(nonempty.any(), extreme, torch.full_like(extreme, math.nan))
+
+    diff = rollout_seq - old_seq
+    seq_log_r = segment_sum(safe, cu_seqlens).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    metrics = {
+        "mismatch_kl": mean(rollout - old),
+        "mismatch_k3_kl": mean(torch.exp(safe) - safe - 1.0),
+        "training_ppl": seq_mean(torch.exp(-old_seq)),
+        "training_log_ppl": seq_mean(-old_seq),
+        "rollout_ppl": seq_mean(torch.exp(-rollout_seq)),
+        "rollout_log_ppl": seq_mean(-rollout_seq),
+        "log_ppl_diff": seq_mean(diff),
+        "log_ppl_abs_diff": seq_mean(diff.abs()),
+        "log_ppl_diff_max": seq_extreme(diff, "max"),
+        "log_ppl_diff_min": seq_extreme(diff, "min"),
+        "ppl_ratio": seq_mean(torch.exp(diff)),
+        "chi2_token": mean(torch.exp(2.0 * safe)) - 1.0,
+        "chi2_seq": seq_mean(torch.exp(2.0 * seq_log_r)) - 1.0,
+    }
+    if weights is not None:
+        w = weights.detach().float().clamp(min=0.0, max=cap)
+        normalised = w / (mean(w) + 1e-8)
+        metrics["rollout_ess"] = 1.0 / mean(normalised * normalised)
+    return metrics
 
 
 def entropy_minority_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
