@@ -250,6 +250,17 @@ MATRIX["bnpo+accumulation"] = {"loss_type": "bnpo", "accumulation": 2, "entropy_
 MATRIX["dapo+accumulation"] = {"loss_type": "dapo", "accumulation": 2, "steps_per_generation": 2}
 MATRIX["dr_grpo+accumulation"] = {"loss_type": "dr_grpo", "accumulation": 3}
 MATRIX["dapo+opsm"] = {"loss_type": "dapo", "off_policy_mask_threshold": 0.05}
+# The off-policy sequence mask as a LossConfig knob (gspo: folded), tight enough to drop sequences.
+MATRIX["grpo+opsm"] = {"loss_type": "grpo", "off_policy_mask_threshold": -0.02, "beta": 0.04}
+MATRIX["cispo+opsm"] = {"loss_type": "cispo", "epsilon_high": 5.0, "off_policy_mask_threshold": 0.0}
+MATRIX["grpo+sequence+opsm"] = {"loss_type": "grpo", "importance_sampling_level": "sequence",
+                                "off_policy_mask_threshold": -0.02}
+MATRIX["bnpo+sequence+opsm"] = {"loss_type": "bnpo", "importance_sampling_level": "sequence",
+                                "off_policy_mask_threshold": -0.02}
+MATRIX["dapo+vllm_token_truncate+opsm"] = {"loss_type": "dapo", "use_vllm": True,
+                                           "vllm_importance_sampling_correction": True,
+                                           "vllm_importance_sampling_mode": "token_truncate",
+                                           "off_policy_mask_threshold": 0.0}
 MATRIX["grpo+eps_0.1"] = {"loss_type": "grpo", "epsilon_low": 0.1, "epsilon_high": 0.1}
 
 

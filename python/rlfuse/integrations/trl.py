@@ -32,10 +32,13 @@ How TRL's options map (``GRPOConfig`` field -> rlfuse):
   TRL's global normaliser (``num_items_in_batch``); luspo -> seq-mean-token-sum; each scaled for
   gradient accumulation exactly as TRL does (rlfuse skips fully masked sequences in its sequence
   means, TRL counts them: the loss is rescaled by the ratio, so the result is TRL's).
-- Detached per-token weights that multiply TRL's policy term (vLLM importance-sampling ratio in
-  every ``vllm_importance_sampling_mode``, the off-policy sequence mask, the high-entropy mask of
-  ``top_entropy_quantile``) are folded into the advantages: every rlfuse policy term is positively
-  homogeneous in the advantage, so this is exact.
+- ``off_policy_mask_threshold`` -> ``LossConfig(off_policy_mask_threshold=...)`` with TRL's
+  ``sampling_per_token_logps`` as ``rollout_logprobs`` (the same formula as
+  ``GRPOTrainer.get_off_policy_mask``); with ``loss="gspo"`` (no per-token policy weight) it is folded.
+- Other detached per-token weights that multiply TRL's policy term (vLLM importance-sampling ratio in
+  every ``vllm_importance_sampling_mode``, the high-entropy mask of ``top_entropy_quantile``) are
+  folded into the advantages: every rlfuse policy term is positively homogeneous in the advantage,
+  so this is exact.
 - ``beta`` (k3 KL, with or without ``use_bias_correction_kl``) and the entropy bonus
   (``entropy_coef``, adaptive or not) use TRL's exact formulas and normalisers on rlfuse's
   differentiable ``token_logprobs`` (one more fused pass over the logits; rlfuse's own ``kl="k3"``
@@ -181,8 +184,12 @@ class RLFuseGRPOTrainer(GRPOTrainer):
             advantages = advantages.unsqueeze(1)
         advantages = advantages.float()
         old = inputs.get("old_per_token_logps")
-        needs_current = (old is None or self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
-                         or self.loss_type == "vespo")
+        config, scale, policy_metric_scale = self._rlfuse_config(inputs, mask, batch, accumulation, mode)
+        opsm = self.off_policy_mask_threshold
+        fold_opsm = opsm is not None and config.loss == "gspo"  # a mean over sequences: no per-token weight
+        if opsm is not None and not fold_opsm:
+            config = config.replace(off_policy_mask_threshold=float(opsm))
+        needs_current = old is None or self.top_entropy_quantile < 1.0 or fold_opsm or self.loss_type == "vespo"
         current_logps = current_entropy = None
         if needs_current:
             # Values the loss needs before it is computed (detached): one forward read of the logits.
@@ -200,10 +207,9 @@ class RLFuseGRPOTrainer(GRPOTrainer):
 
         # Detached per-token factors of TRL's policy term, folded into the advantages.
         weight = torch.ones_like(mask)
-        if self.off_policy_mask_threshold is not None:
+        if fold_opsm:
             sampling = inputs.get("sampling_per_token_logps", old)
-            weight = weight * self.get_off_policy_mask(advantages, current_logps, sampling, mask,
-                                                       self.off_policy_mask_threshold)
+            weight = weight * self.get_off_policy_mask(advantages, current_logps, sampling, mask, opsm)
         if entropy_mask is not None:
             weight = weight * entropy_mask
         if self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo":
@@ -218,9 +224,9 @@ class RLFuseGRPOTrainer(GRPOTrainer):
             weight = weight * phi_seq
         folded = (advantages * weight).expand_as(mask).contiguous()
 
-        config, scale, policy_metric_scale = self._rlfuse_config(inputs, mask, batch, accumulation, mode)
+        sampling = inputs.get("sampling_per_token_logps") if config.off_policy_mask_threshold is not None else None
         out = policy_loss(logits, tokens, folded, old_logprobs=old.detach(), mask=mask, config=config,
-                          backend=backend)
+                          backend=backend, rollout_logprobs=None if sampling is None else sampling.detach())
         loss = out.loss * scale if scale != 1.0 else out.loss
         per_token_logps = out.logprobs
         entropies = out.entropy
