@@ -56,6 +56,9 @@ void assign(py::handle value, int64_t& field, void*, const std::string& path) {
 void assign(py::handle value, float& field, void*, const std::string& path) {
   field = static_cast<float>(cast_field<double>(value, path, "a float"));
 }
+void assign(py::handle value, double& field, void*, const std::string& path) {
+  field = cast_field<double>(value, path, "a float");
+}
 void assign(py::handle value, int& field, void*, const std::string& path) {
   field = cast_field<int>(value, path, "an int");
 }
@@ -129,6 +132,10 @@ template <typename Args>
 void validate(const Args&, const std::string&) {}
 void validate(const RowTopkArgs& a, const std::string& entry) {
   if (a.k < 1) throw std::invalid_argument(entry + " needs k >= 1");
+}
+void validate(const TrollArgs& a, const std::string& entry) {
+  if (a.k < 1) throw std::invalid_argument(entry + " needs k >= 1");
+  if (a.old_k < 0) throw std::invalid_argument(entry + " needs old_k >= 0");
 }
 
 // <entry>(**fields, <launch>=...): keyword arguments only, exactly the fields of Args plus the

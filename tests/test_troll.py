@@ -116,20 +116,23 @@ def test_projection_gradcheck(generator):
     torch.autograd.gradcheck(fn, (a,), eps=1e-7, atol=1e-6)
 
 
-def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config, old_k=None, mask=None):
+def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config, old_k=None, mask=None,
+                         metrics=None):
     """Dense float64 TROLL from SPEC section 7: the support built here from both policies' logits
     (independently of sparse_logprobs), an independent eta solver and the implicit gradient
-    obtained by autograd through one Newton step at the converged eta. Token-mean over ``mask``."""
+    obtained by autograd through one Newton step at the converged eta. Token-mean over ``mask``.
+    Support entries with a -inf logit carry no probability under a or q (they only count in b's
+    normalisation and the support size). ``metrics``: a dict filled with per-valid-token lists
+    (eta, kl_before, kl_after, support)."""
     vocab = logits.shape[-1]
     x_full = (logits.detach().double() / config.temperature).requires_grad_(True)
-    log_p = torch.log_softmax(x_full, -1)
+    flat_x = x_full.reshape(-1, vocab)
     # The new policy's part of the support: its top tokens only (docs/SPEC.md section 7 adds {y} separately).
     new = reference_sparse(logits, tokens, config.troll_k, config.troll_threshold, config.temperature)[0]
     old_k = config.troll_k if old_k is None else old_k
     old_top_ids, old_top_lp, _ = reference_sparse(old_logits, tokens, old_k, config.troll_threshold, config.temperature)
     valid = torch.ones(tokens.numel(), dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
-    mask_weights = []
-    flat_x = log_p.reshape(-1, vocab)
+    losses = []
     for i, y in enumerate(tokens.reshape(-1).tolist()):
         if not valid[i]:
             continue
@@ -137,34 +140,45 @@ def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, c
         old_lp = dict(zip(old_ids, old_top_lp.reshape(-1, old_k)[i].tolist()))
         old_lp[y] = old_logprobs.reshape(-1)[i].item()  # the chosen token's comes from old_logprobs
         support = sorted(set(old_ids) | {y} | {j for j in new.reshape(-1, new.shape[-1])[i].tolist() if j >= 0})
-        idx = torch.tensor(support)
+        b_all = torch.log_softmax(torch.tensor([old_lp.get(j, math.log(1e-12)) for j in support],
+                                               dtype=torch.float64), -1)
+        live = [n for n, j in enumerate(support) if flat_x[i, j].item() > -math.inf]
+        idx = torch.tensor([support[n] for n in live])
         a = torch.log_softmax(flat_x[i, idx], -1)
-        b = torch.log_softmax(torch.tensor([old_lp.get(j, math.log(1e-12)) for j in support], dtype=torch.float64), -1)
+        b = b_all[live]
 
         def kl_q(eta, a_values):
             log_q = torch.log_softmax((a_values + eta * b) / (1 + eta), -1)
             return (log_q.exp() * (log_q - b)).sum(), log_q
 
         kl_ab = (a.exp() * (a - b)).sum()
+        eta_value = 0.0
         if kl_ab.item() <= config.troll_eps:
             log_q = a
         else:
-            lo, hi = math.log(1e-7), math.log(1e2)
+            lo, hi = math.log(1e-9), math.log(1e4)
             for _ in range(200):
                 mid = 0.5 * (lo + hi)
                 lo, hi = (mid, hi) if kl_q(math.exp(mid), a.detach())[0].item() > config.troll_eps else (lo, mid)
-            eta0 = torch.tensor(math.exp(0.5 * (lo + hi)), dtype=torch.float64, requires_grad=True)
+            eta_value = math.exp(0.5 * (lo + hi))
+            eta0 = torch.tensor(eta_value, dtype=torch.float64, requires_grad=True)
             value, _ = kl_q(eta0, a.detach())
             (slope,) = torch.autograd.grad(value, eta0)
             kl_live, _ = kl_q(eta0.detach(), a)
             eta = eta0.detach() - (kl_live - config.troll_eps) / slope  # value eta0, implicit gradient in a
             _, log_q = kl_q(eta, a)
-        pos = support.index(y)
         adv = advantages.reshape(-1)[i].double()
-        loss_i = -adv * torch.exp(log_q[pos] - b[pos]) + config.troll_alpha * (a.exp() * (a - log_q.detach())).sum()
-        mask_weights.append(loss_i)
-    losses = torch.stack(mask_weights)
-    total = losses.mean()  # token-mean over the valid tokens
+        policy = 0.0
+        if support.index(y) in live:
+            pos = live.index(support.index(y))
+            policy = -adv * torch.exp(log_q[pos] - b[pos])
+        loss_i = policy + config.troll_alpha * (a.exp() * (a - log_q.detach())).sum()
+        losses.append(loss_i)
+        if metrics is not None:
+            for key, value in (("eta", eta_value), ("kl_before", kl_ab.item()),
+                               ("kl_after", (log_q.exp() * (log_q - b)).sum().item()), ("support", len(support))):
+                metrics.setdefault(key, []).append(float(value))
+    total = torch.stack(losses).mean()  # token-mean over the valid tokens
     total.backward()
     return total.detach(), x_full.grad / config.temperature
 
@@ -315,3 +329,159 @@ def test_troll_support_matches_spec_for_any_k(backend, seed, k, vocab, temperatu
     expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old, old_logits, config)
     torch.testing.assert_close(out.loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-4)
+
+
+# --- the fused kernels (schema.h TrollArgs) ---------------------------------------------------------
+
+FUSED = [b for b in BACKENDS if rlfuse.troll.has_fused_kernel(b)]
+
+
+def _troll_case(generator, vocab, k, threshold=1e-5, eps=0.05, temperature=0.9, rows=(2, 3)):
+    logits = torch.randn(*rows, vocab, generator=generator) * 2
+    tokens = torch.randint(0, vocab, rows, generator=generator)
+    old_logits = logits + 0.7 * torch.randn(logits.shape, generator=generator)
+    config = LossConfig.troll(troll_k=k, troll_eps=eps, troll_threshold=threshold, temperature=temperature)
+    old_logprobs = torch.log_softmax(old_logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    advantages = torch.randn(*rows, generator=generator)
+    return logits, tokens, old_logits, old_logprobs, advantages, config
+
+
+def _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages, config, mask=None, inplace=False,
+                 gradient=True):
+    """policy_loss on ``backend`` against the dense float64 oracle: loss, gradient (unless not
+    ``gradient``) and the TROLL metrics."""
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=config.troll_k, threshold=config.troll_threshold,
+                                      temperature=config.temperature, backend="torch")
+    leaf = logits.clone().requires_grad_(True)
+    source = leaf * 1.0 if inplace else leaf
+    out = rlfuse.policy_loss(source, tokens, advantages, old_logprobs=old_logprobs, old_topk=old_topk, mask=mask,
+                             config=config, backend=backend, inplace_backward=inplace)
+    out.loss.backward()
+    metrics = {}
+    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config,
+                                                        mask=mask, metrics=metrics)
+    torch.testing.assert_close(out.loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
+    if gradient:
+        torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-4)
+    expected = {key: torch.tensor(values, dtype=torch.float64) for key, values in metrics.items()}
+    torch.testing.assert_close(out.metrics["troll_support_mean"].double(), expected["support"].mean())
+    torch.testing.assert_close(out.metrics["troll_kl_before"].double(), expected["kl_before"].mean(),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.metrics["troll_kl_after"].double(), expected["kl_after"].mean(),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.metrics["troll_eta_mean"].double(), expected["eta"].mean(), atol=1e-5, rtol=1e-4)
+    if gradient:  # (at the boundary a row may fall on either side)
+        torch.testing.assert_close(out.metrics["troll_projected_frac"].double(), (expected["eta"] > 0).double().mean())
+    return out, leaf.grad
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("vocab, k, threshold", [
+    (7, 4, 1e-5),  # all K used, a tiny row
+    (5, 8, 1e-5),  # K > V: every entry kept
+    (300, 32, 0.2),  # K larger than the kept count (the threshold stops first)
+    (2100, 8, 1e-5),  # V above one chunk (CPU: 2048; Triton interpreter: 1024)
+])
+def test_fused_troll_matches_dense_oracle(backend, vocab, k, threshold, generator):
+    case = _troll_case(generator, vocab, k, threshold)
+    out, grad = _check_fused(backend, *case)
+    assert out.metrics["troll_projected_frac"].item() > 0.0
+    assert (grad != 0).sum() <= out.metrics["troll_support_mean"] * case[1].numel()  # zero outside the support
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_troll_rows_needing_no_projection_and_at_the_eps_boundary(backend, generator):
+    logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 200, 16)
+    metrics = {}
+    reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config, metrics=metrics)
+    kl = sorted(metrics["kl_before"])
+    # eps above every row's KL (nothing projected), and eps at one row's KL (just above, just below:
+    # which side the kernel's fp32 logits put that row on may differ; the loss is continuous there,
+    # the gradient is not: at eta = 0+ the implicit term does not vanish).
+    for eps in (kl[-1] * 1.5, kl[2] * (1 + 1e-9), kl[2] * (1 - 1e-9), kl[2] * (1 + 1e-4), kl[2] * (1 - 1e-4)):
+        at_boundary = abs(eps / kl[2] - 1) < 1e-6
+        out, _ = _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages,
+                              config.replace(troll_eps=eps), gradient=not at_boundary)
+        projected = out.metrics["troll_projected_frac"].item()
+        if eps > kl[-1]:
+            assert projected == 0.0
+        elif eps > kl[2] * (1 + 1e-6):
+            assert projected == pytest.approx(3 / 6)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_troll_minus_inf_logits_and_masked_tokens(backend, generator):
+    logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 150, 8)
+    old_top = torch.sort(old_logits, -1, descending=True).indices
+    # Old kept ids the new policy rules out (low-ranked ones: a dead id's old mass m makes every
+    # q's KL to b at least -log(1 - m), and eps must stay reachable).
+    logits[0, 0, old_top[0, 0, 7]] = float("-inf")
+    logits[0, 1, tokens[0, 1]] = float("-inf")  # the chosen token itself
+    block = torch.zeros(150, dtype=torch.bool)
+    block[100:] = True
+    block[old_top[1, 0, :8]] = False
+    logits[1, 0, block] = float("-inf")  # a block of -inf entries
+    mask = torch.ones(2, 3)
+    mask[1, 2] = 0
+    logits[1, 2] = float("nan")  # garbage in a masked row never leaks
+    out, grad = _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages, config, mask=mask)
+    assert torch.all(grad[logits == float("-inf")] == 0) and torch.all(grad[1, 2] == 0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_troll_inplace_backward(backend, dtype, generator):
+    logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 300, 16)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=16, temperature=0.9)
+    results = []
+    for inplace in (False, True):
+        leaf = logits.to(dtype).requires_grad_(True)
+        out = rlfuse.policy_loss(leaf * 1.0, tokens, advantages, old_logprobs=old_logprobs, old_topk=old_topk,
+                                 config=config, backend=backend, inplace_backward=inplace)
+        out.loss.backward()
+        results.append((out.loss.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "token-sum"])
+@pytest.mark.parametrize("penalties", [{}, {"kl": "k3", "kl_coef": 0.1, "entropy_coef": 0.01}])
+def test_fused_troll_with_penalties_and_aggregations_matches_torch(backend, dtype, aggregation, penalties, generator):
+    """The fused kernel (penalties in the same kernel) against the torch composition (penalties
+    through token_logprobs) on the same inputs, masked tokens included."""
+    logits, tokens, old_logits, old_logprobs, advantages, _ = _troll_case(generator, 500, 16, rows=(3, 4))
+    logits = logits.to(dtype)
+    config = LossConfig.troll(troll_k=16, temperature=0.9, aggregation=aggregation, **penalties)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=16, temperature=0.9)
+    ref_logprobs = old_logprobs - 0.1
+    mask = torch.ones(3, 4)
+    mask[0, 3] = mask[2, :2] = 0
+    results = []
+    for b in (backend, "torch"):
+        leaf = logits.clone().requires_grad_(True)
+        out = rlfuse.policy_loss(leaf, tokens, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                 old_topk=old_topk, mask=mask, config=config, backend=b)
+        out.loss.backward()
+        results.append((out, leaf.grad.float()))
+    (fused, fused_grad), (torch_out, torch_grad) = results
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(fused.loss.float(), torch_out.loss.float(), **tol)
+    torch.testing.assert_close(fused_grad, torch_grad, **tol)
+    for key in ("troll_eta_mean", "troll_kl_before", "troll_kl_after", "troll_support_mean", "troll_projected_frac"):
+        torch.testing.assert_close(fused.metrics[key], torch_out.metrics[key], **tol)
+    torch.testing.assert_close(fused.logprobs, torch_out.logprobs, **tol)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_troll_opcheck(backend, generator):
+    from rlfuse.ops import troll as troll_ops
+    from rlfuse.troll import _penalty_params
+
+    logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 37, 4, rows=(5,))
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=4)
+    per_token = (advantages, old_logprobs, old_logprobs - 0.1, torch.full((5,), 0.2), torch.full((5,), 0.2))
+    params = _penalty_params(config.replace(kl="k3", kl_coef=0.1), True)._asdict()
+    args = (tokens, *per_token, old_topk.ids, old_topk.logprobs, 4, 1e-5, 0.05, 1.0, 0.9, backend)
+    torch.library.opcheck(troll_ops.troll_fused, (logits, *args), params)
+    torch.library.opcheck(troll_ops.troll_fused_inplace, (logits.clone(), *args), params)

@@ -18,6 +18,7 @@ namespace rlfuse::cpu {
   void sample_rows(const SampleArgs& args, int64_t begin, int64_t end);                \
   void jsd_fwd_rows(const JsdFwdArgs& args, int64_t begin, int64_t end);               \
   void jsd_bwd_rows(const JsdBwdArgs& args, int64_t begin, int64_t end);               \
+  void troll_rows(const TrollArgs& args, int64_t begin, int64_t end);                  \
   }
 
 RLFUSE_DECLARE_ROW_KERNELS(base)

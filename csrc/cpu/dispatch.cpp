@@ -96,6 +96,10 @@ void jsd_bwd_cpu(const JsdBwdArgs& args, int num_threads) {
   run_rows(args, num_threads, RLFUSE_ROWS(jsd_bwd_rows));
 }
 
+void troll_cpu(const TrollArgs& args, int num_threads) {
+  run_rows(args, num_threads, RLFUSE_ROWS(troll_rows));
+}
+
 const char* cpu_isa() { return kIsaNames[static_cast<int>(selected_isa())]; }
 
 }  // namespace rlfuse

@@ -70,8 +70,8 @@ class Enum:
 # the tuple (rows, inner, stride_outer, stride_inner), a nested struct as a dict of its fields.
 POINTER_TYPES = ("const void*", "void*", "const int64_t*", "int64_t*", "const int32_t*", "int32_t*",
                  "const float*", "float*", "const uint64_t*")
-SCALAR_TYPES = {"int": "int", "int64_t": "int", "float": "float"}
-TRITON_TYPES = {"float": "fp32", "int": "i32", "int64_t": "i64"}
+SCALAR_TYPES = {"int": "int", "int64_t": "int", "float": "float", "double": "float"}
+TRITON_TYPES = {"float": "fp32", "double": "fp64", "int": "i32", "int64_t": "i64"}
 
 
 @dataclass(frozen=True)
@@ -317,6 +317,41 @@ ROW_TOPK_ARGS = Struct("RowTopkArgs", (
    "token_logprobs forward outputs. Slots past the row's finite entries (k > V, or -inf entries)\n"
    "hold id -1 and value -inf. NaN rows: NaN statistics, ids unspecified but in [-1, V).")
 
+TROLL_ARGS = Struct("TrollArgs", (
+    _LOGITS, _DTYPE, _LAYOUT, _VOCAB, _TOKENS, _INV_TEMP,
+    Field("advantages", "const float*", "[rows]"),
+    Field("old_logp", "const float*", "[rows] old log-prob of the chosen token (its b on the support)"),
+    Field("ref_logp", "const float*", "[rows]; may be null when params.kl == kKlNone or kl_coef == 0"),
+    Field("policy_weight", "const float*", "[rows] weight of the TROLL term"),
+    Field("weight", "const float*", "[rows] weight of the KL and entropy terms"),
+    Field("params", "TokenLossParams", "only kl, kl_coef and entropy_coef are read (the penalties)"),
+    Field("old_ids", "const int32_t*", "[rows, old_k] old kept ids, -1 for an empty slot (ids outside [0, V) "
+          "are skipped)"),
+    Field("old_logprobs", "const float*", "[rows, old_k] their full-vocabulary old log-probs"),
+    Field("old_k", "int64_t", "slots per row of old_ids (>= 0)"),
+    Field("k", "int64_t", "troll_k: at most k new kept ids (>= 1)"),
+    Field("threshold", "double", "troll_threshold (delta)"),
+    Field("eps", "double", "troll_eps, the KL bound"),
+    Field("alpha", "double", "troll_alpha, the weight of KL(a || sg(q))"),
+    Field("loss", "float*", "[rows] weighted per-token loss (their sum is the loss)"),
+    Field("logp", "float*", "[rows] full-vocabulary log-prob of the chosen token"),
+    Field("entropy", "float*", "[rows]"),
+    Field("eta", "float*", "[rows] the projection's eta (0: not projected)"),
+    Field("kl_before", "float*", "[rows] KL(a || b) on the support"),
+    Field("kl_after", "float*", "[rows] KL(q || b) on the support"),
+    Field("support", "float*", "[rows] support size |S|"),
+    Field("grad_logits", "void*",
+          "same dtype as logits; may alias `logits` (in place: the row is read before it is written). Zero "
+          "outside the support when the penalties' upstream gradients are 0; rows with both weights 0 are "
+          "written as zeros without reading the logits"),
+    _GRAD_LAYOUT,
+), "Fused TROLL (docs/SPEC.md section 7) per row: one read of the row for the statistics and the new\n"
+   "policy's top-k; the support S = {y} + old kept + new kept (priority in that order for b);\n"
+   "the projection solved on S in float64 (safeguarded Newton in s = 1 / (1 + eta), at most 32 steps,\n"
+   "per row); the loss, the metrics and the implicit gradient on S; then the row gradient\n"
+   "  a 1[j=y] + p_j (b + c log p_j) + sum_{k in S} s_k 1[j=k]\n"
+   "(a, b, c from the KL / entropy penalties, docs/SPEC.md section 2; s_k the TROLL term's).")
+
 SAMPLE_ARGS = Struct("SampleArgs", (
     _LOGITS, _DTYPE, _LAYOUT, _VOCAB,
     Field("temperature", "const float*", "[rows]"),
@@ -352,7 +387,7 @@ SAMPLE_ARGS = Struct("SampleArgs", (
 
 STRUCTS = (ROW_LAYOUT, TOKEN_LOSS_PARAMS, TOKEN_LOGPROBS_FWD_ARGS, TOKEN_LOGPROBS_BWD_ARGS,
            POLICY_LOSS_FUSED_ARGS, KL_DIV_FWD_ARGS, KL_DIV_BWD_ARGS, ROW_TOPK_ARGS, SAMPLE_ARGS,
-           JSD_FWD_ARGS, JSD_BWD_ARGS)
+           JSD_FWD_ARGS, JSD_BWD_ARGS, TROLL_ARGS)
 
 KERNELS = {k.name: k for k in (
     Kernel("token_logprobs_fwd", TOKEN_LOGPROBS_FWD_ARGS, "token_logprobs"),
@@ -364,6 +399,7 @@ KERNELS = {k.name: k for k in (
     Kernel("sample", SAMPLE_ARGS, "sample"),
     Kernel("jsd_fwd", JSD_FWD_ARGS, "distill"),
     Kernel("jsd_bwd", JSD_BWD_ARGS, "distill"),
+    Kernel("troll", TROLL_ARGS, "troll"),
 )}
 
 # The float fields of TokenLossParams, in declaration order: the Triton kernel takes them as one

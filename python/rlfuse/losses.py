@@ -141,8 +141,9 @@ def policy_loss(
         raise ValueError("inplace_backward cannot be combined with a teacher (the distillation term reads the "
                          "logits again)")
     if config.loss == "troll":
-        if inplace_backward:
-            raise ValueError("inplace_backward is not supported by loss='troll' (its gradient is a sparse scatter)")
+        if inplace_backward and not troll.has_fused_kernel(resolved):
+            raise ValueError(f"inplace_backward with loss='troll' needs a fused TROLL kernel (backend={resolved!r} "
+                             "has none)")
         old_topk = troll.checked_old_topk(old_topk, tokens, logits.shape[-1], batch.mask.view(tokens.shape) > 0,
                                           checks)
     checks.run()
@@ -172,7 +173,8 @@ def policy_loss(
                                                                batch, config)
     troll_terms = None
     if config.loss == "troll":
-        loss, logp, entropy, troll_terms = _troll(batch, old_topk, policy_weight, aggregation, config, resolved)
+        loss, logp, entropy, troll_terms = _troll(batch, old_topk, policy_weight, aggregation, config, resolved,
+                                                  inplace_backward)
     elif use_fused:
         loss, logp, entropy = _fused(batch, policy_weight, aggregation, config, resolved, inplace_backward)
     else:
@@ -198,16 +200,31 @@ def policy_loss(
     return LossOutput(loss, logp.detach().view(shape), entropy.detach().view(shape), metrics)
 
 
-def _troll(batch, old_topk, policy_weight, weight, config, backend):
-    """TROLL (docs/SPEC.md section 7): projection on the sparse support; KL / entropy terms as usual."""
-    args = (batch.tokens, batch.advantages, batch.old, old_topk, config, backend, batch.mask > 0)
-    if is_source(batch.logits):
-        terms = batch.logits._troll_token_loss(*args)
+def _troll(batch, old_topk, policy_weight, weight, config, backend, inplace_backward=False):
+    """TROLL (docs/SPEC.md section 7): projection on the sparse support; KL / entropy terms as usual.
+    A kernel backend with a fused TROLL kernel runs it in one kernel per row, with the token-local
+    penalties (KL estimators, entropy bonus) in the same kernel; the others (a bias-corrected KL) take
+    one more token_logprobs pass (the two-kernel path)."""
+    has_penalties = (config.kl is not None and config.kl_coef != 0) or config.entropy_coef != 0
+    if not is_source(batch.logits) and troll.has_fused_kernel(backend):
+        in_kernel = troll.kernel_penalties(config)
+        if inplace_backward and has_penalties and not in_kernel:
+            raise ValueError("inplace_backward with loss='troll' cannot be combined with kl_bias_correction (its "
+                             "KL penalty reads the logits again)")
+        loss, logp, entropy, terms = troll.fused_troll_loss(
+            batch.logits, batch.tokens, batch.advantages, batch.old, old_topk, batch.ref, policy_weight, weight,
+            config, backend, inplace_backward, penalties=in_kernel)
+        if in_kernel or not has_penalties:
+            return loss, logp, entropy, terms
     else:
-        terms = troll.troll_token_loss(batch.logits, *args)
-    loss = ref.weighted(terms.loss, policy_weight).sum()
-    logp, entropy = terms.logp, terms.entropy
-    if (config.kl is not None and config.kl_coef != 0) or config.entropy_coef != 0:
+        args = (batch.tokens, batch.advantages, batch.old, old_topk, config, backend, batch.mask > 0)
+        if is_source(batch.logits):
+            terms = batch.logits._troll_token_loss(*args)
+        else:
+            terms = troll.troll_token_loss(batch.logits, *args)
+        loss = ref.weighted(terms.loss, policy_weight).sum()
+        logp, entropy = terms.logp, terms.entropy
+    if has_penalties:
         # The penalties need differentiable log-probs / entropy: one more fused pass.
         logp, entropy = _token_logprobs(batch, config.temperature, backend, False)
         logp, entropy = logp.reshape(-1), entropy.reshape(-1)

@@ -19,9 +19,12 @@ import torch
 from torch import Tensor
 
 from . import _validation as check
+from . import _schema
 from .backends import resolve_backend
 from .ops._launch import empty_buffer
+from .ops.policy_loss import TokenLossParams, _param_from_config
 from .ops.row_topk import row_topk
+from .ops.troll import fused_troll
 from .source import is_source
 
 LOG_FLOOR = math.log(1e-12)  # old log-prob of support tokens the old policy did not keep
@@ -290,21 +293,72 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     x = SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / temperature  # differentiable
     if valid_tokens is not None:
         x = torch.where(valid_tokens.reshape(lead).unsqueeze(-1), x, torch.zeros_like(x))
-    a = _masked_log_softmax(x, valid)
+    # A support entry whose logit is -inf carries no probability under a or q (for eta < inf) and
+    # gets no gradient: it stays in b's normalisation and in the support size, nowhere else.
+    live = valid & (x != -math.inf)
+    a = _masked_log_softmax(x, live)
     # A NaN old log-prob of a valid token makes its loss NaN, as in every other variant.
     b = _masked_log_softmax(torch.where(valid, b_raw, 0.0), valid)
-    log_q, eta = TrollProjection.apply(a, b, valid, config.troll_eps)
+    log_q, eta = TrollProjection.apply(a, b, live, config.troll_eps)
 
     at_token = valid & (support_ids == token_ids)
-    log_q_y = torch.where(at_token, log_q, 0.0).sum(-1)
+    log_q_y = torch.where(at_token, log_q, 0.0).sum(-1)  # -inf for a -inf chosen logit: no policy term
     b_y = torch.where(at_token, b, 0.0).sum(-1)
     adv = advantages.double().reshape(lead)
     policy = -adv * torch.exp(log_q_y - b_y)
-    trust = kl_on_support(a, log_q.detach(), valid)
+    trust = kl_on_support(a, log_q.detach(), live)
     loss = policy + config.troll_alpha * trust
     with torch.no_grad():
-        kl_before = kl_on_support(a, b, valid)
-        kl_after = kl_on_support(log_q, b, valid)
+        kl_before = kl_on_support(a, b, live)
+        kl_after = kl_on_support(log_q, b, live)
     return TrollTerms(loss.float().reshape(-1), eta.float().reshape(-1), kl_before.float().reshape(-1),
                       kl_after.float().reshape(-1), valid.sum(-1).float().reshape(-1), logp.reshape(-1),
                       entropy.reshape(-1))
+
+
+# --- the fused kernels ------------------------------------------------------------------------------
+
+
+def has_fused_kernel(backend: str) -> bool:
+    """Whether ``backend`` runs TROLL as one fused kernel per row (schema.h ``TrollArgs``); the
+    ``torch`` backend (and any backend without one) takes the composition above."""
+    if backend == "cpu":
+        return True
+    if backend == "triton":
+        from .triton_kernels import troll as triton_troll
+
+        return triton_troll.IMPLEMENTED
+    return False
+
+
+def kernel_penalties(config) -> bool:
+    """Whether the fused kernel can compute ``config``'s KL / entropy penalties (the token-local ones
+    of the fused policy loss: not a bias-corrected KL, whose ratio carries a gradient)."""
+    return not getattr(config, "kl_bias_correction", False)
+
+
+def _penalty_params(config, penalties: bool) -> TokenLossParams:
+    """TokenLossParams of ``config``'s penalties (the policy field is not read by the TROLL kernel);
+    all off without ``penalties``."""
+    params = TokenLossParams(*[0 if f.name == "policy" else _param_from_config(f, config)
+                               for f in _schema.TOKEN_LOSS_PARAMS.fields])
+    if not penalties:
+        params = params._replace(kl=_schema.KL_KIND["none"], kl_coef=0.0, entropy_coef=0.0)
+    return params
+
+
+def fused_troll_loss(logits, tokens, advantages, old_logprobs, old_topk, ref_logprobs, policy_weight, weight, config,
+                     backend, inplace=False, penalties=True):
+    """TROLL with its KL / entropy penalties in one kernel per row: (loss, logp, entropy, terms).
+    ``loss`` is the weighted scalar (``policy_weight`` on the TROLL term, ``weight`` on the penalties);
+    ``penalties=False`` leaves the KL / entropy terms out (the caller adds them). ``old_topk`` as from
+    :func:`checked_old_topk`."""
+    zeros = torch.zeros_like(advantages)
+    per_token = (advantages.contiguous(), (zeros if old_logprobs is None else old_logprobs).contiguous(),
+                 (zeros if ref_logprobs is None else ref_logprobs).contiguous(), policy_weight.contiguous(),
+                 weight.contiguous())
+    loss, logp, entropy, eta, kl_before, kl_after, support = fused_troll(
+        logits, tokens, per_token, old_topk.ids, old_topk.logprobs, config, _penalty_params(config, penalties), backend, inplace)
+    terms = TrollTerms(loss.detach().new_zeros(0), eta, kl_before, kl_after, support, logp.reshape(-1),
+                       entropy.reshape(-1))
+    return loss, logp.reshape(-1), entropy.reshape(-1), terms

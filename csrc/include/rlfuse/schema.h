@@ -555,6 +555,86 @@ void visit_fields(const JsdBwdArgs& s, F&& f) {
   RLFUSE_FIELDS_JsdBwdArgs(RLFUSE_SCHEMA_VISIT_FIELD)
 }
 
+// Fused TROLL (docs/SPEC.md section 7) per row: one read of the row for the statistics and the new
+// policy's top-k; the support S = {y} + old kept + new kept (priority in that order for b);
+// the projection solved on S in float64 (safeguarded Newton in s = 1 / (1 + eta), at most 32 steps,
+// per row); the loss, the metrics and the implicit gradient on S; then the row gradient
+//   a 1[j=y] + p_j (b + c log p_j) + sum_{k in S} s_k 1[j=k]
+// (a, b, c from the KL / entropy penalties, docs/SPEC.md section 2; s_k the TROLL term's).
+//
+//   logits         row layout `layout`, element type `dtype`
+//   dtype          element type of logits (and of every gradient)
+//   layout         rows of logits
+//   vocab          V, the row length
+//   tokens         [rows]; an out-of-range id gives a NaN log-prob
+//   inv_temp       fp32(1 / T)
+//   advantages     [rows]
+//   old_logp       [rows] old log-prob of the chosen token (its b on the support)
+//   ref_logp       [rows]; may be null when params.kl == kKlNone or kl_coef == 0
+//   policy_weight  [rows] weight of the TROLL term
+//   weight         [rows] weight of the KL and entropy terms
+//   params         only kl, kl_coef and entropy_coef are read (the penalties)
+//   old_ids        [rows, old_k] old kept ids, -1 for an empty slot (ids outside [0, V) are
+//                  skipped)
+//   old_logprobs   [rows, old_k] their full-vocabulary old log-probs
+//   old_k          slots per row of old_ids (>= 0)
+//   k              troll_k: at most k new kept ids (>= 1)
+//   threshold      troll_threshold (delta)
+//   eps            troll_eps, the KL bound
+//   alpha          troll_alpha, the weight of KL(a || sg(q))
+//   loss           [rows] weighted per-token loss (their sum is the loss)
+//   logp           [rows] full-vocabulary log-prob of the chosen token
+//   entropy        [rows]
+//   eta            [rows] the projection's eta (0: not projected)
+//   kl_before      [rows] KL(a || b) on the support
+//   kl_after       [rows] KL(q || b) on the support
+//   support        [rows] support size |S|
+//   grad_logits    same dtype as logits; may alias `logits` (in place: the row is read before it is
+//                  written). Zero outside the support when the penalties' upstream gradients are 0;
+//                  rows with both weights 0 are written as zeros without reading the logits
+//   grad_layout    rows of grad_logits
+#define RLFUSE_FIELDS_TrollArgs(X)     \
+  X(const void*, logits, void)         \
+  X(DType, dtype, void)                \
+  X(RowLayout, layout, void)           \
+  X(int64_t, vocab, void)              \
+  X(const int64_t*, tokens, void)      \
+  X(float, inv_temp, void)             \
+  X(const float*, advantages, void)    \
+  X(const float*, old_logp, void)      \
+  X(const float*, ref_logp, void)      \
+  X(const float*, policy_weight, void) \
+  X(const float*, weight, void)        \
+  X(TokenLossParams, params, void)     \
+  X(const int32_t*, old_ids, void)     \
+  X(const float*, old_logprobs, void)  \
+  X(int64_t, old_k, void)              \
+  X(int64_t, k, void)                  \
+  X(double, threshold, void)           \
+  X(double, eps, void)                 \
+  X(double, alpha, void)               \
+  X(float*, loss, void)                \
+  X(float*, logp, void)                \
+  X(float*, entropy, void)             \
+  X(float*, eta, void)                 \
+  X(float*, kl_before, void)           \
+  X(float*, kl_after, void)            \
+  X(float*, support, void)             \
+  X(void*, grad_logits, void)          \
+  X(RowLayout, grad_layout, void)
+struct TrollArgs {
+  RLFUSE_FIELDS_TrollArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
+};
+constexpr const char* struct_name(const TrollArgs*) { return "TrollArgs"; }
+template <typename F>
+void visit_fields(TrollArgs& s, F&& f) {
+  RLFUSE_FIELDS_TrollArgs(RLFUSE_SCHEMA_VISIT_FIELD)
+}
+template <typename F>
+void visit_fields(const TrollArgs& s, F&& f) {
+  RLFUSE_FIELDS_TrollArgs(RLFUSE_SCHEMA_VISIT_FIELD)
+}
+
 #undef RLFUSE_SCHEMA_DECLARE_FIELD
 #undef RLFUSE_SCHEMA_VISIT_FIELD
 
@@ -569,6 +649,7 @@ void visit_fields(const JsdBwdArgs& s, F&& f) {
   X(row_topk, RowTopkArgs)                    \
   X(sample, SampleArgs)                       \
   X(jsd_fwd, JsdFwdArgs)                      \
-  X(jsd_bwd, JsdBwdArgs)
+  X(jsd_bwd, JsdBwdArgs)                      \
+  X(troll, TrollArgs)
 
 }  // namespace rlfuse

@@ -50,7 +50,7 @@ def _converter(field: _schema.Field):
     if field.ctype == "RowLayout":
         return tuple
     if field.ctype in _schema.SCALAR_TYPES:
-        return float if field.ctype == "float" else int
+        return float if field.ctype in ("float", "double") else int
     nested = [(f.name, _converter(f)) for f in _schema.struct(field.ctype).fields]  # e.g. TokenLossParams
 
     def convert(value):
