@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import rlfuse
+from rlfuse.distill import distill_loss, distill_term
 from rlfuse.sharded import ShardedLogits, vocab_parallel_entropy, vocab_parallel_log_probs_from_logits
 
 GROUP_TIMEOUT_S = 20
@@ -982,6 +983,203 @@ def bad_layouts_raise_on_every_rank(rank, world):
                                                                                                  "cpu"))
     # After all that, the group still works.
     assert src._token_logprobs(torch.zeros(4, dtype=torch.int64), 1.0, "cpu")[0].shape == (4,)
+
+
+# --- distillation (rlfuse.distill on sharded sources, docs/distillation.md) ---------------------------------------
+
+DISTILL_GRAD = dict(rtol=1e-4, atol=2e-5)  # as the KL gradients: p_j (u_j + KL) cancels at ~ulp(|lse|)
+
+
+def _distill_pair(seed, lead, vocab, dtype=torch.float32):
+    """(student, teacher) full logits with -inf entries in both rows (the teacher finite where the student
+    is -inf and vice versa in places) and a row where the first shard(s) of the student are all -inf."""
+    student = full_logits(seed, lead, vocab, dtype)
+    teacher = (full_logits(seed + 7, lead, vocab, neg_inf=False) * 0.8 + 0.5 * student.float().clamp(min=-30)).to(dtype)
+    flat = teacher.view(-1, vocab)
+    flat[1, 3:6] = float("-inf")  # teacher 0 where the student is not
+    flat[2, vocab - 4:] = float("-inf")  # ... including in the last shard
+    return student, teacher
+
+
+def _distill_mask(lead):
+    mask = torch.ones(lead, dtype=torch.bool)
+    mask.view(-1)[3] = False
+    mask.view(-1)[-1] = False
+    return mask
+
+
+@case
+def distill_jsd_matches_unsharded(rank, world):
+    """distill_loss(kind='jsd', 0 < beta < 1) with ShardedLogits on either side or both (the other a full
+    tensor): loss and per-token values equal to the unsharded call on every rank; each rank its columns'
+    gradient of the student and of the teacher. Uneven shards, shards out of rank order, masked tokens,
+    -inf entries in either row, temperature, beta 0.3 / 0.5, seq-mean-token-mean, bf16; identical rows
+    give exactly 0."""
+    configs = [  # (beta, temperature, sides, explicit, dtype, aggregation)
+        (0.3, 0.8, "both", False, torch.float32, "token-mean"),
+        (0.5, 1.0, "both", True, torch.float32, "seq-mean-token-mean"),
+        (0.3, 1.3, "student", False, torch.float32, "sum"),
+        (0.5, 0.7, "teacher", True, torch.float32, "token-mean"),
+        (0.3, 1.0, "both", False, torch.bfloat16, "token-mean"),
+    ]
+    vocab, lead = 203, (3, 5)
+    mask = _distill_mask(lead)
+    for i, (beta, temperature, sides, explicit, dtype, aggregation) in enumerate(configs):
+        label = f"config {i}: beta {beta}, T {temperature}, sharded {sides}, {dtype}"
+        layout = (permuted_layout if explicit else rank_order_layout)(vocab, world)
+        starts, sizes = layout
+        cols = slice(starts[rank], starts[rank] + sizes[rank])
+        s_full, t_full = _distill_pair(40 + i, lead, vocab, dtype)
+        if sides in ("both", "student"):
+            student, s_local = make(s_full, layout, rank, explicit, requires_grad=True)
+        else:
+            student = s_local = s_full.clone().requires_grad_(True)
+        if sides in ("both", "teacher"):
+            teacher, t_local = make(t_full, layout, rank, explicit, requires_grad=True)
+        else:
+            teacher = t_local = t_full.clone().requires_grad_(True)
+        out = distill_loss(student, teacher, kind="jsd", beta=beta, temperature=temperature, mask=mask,
+                           aggregation=aggregation, backend="cpu")
+        ref_s, ref_t = s_full.clone().requires_grad_(True), t_full.clone().requires_grad_(True)
+        ref = distill_loss(ref_s, ref_t, kind="jsd", beta=beta, temperature=temperature, mask=mask,
+                           aggregation=aggregation, backend="cpu")
+        same_on_all_ranks(out.per_token)
+        same_on_all_ranks(out.loss)
+        assert torch.equal(out.per_token[~mask], torch.zeros_like(out.per_token[~mask])), label
+        torch.testing.assert_close(out.per_token, ref.per_token, rtol=1e-4, atol=2e-5, msg=label)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=2e-5, msg=label)
+        torch.testing.assert_close(out.metrics["distill_mean"], ref.metrics["distill_mean"], rtol=1e-4, atol=2e-5)
+        out.loss.backward()
+        ref.loss.backward()
+        tol = DISTILL_GRAD if dtype == torch.float32 else dict(rtol=8e-3, atol=2e-5)
+        for local, full_ref, sharded in ((s_local, ref_s, sides in ("both", "student")),
+                                         (t_local, ref_t, sides in ("both", "teacher"))):
+            if sharded:
+                assert local.grad.dtype == dtype
+                torch.testing.assert_close(local.grad.float(), full_ref.grad[..., cols].float(), **tol, msg=label)
+            else:  # a full tensor on the other side: this rank's columns of its gradient, nothing else
+                want = torch.zeros_like(full_ref.grad)
+                want[..., cols] = full_ref.grad[..., cols]
+                torch.testing.assert_close(local.grad.float(), want.float(), **tol, msg=label)
+            assert torch.equal(local.grad[~mask], torch.zeros_like(local.grad[~mask])), label
+    # Identical rows: exactly 0 (values and gradients).
+    s_full, _ = _distill_pair(49, lead, vocab)
+    layout = rank_order_layout(vocab, world)
+    a, a_local = make(s_full, layout, rank, requires_grad=True)
+    b, b_local = make(s_full, layout, rank, requires_grad=True)
+    for beta in (0.3, 0.5):
+        values = distill_term(a, b, kind="jsd", beta=beta, temperature=0.9)
+        assert torch.equal(values, torch.zeros_like(values)), values
+        values.sum().backward()
+        assert torch.equal(a_local.grad, torch.zeros_like(a_local.grad))
+        assert torch.equal(b_local.grad, torch.zeros_like(b_local.grad))
+
+
+def _dense_sparse_teacher(t_full, k, temperature):
+    """(ids, logprobs) [..., k]: the teacher's top-k log-probs at temperature T (ids -1 / -inf where the
+    teacher is 0), as a server returns them."""
+    logprobs = torch.log_softmax(t_full.float() / temperature, -1)
+    values, ids = logprobs.topk(k, dim=-1)
+    ids = torch.where(values > float("-inf"), ids, torch.full_like(ids, -1))
+    return ids, values
+
+
+@case
+def distill_sparse_kl_matches_unsharded(rank, world):
+    """distill_loss(kind='sparse_kl') with a ShardedLogits student and a sparse teacher of global ids:
+    k = 1 and k = V (the tail bucket's two ends), the tail / verl / renorm conventions, SparseLogprobs and
+    (ids, logprobs) teachers, masked tokens, -inf entries in the student, temperature, shards out of order;
+    values equal to the unsharded call on every rank, each rank its columns' gradient."""
+    vocab, lead = 157, (3, 4)
+    mask = _distill_mask(lead)
+    configs = [  # (k, convention, temperature, explicit, SparseLogprobs teacher)
+        (1, "tail", 0.9, False, False),
+        (vocab, "tail", 1.0, True, False),
+        (1, "verl", 1.0, False, False),
+        (vocab, "verl", 0.8, False, False),
+        (12, "tail", 0.7, True, True),
+        (12, "renorm", 1.0, False, True),
+    ]
+    for i, (k, convention, temperature, explicit, sparse_object) in enumerate(configs):
+        label = f"config {i}: k {k}, {convention}, T {temperature}"
+        layout = (permuted_layout if explicit else rank_order_layout)(vocab, world)
+        starts, sizes = layout
+        s_full, t_full = _distill_pair(60 + i, lead, vocab)
+        # Where the student is -inf the teacher is 0 too (else the KL is infinite on both sides).
+        t_full = torch.where(torch.isfinite(s_full), t_full, float("-inf"))
+        if sparse_object:
+            teacher = rlfuse.sparse_logprobs(t_full, tokens_for(60 + i, lead, vocab, t_full), k, 1e-4, temperature)
+        else:
+            teacher = _dense_sparse_teacher(t_full, k, temperature)
+        student, local = make(s_full, layout, rank, explicit, requires_grad=True)
+        out = distill_loss(student, teacher, kind="sparse_kl", sparse_convention=convention, temperature=temperature,
+                           mask=mask, backend="cpu")
+        ref_s = s_full.clone().requires_grad_(True)
+        ref = distill_loss(ref_s, teacher, kind="sparse_kl", sparse_convention=convention, temperature=temperature,
+                           mask=mask, backend="cpu")
+        same_on_all_ranks(out.per_token)
+        assert torch.equal(out.per_token[~mask], torch.zeros_like(out.per_token[~mask])), label
+        torch.testing.assert_close(out.per_token, ref.per_token, rtol=1e-4, atol=2e-5, msg=label)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=2e-5, msg=label)
+        out.loss.backward()
+        ref.loss.backward()
+        torch.testing.assert_close(local.grad, ref_s.grad[..., starts[rank]:starts[rank] + sizes[rank]],
+                                   **DISTILL_GRAD, msg=label)
+
+
+@case
+def distill_linear_split(rank, world):
+    """distill_loss with LinearLogits(group=...) (the split lm_head) as student and / or teacher: jsd
+    against a split LinearLogits, a ShardedLogits and a full tensor, forward_kl, sparse_kl; equal to
+    the unsharded LinearLogits on the full weights, each rank its weight / bias rows' gradient, hidden
+    the full gradient; masked rows; chunks that do not divide N."""
+    vocab, dim, lead, seed = 173, 9, (2, 7), 150
+    mask = torch.ones(lead, dtype=torch.bool)
+    mask[1, 3] = mask[0, 0] = False
+    cases = [("jsd", "linear", 0.3), ("jsd", "sharded", 0.5), ("jsd", "full", 0.3), ("jsd", "sharded-student", 0.3),
+             ("forward_kl", "linear", 0.5), ("sparse_kl", None, 0.5)]
+    for kind, other_kind, beta in cases:
+        label = f"{kind} vs {other_kind}"
+        src, ref, layout, leaves = _linear_pair(rank, world, vocab, dim, lead, seed, chunk_tokens=4, scale=1.5)
+        starts, sizes = layout
+        cols = slice(starts[rank], starts[rank] + sizes[rank])
+        kwargs = dict(kind=kind, beta=beta, temperature=0.9, mask=mask, backend="cpu")
+        if kind == "sparse_kl":
+            t_full = full_logits(seed + 3, lead, vocab, neg_inf=False)
+            teacher = _dense_sparse_teacher(t_full, 9, 0.9)
+            got, want = distill_loss(src, teacher, **kwargs), distill_loss(ref, teacher, **kwargs)
+        elif other_kind == "linear":
+            osrc, oref, _, oleaves = _linear_pair(rank, world, vocab, dim, lead, seed + 1, chunk_tokens=3)
+            got, want = distill_loss(src, osrc, **kwargs), distill_loss(ref, oref, **kwargs)
+        else:
+            full_other = full_logits(seed + 2, lead, vocab, neg_inf=False)
+            local = full_other[..., cols].clone().requires_grad_(True)
+            full_t = full_other.clone().requires_grad_(True)
+            full_ref = full_other.clone().requires_grad_(True)
+            if other_kind == "sharded":
+                got = distill_loss(src, ShardedLogits(local), **kwargs)
+            elif other_kind == "full":
+                got = distill_loss(src, full_t, **kwargs)
+            else:  # the ShardedLogits is the student, the split LinearLogits the teacher
+                got = distill_loss(ShardedLogits(local), src, **kwargs)
+            if other_kind == "sharded-student":
+                want = distill_loss(full_ref, ref, **kwargs)
+            else:
+                want = distill_loss(ref, full_ref, **kwargs)
+        same_on_all_ranks(got.per_token)
+        torch.testing.assert_close(got.per_token, want.per_token, rtol=1e-4, atol=2e-5, msg=label)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=2e-5, msg=label)
+        got.loss.backward()
+        want.loss.backward()
+        _check_linear_grads(layout, rank, leaves, label, rtol=1e-4, atol=2e-5)
+        if other_kind == "linear":
+            _check_linear_grads(layout, rank, oleaves, label + " (teacher)", rtol=1e-4, atol=2e-5)
+        elif other_kind == "full":
+            want_grad = torch.zeros_like(full_ref.grad)
+            want_grad[..., cols] = full_ref.grad[..., cols]
+            torch.testing.assert_close(full_t.grad, want_grad, **DISTILL_GRAD, msg=label)
+        elif other_kind in ("sharded", "sharded-student"):
+            torch.testing.assert_close(local.grad, full_ref.grad[..., cols], **DISTILL_GRAD, msg=label)
 
 
 # --- the process group ---------------------------------------------------------------------------------------

@@ -208,9 +208,12 @@ def _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, te
 def _source_terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs, estimator,
                   sparse_convention):
     """``_terms`` where the student or the teacher is a logits source (docs/distillation.md, "Logits
-    sources"): a LinearLogits runs the tensor terms a chunk of rows at a time (masked rows never reach
-    a GEMM); a ShardedLogits supports the kinds its own methods cover (the KLs, the sampled estimators)."""
+    sources"). Vocabulary-split sources (``ShardedLogits``, ``LinearLogits(group=...)``) run every kind
+    with rlfuse.sharded's collectives (the KLs through ``kl_divergence``, JSD through ``sharded_jsd``,
+    ``sparse_kl`` through ``sharded_support_logprobs``); an unsplit LinearLogits runs the tensor terms a
+    chunk of rows at a time (masked rows never reach a GEMM)."""
     from .linear import LinearLogits, map_rows
+    from .sharded import _is_split
 
     lead = tuple(student.shape[:-1])
     resolved = resolve_backend(backend, student.device, "kl_div", _dtype(student))
@@ -225,32 +228,57 @@ def _source_terms(student, teacher, tokens, kind, beta, temperature, valid, back
         if valid is not None:
             logp, teacher_lp = torch.where(valid, logp, 0.0), torch.where(valid, teacher_lp, 0.0)
         return sampled_kl_terms(logp, teacher_lp, estimator).float(), resolved
+    if kind == "sparse_kl":
+        per_row = list(_sparse_teacher(teacher, student))
+    else:
+        if not is_source(teacher):
+            check.check_logits(teacher, "teacher")
+        if tuple(teacher.shape) != tuple(student.shape):
+            raise ValueError(f"teacher must have the student's shape {tuple(student.shape)}, got "
+                             f"{tuple(teacher.shape)}")
+        if _dtype(teacher) != _dtype(student):
+            raise TypeError(f"teacher must have the student's dtype {_dtype(student)}, got {_dtype(teacher)}")
+        if teacher.device != student.device:
+            raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+    if _is_split(student) or (kind != "sparse_kl" and _is_split(teacher)):
+        return _split_terms(student, teacher, per_row if kind == "sparse_kl" else None, kind, beta, temperature,
+                            valid, backend, sparse_convention), resolved
     if any(isinstance(x, LinearLogits) for x in (student, teacher)):
-        if kind == "sparse_kl":
-            sources, per_row = [student], list(_sparse_teacher(teacher, student))
-        else:
-            if not is_source(teacher):
-                check.check_logits(teacher, "teacher")
-            if tuple(teacher.shape) != tuple(student.shape):
-                raise ValueError(f"teacher must have the student's shape {tuple(student.shape)}, got "
-                                 f"{tuple(teacher.shape)}")
-            if _dtype(teacher) != _dtype(student):
-                raise TypeError(f"teacher must have the student's dtype {_dtype(student)}, got {_dtype(teacher)}")
-            sources, per_row = [student, teacher], []
+        sources = [student] if kind == "sparse_kl" else [student, teacher]
 
         def chunk_terms(s, *rest):
             t = tuple(rest) if kind == "sparse_kl" else rest[0]
             return (_terms(s, t, None, kind, beta, temperature, None, backend, None, estimator, sparse_convention)[0],)
 
-        return map_rows(chunk_terms, sources, per_row, mask=valid)[0].reshape(lead), resolved
+        return map_rows(chunk_terms, sources, per_row if kind == "sparse_kl" else [], mask=valid)[0].reshape(lead), \
+            resolved
+    raise NotImplementedError(f"kind={kind!r} is not available for {type(student).__name__} / "
+                              f"{type(teacher).__name__}")
+
+
+def _split_terms(student, teacher, sparse, kind, beta, temperature, valid, backend, sparse_convention):
+    """Per-token values (fp32, 0 where not valid) with a vocabulary-split source (docs/sharded.md,
+    "Distillation"): every rank gets the same values, and each rank the gradient of its own columns."""
+    from .sharded import sharded_jsd, sharded_support_logprobs
+
     if kind in ("forward_kl", "reverse_kl") or (kind == "jsd" and beta in (0.0, 1.0)):
         from .functional import kl_divergence
 
         forward = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)  # KL(s || t), else KL(t || s)
-        values = kl_divergence(student, teacher, "forward" if forward else "reverse", temperature, backend=backend)
-        return (values if valid is None else torch.where(valid, values, 0.0)), resolved
-    raise NotImplementedError(f"kind={kind!r} (beta={beta}) is not available for {type(student).__name__} / "
-                              f"{type(teacher).__name__}: use LinearLogits, logits tensors, or a KL kind")
+        return kl_divergence(student, teacher, "forward" if forward else "reverse", temperature, mask=valid,
+                             backend=backend)
+    if kind == "jsd":
+        return sharded_jsd(student, teacher, beta, temperature, backend, valid)
+    ids, logprobs = sparse
+    vocab = student.shape[-1]
+    slot_valid = (ids >= 0) & (ids < vocab) & (logprobs > float("-inf"))
+    if valid is not None:
+        slot_valid = slot_valid & valid.unsqueeze(-1)
+    compute = torch.float64 if _dtype(student) == torch.float64 else torch.float32
+    student_logs = sharded_support_logprobs(student, ids.long(), slot_valid, temperature, backend, valid)
+    teacher_logs = torch.where(slot_valid, logprobs.to(compute), float("-inf"))
+    values = sparse_kl_terms(student_logs, teacher_logs, slot_valid, sparse_convention).float()
+    return values if valid is None else torch.where(valid, values, 0.0)
 
 
 def _dtype(logits) -> torch.dtype:

@@ -473,6 +473,38 @@ class ShardedLogits(LogitsSource):
         valid = self._valid(mask)
         return kl if valid is None else torch.where(valid, kl, torch.zeros_like(kl))
 
+    # --- distillation (docs/distillation.md, "Logits sources") ----------------------------------------
+
+    def _jsd(self, other, beta: float, temperature: float, backend: str) -> Tensor:
+        """Per-row generalised JSD(beta) (``0 < beta < 1``) between ``s = softmax(self / T)`` and ``t =
+        softmax(other / T)`` (``other``: ShardedLogits with the same layout, or a full ``[..., V]``
+        tensor, of which this rank uses and differentiates its columns), float32 (float64 for float64
+        logits), identical on every rank, differentiable with respect to both local shards. Collectives:
+        3 all-reduces (MAX of 8 B, SUM of 8 B, SUM of 8 B per token; 16 B + 16 B + 16 B for float64
+        logits). See ``_ShardedJsd``."""
+        temperature = check.check_temperature(temperature)
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"_jsd takes 0 < beta < 1 (beta 0 / 1 are the KLs), got {beta!r}")
+        other_local = self._other_local(other)
+        backend = self._resolve(backend, "token_logprobs")
+        return _ShardedJsd.apply(self.local_logits, other_local, temperature, float(beta), backend, self.group)
+
+    def _support_logprobs(self, ids: Tensor, valid: Tensor, temperature: float, backend: str) -> Tensor:
+        """The global log-probs ``log s_k`` at global ``ids [..., K]`` (``valid`` slots; their ids in
+        ``[0, V)`` and distinct per row), ``-inf`` at the others; identical on every rank and
+        differentiable with respect to the local shard (``distill.SupportLogprobs`` on shards).
+        Collectives: 2 all-reduces (MAX of 4 B, SUM of ``16 + 4 (K + 1)`` B per token). See
+        ``_ShardedSupportLogprobs``."""
+        temperature = check.check_temperature(temperature)
+        backend = self._resolve(backend, "token_logprobs")
+        lead = self._lead()
+        if tuple(ids.shape[:-1]) != lead or ids.shape != valid.shape:
+            raise ValueError(f"ids and valid must have shape {lead + ('K',)}, got {tuple(ids.shape)} and "
+                             f"{tuple(valid.shape)}")
+        return _ShardedSupportLogprobs.apply(self.local_logits, ids.to(device=self.device, dtype=torch.int64),
+                                             valid.to(self.device), temperature, backend, self.vocab_start,
+                                             self.group)
+
     # --- sparse top-k ----------------------------------------------------------------------------------
 
     def _sparse_logprobs(self, tokens: Tensor, k: int, threshold: float, temperature: float, backend: str):
@@ -727,6 +759,237 @@ class _ShardedKl(torch.autograd.Function):
             grad_x, grad_y = kl_div_bwd(x.detach(), y.detach(), kl, lse_p, lse_q, grad_kl, ctx.temperature,
                                         ctx.direction, need_x, need_y, ctx.backend)
         return (grad_x if need_x else None), (grad_y if need_y else None), *none
+
+
+# --- distillation: JSD and the student's log-probs at a sparse support (docs/distillation.md) ------------
+#
+# JSD. The JSD kernels (rlfuse::jsd_fwd/_bwd) normalise each row themselves, and the mixture's logarithm
+# does not split over shards, so the kernels cannot run on a shard without an lse-input variant. The
+# shard work is therefore the kernels' math in PyTorch on the local columns with the *global* lse's,
+# a block of rows at a time (O(block x V_r) temporaries):
+#
+# 1. the local lse of both rows with the token_logprobs kernel (no token), combined over ranks: MAX of
+#    ``[lse_p_r, lse_q_r]``, SUM of ``[w_p, w_q]`` (``lse = L + log sum_r e^(lse_r - L)``);
+# 2. local mixture sums ``-sum_j p_j u_j`` and ``-sum_j q_j v_j`` over this rank's columns (``d = log q -
+#    log p``, ``u = log(m / p)``, ``v = log(m / q)`` in the overflow-safe form below), one SUM gives
+#    ``KL(p || m)`` and ``KL(q || m)``; ``JSD = beta KL(q || m) + (1 - beta) KL(p || m)``;
+# 3. backward, local, no collective: ``dJSD/dx_j = -(1 - beta) p_j (u_j + KL(p || m)) g / T``,
+#    ``dJSD/dy_j = -beta q_j (v_j + KL(q || m)) g / T``.
+#
+# ``r = log w`` is taken as ``log1p(beta expm1(-|d|))`` (``d <= 0``) or ``log1p((1 - beta) expm1(-|d|))``
+# (``d > 0``): the kernels' ``w = (1 - beta) + beta e^-|d|`` (resp. ``beta + (1 - beta) e^-|d|``) minus
+# one, so ``d = 0`` gives exactly 0 whatever the rounding of ``beta`` and ``1 - beta``.
+
+_JSD_BLOCK_ELEMENTS = 1 << 21  # rows per block x V_r: bounds the fp32 temporaries (~8 of them)
+
+
+def _mixture_logs(log_p: Tensor, log_q: Tensor, beta: float):
+    """(u, v) = (log(m / p), log(m / q)), m = (1 - beta) p + beta q; exactly 0 where log p = log q."""
+    d = log_q - log_p
+    below = d <= 0
+    e = torch.expm1(-d.abs())
+    r = torch.where(below, torch.log1p(beta * e), torch.log1p((1.0 - beta) * e))
+    return torch.where(below, r, r + d), torch.where(below, r - d, r)
+
+
+def _jsd_blocks(rows: int, width: int):
+    step = max(1, _JSD_BLOCK_ELEMENTS // max(1, width))
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
+def _jsd_local_parts(x, y, lse_p, lse_q, beta, temperature):
+    """log p, log q, p, q, u, v of rows ``x``, ``y`` (a block of local columns) with the global lse's."""
+    log_p = _scaled_local(x, temperature) - lse_p.unsqueeze(-1)
+    log_q = _scaled_local(y, temperature) - lse_q.unsqueeze(-1)
+    u, v = _mixture_logs(log_p, log_q, beta)
+    return log_p.exp(), log_q.exp(), u, v
+
+
+class _ShardedJsd(torch.autograd.Function):
+    """Generalised JSD(beta) of sharded rows (the comment above): local lse's from the token_logprobs
+    kernel, 3 all-reduces, local mixture sums and gradients in PyTorch with the global statistics."""
+
+    @staticmethod
+    def forward(ctx, local_logits, other_local, temperature, beta, backend, group):
+        x, y = local_logits.detach(), other_local.detach()
+        lead, width = tuple(x.shape[:-1]), x.shape[-1]
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        no_ids = torch.full(lead, -1, dtype=torch.int64, device=x.device)
+        lse_p_r = token_logprobs_fwd(x, no_ids, temperature, backend, False)[2]
+        lse_q_r = token_logprobs_fwd(y, no_ids, temperature, backend, False)[2]
+        lse_r = torch.stack([lse_p_r, lse_q_r], -1).to(compute)
+        shift = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
+        total = _all_reduce(torch.exp(lse_r - shift), dist.ReduceOp.SUM, group)
+        lse_p, lse_q = (shift + torch.log(total)).unbind(-1)
+        rows = math.prod(lead)
+        x2, y2 = x.reshape(rows, width), y.reshape(rows, width)
+        lp2, lq2 = lse_p.reshape(rows), lse_q.reshape(rows)
+        sums = torch.zeros(rows, 2, dtype=compute, device=x.device)
+        for r0, r1 in _jsd_blocks(rows, width):
+            p, q, u, v = _jsd_local_parts(x2[r0:r1], y2[r0:r1], lp2[r0:r1], lq2[r0:r1], beta, temperature)
+            sums[r0:r1, 0] = -torch.where(p == 0, 0.0, p * u).sum(-1)
+            sums[r0:r1, 1] = -torch.where(q == 0, 0.0, q * v).sum(-1)
+        kl_p, kl_q = _all_reduce(sums, dist.ReduceOp.SUM, group).reshape(*lead, 2).unbind(-1)
+        ctx.save_for_backward(local_logits, other_local, lse_p, lse_q, kl_p, kl_q)
+        ctx.temperature, ctx.beta = temperature, beta
+        return beta * kl_q + (1.0 - beta) * kl_p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_jsd):
+        x, y, lse_p, lse_q, kl_p, kl_q = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        none = (None,) * 4
+        if not (need_x or need_y):
+            return None, None, *none
+        beta, temperature = ctx.beta, ctx.temperature
+        lead, width = tuple(x.shape[:-1]), x.shape[-1]
+        rows = math.prod(lead)
+        x2, y2 = x.detach().reshape(rows, width), y.detach().reshape(rows, width)
+        g2 = (grad_jsd.to(lse_p.dtype) / temperature).reshape(rows, 1)
+        lp2, lq2, kp2, kq2 = (t.reshape(rows, 1) for t in (lse_p, lse_q, kl_p, kl_q))
+        grad_x = torch.empty((rows, width), dtype=x.dtype, device=x.device) if need_x else None
+        grad_y = torch.empty((rows, width), dtype=y.dtype, device=y.device) if need_y else None
+        for r0, r1 in _jsd_blocks(rows, width):
+            p, q, u, v = _jsd_local_parts(x2[r0:r1], y2[r0:r1], lp2[r0:r1, 0], lq2[r0:r1, 0], beta, temperature)
+            g = g2[r0:r1]
+            if need_x:
+                gx = torch.where(p == 0, 0.0, -(1.0 - beta) * p * (u + kp2[r0:r1]))
+                grad_x[r0:r1] = torch.where(g == 0, 0.0, g * gx).to(x.dtype)
+            if need_y:
+                gy = torch.where(q == 0, 0.0, -beta * q * (v + kq2[r0:r1]))
+                grad_y[r0:r1] = torch.where(g == 0, 0.0, g * gy).to(y.dtype)
+        return (grad_x.reshape(x.shape) if need_x else None), (grad_y.reshape(y.shape) if need_y else None), *none
+
+
+class _ShardedSupportLogprobs(torch.autograd.Function):
+    """``distill.SupportLogprobs`` on a shard: the student's global log-probs at global ``ids [..., K]``.
+
+    Forward: ``token_logprobs_fwd`` on the shard with the first id as anchor (its local id where this
+    rank owns it, else -1); MAX all-reduce of ``lse_r``; one SUM all-reduce of the token terms
+    ``[A, B, C, Q]`` packed with the owned logits at ``[anchor, ids]`` (others add 0: exact), so
+    ``log s_k = (x_k - x_a) + log s_a`` as on one device (``x_k - lse`` where ``x_a = -inf``).
+    Backward, local: ``dL/dz_j = (g_j - G s_j) / T``: the dense ``-G s_j / T`` from the gradient
+    kernel with no target and the global ``lse``, then the owned support entries written exactly."""
+
+    @staticmethod
+    def forward(ctx, local_logits, ids, valid, temperature, backend, vocab_start, group):
+        local = local_logits.detach()
+        size = local.shape[-1]
+        compute = torch.float64 if local.dtype == torch.float64 else torch.float32
+        safe = torch.where(valid, ids, torch.zeros_like(ids))
+        cols = torch.cat([safe[..., :1], safe], -1)  # the anchor, then the support
+        owned = (cols >= vocab_start) & (cols < vocab_start + size)
+        local_cols = torch.where(owned, cols - vocab_start, torch.zeros_like(cols))
+        anchor = torch.where(owned[..., 0], local_cols[..., 0], torch.full_like(local_cols[..., 0], -1))
+        logp_r, entropy_r, lse_r = token_logprobs_fwd(local, anchor, temperature, backend, False)
+        stats = lse_r.dtype
+        shift = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
+        terms = _token_terms(logp_r, entropy_r, lse_r, owned[..., 0], shift)
+        x_owned = torch.where(owned, local.gather(-1, local_cols).to(compute), 0.0)
+        packed = _all_reduce(torch.cat([terms.to(compute), x_owned], -1).contiguous(), dist.ReduceOp.SUM, group)
+        logp_a, entropy, lse = _token_finish(*packed[..., :4].to(stats).unbind(-1), shift)
+        scaled = packed[..., 4:] * (1.0 / temperature)
+        x_a, x = scaled[..., :1], scaled[..., 1:]
+        exact = (x - x_a) + logp_a.to(compute).unsqueeze(-1)
+        rounded = x - lse.to(compute).unsqueeze(-1)
+        logs = torch.where(torch.isfinite(x_a), exact, rounded)
+        logs = torch.where(valid, logs, NEG_INF)
+        ctx.save_for_backward(local_logits, local_cols[..., 1:], owned[..., 1:] & valid, valid, lse, entropy, logs)
+        ctx.temperature, ctx.backend = temperature, backend
+        return logs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logs):
+        local_logits, local_ids, own, valid, lse, entropy, logs = ctx.saved_tensors
+        none = (None,) * 6
+        if not ctx.needs_input_grad[0]:
+            return None, *none
+        temperature = ctx.temperature
+        g = torch.where(valid, grad_logs, 0.0)
+        total = g.sum(-1)
+        no_target = torch.full_like(local_ids[..., 0], -1)
+        zero = torch.zeros_like(lse)
+        if ctx.backend == "torch":
+            grad = _torch_token_gradient(local_logits, no_target, lse, entropy, total.float(), zero, temperature)
+        else:
+            grad = token_logprobs_bwd(local_logits.detach(), no_target, lse, entropy, total.float(), zero,
+                                      temperature, ctx.backend)
+        # The owned support entries, exactly: (g_k - G s_k) / T. Slots owned elsewhere (or invalid)
+        # repeat the row's first owned slot (same index, same value); rows without one rewrite entry 0.
+        probs = torch.where(valid, logs.exp(), 0.0)
+        values = (g - total.unsqueeze(-1) * probs) / temperature
+        first = own.to(torch.int8).argmax(-1, keepdim=True)
+        has_any = own.any(-1, keepdim=True)
+        fill_idx = torch.where(has_any, local_ids.gather(-1, first), 0)
+        fill_val = torch.where(has_any, values.gather(-1, first), grad[..., :1].to(values.dtype))
+        idx = torch.where(own, local_ids, fill_idx)
+        val = torch.where(own, values, fill_val)
+        return grad.scatter(-1, idx, val.to(grad.dtype)), *none
+
+
+def _is_split(x) -> bool:
+    return isinstance(x, ShardedLogits) or getattr(x, "shard_layout", None) is not None
+
+
+def _split_order(x) -> int:
+    """0: a split LinearLogits, 1: a ShardedLogits, 2: anything else (the side that leads a pair)."""
+    if isinstance(x, ShardedLogits):
+        return 1
+    return 0 if getattr(x, "shard_layout", None) is not None else 2
+
+
+def sharded_jsd(student, teacher, beta: float, temperature: float, backend: str, valid=None) -> Tensor:
+    """JSD(beta), ``0 < beta < 1``, with a vocabulary-split source on either side (ShardedLogits or a
+    split LinearLogits; the other one split the same way or a full ``[..., V]`` tensor): per-token fp32
+    values of the tokens' shape, 0 where ``valid`` is False. ``JSD_beta(s, t) = JSD_(1 - beta)(t, s)``
+    (the same mixture), so the split side leads. A split LinearLogits runs ``_ShardedJsd`` on each chunk of
+    valid rows' local logits (``map_rows``: 3 all-reduces per chunk); a ShardedLogits on all rows."""
+    from .linear import map_rows
+
+    lead = tuple(student.shape[:-1])
+    if _split_order(teacher) < _split_order(student):
+        student, teacher, beta = teacher, student, 1.0 - beta
+    if isinstance(student, ShardedLogits):
+        if not isinstance(teacher, (ShardedLogits, Tensor)):
+            raise ValueError("distill_loss on ShardedLogits needs the other side sharded the same way (a "
+                             "ShardedLogits or a LinearLogits with the same group and rows per rank) or a full "
+                             "[..., V] tensor")
+        values = student._jsd(teacher, beta, temperature, backend).float()
+        return values if valid is None else torch.where(valid, values, 0.0)
+    layout = _linear_layout(student, teacher)
+    if isinstance(teacher, ShardedLogits):
+        other_input, wrap_other = teacher.local_logits, True
+    elif isinstance(teacher, Tensor):
+        other_input, wrap_other = teacher, False
+    else:
+        other_input, wrap_other = teacher._local(), True
+
+    def jsd(x, y):
+        y = layout.wrap(y) if wrap_other else y
+        return (layout.wrap(x)._jsd(y, beta, temperature, backend).float(),)
+
+    return map_rows(jsd, [student._local(), other_input], mask=valid)[0].reshape(lead)
+
+
+def sharded_support_logprobs(student, ids: Tensor, valid: Tensor, temperature: float, backend: str,
+                             mask=None) -> Tensor:
+    """The student's global log-probs at global ``ids [..., K]`` (``valid`` slots, -inf elsewhere) for a
+    ShardedLogits or a split LinearLogits student (``map_rows`` over chunks of ``mask``-valid rows:
+    masked rows are never computed and read as -inf), differentiable."""
+    from .linear import map_rows
+
+    if isinstance(student, ShardedLogits):
+        return student._support_logprobs(ids, valid, temperature, backend)
+    layout = student.shard_layout
+    lead = tuple(student.shape[:-1])
+
+    def support(x, chunk_ids, chunk_valid):
+        return (layout.wrap(x)._support_logprobs(chunk_ids, chunk_valid, temperature, backend),)
+
+    logs = map_rows(support, [student._local()], [ids, valid], mask=mask)[0].reshape(*lead, ids.shape[-1])
+    return torch.where(valid, logs, NEG_INF)
 
 
 # --- verl / Megatron drop-ins -----------------------------------------------------------------------
