@@ -50,6 +50,15 @@ Off-policy corrections (docs/SPEC.md section 4, from the peers' formulas):
   (behaviour = rollout if given, else old).
 * ``kl_bias_correction`` (TRL ``use_bias_correction_kl``): the KL times ``exp(logp - old)`` (per
   token), or ``exp(mean_t (logp - old))`` for gspo / gspo_token, the ratio NOT detached.
+* ``m2po_threshold`` (M2PO, arXiv 2510.01161, the paper's masking loop): over the valid tokens,
+  ``M2_t = (sg(logp_t) - b_t)^2`` (b = rollout if given, else old); while the kept tokens' mean M2
+  exceeds the threshold, drop the kept token of largest M2 (ties: the later position first). Dropped
+  tokens leave the policy term only; the normaliser is unchanged (the paper's 1 / sum |o_i|).
+* ``dppo_mask_low`` / ``dppo_mask_high`` (prime-rl ``default_loss_fn``): ``d = p - p_b`` with
+  ``p = exp(sg(logp))``; ``A > 0`` drops ``d > high``, else ``d < -low``. ``ipo_threshold``
+  (prime-rl ``ipo_loss_fn``): drops ``|d| > threshold``. Policy term only, normaliser unchanged.
+* ``loss="topr"`` (TOPR eq. 8, ROLL ``_compute_topr_loss``): ``-w A logp`` with the constant
+  ``w = positive weight`` for ``A >= 0``, ``negative weight * min(r, 1)`` for ``A < 0``.
 """
 
 from __future__ import annotations
@@ -169,6 +178,9 @@ def _token_local_term(logp, old, a: float, config) -> torch.Tensor:
         return -a * ((1.0 - config.pspo_alpha) * r + config.pspo_alpha)
     if name == "spo":  # SPO: -(A r - |A| (r - 1)^2 / (2 eps)), eps = clip_high
         return -(a * r - abs(a) * (r - 1.0) ** 2 / (2.0 * config.clip_high))
+    if name == "topr":  # TOPR: REINFORCE for A >= 0, constant min(r, 1) times -A logp for A < 0
+        w = config.topr_positive_weight if a >= 0 else config.topr_negative_weight * min(max(rv, 0.0), 1.0)
+        return -w * a * logp
     raise ValueError(f"{name!r} is not a token-local variant")
 
 
@@ -380,6 +392,30 @@ def oracle_policy_loss(logits, tokens, advantages, old=None, ref_lp=None, rollou
             for i in seq:
                 if adv[i] < 0 and mean_kl > config.off_policy_mask_threshold:
                     policy_factor[i] = 0.0
+    behaviour = rollout if rollout is not None else old
+    m2po = getattr(config, "m2po_threshold", None)
+    if m2po is not None:
+        m2 = {}
+        for i in valid_tokens:
+            v = (_value(logp[i]) - behaviour[i]) ** 2
+            m2[i] = math.inf if math.isnan(v) else v
+        kept = sorted(valid_tokens, key=lambda i: (m2[i], i))
+        while kept and sum(m2[i] for i in kept) / len(kept) > m2po:
+            policy_factor[kept.pop()] = 0.0  # the largest second moment leaves
+    dppo_low, dppo_high = getattr(config, "dppo_mask_low", None), getattr(config, "dppo_mask_high", None)
+    ipo = getattr(config, "ipo_threshold", None)
+    for i in valid_tokens:
+        d = math.exp(_value(logp[i])) - math.exp(behaviour[i]) if behaviour is not None else 0.0
+        dropped = False
+        if dppo_low is not None or dppo_high is not None:
+            if adv[i] > 0:
+                dropped = dppo_high is not None and d > dppo_high
+            else:
+                dropped = dppo_low is not None and d < -dppo_low
+        if ipo is not None and abs(d) > ipo:
+            dropped = True
+        if dropped:
+            policy_factor[i] = 0.0
     if config.entropy_quantile is not None and valid_tokens:
         threshold = _linear_quantile([_value(entropy[i]) for i in valid_tokens], 1.0 - config.entropy_quantile)
         for i in valid_tokens:

@@ -11,7 +11,10 @@ from ._validation import MAX_TEMPERATURE, MIN_TEMPERATURE, TEMPERATURE_RANGE
 
 # The token-local losses, KL estimators and CISPO modes are the kernels' enums (rlfuse._schema).
 TOKEN_LOCAL_LOSSES = _schema.POLICY_KIND.names
-POLICY_LOSSES = TOKEN_LOCAL_LOSSES + ("gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll")
+POLICY_LOSSES = TOKEN_LOCAL_LOSSES + ("gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll", "topr")
+# Fused although not a kernel enum: the kernel's REINFORCE term times a detached per-token weight that
+# depends on the current log-probs (computed by a no-grad pre-pass, docs/SPEC.md section 4).
+DETACHED_WEIGHT_LOSSES = ("topr",)
 PPO_CLIP_LOSSES = ("ppo", "gppo", "clip_cov")  # the ones whose ratio takes dual_clip and delta
 SEQUENCE_MEAN_LOSSES = ("gspo", "gmpo")  # one term per sequence, averaged over sequences
 KL_ESTIMATORS = tuple(name for name in _schema.KL_KIND.names if name != "none")  # kl=None is "none"
@@ -47,7 +50,14 @@ class LossConfig:
     lower ``1 / upper``); rejected tokens leave the loss and every normaliser, as verl's response
     mask. ``off_policy_mask_threshold`` is DeepSeek-V3.2's off-policy sequence mask (TRL's formula);
     ``kl_bias_correction`` multiplies the KL penalty by the importance ratio to the old policy (TRL /
-    Liger ``use_bias_correction_kl``).
+    Liger ``use_bias_correction_kl``). ``m2po_threshold`` is M2PO's second-moment mask (Zheng et al.
+    2025; paper default 0.04, ``LossConfig.m2po()``); ``dppo_mask_low`` / ``dppo_mask_high`` are
+    prime-rl's sign-aware probability-difference trust region (DPPO-Binary TV; prime-rl defaults
+    0.2 / 0.2, ``LossConfig.dppo()``), ``ipo_threshold`` its symmetric variant (prime-rl's IPO loss,
+    default 0.1, ``LossConfig.ipo()``). These masks compare the current policy with the behaviour
+    policy (``rollout_logprobs`` when given, else ``old_logprobs``) and multiply the policy term only.
+    ``loss="topr"`` is tapered off-policy REINFORCE (Le Roux et al. 2025, ROLL's ``pg_variant="topr"``),
+    ``topr_positive_weight`` / ``topr_negative_weight`` ROLL's weights of its two halves.
     """
 
     loss: str = "ppo"
@@ -83,6 +93,12 @@ class LossConfig:
     rollout_rejection_threshold: str | float | None = None
     off_policy_mask_threshold: float | None = None
     kl_bias_correction: bool = False
+    m2po_threshold: float | None = None
+    dppo_mask_low: float | None = None
+    dppo_mask_high: float | None = None
+    ipo_threshold: float | None = None
+    topr_positive_weight: float = 1.0
+    topr_negative_weight: float = 1.0
     aggregation: str = "token-mean"
     norm_tokens: float | None = None
     norm_length: float | None = None
@@ -185,6 +201,14 @@ class LossConfig:
             fail("off_policy_mask_threshold", f"is not supported by loss={self.loss!r} (a mean over sequences)")
         if self.kl_bias_correction and (self.kl is None or self.kl_coef == 0):
             fail("kl_bias_correction", "corrects the KL penalty, which is off (set kl and kl_coef)")
+        for name in ("m2po_threshold", "dppo_mask_low", "dppo_mask_high", "ipo_threshold"):
+            finite(name, 0.0, allow_none=True)
+            if getattr(self, name) is not None and self.loss in SEQUENCE_MEAN_LOSSES:
+                fail(name, f"is not supported by loss={self.loss!r} (a mean over sequences: no per-token mask)")
+        for name in ("topr_positive_weight", "topr_negative_weight"):
+            finite(name, 0.0)
+            if self.loss != "topr" and getattr(self, name) != 1.0:
+                fail(name, f"applies to loss='topr', not {self.loss!r}")
 
     @property
     def kl_correction_level(self) -> str:
@@ -193,10 +217,17 @@ class LossConfig:
         return "sequence" if self.loss in ("gspo", "gspo_token") else "token"
 
     @property
+    def behaviour_masks(self) -> tuple:
+        """The names of the set knobs that mask tokens by comparing the current policy with the
+        behaviour policy (``rollout_logprobs`` when given, else ``old_logprobs``)."""
+        return tuple(name for name in ("off_policy_mask_threshold", "m2po_threshold", "dppo_mask_low",
+                                       "dppo_mask_high", "ipo_threshold") if getattr(self, name) is not None)
+
+    @property
     def needs_current_logprobs(self) -> bool:
         """True when a detached factor of the policy term depends on the current log-probs (the
         fused path then reads the logits once more, without gradient, before its kernel)."""
-        return self.off_policy_mask_threshold is not None
+        return bool(self.behaviour_masks) or self.loss in DETACHED_WEIGHT_LOSSES
 
     def replace(self, **overrides) -> "LossConfig":
         return dataclasses.replace(self, **overrides)
@@ -204,8 +235,8 @@ class LossConfig:
     @property
     def token_local(self) -> bool:
         """True when the loss can take the fused path (one kernel: loss + gradient per row)."""
-        return (self.loss in TOKEN_LOCAL_LOSSES and self.entropy_quantile is None and self.kl_full_coef == 0
-                and not self.kl_bias_correction)  # the corrected KL's ratio carries a gradient
+        return (self.loss in TOKEN_LOCAL_LOSSES + DETACHED_WEIGHT_LOSSES and self.entropy_quantile is None
+                and self.kl_full_coef == 0 and not self.kl_bias_correction)  # the corrected KL's ratio carries a gradient
 
     # --- presets: published defaults; keyword arguments override any field ----------------------
 
@@ -275,6 +306,37 @@ class LossConfig:
         """TROLL: KL trust-region projection (eps 0.05) on the top-64 support, alpha 1, no clipping."""
         return cls(**{"loss": "troll", "troll_eps": 0.05, "troll_alpha": 1.0, "troll_k": 64,
                       "troll_threshold": 1e-5, **overrides})
+
+    @classmethod
+    def m2po(cls, **overrides):
+        """M2PO (Zheng et al. 2025, arXiv 2510.01161): no clip (``-A r``: pspo with alpha 0); the tokens
+        of largest squared log-ratio to the behaviour policy are masked until the batch second moment
+        is <= 0.04 (the paper's tau_M2, used in all its experiments), token-mean."""
+        return cls(**{"loss": "pspo", "pspo_alpha": 0.0, "m2po_threshold": 0.04, "aggregation": "token-mean",
+                      **overrides})
+
+    @classmethod
+    def dppo(cls, **overrides):
+        """prime-rl's default loss (DPPO-Binary TV): ``-A r`` (pspo with alpha 0) with the sign-aware
+        probability-difference mask, dppo_mask_low = dppo_mask_high = 0.2, token-mean. prime-rl's
+        ``kl_tau (logp - inference)^2`` term is ``kl="k2", kl_coef=2 kl_tau`` with
+        ``ref_logprobs`` = the inference log-probs."""
+        return cls(**{"loss": "pspo", "pspo_alpha": 0.0, "dppo_mask_low": 0.2, "dppo_mask_high": 0.2,
+                      "aggregation": "token-mean", **overrides})
+
+    @classmethod
+    def ipo(cls, **overrides):
+        """prime-rl's IPO loss: ``-A r`` (pspo with alpha 0) with the symmetric probability-difference
+        mask ``|p - p_behaviour| > 0.1``, token-mean (its KL term: as ``dppo``)."""
+        return cls(**{"loss": "pspo", "pspo_alpha": 0.0, "ipo_threshold": 0.1, "aggregation": "token-mean",
+                      **overrides})
+
+    @classmethod
+    def topr(cls, **overrides):
+        """TOPR (tapered off-policy REINFORCE, arXiv 2503.14286; ROLL ``pg_variant="topr"``):
+        ``-A logp`` for A >= 0, ``-sg(clip(r, 0, 1)) A logp`` for A < 0, weights 1 / 1, token-mean."""
+        return cls(**{"loss": "topr", "topr_positive_weight": 1.0, "topr_negative_weight": 1.0,
+                      "aggregation": "token-mean", **overrides})
 
     @classmethod
     def kl_cov(cls, **overrides):

@@ -15,14 +15,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _schema
 from . import _validation as check
 from . import reference as ref
 from . import troll
 from ._layout import inplace_layout
 from .backends import resolve_backend
-from .config import LossConfig
+from .config import DETACHED_WEIGHT_LOSSES, LossConfig
 from .ops.generator import generator_draws
-from .ops.policy_loss import FusedPolicyLoss, TokenLossParams
+from .ops.policy_loss import _PARAM_FIELDS, FusedPolicyLoss, TokenLossParams, _param_from_config
 from .ops.token_logprobs import token_logprobs_fwd
 from .reference.policy_loss import _covariance, ppo_term
 from .source import is_source
@@ -281,12 +282,22 @@ def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
         policy_weight.contiguous(),
         weight.contiguous(),
     )
-    params = TokenLossParams.from_config(config)
+    params = _kernel_params(config)
     if is_source(batch.logits):
         return batch.logits._fused_policy_loss(batch.tokens, per_token, config.temperature, params, backend,
                                                batch.mask)
     return FusedPolicyLoss.apply(batch.logits, batch.tokens, per_token, config.temperature, params, backend,
                                  bool(inplace_backward))
+
+
+def _kernel_params(config) -> TokenLossParams:
+    """The fused kernel's parameters; TOPR runs the kernel's REINFORCE term (its detached weight is in
+    policy_weight, current_policy_factor). No LossConfig.replace: it validates its fields as numbers,
+    which torch.compile cannot trace."""
+    if config.loss not in DETACHED_WEIGHT_LOSSES:
+        return TokenLossParams.from_config(config)
+    return TokenLossParams(*[_schema.enum(f.enum)["reinforce"] if f.name == "policy" else _param_from_config(f, config)
+                             for f in _PARAM_FIELDS])
 
 
 def _general(batch, policy_weight, weight, config, backend, inplace_backward):
@@ -312,6 +323,8 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
         term = clip_cov_term(logp, old, a, mask, config)
     elif config.loss == "kl_cov":
         term = kl_cov_term(logp, old, a, mask, config)
+    elif config.loss == "topr":
+        term = -a * logp  # TOPR's detached weight is in policy_weight (current_policy_factor), as on the fused path
     else:
         term = ref.policy_term(logp, old, a, config)
     return ref.weighted(term, policy_weight).sum() + penalties, raw_logp, raw_entropy
@@ -319,13 +332,31 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
 
 def current_policy_factor(logp: Tensor, batch, config) -> Tensor:
     """The detached per-token factor of the policy term that depends on the current log-probs
-    ``logp`` ([N], 0 at masked positions): the off-policy sequence mask."""
+    ``logp`` ([N], 0 at masked positions): the product of :func:`current_policy_factors`."""
     factor = torch.ones_like(batch.mask)
-    if config.off_policy_mask_threshold is not None:
-        behaviour = batch.rollout if batch.rollout is not None else batch.old
-        factor = factor * ref.off_policy_sequence_mask(logp, behaviour, batch.advantages, batch.mask, batch.cu_seqlens,
-                                                       config.off_policy_mask_threshold)
+    for value in current_policy_factors(logp, batch, config).values():
+        factor = factor * value
     return factor
+
+
+def current_policy_factors(logp: Tensor, batch, config) -> dict:
+    """Each detached per-token factor of the policy term that depends on the current log-probs, by
+    name (docs/SPEC.md section 4): the off-policy sequence mask (``"opsm"``), M2PO's second-moment
+    mask (``"m2po"``), prime-rl's probability trust region (``"prob_trust_region"``: DPPO and / or
+    IPO) and TOPR's weight (``"topr"``). The masks compare ``logp`` with the behaviour log-probs
+    (rollout when given, else old), over the tokens of ``batch.mask``."""
+    factors = {}
+    behaviour = behaviour_logprobs(batch)
+    if config.off_policy_mask_threshold is not None:
+        factors["opsm"] = ref.off_policy_sequence_mask(logp, behaviour, batch.advantages, batch.mask,
+                                                       batch.cu_seqlens, config.off_policy_mask_threshold)
+    if config.m2po_threshold is not None:
+        factors["m2po"] = ref.m2po_mask(logp, behaviour, batch.mask, config.m2po_threshold)
+    if any(getattr(config, name) is not None for name in ("dppo_mask_low", "dppo_mask_high", "ipo_threshold")):
+        factors["prob_trust_region"] = ref.prob_trust_region_mask(logp, behaviour, batch.advantages, config)
+    if config.loss == "topr":
+        factors["topr"] = ref.topr_weights(logp, batch.old, batch.advantages, config)
+    return factors
 
 
 def _off_policy_metrics(batch, caller_mask, logp, config, rollout_w) -> dict:
@@ -347,14 +378,47 @@ def _off_policy_metrics(batch, caller_mask, logp, config, rollout_w) -> dict:
         w = raw.clamp(min=0.0, max=config.rollout_cap)
         mean_w = torch.where(caller_valid, w, 0.0).sum() / caller_count
         normalised = w / (mean_w + 1e-8)
-        metrics["rollout_ess"] = 1.0 / (torch.where(caller_valid, normalised * normalised, 0.0).sum() / caller_count)
+        ess = 1.0 / (torch.where(caller_valid, normalised * normalised, 0.0).sum() / caller_count)
+        metrics["rollout_ess"] = torch.where(caller_valid.any(), ess, torch.zeros_like(ess))  # 0 without tokens
     if config.rollout_rejection is not None:
         metrics["rollout_rejected_frac"] = (caller_valid & (batch.mask == 0)).sum() / caller_count
     if config.needs_current_logprobs:
         valid = batch.mask > 0
-        kept = current_policy_factor(_masked(logp.reshape(-1).float(), valid), batch, config)
-        metrics["off_policy_masked_frac"] = (valid & (kept == 0)).sum() / valid.sum().clamp(min=1).float()
+        count = valid.sum().clamp(min=1).float()
+        current = _masked(logp.reshape(-1).float(), valid)
+        factors = current_policy_factors(current, batch, config)
+
+        def frac(selected):
+            return (valid & selected).sum() / count
+
+        if "opsm" in factors:
+            metrics["off_policy_masked_frac"] = frac(factors["opsm"] == 0)
+        if "m2po" in factors:
+            kept = valid & (factors["m2po"] > 0)
+            m2 = (current.double() - behaviour_logprobs(batch).double()) ** 2
+            metrics["m2po_masked_frac"] = frac(~kept)
+            metrics["m2po_m2"] = (torch.where(valid, m2, 0.0).sum() / count).float()
+            metrics["m2po_m2_kept"] = (torch.where(kept, m2, 0.0).sum() / kept.sum().clamp(min=1)).float()
+        if "prob_trust_region" in factors:
+            violations = ref.prob_trust_region_violations(current, behaviour_logprobs(batch), batch.advantages, config)
+            if "dppo" in violations:
+                dppo, a = violations["dppo"], batch.advantages
+                metrics["dppo_masked_frac"] = frac(dppo)  # prime-rl is_masked (A = 0 on the low side)
+                metrics["dppo_masked_high_frac"] = frac(dppo & (a > 0))
+                metrics["dppo_masked_low_frac"] = frac(dppo & (a < 0))
+            if "ipo" in violations:
+                metrics["ipo_masked_frac"] = frac(violations["ipo"])
+        if "topr" in factors:
+            r = ref.ratio(current, batch.old)
+            negative = batch.advantages < 0
+            metrics["topr_negative_frac"] = frac(negative)
+            metrics["topr_truncated_frac"] = frac(negative & (r < 1.0))  # weight r < 1 (else capped at 1)
     return metrics
+
+
+def behaviour_logprobs(batch) -> Tensor:
+    """The behaviour policy's log-probs of the off-policy masks: rollout when given, else old."""
+    return batch.rollout if batch.rollout is not None else batch.old
 
 
 def _token_logprobs(batch, temperature, backend, inplace_backward):
@@ -532,8 +596,9 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
             f"advantages must be per token {tuple(tokens.shape)} or per sequence ({n_seqs},), got {tuple(adv.shape)}"
         )
     needs_rollout = config.rollout_correction is not None or config.rollout_rejection is not None
+    behaviour_from_old = bool(config.behaviour_masks) and rollout is None
     needs_old = (config.loss not in LOSSES_WITHOUT_RATIO or needs_rollout or config.kl_bias_correction
-                 or (config.off_policy_mask_threshold is not None and rollout is None))
+                 or behaviour_from_old)
     needs_ref = config.kl is not None and config.kl_coef != 0
 
     def per_token(name, value, required, reason=""):
@@ -544,7 +609,9 @@ def _prepare(logits, tokens, advantages, old, ref_lp, rollout, mask, cu_seqlens,
     # included) never reaches a loss, a metric or a gradient.
     return _Batch(
         logits=logits, tokens=tokens, cu_seqlens=cu, mask=flat_mask, advantages=_masked(flat_adv, valid).contiguous(),
-        old=per_token("old_logprobs", old, needs_old, f"loss={config.loss!r}"),
+        old=per_token("old_logprobs", old, needs_old,
+                      f"{', '.join(config.behaviour_masks)} (the behaviour log-probs, without rollout_logprobs)"
+                      if behaviour_from_old and config.loss in LOSSES_WITHOUT_RATIO else f"loss={config.loss!r}"),
         ref=per_token("ref_logprobs", ref_lp, needs_ref, f"kl={config.kl!r}"),
         rollout=per_token("rollout_logprobs", rollout, needs_rollout,
                           f"rollout_correction={config.rollout_correction!r} / "

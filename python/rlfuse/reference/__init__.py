@@ -12,16 +12,20 @@ from .policy_loss import (
     kl_cov_term,
     kl_importance_weights,
     kl_term,
+    m2po_mask,
     mismatch_metrics,
     off_policy_sequence_mask,
     penalty_terms,
     policy_term,
+    prob_trust_region_mask,
+    prob_trust_region_violations,
     ratio,
     rollout_correction_weights,
     rollout_rejection_mask,
     rollout_weight_batch_mean,
     segment_sum,
     token_loss,
+    topr_weights,
     weighted,
 )
 from .sampling import sample_reference
@@ -34,5 +38,6 @@ __all__ = [
     "penalty_terms", "policy_term", "ratio", "rollout_correction_weights", "segment_sum", "token_loss", "weighted", "sample_reference",
     "jsd_reference", "jsd_statistics", "jsd_gradients", "sparse_kl_terms", "sampled_kl_terms",
     "kl_importance_weights", "mismatch_metrics", "off_policy_sequence_mask", "rollout_rejection_mask",
-    "rollout_weight_batch_mean",
+    "rollout_weight_batch_mean", "m2po_mask", "prob_trust_region_mask", "prob_trust_region_violations",
+    "topr_weights",
 ]

@@ -81,6 +81,8 @@ def policy_term(logp, old_logp, advantages, config) -> Tensor:
         return -a * ((1.0 - config.pspo_alpha) * r + config.pspo_alpha)
     if config.loss == "spo":  # eps = clip_high
         return -(a * r - a.abs() * (r - 1.0) ** 2 / (2.0 * config.clip_high))
+    if config.loss == "topr":
+        return -topr_weights(logp, old_logp, a, config) * a * logp
     raise ValueError(f"{config.loss!r} is not a token-local loss")
 
 
@@ -262,6 +264,64 @@ def off_policy_sequence_mask(logp, behaviour_logp, advantages, mask, cu_seqlens,
     return ((advantages >= 0) | low_divergence).to(torch.float32)
 
 
+def m2po_mask(logp, behaviour_logp, mask, threshold) -> Tensor:
+    """M2PO's second-moment mask (Zheng et al. 2025, arXiv 2510.01161; AReaL ``_apply_m2po_masking``):
+    with ``m_t = (sg(logp_t) - behaviour_t)^2`` over the valid tokens (NaN counted as +inf), the
+    tokens of largest ``m_t`` are masked until the mean of the kept ones is ``<= threshold``: sorted
+    ascending (ties by token position, earlier first), the first ``K`` are kept, ``K`` the largest
+    ``k`` with ``mean(m_(1..k)) <= threshold`` (0 when even the smallest exceeds it). The prefix means
+    are non-decreasing, so ``K`` is a count; no host read (a stable sort of all N tokens, masked ones
+    last, and float64 prefix sums). 1 = kept (also at masked positions, which carry no loss)."""
+    valid = mask != 0
+    n = mask.numel()
+    if n == 0:
+        return torch.ones_like(mask, dtype=torch.float32)
+    m2 = (logp.detach().double() - behaviour_logp.detach().double()) ** 2
+    m2 = torch.where(valid, torch.nan_to_num(m2, nan=math.inf), math.inf)
+    ordered, order = torch.sort(m2, stable=True)
+    positions = torch.arange(1, n + 1, device=m2.device, dtype=torch.float64)
+    prefix_mean = torch.cumsum(ordered, 0) / positions
+    kept_count = (prefix_mean <= threshold).sum()  # inf / NaN prefixes never count
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=m2.device))
+    return ((rank < kept_count) | ~valid).to(torch.float32)
+
+
+def prob_trust_region_mask(logp, behaviour_logp, advantages, config) -> Tensor:
+    """prime-rl's probability-difference trust regions, with ``d = exp(sg(logp)) - exp(behaviour)``:
+    DPPO (``default_loss_fn``, DPPO-Binary TV): a token with ``A > 0`` is masked when
+    ``d > dppo_mask_high``, any other when ``d < -dppo_mask_low`` (a None side never masks); IPO
+    (``ipo_loss_fn``): masked when ``|d| > ipo_threshold``. 1 = kept (by every one that is set)."""
+    kept = torch.ones_like(logp, dtype=torch.bool)
+    for masked in prob_trust_region_violations(logp, behaviour_logp, advantages, config).values():
+        kept = kept & ~masked
+    return kept.to(torch.float32)
+
+
+def prob_trust_region_violations(logp, behaviour_logp, advantages, config) -> dict:
+    """``{"dppo": masked, "ipo": masked}`` (bool, detached) for the trust regions that are set."""
+    d = torch.exp(logp.detach()) - torch.exp(behaviour_logp.detach())
+    never = torch.zeros_like(d, dtype=torch.bool)
+    out = {}
+    high, low = getattr(config, "dppo_mask_high", None), getattr(config, "dppo_mask_low", None)
+    if high is not None or low is not None:
+        over = d > high if high is not None else never
+        under = d < -low if low is not None else never
+        out["dppo"] = torch.where(advantages > 0, over, under)
+    if getattr(config, "ipo_threshold", None) is not None:
+        out["ipo"] = d.abs() > config.ipo_threshold
+    return out
+
+
+def topr_weights(logp, old_logp, advantages, config) -> Tensor:
+    """TOPR's detached per-token weight (Le Roux et al. 2025, eq. 8; ROLL ``_compute_topr_loss``):
+    ``topr_positive_weight`` for ``A >= 0`` (REINFORCE), ``topr_negative_weight * clip(r, 0, 1)`` for
+    ``A < 0`` (truncated importance sampling), ``r = exp(clamp(sg(logp) - old, -20, 20))``. The loss is
+    ``-w A logp``: its gradient is the paper's ``mu [pi / mu]_0^1 R grad log pi`` on negative tokens."""
+    r = ratio(logp.detach(), old_logp)
+    positive = torch.full_like(r, float(config.topr_positive_weight))
+    return torch.where(advantages >= 0, positive, config.topr_negative_weight * torch.clamp(r, 0.0, 1.0))
+
+
 def kl_importance_weights(logp, old_logp, mask, cu_seqlens, level="token") -> Tensor:
     """The importance ratio of ``kl_bias_correction`` (TRL / Liger ``use_bias_correction_kl``):
     ``exp(clamp(logp - old))`` per token, or ``exp(clamp(mean_t (logp - old)))`` over the sequence's
@@ -283,7 +343,8 @@ def mismatch_metrics(old_logp, rollout_logp, mask, cu_seqlens, weights=None, cap
     ``ppl_ratio`` = mean exp(log_ppl_diff), ``chi2_token`` = mean(exp(l)^2) - 1, ``chi2_seq`` =
     mean over sequences of exp(2 sum l) - 1 (log-ratios clamped to +-20), and with ``weights`` (the
     rollout correction's, before batch normalisation) ``rollout_ess`` = 1 / mean((w / mean w)^2) of
-    ``clamp(w, 0, cap)`` (verl's effective sample size, as a fraction of the valid tokens)."""
+    ``clamp(w, 0, cap)`` (verl's effective sample size, as a fraction of the valid tokens). Every one
+    is 0 without a valid token."""
     valid = mask != 0
     count = valid.sum().clamp(min=1)
     old = torch.where(valid, old_logp.detach().float(), 0.0)
@@ -306,7 +367,7 @@ def mismatch_metrics(old_logp, rollout_logp, mask, cu_seqlens, weights=None, cap
         fill = math.inf if kind == "min" else -math.inf
         padded = torch.cat([values.masked_fill(~nonempty, fill), values.new_full((1,), fill)])
         extreme = padded.amin() if kind == "min" else padded.amax()
-        return torch.where(nonempty.any(), extreme, torch.full_like(extreme, math.nan))
+        return torch.where(nonempty.any(), extreme, torch.zeros_like(extreme))
 
     diff = rollout_seq - old_seq
     seq_log_r = segment_sum(safe, cu_seqlens).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -329,7 +390,8 @@ def mismatch_metrics(old_logp, rollout_logp, mask, cu_seqlens, weights=None, cap
         w = weights.detach().float().clamp(min=0.0, max=cap)
         normalised = w / (mean(w) + 1e-8)
         metrics["rollout_ess"] = 1.0 / mean(normalised * normalised)
-    return metrics
+    # Without a valid token every diagnostic is 0 (the zero-token convention of policy_loss's metrics).
+    return {name: torch.where(valid.any(), value, torch.zeros_like(value)) for name, value in metrics.items()}
 
 
 def entropy_minority_mask(entropy: Tensor, mask: Tensor, rho: float) -> Tensor:
