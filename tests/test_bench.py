@@ -125,3 +125,23 @@ def test_vocab_parallel_spawns_ranks_and_counts_bytes(tmp_path, capsys):
     assert [r["payload_bytes_fwd"] for r in table[1:]] == [str(20 * 64 + 120)] * 2
     assert [r["collectives_fwd"] for r in table[1:]] == ["4", "4"] and table[1]["payload_bytes_bwd"] == "0"
     assert bench.run(_args("--op", "kl", "--vocab-parallel", "2", "--device", "cpu")) == 2
+
+
+def test_linear_distill_runs_with_every_contender(tmp_path, monkeypatch, capsys):
+    """``--op linear_distill``: rlfuse's distill_loss on two LinearLogits, on materialised logits, torch eager and
+    (when importable) Liger's fused-linear JSD, whose loss is checked against rlfuse's before it is timed."""
+    monkeypatch.setattr(bench, "measure_copy_bandwidth", lambda device: 10e9)
+    args = _args("--op", "linear_distill", "--device", "cpu", "--tokens", "32", "--vocab", "48", "--hidden-dim", "8",
+                 "--dtype", "fp32", "--repeats", "1", "--warmup", "1", "--backends", "cpu", "--no-compile",
+                 "--out", str(tmp_path))
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "N=32 D=8 V=48  |  cpu: " in out[0]
+    contenders = ["rlfuse cpu LinearLogits", "rlfuse cpu materialised", "torch eager"]
+    if importlib.util.find_spec("liger_kernel"):
+        contenders.append("liger fused-linear jsd")
+    rows = out[5:5 + len(contenders)]
+    assert [r.split("  ")[0].strip() for r in rows] == contenders
+    assert all(" fp32 " in r and "error" not in r and "invalid" not in r for r in rows)
+    if "liger fused-linear jsd" in contenders:
+        assert "loss = rlfuse LinearLogits's" in rows[-1]
