@@ -1180,6 +1180,12 @@ def distill_linear_split(rank, world):
             torch.testing.assert_close(full_t.grad, want_grad, **DISTILL_GRAD, msg=label)
         elif other_kind in ("sharded", "sharded-student"):
             torch.testing.assert_close(local.grad, full_ref.grad[..., cols], **DISTILL_GRAD, msg=label)
+    # An unsplit LinearLogits against a split side: the same ValueError on every rank, and the group still works.
+    src, ref, _, _ = _linear_pair(rank, world, vocab, dim, lead, seed)
+    _expect_on_every_rank(ValueError, ["sharded the same way"], lambda: distill_loss(
+        ShardedLogits(ref.materialize().detach()[..., cols]), ref, kind="jsd", beta=0.3))
+    _expect_on_every_rank(ValueError, ["split the same way"], lambda: distill_loss(src, ref, kind="jsd", beta=0.3))
+    torch.testing.assert_close(distill_term(src, src, kind="jsd", beta=0.3), torch.zeros(lead).reshape(-1))
 
 
 # --- the process group ---------------------------------------------------------------------------------------

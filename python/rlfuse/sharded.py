@@ -814,9 +814,13 @@ class _ShardedJsd(torch.autograd.Function):
         x, y = local_logits.detach(), other_local.detach()
         lead, width = tuple(x.shape[:-1]), x.shape[-1]
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        no_ids = torch.full(lead, -1, dtype=torch.int64, device=x.device)
-        lse_p_r = token_logprobs_fwd(x, no_ids, temperature, backend, False)[2]
-        lse_q_r = token_logprobs_fwd(y, no_ids, temperature, backend, False)[2]
+        if compute == torch.float64:  # the kernels' statistics are fp32: float64 rows keep float64 lse's
+            lse_p_r = torch.logsumexp(_scaled_local(x, temperature), -1)
+            lse_q_r = torch.logsumexp(_scaled_local(y, temperature), -1)
+        else:
+            no_ids = torch.full(lead, -1, dtype=torch.int64, device=x.device)
+            lse_p_r = token_logprobs_fwd(x, no_ids, temperature, backend, False)[2]
+            lse_q_r = token_logprobs_fwd(y, no_ids, temperature, backend, False)[2]
         lse_r = torch.stack([lse_p_r, lse_q_r], -1).to(compute)
         shift = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
         total = _all_reduce(torch.exp(lse_r - shift), dist.ReduceOp.SUM, group)
@@ -958,7 +962,10 @@ def sharded_jsd(student, teacher, beta: float, temperature: float, backend: str,
                              "[..., V] tensor")
         values = student._jsd(teacher, beta, temperature, backend).float()
         return values if valid is None else torch.where(valid, values, 0.0)
-    layout = _linear_layout(student, teacher)
+    try:
+        layout = _linear_layout(student, teacher)
+    except ValueError as error:
+        raise ValueError(str(error).replace("kl_divergence", "distill_loss", 1)) from None
     if isinstance(teacher, ShardedLogits):
         other_input, wrap_other = teacher.local_logits, True
     elif isinstance(teacher, Tensor):
