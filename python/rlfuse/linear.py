@@ -396,36 +396,14 @@ class LinearLogits(LogitsSource):
         return TrollTerms(*map_rows(terms, [self], per_row, mask=valid_tokens))
 
     def _sample(self, **kwargs):
-        from .sampling import SampleOutput, per_row_seeds, sample
+        from .sampling import per_row_seeds, sample
 
         if self.shard_layout is not None:
             from .sharded import linear_sample
 
             return linear_sample(self, **kwargs)
-        rows = self.num_tokens
-        kwargs["seed"] = per_row_seeds(kwargs.pop("seed", None), kwargs.pop("generator", None), rows, self.device)
-        per_row = {name: value for name, value in kwargs.items()
-                   if isinstance(value, torch.Tensor) and value.numel() == rows}
-        fixed = {name: value for name, value in kwargs.items() if name not in per_row}
-        names = list(per_row)
-
-        def draw(x, *values):
-            r0 = draw.start
-            draw.start += x.shape[0]
-            try:
-                out = sample(x, **fixed, **dict(zip(names, values)))
-            except ValueError as error:
-                raise ValueError(f"{error} (row numbers counted from token {r0} of the LinearLogits)") from None
-            return out.tokens, out.logprobs, out.raw_logprobs, out.entropy
-
-        draw.start = 0
-        with torch.no_grad():
-            tokens, logprobs, raw, entropy = map_rows(draw, [self], [per_row[n].reshape(rows) for n in names],
-                                                      pad=False)
-        lead = self.shape[:-1]
-        extra = tokens.shape[1:]
-        return SampleOutput(tokens.reshape(*lead, *extra), logprobs.reshape(*lead, *extra),
-                            raw.reshape(*lead, *extra), entropy.reshape(lead))
+        seeds = per_row_seeds(kwargs.pop("seed", None), kwargs.pop("generator", None), self.num_tokens, self.device)
+        return sample_by_chunks(self, self, sample, seeds, kwargs)
 
     def __repr__(self) -> str:
         extras = [f"{k}={getattr(self, k)}" for k in ("scale", "softcap", "chunk_tokens")
@@ -685,6 +663,38 @@ def map_rows(fn, sources, per_row=(), mask: Tensor | None = None, pad: bool | No
     if rows is None:
         return outs
     return [o.new_zeros(n, *o.shape[1:]).index_copy(0, rows, o) for o in outs]
+
+
+def sample_by_chunks(src, source, sample_chunk, seeds: Tensor, kwargs: dict):
+    """``sample`` a chunk of rows at a time: ``sample_chunk(chunk_logits, **kwargs)`` on the chunks of
+    ``source`` (what ``map_rows`` chunks: ``src`` itself, or a split source's local part), with the
+    per-row arguments (tensors with one value per row) and the per-row ``seeds`` sliced to the chunk,
+    so each row draws from its own key: the tokens of the unchunked call."""
+    from .sampling import SampleOutput
+
+    rows = src.num_tokens
+    kwargs = dict(kwargs, seed=seeds)
+    per_row = {name: value for name, value in kwargs.items() if isinstance(value, Tensor) and value.numel() == rows}
+    fixed = {name: value for name, value in kwargs.items() if name not in per_row}
+    names = list(per_row)
+    start = [0]
+
+    def draw(x, *values):
+        r0 = start[0]
+        start[0] += x.shape[0]
+        try:
+            out = sample_chunk(x, **fixed, **dict(zip(names, values)))
+        except ValueError as error:
+            raise ValueError(f"{error} (row numbers counted from token {r0} of the LinearLogits)") from None
+        return out.tokens, out.logprobs, out.raw_logprobs, out.entropy
+
+    with torch.no_grad():
+        tokens, logprobs, raw, entropy = map_rows(draw, [source], [per_row[n].reshape(rows) for n in names],
+                                                  pad=False)
+    lead = src.shape[:-1]
+    extra = tokens.shape[1:]
+    return SampleOutput(tokens.reshape(*lead, *extra), logprobs.reshape(*lead, *extra), raw.reshape(*lead, *extra),
+                        entropy.reshape(lead))
 
 
 def _no_autocast(device: torch.device):

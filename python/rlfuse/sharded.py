@@ -1473,8 +1473,8 @@ def linear_sample(src, **kwargs):
     """``sample`` on a split LinearLogits: ``_sharded_sample`` on each chunk, with per-row seeds agreed
     first (an int / per-row seed as given; ``seed=None`` / ``generator``: rank 0's draw, broadcast), so
     the tokens equal the unsharded call's for the same seed."""
-    from .linear import map_rows
-    from .sampling import SampleOutput, per_row_seeds
+    from .linear import sample_by_chunks
+    from .sampling import per_row_seeds
 
     layout = src.shard_layout
     group, device, rows = layout.group, src.device, src.num_tokens
@@ -1490,25 +1490,4 @@ def linear_sample(src, **kwargs):
         base = torch.randint(0, 2**62, (1,), generator=generator).to(device)
         dist.broadcast(base, src=_group_src(group), group=group)
         seeds = per_row_seeds(int(base.item()), None, rows, device)
-    kwargs["seed"] = seeds
-    per_row = {name: value for name, value in kwargs.items() if isinstance(value, Tensor) and value.numel() == rows}
-    fixed = {name: value for name, value in kwargs.items() if name not in per_row}
-    names = list(per_row)
-
-    def draw(x, *values):
-        r0 = draw.start
-        draw.start += x.shape[0]
-        try:
-            out = _sharded_sample(layout.wrap(x), **fixed, **dict(zip(names, values)))
-        except ValueError as error:
-            raise ValueError(f"{error} (row numbers counted from token {r0} of the LinearLogits)") from None
-        return out.tokens, out.logprobs, out.raw_logprobs, out.entropy
-
-    draw.start = 0
-    with torch.no_grad():
-        tokens, logprobs, raw, entropy = map_rows(draw, [src._local()], [per_row[n].reshape(rows) for n in names],
-                                                  pad=False)
-    lead = src.shape[:-1]
-    extra = tokens.shape[1:]
-    return SampleOutput(tokens.reshape(*lead, *extra), logprobs.reshape(*lead, *extra), raw.reshape(*lead, *extra),
-                        entropy.reshape(lead))
+    return sample_by_chunks(src, src._local(), lambda x, **kw: _sharded_sample(layout.wrap(x), **kw), seeds, kwargs)
