@@ -45,15 +45,36 @@ RLFUSE_HD void troll_log_softmax(int n, double* v, Live live) {
   for (int j = 0; j < n; ++j) v[j] = live(j) ? v[j] - lse : -INFINITY;
 }
 
-RLFUSE_HD TrollSupportResult troll_on_support(int n, double* a, double* b, double* lq, double* g, int ty, double adv,
-                                              double eps, double alpha) {
+// ea: scratch of n doubles (e^(a_j) once a is normalised; 0 for dead entries). Exponentials are
+// computed once and reused: e^(a_j) (KL(a || b), the trust term, the gradient), the first Newton
+// step at s = 1 (where q = a: its residual is KL(a || b) - eps, its mean KL(a || b)), and q from the
+// last Newton evaluation when it was at the final s (the usual exit: a converged row stops moving).
+RLFUSE_HD TrollSupportResult troll_on_support(int n, double* a, double* b, double* lq, double* g, double* ea, int ty,
+                                              double adv, double eps, double alpha) {
   TrollSupportResult r{NAN, 0.0, NAN, NAN, 0};
-  // The new policy renormalised on its live entries; the old over the whole support.
-  troll_log_softmax(n, a, [&](int j) { return troll_live(a[j]); });
+  // The new policy renormalised on its live entries (e^(a_j) kept); the old over the whole support.
+  {
+    double m = -INFINITY;
+    for (int j = 0; j < n; ++j) {
+      if (troll_live(a[j]) && (a[j] > m || a[j] != a[j])) m = a[j];
+    }
+    double total = 0.0;
+    for (int j = 0; j < n; ++j) {
+      const double e = troll_live(a[j]) ? exp(a[j] - m) : 0.0;
+      ea[j] = e;
+      total += e;
+    }
+    const double lse = m + log(total), inv_total = 1.0 / total;
+    for (int j = 0; j < n; ++j) {
+      const bool live = troll_live(a[j]);
+      a[j] = live ? a[j] - lse : -INFINITY;
+      ea[j] *= inv_total;
+    }
+  }
   troll_log_softmax(n, b, [](int) { return true; });
   double kl_before = 0.0;
   for (int j = 0; j < n; ++j) {
-    if (troll_live(a[j])) kl_before += exp(a[j]) * (a[j] - b[j]);
+    if (troll_live(a[j])) kl_before += ea[j] * (a[j] - b[j]);
   }
   r.kl_before = kl_before;
   // Safeguarded Newton in s = 1 / (1 + eta) (troll.py solve_eta): KL(s) = s E_q[d] - log E_b[e^(s d)],
@@ -61,33 +82,50 @@ RLFUSE_HD TrollSupportResult troll_on_support(int n, double* a, double* b, doubl
   const double tolerance = fmax(kTrollTolerance * eps, kTrollAbsTolerance);
   double s_low = 0.0, s_high = 1.0, s = 1.0;
   bool active = false;
+  double s_cached = -1.0, top_cached = 0.0, total_cached = 1.0;  // lq[j] = e^(w_j - top) at s_cached
   for (int step = 0; step < kTrollNewtonSteps; ++step) {
-    double top = -INFINITY;
-    for (int j = 0; j < n; ++j) {
-      if (!troll_live(a[j])) continue;
-      const double w = b[j] + s * (a[j] - b[j]);
-      if (w > top || w != w) top = w;
+    double mean, variance, residual;
+    if (step == 0) {  // s = 1 is q = a: mean E_a[d] = KL(a || b), residual KL(a || b) - eps
+      mean = kl_before;
+      variance = 0.0;
+      for (int j = 0; j < n; ++j) {
+        if (!troll_live(a[j])) continue;
+        const double c = (a[j] - b[j]) - mean;
+        variance += ea[j] * c * c;
+      }
+      residual = kl_before - eps;
+    } else {
+      double top = -INFINITY;
+      for (int j = 0; j < n; ++j) {
+        if (!troll_live(a[j])) continue;
+        const double w = b[j] + s * (a[j] - b[j]);
+        if (w > top || w != w) top = w;
+      }
+      double total = 0.0;
+      mean = 0.0;
+      for (int j = 0; j < n; ++j) {
+        if (!troll_live(a[j])) continue;
+        const double e = exp(b[j] + s * (a[j] - b[j]) - top);
+        lq[j] = e;
+        total += e;
+        mean += e * (a[j] - b[j]);
+      }
+      mean /= total;
+      variance = 0.0;
+      for (int j = 0; j < n; ++j) {
+        if (!troll_live(a[j])) continue;
+        const double c = (a[j] - b[j]) - mean;
+        variance += lq[j] * c * c;
+      }
+      variance /= total;
+      residual = s * mean - (top + log(total)) - eps;  // KL(q_s || b) - eps
+      s_cached = s;
+      top_cached = top;
+      total_cached = total;
     }
-    double total = 0.0, mean = 0.0;
-    for (int j = 0; j < n; ++j) {
-      if (!troll_live(a[j])) continue;
-      const double e = exp(b[j] + s * (a[j] - b[j]) - top);
-      lq[j] = e;
-      total += e;
-      mean += e * (a[j] - b[j]);
-    }
-    mean /= total;
-    double variance = 0.0;
-    for (int j = 0; j < n; ++j) {
-      if (!troll_live(a[j])) continue;
-      const double c = (a[j] - b[j]) - mean;
-      variance += lq[j] * c * c;
-    }
-    variance /= total;
-    const double residual = s * mean - (top + log(total)) - eps;  // KL(q_s || b) - eps
     r.steps = step + 1;
     if (step == 0) {
-      active = residual > 0.0;  // s = 1 is q = a: the first residual is KL(a || b) - eps
+      active = residual > 0.0;
       if (!active) break;
     }
     if (residual <= 0.0) {
@@ -101,15 +139,30 @@ RLFUSE_HD TrollSupportResult troll_on_support(int n, double* a, double* b, doubl
   }
   const double eta = active ? 1.0 / s - 1.0 : 0.0;
   r.eta = eta;
-  // log q = log_softmax(b + s d) on the live entries (q = a when not projected).
-  for (int j = 0; j < n; ++j) lq[j] = active && troll_live(a[j]) ? b[j] + s * (a[j] - b[j]) : a[j];
-  if (active) troll_log_softmax(n, lq, [&](int j) { return troll_live(a[j]); });
+  // log q = log_softmax(b + s d) on the live entries (q = a when not projected); q goes in g for now.
+  if (!active) {
+    for (int j = 0; j < n; ++j) {
+      lq[j] = a[j];
+      g[j] = ea[j];
+    }
+  } else if (s == s_cached) {
+    const double shift = top_cached + log(total_cached), inv_total = 1.0 / total_cached;
+    for (int j = 0; j < n; ++j) {
+      const bool live = troll_live(a[j]);
+      g[j] = live ? lq[j] * inv_total : 0.0;
+      lq[j] = live ? b[j] + s * (a[j] - b[j]) - shift : -INFINITY;
+    }
+  } else {
+    for (int j = 0; j < n; ++j) lq[j] = troll_live(a[j]) ? b[j] + s * (a[j] - b[j]) : -INFINITY;
+    troll_log_softmax(n, lq, [&](int j) { return troll_live(a[j]); });
+    for (int j = 0; j < n; ++j) g[j] = troll_live(a[j]) ? exp(lq[j]) : 0.0;
+  }
   double kl_after = 0.0, trust = 0.0, dbar = 0.0;
   for (int j = 0; j < n; ++j) {
     if (!troll_live(a[j])) continue;
-    const double q = exp(lq[j]);
+    const double q = g[j];
     kl_after += q * (lq[j] - b[j]);
-    trust += exp(a[j]) * (a[j] - lq[j]);
+    trust += ea[j] * (a[j] - lq[j]);
     dbar += q * (a[j] - b[j]);
   }
   r.kl_after = kl_after;
@@ -123,7 +176,7 @@ RLFUSE_HD TrollSupportResult troll_on_support(int n, double* a, double* b, doubl
   for (int j = 0; j < n; ++j) {
     if (!troll_live(a[j])) continue;
     const double c = (a[j] - b[j]) - dbar;
-    variance += exp(lq[j]) * c * c;
+    variance += g[j] * c * c;
   }
   const double inv = 1.0 / (1.0 + eta);
   const bool implicit = eta > 0.0 && variance > 0.0 && gy != 0.0;
@@ -134,15 +187,15 @@ RLFUSE_HD TrollSupportResult troll_on_support(int n, double* a, double* b, doubl
       g[j] = 0.0;
       continue;
     }
-    const double q = exp(lq[j]);
+    const double q = g[j];
     const double target = j == ty ? gy : 0.0;
     double gj = (target - q * gy - (implicit ? q * ((a[j] - b[j]) - dbar) * h : 0.0)) * inv;
-    gj += alpha * exp(a[j]) * (a[j] - lq[j]);
+    gj += alpha * ea[j] * (a[j] - lq[j]);
     g[j] = gj;
     total += gj;
   }
   for (int j = 0; j < n; ++j) {
-    if (troll_live(a[j])) g[j] -= exp(a[j]) * total;
+    if (troll_live(a[j])) g[j] -= ea[j] * total;
   }
   return r;
 }
