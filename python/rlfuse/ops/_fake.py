@@ -34,11 +34,14 @@ class Out:
     trailing: str | None = None
     dtype: torch.dtype = torch.float32
     when: str | None = None
+    whole: bool = False  # ``like``'s whole shape (a per-token argument), with ``dtype``
 
     def fake(self, arguments: dict) -> torch.Tensor:
         like = arguments[self.like]
         if self.when is not None and not arguments[self.when]:
             return like.new_empty(0)
+        if self.whole:
+            return like.new_empty(like.shape, dtype=self.dtype)
         if not self.per_row:
             return torch.empty_like(like, memory_format=torch.contiguous_format)
         trailing = () if self.trailing is None else (arguments[self.trailing],)
@@ -56,12 +59,18 @@ def gradient(like: str = "logits", when: str | None = None) -> Out:
     return Out(like=like, per_row=False, when=when)
 
 
-def out_op(name: str, *outputs: Out, mutates_args=()):
+def per_entry(like: str, dtype: torch.dtype = torch.float32) -> Out:
+    """One value per entry of the per-token argument ``like`` (its shape)."""
+    return Out(like=like, whole=True, dtype=dtype)
+
+
+def out_op(name: str, *outputs: Out, mutates_args=(), schema: str | None = None):
     """``torch.library.custom_op(name)`` whose fake allocates ``outputs`` (none: returns None; one:
-    that tensor; several: a tuple)."""
+    that tensor; several: a tuple). ``schema``: an explicit op schema (keyword-only arguments from
+    ``rlfuse._schema``), else inferred from ``fn``'s annotations."""
 
     def declare(fn):
-        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op = torch.library.custom_op(name, mutates_args=mutates_args, schema=schema)(fn)
         signature = inspect.signature(fn)
 
         def fake(*args, **kwargs):

@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import _schema
 from .._layout import gradient_layouts, inplace_layout
 from ..backends import triton_installed, triton_interpreting
+from ._fake import gradient, out_op, per_entry
 from ._launch import empty_gradient, kernels
 
 _PARAM_FIELDS = _schema.TOKEN_LOSS_PARAMS.fields
@@ -88,23 +89,11 @@ def _fused_inplace(logits, tokens, advantages, old_logp, ref_logp, policy_weight
     return _launch(logits, tokens, per_token, temperature, TokenLossParams(**params), backend, logits)
 
 
-policy_loss_fused = torch.library.custom_op("rlfuse::policy_loss_fused", _fused, mutates_args=(),
-                                            schema=_FUSED_SCHEMA)
-policy_loss_fused_inplace = torch.library.custom_op("rlfuse::policy_loss_fused_inplace", _fused_inplace,
-                                                    mutates_args=("logits",), schema=_FUSED_INPLACE_SCHEMA)
-
-
-@policy_loss_fused.register_fake
-def _(logits, tokens, advantages, *args, **params):
-    n = advantages.shape[0]
-    per_row = [logits.new_empty(n, dtype=torch.float32) for _ in range(3)]
-    return (*per_row, torch.empty_like(logits, memory_format=torch.contiguous_format))
-
-
-@policy_loss_fused_inplace.register_fake
-def _(logits, tokens, advantages, *args, **params):
-    n = advantages.shape[0]
-    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+# (loss, logp, entropy): one fp32 value per token, as the advantages; the out-of-place op also the gradient.
+_TOKEN_OUTPUTS = (per_entry("advantages"),) * 3
+policy_loss_fused = out_op("rlfuse::policy_loss_fused", *_TOKEN_OUTPUTS, gradient(), schema=_FUSED_SCHEMA)(_fused)
+policy_loss_fused_inplace = out_op("rlfuse::policy_loss_fused_inplace", *_TOKEN_OUTPUTS, mutates_args=("logits",),
+                                   schema=_FUSED_INPLACE_SCHEMA)(_fused_inplace)
 
 
 # --- backward: rescaling the saved gradient ---------------------------------------------------------
