@@ -69,7 +69,8 @@ def _distill_case(args: argparse.Namespace, device: torch.device) -> Case:
                             _call, _reference, ("student", "teacher"),
                             # Forward reads both rows twice; backward reads both, writes both gradients.
                             {"fwd": 4, "bwd": 4, "fwd+bwd": 8}, notes)
-    case.contenders += _liger_contender(case.notes)
+    if not getattr(args, "no_liger", False):
+        case.contenders += _liger_contender(case.notes)
     return case
 
 
