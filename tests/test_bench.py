@@ -16,7 +16,7 @@ import torch
 
 from rlfuse import bench
 
-OPS = ["token_logprobs", "policy_loss", "kl", "troll", "sample"]
+OPS = ["token_logprobs", "policy_loss", "kl", "troll", "sample", "distill"]
 CSV_COLUMNS = (
     "op,device,device_name,tokens,vocab,dtype,contender,repeats,fwd_ms,fwd_ms_min,fwd_ms_max,bwd_ms,bwd_ms_min,"
     "bwd_ms_max,fwd+bwd_ms,fwd+bwd_ms_min,fwd+bwd_ms_max,speedup_vs_eager_fwd+bwd,peak_extra_bytes,"
