@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import rlfuse
@@ -276,6 +276,7 @@ def _corrupt(old_topk, row, kind, vocab):
 def test_old_topk_is_validated_before_anything_runs(backend, seed, kind, masked):
     """A bad old_topk entry at a valid token is a clear ValueError (nothing computed); at a masked
     token it is ignored: the loss and gradient equal the clean call's."""
+    assume(not (masked and backend == "triton"))  # (seconds per fused call under the interpreter)
     g = torch.Generator().manual_seed(seed)
     vocab = 40
     logits = torch.randn(2, 3, vocab, generator=g) * 2
@@ -314,6 +315,7 @@ def test_old_topk_is_validated_before_anything_runs(backend, seed, kind, masked)
 def test_troll_support_matches_spec_for_any_k(backend, seed, k, vocab, temperature, eps):
     """SPEC section 7's support for random k / V / T: the chosen token never takes an old slot, so
     every old top-k token keeps its real log-prob (the old bug: up to 21% gradient error)."""
+    assume(backend != "triton" or seed % 3 == 0)  # (seconds per fused call under the interpreter)
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, 3, vocab, generator=g) * 2
     tokens = torch.randint(0, vocab, (2, 3), generator=g)
@@ -390,6 +392,19 @@ def test_fused_troll_matches_dense_oracle(backend, vocab, k, threshold, generato
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("vocab, k", [(3000, 16), (400, 64)])
+def test_fused_troll_tied_logits(backend, vocab, k, generator):
+    """Logits with many ties (rounded to halves): the top-k threshold, seeded by the k-th largest
+    logit of the old kept ids, sits on a tie, and the kept set is still the oracle's (lower id first)."""
+    if backend == "triton" and vocab > 1024:
+        pytest.skip("one case under the Triton interpreter")
+    logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, vocab, k, rows=(2, 2))
+    logits = (logits * 2).round() / 2
+    old_logits = logits + 0.01 * torch.randn(logits.shape, generator=generator)  # old kept ids ~ the new top k
+    _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages, config)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_fused_troll_rows_needing_no_projection_and_at_the_eps_boundary(backend, generator):
     logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 200, 16)
     metrics = {}
@@ -398,7 +413,10 @@ def test_fused_troll_rows_needing_no_projection_and_at_the_eps_boundary(backend,
     # eps above every row's KL (nothing projected), and eps at one row's KL (just above, just below:
     # which side the kernel's fp32 logits put that row on may differ; the loss is continuous there,
     # the gradient is not: at eta = 0+ the implicit term does not vanish).
-    for eps in (kl[-1] * 1.5, kl[2] * (1 + 1e-9), kl[2] * (1 - 1e-9), kl[2] * (1 + 1e-4), kl[2] * (1 - 1e-4)):
+    values = (kl[-1] * 1.5, kl[2] * (1 + 1e-9), kl[2] * (1 - 1e-9), kl[2] * (1 + 1e-4), kl[2] * (1 - 1e-4))
+    if backend == "triton":  # (seconds per call under the interpreter)
+        values = values[::2]
+    for eps in values:
         at_boundary = abs(eps / kl[2] - 1) < 1e-6
         out, _ = _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages,
                               config.replace(troll_eps=eps), gradient=not at_boundary)
@@ -431,6 +449,8 @@ def test_fused_troll_minus_inf_logits_and_masked_tokens(backend, generator):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_troll_inplace_backward(backend, dtype, generator):
+    if backend == "triton" and dtype == torch.float32:
+        pytest.skip("bf16 only under the Triton interpreter")
     logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 300, 16)
     old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=16, temperature=0.9)
     results = []
@@ -450,6 +470,9 @@ def test_fused_troll_inplace_backward(backend, dtype, generator):
 def test_fused_troll_with_penalties_and_aggregations_matches_torch(backend, dtype, aggregation, penalties, generator):
     """The fused kernel (penalties in the same kernel) against the torch composition (penalties
     through token_logprobs) on the same inputs, masked tokens included."""
+    if backend == "triton" and (dtype == torch.float32) != (aggregation == "token-mean") or (
+            backend == "triton" and aggregation == "token-sum"):
+        pytest.skip("under the Triton interpreter (seconds per call) a sample: fp32 token-mean, bf16 seq-mean")
     logits, tokens, old_logits, old_logprobs, advantages, _ = _troll_case(generator, 500, 16, rows=(3, 4))
     logits = logits.to(dtype)
     config = LossConfig.troll(troll_k=16, temperature=0.9, aggregation=aggregation, **penalties)
@@ -470,6 +493,7 @@ def test_fused_troll_with_penalties_and_aggregations_matches_torch(backend, dtyp
     torch.testing.assert_close(fused_grad, torch_grad, **tol)
     for key in ("troll_eta_mean", "troll_kl_before", "troll_kl_after", "troll_support_mean", "troll_projected_frac"):
         torch.testing.assert_close(fused.metrics[key], torch_out.metrics[key], **tol)
+    assert fused.metrics["path"] == "fused" and torch_out.metrics["path"] == "general"
     torch.testing.assert_close(fused.logprobs, torch_out.logprobs, **tol)
 
 

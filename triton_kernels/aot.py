@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-KERNEL_MODULES = ("token_logprobs", "policy_loss", "kl_div", "row_topk", "sample", "distill")
+KERNEL_MODULES = ("token_logprobs", "policy_loss", "kl_div", "row_topk", "sample", "distill", "troll")
 ARCHS = (80, 90, 100)
 
 

@@ -196,7 +196,9 @@ def policy_loss(
             loss = loss + config.distill_coef * ref.weighted(distill, aggregation).sum()
         valid = batch.mask > 0
         metrics["distill"] = torch.where(valid, distill.detach(), 0.0).sum() / valid.sum().clamp(min=1)
-    metrics["path"] = "fused" if use_fused else "general"
+    # TROLL reports the path of its own term: "fused" when its fused kernel ran.
+    fused = use_fused if troll_terms is None else troll_terms.fused
+    metrics["path"] = "fused" if fused else "general"
     shape = tokens.shape
     return LossOutput(loss, logp.detach().view(shape), entropy.detach().view(shape), metrics)
 

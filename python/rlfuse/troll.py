@@ -214,6 +214,7 @@ class TrollTerms:
     support: Tensor  # [N] support size
     logp: Tensor  # [N] log-prob of the chosen token (full vocabulary), detached
     entropy: Tensor  # [N], detached
+    fused: bool = False  # computed by a fused TROLL kernel (metrics["path"] = "fused")
 
 
 def checked_old_topk(old_topk, tokens: Tensor, vocab: int, valid: Tensor,
@@ -384,5 +385,5 @@ def fused_troll_loss(logits, tokens, advantages, old_logprobs, old_topk, ref_log
     loss, logp, entropy, eta, kl_before, kl_after, support = fused_troll(
         logits, tokens, per_token, old_topk.ids, old_topk.logprobs, config, _penalty_params(config, penalties), backend, inplace)
     terms = TrollTerms(loss.detach().new_zeros(0), eta, kl_before, kl_after, support, logp.reshape(-1),
-                       entropy.reshape(-1))
+                       entropy.reshape(-1), fused=True)
     return loss, logp.reshape(-1), entropy.reshape(-1), terms
