@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._layout import gradient_layouts
+from ._fake import gradient, out_op, per_entry
 from ._launch import empty_gradient, kernels
 from .policy_loss import FusedPolicyLoss, TokenLossParams, _op_params_schema
 
@@ -63,22 +64,11 @@ def _fused_inplace(logits, tokens, advantages, old_logp, ref_logp, policy_weight
                          TokenLossParams(**params), backend, logits))
 
 
-troll_fused = torch.library.custom_op("rlfuse::troll_fused", _fused, mutates_args=(), schema=_SCHEMA)
-troll_fused_inplace = torch.library.custom_op("rlfuse::troll_fused_inplace", _fused_inplace, mutates_args=("logits",),
-                                              schema=_INPLACE_SCHEMA)
-
-
-@troll_fused.register_fake
-def _(logits, tokens, advantages, *args, **params):
-    n = advantages.shape[0]
-    per_row = [logits.new_empty(n, dtype=torch.float32) for _ in range(_OUTPUTS)]
-    return (*per_row, torch.empty_like(logits, memory_format=torch.contiguous_format))
-
-
-@troll_fused_inplace.register_fake
-def _(logits, tokens, advantages, *args, **params):
-    n = advantages.shape[0]
-    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(_OUTPUTS))
+# Seven fp32 values per token (as the advantages); the out-of-place op also the gradient.
+_TOKEN_OUTPUTS = (per_entry("advantages"),) * _OUTPUTS
+troll_fused = out_op("rlfuse::troll_fused", *_TOKEN_OUTPUTS, gradient(), schema=_SCHEMA)(_fused)
+troll_fused_inplace = out_op("rlfuse::troll_fused_inplace", *_TOKEN_OUTPUTS, mutates_args=("logits",),
+                             schema=_INPLACE_SCHEMA)(_fused_inplace)
 
 
 class FusedTroll(FusedPolicyLoss):
