@@ -134,4 +134,15 @@ RLFUSE_ALWAYS_INLINE void row_gradient(const char* src, char* dst, DType dtype, 
   }
 }
 
+// A top-k entry and the selection order of the top-k kernels (row_topk, troll): strict "ranks
+// before": larger value first, then lower id.
+struct Entry {
+  float value;
+  int32_t id;
+};
+
+RLFUSE_ALWAYS_INLINE bool ranks_before(const Entry& a, const Entry& b) {
+  return a.value > b.value || (a.value == b.value && a.id < b.id);
+}
+
 }  // namespace rlfuse::cpu

@@ -10,19 +10,6 @@
 #include "row_kernels.h"
 
 namespace rlfuse::cpu::RLFUSE_CPU_ISA {
-namespace {
-
-struct Entry {
-  float value;
-  int32_t id;
-};
-
-// Strict "ranks before": larger value first, then lower id.
-RLFUSE_ALWAYS_INLINE bool ranks_before(const Entry& a, const Entry& b) {
-  return a.value > b.value || (a.value == b.value && a.id < b.id);
-}
-
-}  // namespace
 
 void row_topk_rows(const RowTopkArgs& a, int64_t begin, int64_t end) {
   alignas(64) float buf[kChunk];

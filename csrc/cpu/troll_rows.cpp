@@ -22,16 +22,6 @@
 namespace rlfuse::cpu::RLFUSE_CPU_ISA {
 namespace {
 
-struct Entry {
-  float value;
-  int32_t id;
-};
-
-// Strict "ranks before": larger value first, then lower id.
-RLFUSE_ALWAYS_INLINE bool ranks_before(const Entry& a, const Entry& b) {
-  return a.value > b.value || (a.value == b.value && a.id < b.id);
-}
-
 // One support entry before sorting by id.
 struct Candidate {
   int64_t id;
