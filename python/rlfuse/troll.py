@@ -347,7 +347,7 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
 def has_fused_kernel(backend: str) -> bool:
     """Whether ``backend`` runs TROLL as one fused kernel per row (schema.h ``TrollArgs``); the
     ``torch`` backend (and any backend without one) takes the composition above."""
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         return True
     if backend == "triton":
         from .triton_kernels import troll as triton_troll
