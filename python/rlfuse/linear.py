@@ -72,7 +72,6 @@ of 64 when at least 128, then clamped to ``[1, N]`` (not clamped to N when ``bat
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 
@@ -379,21 +378,15 @@ class LinearLogits(LogitsSource):
         return SparseLogprobs(ids.reshape(*lead, k), logprobs.reshape(*lead, k), count.reshape(lead), self.vocab)
 
     def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
-        from .troll import SparseLogprobs, TrollTerms, troll_token_loss
+        from .troll import troll_token_loss
 
         if self.shard_layout is not None:
             from .sharded import linear_troll_token_loss
 
             return linear_troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend,
                                            valid_tokens)
-
-        def terms(x, tok, adv, old, ids, logprobs, count):
-            topk = SparseLogprobs(ids, logprobs, count, self.vocab)
-            out = troll_token_loss(x, tok, adv, old, topk, config, backend)
-            return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
-
-        per_row = [tokens, advantages, old_logprobs, old_topk.ids, old_topk.logprobs, old_topk.count]
-        return TrollTerms(*map_rows(terms, [self], per_row, mask=valid_tokens))
+        return troll_by_chunks(self, self, troll_token_loss, tokens, advantages, old_logprobs, old_topk, config,
+                               backend, valid_tokens)
 
     def _sample(self, **kwargs):
         from .sampling import per_row_seeds, sample
@@ -663,6 +656,26 @@ def map_rows(fn, sources, per_row=(), mask: Tensor | None = None, pad: bool | No
     if rows is None:
         return outs
     return [o.new_zeros(n, *o.shape[1:]).index_copy(0, rows, o) for o in outs]
+
+
+def troll_by_chunks(src, source, troll_chunk, tokens, advantages, old_logprobs, old_topk, config, backend,
+                    valid_tokens):
+    """TROLL's per-token terms a chunk of valid rows at a time: ``troll_chunk(chunk_logits, ...)`` (the
+    signature of ``troll.troll_token_loss``) on the chunks of ``source`` (``src`` itself or a split
+    source's local part), the old top-k sliced with the rows. ``fused`` says whether every chunk ran a
+    fused TROLL kernel."""
+    from .troll import SparseLogprobs, TrollTerms
+
+    fused = []
+
+    def terms(x, tok, adv, old, ids, logprobs, count):
+        out = troll_chunk(x, tok, adv, old, SparseLogprobs(ids, logprobs, count, src.vocab), config, backend)
+        fused.append(out.fused)
+        return out.tensors()
+
+    per_row = [tokens, advantages, old_logprobs, old_topk.ids, old_topk.logprobs, old_topk.count]
+    values = map_rows(terms, [source], per_row, mask=valid_tokens)
+    return TrollTerms(*values, fused=bool(fused) and all(fused))
 
 
 def sample_by_chunks(src, source, sample_chunk, seeds: Tensor, kwargs: dict):

@@ -1455,18 +1455,11 @@ def linear_sparse_logprobs(src, tokens, k, threshold, temperature, backend):
 
 def linear_troll_token_loss(src, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
     """TROLL on a split LinearLogits: ``_sharded_troll_token_loss`` on each chunk of valid rows."""
-    from .linear import map_rows
-    from .troll import SparseLogprobs, TrollTerms
+    from .linear import troll_by_chunks
 
     layout = src.shard_layout
-
-    def terms(x, tok, adv, old, ids, logprobs, count):
-        topk = SparseLogprobs(ids, logprobs, count, layout.vocab)
-        out = _sharded_troll_token_loss(layout.wrap(x), tok, adv, old, topk, config, backend)
-        return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
-
-    per_row = [tokens, advantages, old_logprobs, old_topk.ids, old_topk.logprobs, old_topk.count]
-    return TrollTerms(*map_rows(terms, [src._local()], per_row, mask=valid_tokens))
+    return troll_by_chunks(src, src._local(), lambda x, *args: _sharded_troll_token_loss(layout.wrap(x), *args),
+                           tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens)
 
 
 def linear_sample(src, **kwargs):

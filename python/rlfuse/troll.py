@@ -216,6 +216,10 @@ class TrollTerms:
     entropy: Tensor  # [N], detached
     fused: bool = False  # computed by a fused TROLL kernel (metrics["path"] = "fused")
 
+    def tensors(self) -> tuple:
+        """The per-token tensors, in field order (what a chunked caller concatenates)."""
+        return (self.loss, self.eta, self.kl_before, self.kl_after, self.support, self.logp, self.entropy)
+
 
 def checked_old_topk(old_topk, tokens: Tensor, vocab: int, valid: Tensor,
                      checks: check.DataChecks | None = None) -> SparseLogprobs:
