@@ -100,39 +100,17 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
     const int need =
         select_digit<kBlock, Digit<0>::kBins>(hist, k, warp_counts, &bucket, &row_need);
     if (need > 0) {
-      Bucket b = bucket;
-      uint32_t prefix = b.digit;
-      int shift = Digit<0>::kShift;
-      int above = b.above;
-      if (above + b.count > kMaxK) {
-        clear<kBlock>(hist, Digit<1>::kBins);
-        __syncthreads();
-        refine_histogram<T, kBlock, 1>(row_logits, vocab, inv_temp, prefix, hist);
-        __syncthreads();
-        select_digit<kBlock, Digit<1>::kBins>(hist, row_need - above, warp_counts, &bucket,
-                                              nullptr);
-        b = bucket;
-        prefix = (prefix << Digit<1>::kBits) | b.digit;
-        shift = Digit<1>::kShift;
-        above += b.above;
-      }
-      if (above + b.count > kMaxK) {
-        clear<kBlock>(hist, Digit<2>::kBins);
-        __syncthreads();
-        refine_histogram<T, kBlock, 2>(row_logits, vocab, inv_temp, prefix, hist);
-        __syncthreads();
-        select_digit<kBlock, Digit<2>::kBins>(hist, row_need - above, warp_counts, &bucket,
-                                              nullptr);
-        b = bucket;
-        prefix = (prefix << Digit<2>::kBits) | b.digit;
-        shift = Digit<2>::kShift;
-        above += b.above;
-      }
+      const Selection selection =
+          refine_selection<T, kBlock>(row_logits, vocab, inv_temp, hist, warp_counts, &bucket, row_need);
+      const uint32_t prefix = selection.prefix;
+      const int shift = selection.shift;
+      const int above = selection.above;
+      const int count = selection.count;
 
       // ---- 3. gather (the histogram is dead: select_digit's barriers come after its reads)
       // Too many ties at the exact k-th key (shift == 0): take the keys above it here, the
       // lowest-id ties below.
-      const bool tied = above + b.count > kMaxK;
+      const bool tied = above + count > kMaxK;
       const uint32_t lowest = tied ? prefix + 1 : prefix << shift;  // keys <= +inf's: no wrap
       const auto gather = [&](const auto& z, int64_t col0, int64_t stride) {
         constexpr int kSize = Pack<T>::kSize;
@@ -155,7 +133,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
       }
 
       // ---- 4. sort
-      sort_candidates<kBlock>(candidates, tied ? row_need : above + b.count);
+      sort_candidates<kBlock>(candidates, tied ? row_need : above + count);
     }
 
     int32_t* ids = args.topk_ids + row * args.k;

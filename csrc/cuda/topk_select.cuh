@@ -206,5 +206,52 @@ __device__ __forceinline__ void sort_candidates(uint64_t* candidates, int n) {
   }
 }
 
+// The refinement of the radix select after its top digit (step 2 of row_topk.cu): while the entries
+// in the selected digit plus all above it are more than kMaxK, one more histogram pass over the
+// entries that still match the prefix selects the next digit. ``bucket`` holds the top digit's
+// selection; the result says which keys the gather takes (>= prefix << shift, or > prefix when
+// ``above + count > kMaxK``: too many ties at the exact k-th key).
+struct Selection {
+  uint32_t prefix;
+  int shift;
+  int above;
+  int count;
+};
+
+template <typename T, int kBlock>
+__device__ __forceinline__ Selection refine_selection(const T* row_logits, int64_t vocab, float inv_temp,
+                                                      uint32_t* hist, int* warp_counts, Bucket* bucket,
+                                                      int row_need) {
+  Bucket b = *bucket;
+  uint32_t prefix = b.digit;
+  int shift = Digit<0>::kShift;
+  int above = b.above;
+  if (above + b.count > kMaxK) {
+    clear<kBlock>(hist, Digit<1>::kBins);
+    __syncthreads();
+    refine_histogram<T, kBlock, 1>(row_logits, vocab, inv_temp, prefix, hist);
+    __syncthreads();
+    select_digit<kBlock, Digit<1>::kBins>(hist, row_need - above, warp_counts, bucket,
+                                          nullptr);
+    b = *bucket;
+    prefix = (prefix << Digit<1>::kBits) | b.digit;
+    shift = Digit<1>::kShift;
+    above += b.above;
+  }
+  if (above + b.count > kMaxK) {
+    clear<kBlock>(hist, Digit<2>::kBins);
+    __syncthreads();
+    refine_histogram<T, kBlock, 2>(row_logits, vocab, inv_temp, prefix, hist);
+    __syncthreads();
+    select_digit<kBlock, Digit<2>::kBins>(hist, row_need - above, warp_counts, bucket,
+                                          nullptr);
+    b = *bucket;
+    prefix = (prefix << Digit<2>::kBits) | b.digit;
+    shift = Digit<2>::kShift;
+    above += b.above;
+  }
+  return Selection{prefix, shift, above, b.count};
+}
+
 }  // namespace
 }  // namespace rlfuse

@@ -146,35 +146,13 @@ __global__ void __launch_bounds__(kBlock, 1) troll_kernel(TrollArgs args) {
     const int need =
         select_digit<kBlock, Digit<0>::kBins>(hist, k, warp_counts, &bucket, &row_need);
     if (need > 0) {
-      Bucket b = bucket;
-      uint32_t prefix = b.digit;
-      int shift = Digit<0>::kShift;
-      int above = b.above;
-      if (above + b.count > kMaxK) {
-        clear<kBlock>(hist, Digit<1>::kBins);
-        __syncthreads();
-        refine_histogram<T, kBlock, 1>(row_logits, vocab, inv_temp, prefix, hist);
-        __syncthreads();
-        select_digit<kBlock, Digit<1>::kBins>(hist, row_need - above, warp_counts, &bucket,
-                                              nullptr);
-        b = bucket;
-        prefix = (prefix << Digit<1>::kBits) | b.digit;
-        shift = Digit<1>::kShift;
-        above += b.above;
-      }
-      if (above + b.count > kMaxK) {
-        clear<kBlock>(hist, Digit<2>::kBins);
-        __syncthreads();
-        refine_histogram<T, kBlock, 2>(row_logits, vocab, inv_temp, prefix, hist);
-        __syncthreads();
-        select_digit<kBlock, Digit<2>::kBins>(hist, row_need - above, warp_counts, &bucket,
-                                              nullptr);
-        b = bucket;
-        prefix = (prefix << Digit<2>::kBits) | b.digit;
-        shift = Digit<2>::kShift;
-        above += b.above;
-      }
-      const bool tied = above + b.count > kMaxK;
+      const Selection selection =
+          refine_selection<T, kBlock>(row_logits, vocab, inv_temp, hist, warp_counts, &bucket, row_need);
+      const uint32_t prefix = selection.prefix;
+      const int shift = selection.shift;
+      const int above = selection.above;
+      const int count = selection.count;
+      const bool tied = above + count > kMaxK;
       const uint32_t lowest = tied ? prefix + 1 : prefix << shift;
       const auto gather = [&](const auto& z, int64_t col0, int64_t stride) {
         constexpr int kSize = Pack<T>::kSize;
@@ -195,7 +173,7 @@ __global__ void __launch_bounds__(kBlock, 1) troll_kernel(TrollArgs args) {
         gather_ties<T, kBlock>(row_logits, vocab, inv_temp, prefix, above, row_need - above,
                                candidates, warp_counts);
       }
-      sort_candidates<kBlock>(candidates, tied ? row_need : above + b.count);
+      sort_candidates<kBlock>(candidates, tied ? row_need : above + count);
     }
 
     // ---- 3. the support. New kept ids: the sorted top entries while the mass before them is
