@@ -184,8 +184,10 @@ def test_python_launcher_arguments_follow_the_schema():
     assert spec.launch_params == tuple(n for n in spec.args.names if n != "dtype")
     with pytest.raises(TypeError, match="unexpected argument 'clip_high'"):
         _launch.kernel_fields("policy_loss_fused", clip_high=0.2)
-    with pytest.raises(TypeError, match="missing arguments: .*grad_layout"):
-        _launch.kernel_fields("policy_loss_fused", *range(len(spec.launch_params) - 1))
+    required = [f for f in spec.args.fields if f.derived is None and not f.optional]
+    with pytest.raises(TypeError, match="missing arguments: grad_layout$"):
+        _launch.kernel_fields("policy_loss_fused", *range(len(required) - 1))
+
     if fields is not None:
         assert tuple(fields) == spec.args.names
         assert tuple(fields["params"]) == _schema.TOKEN_LOSS_PARAMS.names
@@ -198,6 +200,9 @@ def test_triton_launchers_take_the_schema_parameters():
         positional = tuple(name for name, p in inspect.signature(fn).parameters.items()
                            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
         assert positional == kernel.launch_params, kernel.name
+        optional = {f.param for f in kernel.args.fields if f.optional}
+        defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items() if name in optional}
+        assert defaults == dict.fromkeys(optional), kernel.name  # optional pointers default to None
 
 
 def test_triton_policy_loss_takes_enums_and_floats_from_the_schema():

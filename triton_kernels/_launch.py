@@ -37,3 +37,9 @@ class AotKernel:
     constexprs: dict
     num_warps: int
     aligned: tuple = field(default=())
+
+
+def _not_yet(*optional):
+    """Optional kernel inputs this Triton launcher does not implement yet raise, never run silently."""
+    if any(value is not None for value in optional):
+        raise NotImplementedError("this Triton kernel does not take per-row temperatures, bounds or kept sets yet")

@@ -22,7 +22,7 @@ Backward (one more read of both rows, one write of each requested gradient), ``g
 import triton
 import triton.language as tl
 
-from ._launch import MIN_BLOCK_V, AotKernel, block_config
+from ._launch import MIN_BLOCK_V, AotKernel, block_config, _not_yet
 from ._row import _exp, _row_ptr, _row_stats
 
 
@@ -137,12 +137,13 @@ def _check_beta(beta):
 
 
 def jsd_fwd(logits, layout, other, other_layout, vocab, inv_temp, beta, jsd, kl_logits, kl_other, lse, other_lse,
-            *, block_v=None):
+            inv_temps=None, *, block_v=None):
     """jsd, kl_logits = KL(p || m), kl_other = KL(q || m), lse, other_lse (contiguous fp32 [rows]).
 
     ``logits`` and ``other`` (same dtype) are only base pointers, rows described by ``layout`` and
     ``other_layout``. ``block_v`` overrides the vocab chunk (a power of two).
     """
+    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     other_rows, other_inner, other_stride_outer, other_stride_inner = other_layout
     assert other_rows == rows, "layout and other_layout must describe the same rows"
@@ -159,9 +160,10 @@ def jsd_fwd(logits, layout, other, other_layout, vocab, inv_temp, beta, jsd, kl_
 
 
 def jsd_bwd(logits, layout, other, other_layout, vocab, inv_temp, beta, kl_logits, kl_other, lse, other_lse,
-            grad_jsd, grad_logits, grad_layout, grad_other, grad_other_layout, *, block_v=None):
+            grad_jsd, grad_logits, grad_layout, grad_other, grad_other_layout, inv_temps=None, *, block_v=None):
     """Writes dJSD/dlogits and dJSD/dother scaled by ``grad_jsd`` (contiguous fp32 [rows]); either
     gradient may be None (skipped). A gradient may be its own input tensor (same layout)."""
+    _not_yet(inv_temps)
     rows = layout[0]
     assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
     beta = _check_beta(beta)

@@ -22,7 +22,7 @@ Backward (one more read of both rows, one write of each requested gradient), wit
 import triton
 import triton.language as tl
 
-from ._launch import MIN_BLOCK_V, AotKernel, block_config
+from ._launch import MIN_BLOCK_V, AotKernel, block_config, _not_yet
 from ._row import FLT_MAX, _combine, _exp, _online, _row_ptr
 
 
@@ -131,13 +131,14 @@ def _check_direction(direction):
 
 
 def kl_div_fwd(logits, layout, other, other_layout, vocab, inv_temp, direction, kl, lse, other_lse,
-               *, block_v=None):
+               inv_temps=None, *, block_v=None):
     """kl, lse = logsumexp(x), other_lse = logsumexp(y) (contiguous fp32 [rows]) per row.
 
     ``logits`` and ``other`` (same dtype) are only base pointers, rows described by ``layout``
     and ``other_layout``. ``direction`` 0: KL(p || q), 1: KL(q || p). ``block_v`` overrides the
     vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab.
     """
+    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     other_rows, other_inner, other_stride_outer, other_stride_inner = other_layout
     assert other_rows == rows, "layout and other_layout must describe the same rows"
@@ -154,7 +155,7 @@ def kl_div_fwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
 
 
 def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, kl, lse, other_lse,
-               grad_kl, grad_logits, grad_layout, grad_other, grad_other_layout, *, block_v=None):
+               grad_kl, grad_logits, grad_layout, grad_other, grad_other_layout, inv_temps=None, *, block_v=None):
     """Writes dKL/dlogits and dKL/dother scaled by ``grad_kl`` (contiguous fp32 [rows]).
 
     ``kl``, ``lse``, ``other_lse`` are the forward's outputs. Gradients are stored in their
@@ -162,6 +163,7 @@ def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
     that gradient (its layout is then ignored). A gradient may be its own input tensor (same
     layout) for an in-place backward.
     """
+    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
     direction = _check_direction(direction)

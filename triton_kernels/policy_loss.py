@@ -26,7 +26,7 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config
+from ._launch import AotKernel, block_config, _not_yet
 from .token_logprobs import _row_ptr, _row_stats, _token_logp, _write_grad_row
 
 try:  # installed as rlfuse.triton_kernels
@@ -248,7 +248,7 @@ def kernel_constexprs(params):
 
 def policy_loss_fused(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp,
                       policy_weight, weight, params, loss, logp, entropy, grad_logits, grad_layout,
-                      *, block_v=None):
+                      inv_temps=None, clip_low_rows=None, clip_high_rows=None, dual_clip_rows=None, *, block_v=None):
     """Per-token weighted loss, logp, entropy (fp32 [rows]) and d loss / d logits in one pass.
 
     ``layout`` / ``grad_layout`` = (rows, inner, stride_outer, stride_inner) as in
@@ -259,6 +259,7 @@ def policy_loss_fused(logits, layout, vocab, tokens, inv_temp, advantages, old_l
     (params.kl == 0 or params.kl_coef == 0); it is then never read. ``params`` is any object
     with the fields of TokenLossParams (rlfuse._schema). ``block_v`` overrides the vocab chunk.
     """
+    _not_yet(inv_temps, clip_low_rows, clip_high_rows, dual_clip_rows)
     rows, inner, stride_outer, stride_inner = layout
     grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
     assert grad_rows == rows, "layout and grad_layout must describe the same rows"

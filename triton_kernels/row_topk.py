@@ -23,7 +23,7 @@ two >= max(k, 2); only the first k slots are written.
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config
+from ._launch import AotKernel, block_config, _not_yet
 from ._row import _row_ptr, _row_stats, _token_logp
 
 SENTINEL = tl.constexpr(-(2**63))
@@ -100,13 +100,14 @@ def _select_config(k, block_v):
     return K, max(block_v, K)
 
 
-def row_topk(logits, layout, vocab, tokens, inv_temp, k, ids, values, logp, entropy, lse, *,
+def row_topk(logits, layout, vocab, tokens, inv_temp, k, ids, values, logp, entropy, lse, inv_temps=None, *,
              block_v=None):
     """Top-k ids/values (contiguous [rows, k], int32 / fp32 x) and logp, entropy, lse (fp32 [rows]).
 
     ``tokens`` is contiguous int64 [rows]; ``logits`` is only the base pointer. ``k`` is at most
     1024. ``block_v`` overrides the vocab chunk (a power of two), e.g. to test multi-chunk rows.
     """
+    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     if not 0 <= k <= MAX_K:
         raise ValueError(f"row_topk: k must be in [0, {MAX_K}], got {k}")

@@ -46,7 +46,7 @@ Rows with NaN or without a finite entry are the caller's to reject (kernels.h).
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config
+from ._launch import AotKernel, block_config, _not_yet
 from ._row import LOG2E, _row_ptr, _row_stats
 
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -311,7 +311,7 @@ def sample_config(vocab, num_samples, on_gpu, block_v=None, s_block=None):
 
 
 def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_samples, adaptive,
-           t_min, t_max, h_low, h_high, tokens, logprobs, raw_logprobs, entropy, *, block_v=None,
+           t_min, t_max, h_low, h_high, tokens, logprobs, raw_logprobs, entropy, score_tokens=None, kept_min=None, *, block_v=None,
            s_block=None):
     """Draws ``num_samples`` tokens per row (kernels.h SampleArgs).
 
@@ -323,6 +323,7 @@ def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_sa
     vocab chunk and ``s_block`` the draws per pass (powers of two), e.g. to test multi-chunk rows
     and partial draw blocks at small sizes; the results do not depend on either.
     """
+    _not_yet(score_tokens, kept_min)
     rows, inner, stride_outer, stride_inner = layout
     if rows == 0 or num_samples == 0:
         return

@@ -7,7 +7,7 @@ the row gradient pass below (also policy_loss.py's).
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config
+from ._launch import AotKernel, block_config, _not_yet
 from ._row import _exp, _row_ptr, _row_stats, _token_logp
 
 
@@ -92,12 +92,13 @@ def _token_logprobs_bwd_kernel(
     _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g_entropy, entropy, BLOCK_V)
 
 
-def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse, *, block_v=None):
+def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse, inv_temps=None, kept_min=None, *, block_v=None):
     """logp, entropy, lse (fp32 [rows]) of the logits rows described by ``layout``.
 
     ``tokens`` is contiguous int64 [rows]; ``logits`` is only the base pointer. ``block_v``
     overrides the vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab.
     """
+    _not_yet(inv_temps, kept_min)
     rows, inner, stride_outer, stride_inner = layout
     if rows == 0:
         return
@@ -110,12 +111,13 @@ def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, l
 
 
 def token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, grad_logp,
-                       grad_entropy, grad_logits, grad_layout, *, block_v=None):
+                       grad_entropy, grad_logits, grad_layout, inv_temps=None, kept_min=None, *, block_v=None):
     """Writes dL/dlogits for L with upstream grads ``grad_logp``, ``grad_entropy`` (fp32 [rows]).
 
     The gradient is stored in ``grad_logits``' dtype at ``grad_layout``'s row offsets;
     ``grad_logits`` may be ``logits`` itself (same layout) for an in-place backward.
     """
+    _not_yet(inv_temps, kept_min)
     rows, inner, stride_outer, stride_inner = layout
     grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
     assert grad_rows == rows, "layout and grad_layout must describe the same rows"

@@ -24,7 +24,7 @@ Per row:
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config
+from ._launch import AotKernel, block_config, _not_yet
 from ._row import FLT_MAX, _combine, _exp, _online, _row_ptr, _token_logp
 from .policy_loss import KL_KIND, TokenLossFloats, _token_loss, kernel_constexprs
 from .row_topk import SENTINEL, _decode_key, _sort_key
@@ -313,11 +313,12 @@ def _config(vocab, k, old_k, on_gpu):
 
 def troll(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_logp, policy_weight, weight, params,
           old_ids, old_logprobs, old_k, k, threshold, eps, alpha, loss, logp, entropy, eta, kl_before, kl_after,
-          support, grad_logits, grad_layout):
+          support, grad_logits, grad_layout, inv_temps=None):
     """The fused TROLL loss (schema.h TrollArgs): per-token outputs (fp32 [rows]) and the row
     gradient into ``grad_logits`` (``grad_layout``; may be ``logits``). ``old_ids`` int32 and
     ``old_logprobs`` fp32 are contiguous [rows, old_k]; ``params`` the TokenLossParams of the
     penalties (its policy field is not read)."""
+    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
     assert grad_rows == rows, "layout and grad_layout must describe the same rows"

@@ -82,7 +82,8 @@ class Field:
     launcher parameter's name where it differs from the field's. ``derived``: the field is not a
     launcher parameter but taken from another one (``dtype`` from the logits tensor).
     ``source`` / ``none`` (TokenLossParams only): the LossConfig attribute it is read from (default:
-    the same name) and the value a ``None`` there stands for.
+    the same name) and the value a ``None`` there stands for. ``optional`` (pointers only, declared
+    after the required fields): a launcher parameter that defaults to None (a null pointer).
     """
 
     name: str
@@ -93,6 +94,7 @@ class Field:
     derived: str | None = None
     source: str | None = None
     none: float | None = None
+    optional: bool = False
 
     @property
     def param(self) -> str:
@@ -189,12 +191,22 @@ _GRAD_LOGITS = Field("grad_logits", "void*",
                      "same dtype as logits; may alias `logits` (in place). Rows whose upstream gradients "
                      "are zero are written as zeros without reading the logits")
 _GRAD_LAYOUT = Field("grad_layout", "RowLayout", "rows of grad_logits")
+_INV_TEMPS = Field("inv_temps", "const float*",
+                   "[rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for every row",
+                   optional=True)
+_KEPT_MIN = Field("kept_min", "const float*",
+                  "[rows] or null. When given, row r's distribution is restricted to its kept set "
+                  "{j : x_j >= kept_min[r]} (the sampler's filtered support, x = z * inv_temp in fp32) and "
+                  "renormalised: entries outside count as x = -inf (a chosen token outside gets logp -inf)",
+                  optional=True)
 
 TOKEN_LOGPROBS_FWD_ARGS = Struct("TokenLogprobsFwdArgs", (
     _LOGITS, _DTYPE, _LAYOUT, _VOCAB, _TOKENS, _INV_TEMP,
     Field("logp", "float*", "[rows]"),
     Field("entropy", "float*", "[rows]"),
     Field("lse", "float*", "[rows], saved for the backward"),
+    _INV_TEMPS,
+    _KEPT_MIN,
 ), "Token log-prob and entropy of each row (docs/SPEC.md section 1).")
 
 TOKEN_LOGPROBS_BWD_ARGS = Struct("TokenLogprobsBwdArgs", (
@@ -208,6 +220,8 @@ TOKEN_LOGPROBS_BWD_ARGS = Struct("TokenLogprobsBwdArgs", (
           "grad_entropy = 0 are written as zeros without reading the logits, so garbage in masked rows "
           "never leaks"),
     _GRAD_LAYOUT,
+    _INV_TEMPS,
+    _KEPT_MIN,
 ), "Row gradient of L(logp, H) from the upstream gradients (docs/SPEC.md section 2).")
 
 POLICY_LOSS_FUSED_ARGS = Struct("PolicyLossFusedArgs", (
@@ -226,6 +240,10 @@ POLICY_LOSS_FUSED_ARGS = Struct("PolicyLossFusedArgs", (
           "(g_logp = g_H = 0: masked, clipped) are written as zeros without reading the logits again, so "
           "garbage in masked rows never leaks"),
     _GRAD_LAYOUT,
+    _INV_TEMPS,
+    Field("clip_low_rows", "const float*", "[rows] per-token params.clip_low, or null", optional=True),
+    Field("clip_high_rows", "const float*", "[rows] per-token params.clip_high, or null", optional=True),
+    Field("dual_clip_rows", "const float*", "[rows] per-token params.dual_clip, or null", optional=True),
 ), "Fused policy loss (ARCHITECTURE.md, fused path): per row, the statistics pass, token_loss() from\n"
    "token_loss.h, then the gradient pass, all in one kernel; the backward only rescales.")
 
@@ -238,6 +256,7 @@ KL_DIV_FWD_ARGS = Struct("KlDivFwdArgs", (
     Field("kl", "float*", "[rows]"),
     Field("lse", "float*", "[rows] logsumexp(x), saved for the backward"),
     Field("other_lse", "float*", "[rows] logsumexp(y)"),
+    _INV_TEMPS,
 ), "Full-vocabulary KL between two logit rows (docs/SPEC.md section 5, last bullet): p = softmax(x),\n"
    "q = softmax(y), x = logits * inv_temp, y = other * inv_temp, both of `dtype`.\n"
    "  direction forward: KL(p || q);  reverse: KL(q || p).\n"
@@ -258,6 +277,7 @@ KL_DIV_BWD_ARGS = Struct("KlDivBwdArgs", (
     _GRAD_LAYOUT,
     Field("grad_other", "void*", "nullable"),
     Field("grad_other_layout", "RowLayout", "rows of grad_other"),
+    _INV_TEMPS,
 ), "KL backward: one more read of both rows, writes of the requested gradients (each may be null):\n"
    "  forward: dKL/dx_j = p_j (log p_j - log q_j - KL),  dKL/dy_j = q_j - p_j\n"
    "  reverse: dKL/dx_j = p_j - q_j,                     dKL/dy_j = q_j (log q_j - log p_j - KL)\n"
@@ -275,6 +295,7 @@ JSD_FWD_ARGS = Struct("JsdFwdArgs", (
     Field("kl_other", "float*", "[rows] KL(q || m), saved for the backward"),
     Field("lse", "float*", "[rows] logsumexp(x), saved for the backward"),
     Field("other_lse", "float*", "[rows] logsumexp(y), saved for the backward"),
+    _INV_TEMPS,
 ), "Generalised Jensen-Shannon divergence between two logit rows (docs/distillation.md; TRL's GKD\n"
    "generalized_jsd_loss for 0 < beta < 1): p = softmax(x), q = softmax(y), x = logits * inv_temp,\n"
    "y = other * inv_temp, m = (1 - beta) p + beta q. Two reads of both rows: the statistics, then\n"
@@ -298,6 +319,7 @@ JSD_BWD_ARGS = Struct("JsdBwdArgs", (
     _GRAD_LAYOUT,
     Field("grad_other", "void*", "nullable"),
     Field("grad_other_layout", "RowLayout", "rows of grad_other"),
+    _INV_TEMPS,
 ), "JSD backward: one more read of both rows, a write of each requested gradient (either may be null):\n"
    "  dJSD/dx_j = -(1 - beta) p_j (u_j + KL(p || m))  (0 where p_j = 0)\n"
    "  dJSD/dy_j = -beta q_j (v_j + KL(q || m))        (0 where q_j = 0)\n"
@@ -312,6 +334,7 @@ ROW_TOPK_ARGS = Struct("RowTopkArgs", (
     Field("logp", "float*", "[rows]"),
     Field("entropy", "float*", "[rows]"),
     Field("lse", "float*", "[rows]"),
+    _INV_TEMPS,
 ), "Row top-k with the row statistics (TROLL's sparse support, sparse_logprobs): in one pass over\n"
    "each row, the k largest x = z * inv_temp in descending order (ties: lower id first) and the\n"
    "token_logprobs forward outputs. Slots past the row's finite entries (k > V, or -inf entries)\n"
@@ -345,6 +368,7 @@ TROLL_ARGS = Struct("TrollArgs", (
           "outside the support when the penalties' upstream gradients are 0; rows with both weights 0 are "
           "written as zeros without reading the logits"),
     _GRAD_LAYOUT,
+    _INV_TEMPS,
 ), "Fused TROLL (docs/SPEC.md section 7) per row: one read of the row for the statistics and the new\n"
    "policy's top-k; the support S = {y} + old kept + new kept (priority in that order for b);\n"
    "the projection solved on S in float64 (safeguarded Newton in s = 1 / (1 + eta), at most 32 steps,\n"
@@ -369,6 +393,8 @@ SAMPLE_ARGS = Struct("SampleArgs", (
     Field("logprobs", "float*", "[rows, num_samples]"),
     Field("raw_logprobs", "float*", "[rows, num_samples]"),
     Field("entropy", "float*", "[rows]"),
+    Field("score_tokens", "const int64_t*", "[rows] or null: instead of drawing, score these tokens (num_samples == 1): tokens[row] = score_tokens[row], its log-probs as a draw of it would give (logprobs -inf when it is outside the kept set)", optional=True),
+    Field("kept_min", "float*", "[rows] or null: the row's kept-set threshold on x (-inf: nothing filtered; greedy rows: the maximum)", optional=True),
 ), "Sampling (docs/SPEC.md section 8), num_samples draws per row. Per row: temperature T (T == 0:\n"
    "greedy), or with `adaptive` T = t_min + (t_max - t_min) * clamp((H1 - h_low) / (h_high - h_low), 0, 1)\n"
    "from the row's entropy H1 at temperature 1. Then, on x = z / T, the kept set is\n"
@@ -434,6 +460,9 @@ def _check() -> None:
             assert known, f"{s.cname}.{f.name}: unknown type {f.ctype}"
             assert f.enum is None or (f.ctype == "int" and enum(f.enum)), f"{s.cname}.{f.name}"
             assert f.derived is None or f.derived in s.names, f"{s.cname}.{f.name}"
+            assert not f.optional or f.ctype in POINTER_TYPES, f"{s.cname}.{f.name}: only pointers are optional"
+        flags = [f.optional for f in s.fields]
+        assert flags == sorted(flags), f"{s.cname}: optional fields come after the required ones"
     for k in KERNELS.values():
         assert len(set(k.launch_params)) == len(k.launch_params), k.name
 

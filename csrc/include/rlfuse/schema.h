@@ -128,15 +128,21 @@ void visit_fields(const TokenLossParams& s, F&& f) {
 
 // Token log-prob and entropy of each row (docs/SPEC.md section 1).
 //
-//   logits    row layout `layout`, element type `dtype`
-//   dtype     element type of logits (and of every gradient)
-//   layout    rows of logits
-//   vocab     V, the row length
-//   tokens    [rows]; an out-of-range id gives a NaN log-prob
-//   inv_temp  fp32(1 / T)
-//   logp      [rows]
-//   entropy   [rows]
-//   lse       [rows], saved for the backward
+//   logits     row layout `layout`, element type `dtype`
+//   dtype      element type of logits (and of every gradient)
+//   layout     rows of logits
+//   vocab      V, the row length
+//   tokens     [rows]; an out-of-range id gives a NaN log-prob
+//   inv_temp   fp32(1 / T)
+//   logp       [rows]
+//   entropy    [rows]
+//   lse        [rows], saved for the backward
+//   inv_temps  [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for every
+//              row
+//   kept_min   [rows] or null. When given, row r's distribution is restricted to its kept set {j :
+//              x_j >= kept_min[r]} (the sampler's filtered support, x = z * inv_temp in fp32) and
+//              renormalised: entries outside count as x = -inf (a chosen token outside gets logp
+//              -inf)
 #define RLFUSE_FIELDS_TokenLogprobsFwdArgs(X) \
   X(const void*, logits, void)                \
   X(DType, dtype, void)                       \
@@ -146,7 +152,9 @@ void visit_fields(const TokenLossParams& s, F&& f) {
   X(float, inv_temp, void)                    \
   X(float*, logp, void)                       \
   X(float*, entropy, void)                    \
-  X(float*, lse, void)
+  X(float*, lse, void)                        \
+  X(const float*, inv_temps, void)            \
+  X(const float*, kept_min, void)
 struct TokenLogprobsFwdArgs {
   RLFUSE_FIELDS_TokenLogprobsFwdArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -176,6 +184,12 @@ void visit_fields(const TokenLogprobsFwdArgs& s, F&& f) {
 //                 = grad_entropy = 0 are written as zeros without reading the logits, so garbage in
 //                 masked rows never leaks
 //   grad_layout   rows of grad_logits
+//   inv_temps     [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for every
+//                 row
+//   kept_min      [rows] or null. When given, row r's distribution is restricted to its kept set {j
+//                 : x_j >= kept_min[r]} (the sampler's filtered support, x = z * inv_temp in fp32)
+//                 and renormalised: entries outside count as x = -inf (a chosen token outside gets
+//                 logp -inf)
 #define RLFUSE_FIELDS_TokenLogprobsBwdArgs(X) \
   X(const void*, logits, void)                \
   X(DType, dtype, void)                       \
@@ -188,7 +202,9 @@ void visit_fields(const TokenLogprobsFwdArgs& s, F&& f) {
   X(const float*, grad_logp, void)            \
   X(const float*, grad_entropy, void)         \
   X(void*, grad_logits, void)                 \
-  X(RowLayout, grad_layout, void)
+  X(RowLayout, grad_layout, void)             \
+  X(const float*, inv_temps, void)            \
+  X(const float*, kept_min, void)
 struct TokenLogprobsBwdArgs {
   RLFUSE_FIELDS_TokenLogprobsBwdArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -205,25 +221,30 @@ void visit_fields(const TokenLogprobsBwdArgs& s, F&& f) {
 // Fused policy loss (ARCHITECTURE.md, fused path): per row, the statistics pass, token_loss() from
 // token_loss.h, then the gradient pass, all in one kernel; the backward only rescales.
 //
-//   logits         row layout `layout`, element type `dtype`
-//   dtype          element type of logits (and of every gradient)
-//   layout         rows of logits
-//   vocab          V, the row length
-//   tokens         [rows]; an out-of-range id gives a NaN log-prob
-//   inv_temp       fp32(1 / T)
-//   advantages     [rows]
-//   old_logp       [rows]
-//   ref_logp       [rows]; may be null when params.kl == kKlNone or kl_coef == 0
-//   policy_weight  [rows] weight of the policy term
-//   weight         [rows] weight of the KL and entropy terms
-//   params         the loss and its knobs
-//   loss           [rows] weighted per-token loss (their sum is the loss)
-//   logp           [rows]
-//   entropy        [rows]
-//   grad_logits    same dtype as logits; may alias `logits` (in place). Rows whose token has zero
-//                  loss gradient (g_logp = g_H = 0: masked, clipped) are written as zeros without
-//                  reading the logits again, so garbage in masked rows never leaks
-//   grad_layout    rows of grad_logits
+//   logits          row layout `layout`, element type `dtype`
+//   dtype           element type of logits (and of every gradient)
+//   layout          rows of logits
+//   vocab           V, the row length
+//   tokens          [rows]; an out-of-range id gives a NaN log-prob
+//   inv_temp        fp32(1 / T)
+//   advantages      [rows]
+//   old_logp        [rows]
+//   ref_logp        [rows]; may be null when params.kl == kKlNone or kl_coef == 0
+//   policy_weight   [rows] weight of the policy term
+//   weight          [rows] weight of the KL and entropy terms
+//   params          the loss and its knobs
+//   loss            [rows] weighted per-token loss (their sum is the loss)
+//   logp            [rows]
+//   entropy         [rows]
+//   grad_logits     same dtype as logits; may alias `logits` (in place). Rows whose token has zero
+//                   loss gradient (g_logp = g_H = 0: masked, clipped) are written as zeros without
+//                   reading the logits again, so garbage in masked rows never leaks
+//   grad_layout     rows of grad_logits
+//   inv_temps       [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for
+//                   every row
+//   clip_low_rows   [rows] per-token params.clip_low, or null
+//   clip_high_rows  [rows] per-token params.clip_high, or null
+//   dual_clip_rows  [rows] per-token params.dual_clip, or null
 #define RLFUSE_FIELDS_PolicyLossFusedArgs(X) \
   X(const void*, logits, void)               \
   X(DType, dtype, void)                      \
@@ -241,7 +262,11 @@ void visit_fields(const TokenLogprobsBwdArgs& s, F&& f) {
   X(float*, logp, void)                      \
   X(float*, entropy, void)                   \
   X(void*, grad_logits, void)                \
-  X(RowLayout, grad_layout, void)
+  X(RowLayout, grad_layout, void)            \
+  X(const float*, inv_temps, void)           \
+  X(const float*, clip_low_rows, void)       \
+  X(const float*, clip_high_rows, void)      \
+  X(const float*, dual_clip_rows, void)
 struct PolicyLossFusedArgs {
   RLFUSE_FIELDS_PolicyLossFusedArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -271,6 +296,8 @@ void visit_fields(const PolicyLossFusedArgs& s, F&& f) {
 //   kl            [rows]
 //   lse           [rows] logsumexp(x), saved for the backward
 //   other_lse     [rows] logsumexp(y)
+//   inv_temps     [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for every
+//                 row
 #define RLFUSE_FIELDS_KlDivFwdArgs(X) \
   X(const void*, logits, void)        \
   X(DType, dtype, void)               \
@@ -282,7 +309,8 @@ void visit_fields(const PolicyLossFusedArgs& s, F&& f) {
   X(int, direction, KlDirection)      \
   X(float*, kl, void)                 \
   X(float*, lse, void)                \
-  X(float*, other_lse, void)
+  X(float*, other_lse, void)          \
+  X(const float*, inv_temps, void)
 struct KlDivFwdArgs {
   RLFUSE_FIELDS_KlDivFwdArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -317,6 +345,8 @@ void visit_fields(const KlDivFwdArgs& s, F&& f) {
 //   grad_layout        rows of grad_logits
 //   grad_other         nullable
 //   grad_other_layout  rows of grad_other
+//   inv_temps          [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for
+//                      every row
 #define RLFUSE_FIELDS_KlDivBwdArgs(X)   \
   X(const void*, logits, void)          \
   X(DType, dtype, void)                 \
@@ -333,7 +363,8 @@ void visit_fields(const KlDivFwdArgs& s, F&& f) {
   X(void*, grad_logits, void)           \
   X(RowLayout, grad_layout, void)       \
   X(void*, grad_other, void)            \
-  X(RowLayout, grad_other_layout, void)
+  X(RowLayout, grad_other_layout, void) \
+  X(const float*, inv_temps, void)
 struct KlDivBwdArgs {
   RLFUSE_FIELDS_KlDivBwdArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -364,6 +395,8 @@ void visit_fields(const KlDivBwdArgs& s, F&& f) {
 //   logp         [rows]
 //   entropy      [rows]
 //   lse          [rows]
+//   inv_temps    [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for every
+//                row
 #define RLFUSE_FIELDS_RowTopkArgs(X) \
   X(const void*, logits, void)       \
   X(DType, dtype, void)              \
@@ -376,7 +409,8 @@ void visit_fields(const KlDivBwdArgs& s, F&& f) {
   X(float*, topk_values, void)       \
   X(float*, logp, void)              \
   X(float*, entropy, void)           \
-  X(float*, lse, void)
+  X(float*, lse, void)               \
+  X(const float*, inv_temps, void)
 struct RowTopkArgs {
   RLFUSE_FIELDS_RowTopkArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -420,26 +454,33 @@ void visit_fields(const RowTopkArgs& s, F&& f) {
 //   logprobs      [rows, num_samples]
 //   raw_logprobs  [rows, num_samples]
 //   entropy       [rows]
-#define RLFUSE_FIELDS_SampleArgs(X)  \
-  X(const void*, logits, void)       \
-  X(DType, dtype, void)              \
-  X(RowLayout, layout, void)         \
-  X(int64_t, vocab, void)            \
-  X(const float*, temperature, void) \
-  X(const int32_t*, top_k, void)     \
-  X(const float*, top_p, void)       \
-  X(const float*, min_p, void)       \
-  X(const uint64_t*, seed, void)     \
-  X(int64_t, num_samples, void)      \
-  X(int, adaptive, void)             \
-  X(float, t_min, void)              \
-  X(float, t_max, void)              \
-  X(float, h_low, void)              \
-  X(float, h_high, void)             \
-  X(int64_t*, tokens, void)          \
-  X(float*, logprobs, void)          \
-  X(float*, raw_logprobs, void)      \
-  X(float*, entropy, void)
+//   score_tokens  [rows] or null: instead of drawing, score these tokens (num_samples == 1):
+//                 tokens[row] = score_tokens[row], its log-probs as a draw of it would give
+//                 (logprobs -inf when it is outside the kept set)
+//   kept_min      [rows] or null: the row's kept-set threshold on x (-inf: nothing filtered; greedy
+//                 rows: the maximum)
+#define RLFUSE_FIELDS_SampleArgs(X)     \
+  X(const void*, logits, void)          \
+  X(DType, dtype, void)                 \
+  X(RowLayout, layout, void)            \
+  X(int64_t, vocab, void)               \
+  X(const float*, temperature, void)    \
+  X(const int32_t*, top_k, void)        \
+  X(const float*, top_p, void)          \
+  X(const float*, min_p, void)          \
+  X(const uint64_t*, seed, void)        \
+  X(int64_t, num_samples, void)         \
+  X(int, adaptive, void)                \
+  X(float, t_min, void)                 \
+  X(float, t_max, void)                 \
+  X(float, h_low, void)                 \
+  X(float, h_high, void)                \
+  X(int64_t*, tokens, void)             \
+  X(float*, logprobs, void)             \
+  X(float*, raw_logprobs, void)         \
+  X(float*, entropy, void)              \
+  X(const int64_t*, score_tokens, void) \
+  X(float*, kept_min, void)
 struct SampleArgs {
   RLFUSE_FIELDS_SampleArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -474,6 +515,8 @@ void visit_fields(const SampleArgs& s, F&& f) {
 //   kl_other      [rows] KL(q || m), saved for the backward
 //   lse           [rows] logsumexp(x), saved for the backward
 //   other_lse     [rows] logsumexp(y), saved for the backward
+//   inv_temps     [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for every
+//                 row
 #define RLFUSE_FIELDS_JsdFwdArgs(X) \
   X(const void*, logits, void)      \
   X(DType, dtype, void)             \
@@ -487,7 +530,8 @@ void visit_fields(const SampleArgs& s, F&& f) {
   X(float*, kl_logits, void)        \
   X(float*, kl_other, void)         \
   X(float*, lse, void)              \
-  X(float*, other_lse, void)
+  X(float*, other_lse, void)        \
+  X(const float*, inv_temps, void)
 struct JsdFwdArgs {
   RLFUSE_FIELDS_JsdFwdArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -524,6 +568,8 @@ void visit_fields(const JsdFwdArgs& s, F&& f) {
 //   grad_layout        rows of grad_logits
 //   grad_other         nullable
 //   grad_other_layout  rows of grad_other
+//   inv_temps          [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for
+//                      every row
 #define RLFUSE_FIELDS_JsdBwdArgs(X)     \
   X(const void*, logits, void)          \
   X(DType, dtype, void)                 \
@@ -541,7 +587,8 @@ void visit_fields(const JsdFwdArgs& s, F&& f) {
   X(void*, grad_logits, void)           \
   X(RowLayout, grad_layout, void)       \
   X(void*, grad_other, void)            \
-  X(RowLayout, grad_other_layout, void)
+  X(RowLayout, grad_other_layout, void) \
+  X(const float*, inv_temps, void)
 struct JsdBwdArgs {
   RLFUSE_FIELDS_JsdBwdArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };
@@ -593,6 +640,8 @@ void visit_fields(const JsdBwdArgs& s, F&& f) {
 //                  written). Zero outside the support when the penalties' upstream gradients are 0;
 //                  rows with both weights 0 are written as zeros without reading the logits
 //   grad_layout    rows of grad_logits
+//   inv_temps      [rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for
+//                  every row
 #define RLFUSE_FIELDS_TrollArgs(X)     \
   X(const void*, logits, void)         \
   X(DType, dtype, void)                \
@@ -621,7 +670,8 @@ void visit_fields(const JsdBwdArgs& s, F&& f) {
   X(float*, kl_after, void)            \
   X(float*, support, void)             \
   X(void*, grad_logits, void)          \
-  X(RowLayout, grad_layout, void)
+  X(RowLayout, grad_layout, void)      \
+  X(const float*, inv_temps, void)
 struct TrollArgs {
   RLFUSE_FIELDS_TrollArgs(RLFUSE_SCHEMA_DECLARE_FIELD)
 };

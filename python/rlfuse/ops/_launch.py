@@ -63,12 +63,13 @@ def _converter(field: _schema.Field):
 @functools.cache
 def _plan(kernel: str):
     spec = _schema.KERNELS[kernel]
-    return spec.launch_params, [(f.name, f.derived or f.param, _converter(f)) for f in spec.args.fields]
+    optional = {f.param: None for f in spec.args.fields if f.optional}
+    return spec.launch_params, optional, [(f.name, f.derived or f.param, _converter(f)) for f in spec.args.fields]
 
 
 def kernel_fields(kernel: str, *args, **kwargs) -> dict:
     """The keyword arguments of ``rlfuse._C.<kernel>_*`` for a launcher call ``(*args, **kwargs)``."""
-    params, plan = _plan(kernel)
+    params, optional, plan = _plan(kernel)
     if len(args) > len(params):
         raise TypeError(f"{kernel}() takes {len(params)} arguments ({', '.join(params)}), got {len(args)}")
     bound = dict(zip(params, args))
@@ -78,6 +79,7 @@ def kernel_fields(kernel: str, *args, **kwargs) -> dict:
         if name in bound:
             raise TypeError(f"{kernel}() got multiple values for argument {name!r}")
         bound[name] = value
+    bound = {**optional, **bound}  # optional pointers default to null
     if len(bound) != len(params):
         raise TypeError(f"{kernel}() missing arguments: {', '.join(p for p in params if p not in bound)}")
     return {name: convert(bound[source]) for name, source, convert in plan}
