@@ -39,6 +39,13 @@ class AotKernel:
     aligned: tuple = field(default=())
 
 
+def optional_rows(values, stand_in):
+    """(pointer, given) for an optional [rows] kernel input (_row.py ``_row_or``): a None passes
+    ``stand_in``, any tensor of the launch, as a pointer the kernel never reads; ``given`` is the
+    kernel's constexpr flag, so a launch without the input compiles its read away."""
+    return (stand_in, False) if values is None else (values, True)
+
+
 def _not_yet(*optional):
     """Optional kernel inputs this Triton launcher does not implement yet raise, never run silently."""
     if any(value is not None for value in optional):

@@ -2,6 +2,12 @@
 and csrc/cuda/row_kernels.cuh: row addressing and the one online statistics pass of every op
 (token log-probs, policy loss, top-k, sampling; with its cross-term form, the KL).
 
+Optional per-row inputs (docs/SPEC.md section 1; python/rlfuse/_schema.py ``optional`` fields): a
+kernel takes each as a pointer plus a constexpr flag, so a launch without it compiles the read
+away and costs what it did before. ``_row_or`` reads one (a per-row inv_temp or clip bound); the
+statistics take the sampler's kept set as ``kept_min`` with KEPT: entries with x < kept_min count
+as x = -inf (NaN stays NaN: the comparison is false for it).
+
 Row contract shared with the CPU and CUDA backends: row r of the logits starts at element
 ``(r // inner) * stride_outer + (r % inner) * stride_inner`` of the base pointer and its ``vocab``
 entries are contiguous. ``layout = (rows, inner, stride_outer, stride_inner)``, in elements.
@@ -25,6 +31,16 @@ def _row_ptr(base_ptr, row, inner, stride_outer, stride_inner):
     # 64-bit offsets: rows * vocab exceeds 2^31 at realistic sizes.
     row = row.to(tl.int64)
     return base_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _row_or(values_ptr, row, default, GIVEN: tl.constexpr):
+    """values_ptr[row] of an optional [rows] input when GIVEN, else ``default`` (the scalar it overrides)."""
+    if GIVEN:
+        value = tl.load(values_ptr + row)
+    else:
+        value = default
+    return value
 
 
 @triton.jit
@@ -79,10 +95,10 @@ def _combine(m, s, t, CENTRED: tl.constexpr):
 
 @triton.jit
 def _row_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-               RANGE: tl.constexpr = False):
+               RANGE: tl.constexpr = False, kept_min=0.0, KEPT: tl.constexpr = False):
     """(row_max, log_sum, entropy) of x = z * inv_temp over one row: lse = row_max + log_sum.
     With RANGE also sum exp(x - max), the smallest finite x and the number of finite entries
-    (sampling's bisection bounds), from the same pass."""
+    (sampling's bisection bounds), from the same pass. With KEPT, over the kept set x >= kept_min."""
     LANES: tl.constexpr = BLOCK_V // VEC
     cols = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     m = tl.full([LANES], -FLT_MAX, tl.float32)
@@ -95,6 +111,8 @@ def _row_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.const
         offs = start + cols
         z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
         x = z.to(tl.float32) * inv_temp
+        if KEPT:
+            x = tl.where(x < kept_min, float("-inf"), x)
         if RANGE:
             finite = x > float("-inf")
             lo = tl.minimum(lo, tl.min(tl.where(finite, x, float("inf")), axis=1))
@@ -111,9 +129,14 @@ def _row_stats(logits_row, vocab, inv_temp, BLOCK_V: tl.constexpr, VEC: tl.const
 
 
 @triton.jit
-def _token_logp(logits_row, token, vocab, inv_temp, row_max, log_sum):
-    """logp = x_y - lse of the row's token; NaN for an out-of-range id, which is never loaded."""
+def _token_logp(logits_row, token, vocab, inv_temp, row_max, log_sum, kept_min=0.0, KEPT: tl.constexpr = False):
+    """logp = x_y - lse of the row's token; NaN for an out-of-range id, which is never loaded.
+    With KEPT, -inf for a token outside the kept set (x_y < kept_min)."""
     valid = (token >= 0) & (token < vocab)
     z_token = tl.load(logits_row + tl.where(valid, token, 0), mask=valid, other=float("nan"))
+    x_token = z_token.to(tl.float32) * inv_temp
     # x_y - max is exact for the likely tokens; going through lse would round at |lse|'s scale.
-    return (z_token.to(tl.float32) * inv_temp - row_max) - log_sum
+    logp = (x_token - row_max) - log_sum
+    if KEPT:
+        logp = tl.where(x_token < kept_min, float("-inf"), logp)
+    return logp

@@ -1,14 +1,16 @@
 """Per-token log-prob, entropy and their fused gradient, straight from the logits (docs/SPEC.md 1-2).
 
 Rows follow the row contract of _row.py; the forward is _row.py's statistics pass, the backward
-the row gradient pass below (also policy_loss.py's).
+the row gradient pass below (also policy_loss.py's). Optional inputs (_row.py): ``inv_temps``, a
+per-row inv_temp, and ``kept_min``, the sampler's kept set: statistics over x >= kept_min, logp
+-inf for a token outside it, and exactly 0 gradient outside it.
 """
 
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, _not_yet
-from ._row import _exp, _row_ptr, _row_stats, _token_logp
+from ._launch import AotKernel, block_config, optional_rows
+from ._row import _exp, _row_or, _row_ptr, _row_stats, _token_logp
 
 
 @triton.jit
@@ -31,11 +33,12 @@ def _write_zero_row(grad_row, vocab, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g_entropy, entropy,
-                    BLOCK_V: tl.constexpr):
+                    BLOCK_V: tl.constexpr, kept_min=0.0, KEPT: tl.constexpr = False):
     """Writes every element of one gradient row (in grad_row's dtype) for upstream gradients
     g_logp (on logp) and g_entropy (on H). A row with g_logp = g_entropy = 0 (masked or fully
     clipped token) is written as zeros without reading the logits, so NaN/inf in a masked row never
-    leaks into its gradient (csrc/include/rlfuse/kernels.h contract)."""
+    leaks into its gradient (csrc/include/rlfuse/kernels.h contract). With KEPT, entries outside
+    the kept set (x < kept_min; lse is the kept set's) get exactly 0, the token's included."""
     if (g_logp == 0.0) & (g_entropy == 0.0):
         _write_zero_row(grad_row, vocab, BLOCK_V)
     else:
@@ -47,27 +50,32 @@ def _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g
             offs = start + cols
             mask = offs < vocab
             z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
-            log_p = z.to(tl.float32) * inv_temp - lse
+            x = z.to(tl.float32) * inv_temp
+            log_p = x - lse
             p = _exp(log_p)
             # p = 0 (e.g. a -inf logit) gives exactly 0, not 0 * inf.
             g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
             g = tl.where(offs == token_col, g + target, g)
+            if KEPT:
+                g = tl.where(x < kept_min, 0.0, g)
             # Same program reads then writes each element, so grad_row may alias logits_row.
             tl.store(grad_row + offs, g.to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr, tokens_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, tokens_ptr, logp_ptr, entropy_ptr, lse_ptr, inv_temps_ptr, kept_min_ptr,
     inner, stride_outer, stride_inner, vocab, inv_temp,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, HAS_ROW_TEMP: tl.constexpr, HAS_KEPT_MIN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
-    row_max, log_sum, entropy = _row_stats(logits_row, vocab, inv_temp, BLOCK_V, VEC)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
+    kept_min = _row_or(kept_min_ptr, row, 0.0, HAS_KEPT_MIN)
+    row_max, log_sum, entropy = _row_stats(logits_row, vocab, inv_temp, BLOCK_V, VEC, False, kept_min, HAS_KEPT_MIN)
     lse = row_max + log_sum
     token = tl.load(tokens_ptr + row)
-    logp = _token_logp(logits_row, token, vocab, inv_temp, row_max, log_sum)
+    logp = _token_logp(logits_row, token, vocab, inv_temp, row_max, log_sum, kept_min, HAS_KEPT_MIN)
 
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
@@ -77,19 +85,23 @@ def _token_logprobs_fwd_kernel(
 @triton.jit
 def _token_logprobs_bwd_kernel(
     logits_ptr, tokens_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_ptr,
+    inv_temps_ptr, kept_min_ptr,
     inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
     vocab, inv_temp,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, HAS_ROW_TEMP: tl.constexpr, HAS_KEPT_MIN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     grad_row = _row_ptr(grad_ptr, row, grad_inner, grad_stride_outer, grad_stride_inner)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
+    kept_min = _row_or(kept_min_ptr, row, 0.0, HAS_KEPT_MIN)
     lse = tl.load(lse_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     g_logp = tl.load(grad_logp_ptr + row)
     g_entropy = tl.load(grad_entropy_ptr + row)
     token = tl.load(tokens_ptr + row)
-    _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g_entropy, entropy, BLOCK_V)
+    _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g_entropy, entropy, BLOCK_V,
+                    kept_min, HAS_KEPT_MIN)
 
 
 def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse, inv_temps=None, kept_min=None, *, block_v=None):
@@ -97,16 +109,19 @@ def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, l
 
     ``tokens`` is contiguous int64 [rows]; ``logits`` is only the base pointer. ``block_v``
     overrides the vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab.
+    ``inv_temps`` and ``kept_min`` (contiguous fp32 [rows], optional): see the module docstring.
     """
-    _not_yet(inv_temps, kept_min)
     rows, inner, stride_outer, stride_inner = layout
     if rows == 0:
         return
+    inv_temps, has_row_temp = optional_rows(inv_temps, lse)
+    kept_min, has_kept_min = optional_rows(kept_min, lse)
     block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
     _token_logprobs_fwd_kernel[(rows,)](
-        logits, tokens, logp, entropy, lse,
+        logits, tokens, logp, entropy, lse, inv_temps, kept_min,
         inner, stride_outer, stride_inner, vocab, float(inv_temp),
-        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), num_warps=num_warps,
+        BLOCK_V=block, VEC=min(16 // logits.element_size(), block),
+        HAS_ROW_TEMP=has_row_temp, HAS_KEPT_MIN=has_kept_min, num_warps=num_warps,
     )
 
 
@@ -115,20 +130,22 @@ def token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, gr
     """Writes dL/dlogits for L with upstream grads ``grad_logp``, ``grad_entropy`` (fp32 [rows]).
 
     The gradient is stored in ``grad_logits``' dtype at ``grad_layout``'s row offsets;
-    ``grad_logits`` may be ``logits`` itself (same layout) for an in-place backward.
+    ``grad_logits`` may be ``logits`` itself (same layout) for an in-place backward. ``inv_temps``
+    and ``kept_min`` must be the forward's.
     """
-    _not_yet(inv_temps, kept_min)
     rows, inner, stride_outer, stride_inner = layout
     grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
     assert grad_rows == rows, "layout and grad_layout must describe the same rows"
     if rows == 0:
         return
+    inv_temps, has_row_temp = optional_rows(inv_temps, lse)
+    kept_min, has_kept_min = optional_rows(kept_min, lse)
     block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
     _token_logprobs_bwd_kernel[(rows,)](
-        logits, tokens, lse, entropy, grad_logp, grad_entropy, grad_logits,
+        logits, tokens, lse, entropy, grad_logp, grad_entropy, grad_logits, inv_temps, kept_min,
         inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
         vocab, float(inv_temp),
-        BLOCK_V=block, num_warps=num_warps,
+        BLOCK_V=block, HAS_ROW_TEMP=has_row_temp, HAS_KEPT_MIN=has_kept_min, num_warps=num_warps,
     )
 
 
@@ -136,38 +153,44 @@ def _aot_kernels():
     fwd_sig = {
         "logits_ptr": "*{dtype}", "tokens_ptr": "*i64",
         "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+        "inv_temps_ptr": "*fp32", "kept_min_ptr": "*fp32",
         "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
         "inv_temp": "fp32", "BLOCK_V": "constexpr", "VEC": "constexpr",
+        "HAS_ROW_TEMP": "constexpr", "HAS_KEPT_MIN": "constexpr",
     }
     bwd_sig = {
         "logits_ptr": "*{dtype}", "tokens_ptr": "*i64", "lse_ptr": "*fp32",
         "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
-        "grad_ptr": "*{dtype}",
+        "grad_ptr": "*{dtype}", "inv_temps_ptr": "*fp32", "kept_min_ptr": "*fp32",
         "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
         "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
-        "vocab": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
+        "vocab": "i32", "inv_temp": "fp32",
+        "BLOCK_V": "constexpr", "HAS_ROW_TEMP": "constexpr", "HAS_KEPT_MIN": "constexpr",
     }
     # What a launch usually specialises as multiples of 16: pointers, strides and a vocab like
     # 151936 or 128256. "unaligned" is a vocab like 50257 (scalar loads).
-    fwd_aligned = ("logits_ptr", "tokens_ptr", "logp_ptr", "entropy_ptr", "lse_ptr",
-                   "stride_outer", "stride_inner", "vocab")
+    fwd_aligned = ("logits_ptr", "tokens_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "inv_temps_ptr",
+                   "kept_min_ptr", "stride_outer", "stride_inner", "vocab")
     bwd_aligned = ("logits_ptr", "tokens_ptr", "lse_ptr", "entropy_ptr", "grad_logp_ptr",
-                   "grad_entropy_ptr", "grad_ptr", "stride_outer", "stride_inner",
-                   "grad_stride_outer", "grad_stride_inner", "vocab")
+                   "grad_entropy_ptr", "grad_ptr", "inv_temps_ptr", "kept_min_ptr", "stride_outer",
+                   "stride_inner", "grad_stride_outer", "grad_stride_inner", "vocab")
     bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     block, num_warps = block_config(151936, on_gpu=True)
     entries = []
-    for dtype, aligned in (("bf16", True), ("fp16", True), ("fp32", True), ("bf16", False)):
-        tag = dtype if aligned else f"{dtype},unaligned"
+    # (dtype, aligned, per-row inputs): without them, and bf16 with both (a sampler's scoring pass).
+    for dtype, aligned, row_inputs in (("bf16", True, False), ("fp16", True, False), ("fp32", True, False),
+                                       ("bf16", False, False), ("bf16", True, True)):
+        tag = (dtype if aligned else f"{dtype},unaligned") + (",inv_temps,kept_min" if row_inputs else "")
+        flags = {"HAS_ROW_TEMP": row_inputs, "HAS_KEPT_MIN": row_inputs}
         entries.append(AotKernel(
             name=f"token_logprobs_fwd[{tag}]", fn=_token_logprobs_fwd_kernel,
             signature={k: v.format(dtype=dtype) for k, v in fwd_sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype]},
+            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], **flags},
             num_warps=num_warps, aligned=fwd_aligned if aligned else ()))
         entries.append(AotKernel(
             name=f"token_logprobs_bwd[{tag}]", fn=_token_logprobs_bwd_kernel,
             signature={k: v.format(dtype=dtype) for k, v in bwd_sig.items()},
-            constexprs={"BLOCK_V": block},
+            constexprs={"BLOCK_V": block, **flags},
             num_warps=num_warps, aligned=bwd_aligned if aligned else ()))
     return entries
 
