@@ -6,12 +6,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from . import _schema
 from ._validation import MAX_TEMPERATURE, MIN_TEMPERATURE, TEMPERATURE_RANGE
 
 # The token-local losses, KL estimators and CISPO modes are the kernels' enums (rlfuse._schema).
 TOKEN_LOCAL_LOSSES = _schema.POLICY_KIND.names
-POLICY_LOSSES = TOKEN_LOCAL_LOSSES + ("gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll", "topr")
+POLICY_LOSSES = TOKEN_LOCAL_LOSSES + ("gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll", "topr", "cpgd")
 # Fused although not a kernel enum: the kernel's REINFORCE term times a detached per-token weight that
 # depends on the current log-probs (computed by a no-grad pre-pass, docs/SPEC.md section 4).
 DETACHED_WEIGHT_LOSSES = ("topr",)
@@ -27,6 +29,14 @@ ROLLOUT_REJECTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum
 # rlfuse.distill.KINDS (not imported: the config module imports no kernels)
 DISTILL_KINDS = ("jsd", "forward_kl", "reverse_kl", "sparse_kl", "sampled_reverse_kl")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# Adaptive clipping (issue 18, docs/SPEC.md section 8): the losses whose clip_low / clip_high / dual_clip may
+# be per-token tensors, the rules that compute the bounds, and the knobs each rule owns.
+PER_TOKEN_CLIP_LOSSES = ("ppo", "gppo", "clip_cov", "gspo_token", "cispo", "gmpo", "spo", "cpgd")
+ADAPTIVE_CLIPS = ("dcpo", "bapo", "hapo")
+ADAPTIVE_CLIP_KNOBS = {"dcpo": ("dcpo_ratio_cap",),
+                       "bapo": ("bapo_target", "bapo_low_start", "bapo_low_max", "bapo_high_start", "bapo_high_max",
+                                "bapo_step"),
+                       "hapo": ("hapo_entropy_pivot", "hapo_alpha")}
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,23 @@ class LossConfig:
     ipo_threshold: float | None = None
     topr_positive_weight: float = 1.0
     topr_negative_weight: float = 1.0
+    adaptive_clip: str | None = None  # issue 18: "dcpo", "bapo", "hapo" (docs/SPEC.md section 8)
+    dcpo_ratio_cap: float = 10.0
+    bapo_target: float = 0.5
+    bapo_low_start: float = 0.6
+    bapo_low_max: float = 0.9
+    bapo_high_start: float = 1.2
+    bapo_high_max: float = 3.0
+    bapo_step: float = 0.05
+    hapo_entropy_pivot: float = 0.8
+    hapo_alpha: float = 1.0
+    erc_beta_low: float | None = None
+    erc_beta_high: float | None = None
+    cpgd_drift_coef: float = 0.01
+    cpgd_drift_cap: float = 2.0
+    top_k: int | None = None  # issue 17: the sampler's filters (log-probs on the sampled support)
+    top_p: float | None = None
+    min_p: float | None = None
     aggregation: str = "token-mean"
     norm_tokens: float | None = None
     norm_length: float | None = None
@@ -107,6 +134,16 @@ class LossConfig:
     troll_alpha: float = 1.0
     troll_k: int = 64
     troll_threshold: float = 1e-5
+    # Mixed-policy losses and token re-weightings (docs/SPEC.md section 11; policy_loss(expert_mask=)).
+    chord_mu: float | None = None
+    chord_phi: bool = True
+    luffy_gamma: float | None = None
+    empg_k: float | None = None
+    empg_k_future: float = 1.0
+    empg_zeta: float = 0.1
+    lp_reg_coef: float = 0.0
+    lp_reg_min_p: float = 0.02
+    lp_reg_rho: float = 0.01
 
     def __post_init__(self):
         def fail(name, message):
@@ -114,7 +151,7 @@ class LossConfig:
 
         def finite(name, low=None, low_inclusive=True, allow_none=False):
             value = getattr(self, name)
-            if value is None and allow_none:
+            if (value is None and allow_none) or isinstance(value, Tensor):  # tensors: checked per call (losses.py)
                 return
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 fail(name, "must be a finite number")
@@ -168,17 +205,19 @@ class LossConfig:
                 fail("rollout_correction", f"is not supported by loss={self.loss!r} (a per-sequence ratio)")
         if self.loss in SEQUENCE_MEAN_LOSSES + ("troll",) and self.entropy_quantile is not None:
             fail("entropy_quantile", f"is not supported by loss={self.loss!r}")
-        if self.loss == "spo" and self.clip_high <= 0:
+        if self.loss == "spo" and not isinstance(self.clip_high, Tensor) and self.clip_high <= 0:
             fail("clip_high", "is SPO's eps and must be > 0")
-        if self.loss == "cispo" and self.cispo_mode == "cap" and self.clip_high <= 0:
+        if self.loss == "cispo" and self.cispo_mode == "cap" and not isinstance(self.clip_high, Tensor) and self.clip_high <= 0:
             fail("clip_high", "is the CISPO cap in 'cap' mode and must be > 0")
         if self.rollout_cap_low is not None and self.rollout_cap_low > self.rollout_cap:
             fail("rollout_cap_low", "must not exceed rollout_cap")
         self._check_off_policy(fail, finite)
+        self._check_adaptive_clip(fail, finite)
         if not isinstance(self.troll_k, int) or self.troll_k < 1:
             fail("troll_k", "must be a positive integer")
         if not 0.0 < self.troll_threshold < 1.0:
             fail("troll_threshold", "must be in (0, 1)")
+        self._check_mixed_policy(fail, finite)
 
     def _check_off_policy(self, fail, finite):
         for name in ("rollout_is_batch_normalize", "kl_bias_correction"):
@@ -210,6 +249,66 @@ class LossConfig:
             if self.loss != "topr" and getattr(self, name) != 1.0:
                 fail(name, f"applies to loss='topr', not {self.loss!r}")
 
+    def _check_adaptive_clip(self, fail, finite):
+        """Per-token clip bounds, DCPO / BAPO / HAPO, ERC, CPGD (issue 18) and the sampler's filters (issue 17)."""
+        tensors = [name for name in ("clip_low", "clip_high", "dual_clip") if isinstance(getattr(self, name), Tensor)]
+        if tensors and self.loss not in PER_TOKEN_CLIP_LOSSES:
+            fail(tensors[0], f"may be a per-token tensor for {PER_TOKEN_CLIP_LOSSES}, not loss={self.loss!r}")
+        if self.adaptive_clip is not None:
+            if self.adaptive_clip not in ADAPTIVE_CLIPS:
+                fail("adaptive_clip", f"must be one of {ADAPTIVE_CLIPS} or None")
+            if self.loss not in ("ppo", "gppo"):
+                fail("adaptive_clip", f"applies to loss='ppo' or 'gppo', not {self.loss!r}")
+            if tensors:
+                fail(tensors[0], f"is computed by adaptive_clip={self.adaptive_clip!r}: pass a float")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for rule, knobs in ADAPTIVE_CLIP_KNOBS.items():
+            for name in knobs:
+                finite(name, 0.0)
+                if self.adaptive_clip != rule and getattr(self, name) != defaults[name]:
+                    fail(name, f"applies to adaptive_clip={rule!r}, not {self.adaptive_clip!r}")
+        if self.dcpo_ratio_cap < 1.0:
+            fail("dcpo_ratio_cap", "caps the ratio's upper bound and must be >= 1")
+        if not 0.0 < self.bapo_target < 1.0:
+            fail("bapo_target", "is the positive tokens' share of the loss and must be in (0, 1)")
+        if self.bapo_low_start > self.bapo_low_max or self.bapo_low_max > 1.0:
+            fail("bapo_low_max", "must satisfy bapo_low_start <= bapo_low_max <= 1")
+        if self.bapo_high_start > self.bapo_high_max or self.bapo_high_start < 1.0:
+            fail("bapo_high_max", "must satisfy 1 <= bapo_high_start <= bapo_high_max")
+        if not 0.0 <= self.hapo_entropy_pivot <= 1.0:
+            fail("hapo_entropy_pivot", "is a quantile and must be in [0, 1]")
+        for name in ("erc_beta_low", "erc_beta_high"):
+            finite(name, 0.0, low_inclusive=False, allow_none=True)
+            if getattr(self, name) is not None and self.loss in SEQUENCE_MEAN_LOSSES + ("troll",):
+                fail(name, f"is not supported by loss={self.loss!r} (no per-token policy term)")
+        for name in ("cpgd_drift_coef", "cpgd_drift_cap"):
+            finite(name, 0.0)
+            if self.loss != "cpgd" and getattr(self, name) != defaults[name]:
+                fail(name, f"applies to loss='cpgd', not {self.loss!r}")
+        if self.loss == "cpgd" and (self.clip_low is None or (not isinstance(self.clip_low, Tensor)
+                                                               and self.clip_low >= 1.0)):
+            fail("clip_low", "is CPGD's eps_low (the log-ratio is clipped at log(1 - eps_low)) and must be in [0, 1)")
+        # As rlfuse.sample validates them: top_k an int >= 0 (0: off), top_p in (0, 1], min_p in [0, 1).
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 0):
+            fail("top_k", "must be an int >= 0 or None")
+        finite("top_p", allow_none=True)
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "must be in (0, 1] or None")
+        finite("min_p", allow_none=True)
+        if self.min_p is not None and not 0.0 <= self.min_p < 1.0:
+            fail("min_p", "must be in [0, 1) or None")
+
+    @property
+    def entropy_ratio_clip(self) -> bool:
+        """True when entropy ratio clipping is on (either bound set); it needs ``old_entropy``."""
+        return self.erc_beta_low is not None or self.erc_beta_high is not None
+
+    @property
+    def sampler_filters(self) -> bool:
+        """True when a sampler filter (top_k / top_p / min_p) restricts the log-probs' support."""
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
+
     @property
     def kl_correction_level(self) -> str:
         """The importance ratio of ``kl_bias_correction``: per sequence for the sequence-ratio losses
@@ -236,7 +335,10 @@ class LossConfig:
     def token_local(self) -> bool:
         """True when the loss can take the fused path (one kernel: loss + gradient per row)."""
         return (self.loss in TOKEN_LOCAL_LOSSES + DETACHED_WEIGHT_LOSSES and self.entropy_quantile is None
-                and self.kl_full_coef == 0 and not self.kl_bias_correction)  # the corrected KL's ratio carries a gradient
+                and self.kl_full_coef == 0 and not self.kl_bias_correction  # the corrected KL's ratio carries a gradient
+                and self.adaptive_clip in (None, "dcpo") and not self.entropy_ratio_clip  # BAPO / HAPO / ERC: batch or entropy
+                and not self.sampler_filters
+                and not self.mixes_expert_tokens)  # CHORD / LUFFY: two per-token forms in one batch
 
     # --- presets: published defaults; keyword arguments override any field ----------------------
 
@@ -281,7 +383,8 @@ class LossConfig:
 
     @classmethod
     def spo(cls, **overrides):
-        """SPO (Xie et al. 2025): -(A r - |A| (r - 1)^2 / (2 eps)), eps = clip_high = 0.2."""
+        """SPO (Xie et al. 2025, arXiv 2401.16025): -(A r - |A| (r - 1)^2 / (2 eps)), eps = clip_high = 0.2
+        (a float, or a per-token tensor > 0: adaptive eps), token-mean; clip_low is unused."""
         return cls(**{"loss": "spo", "clip_high": 0.2, **overrides})
 
     @classmethod
@@ -338,10 +441,126 @@ class LossConfig:
         return cls(**{"loss": "topr", "topr_positive_weight": 1.0, "topr_negative_weight": 1.0,
                       "aggregation": "token-mean", **overrides})
 
+    # --- adaptive clipping presets (issue 18; docs/SPEC.md section 8 has each formula and its source) ---
+
+    @classmethod
+    def dcpo(cls, **overrides):
+        """DCPO (Yang et al. 2025, arXiv 2509.02333): per-token ratio bounds from the old probability q,
+        ``0.5 + 0.5 sqrt(max(1 - 4 eps_low / q, 0)) <= r <= min(0.5 + 0.5 sqrt(1 + 4 eps_high / q), 10)``,
+        eps 0.2 / 0.28 and dual clip 10 (the authors' ``run_dcpo.sh``: ``clip_type=dynamic``,
+        ``clip_ratio_c=10``, which also caps the upper bound), token-mean. Convention: the authors' OTM
+        aggregation (each response's token mean, no batch average) is ``seq-mean-token-mean`` up to a
+        constant factor; the preset keeps token-mean as DAPO, its baseline."""
+        return cls(**{"loss": "ppo", "adaptive_clip": "dcpo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 10.0,
+                      "dcpo_ratio_cap": 10.0, "aggregation": "token-mean", **overrides})
+
+    @classmethod
+    def bapo(cls, **overrides):
+        """BAPO (Xi et al. 2025, arXiv 2510.18927): per batch, the ratio bounds start at [0.6, 1.2]; the
+        lower one rises by 0.05 up to 0.9, then the upper one by 0.05 up to 3.0, until the positive-
+        advantage tokens carry 50% of the clipped loss (the authors' ``recipe/bapo``: the first bounds
+        that satisfy it, else the last). Convention: contributions are token sums over the call's valid
+        tokens (the authors' ``response_mask`` sums); the chosen bounds are ``metrics["bapo_clip_low"]`` /
+        ``["bapo_clip_high"]`` (ratio bounds, not eps). No dual clip (the authors' verl default 3.0 is
+        ``dual_clip=3.0``)."""
+        return cls(**{"loss": "ppo", "adaptive_clip": "bapo", "clip_low": 0.2, "clip_high": 0.2, "bapo_target": 0.5,
+                      "bapo_low_start": 0.6, "bapo_low_max": 0.9, "bapo_high_start": 1.2, "bapo_high_max": 3.0,
+                      "bapo_step": 0.05, "aggregation": "token-mean", **overrides})
+
+    @classmethod
+    def hapo(cls, **overrides):
+        """HAPO's asymmetric adaptive clipping (Liu et al. 2025, "From Uniform to Heterogeneous", arXiv
+        2509.16591): the current entropy, normalised per batch to ``h in [-1, 1]`` around its 0.8-quantile,
+        widens eps_low to ``eps_low (1 - alpha h)`` on low-entropy tokens (h <= 0) and eps_high to
+        ``eps_high (1 + alpha h)`` on high-entropy ones (h > 0); eps 0.2 / 0.2, alpha 1, dual clip 10
+        (the authors' recipes). Convention: the authors' code divides the negative side by its (negative)
+        minimum, which makes h >= 0 everywhere and never widens eps_low; rlfuse follows the rule as the
+        paper states it (h <= 0 below the pivot)."""
+        return cls(**{"loss": "ppo", "adaptive_clip": "hapo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": 10.0,
+                      "hapo_entropy_pivot": 0.8, "hapo_alpha": 1.0, "aggregation": "token-mean", **overrides})
+
+    @classmethod
+    def erc(cls, **overrides):
+        """ERC (Su et al. 2025, arXiv 2512.05591) on DAPO: tokens whose entropy ratio ``H / H_old`` leaves
+        ``(0.95, 1.05)`` keep their loss value but get no gradient; clip 0.2 / 0.28, dual clip 10 (the
+        authors' ``grpo_erc`` scripts). Needs ``policy_loss(..., old_entropy=...)``. GPPO + ERC:
+        ``LossConfig.erc(loss="gppo", clip_high=0.2)``."""
+        return cls(**{"loss": "ppo", "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 10.0, "erc_beta_low": 0.05,
+                      "erc_beta_high": 0.05, "aggregation": "token-mean", **overrides})
+
+    @classmethod
+    def cpgd(cls, **overrides):
+        """CPGD (Liu et al. 2025, arXiv 2505.12504): ``-min(A log r, A clip(log r, log(1 - eps), log(1 + eps)))``
+        plus the policy drift ``coef * KL(old || new)``, eps 0.2, coef 0.01 (MM-EUREKA's defaults), token-mean.
+        Convention: the drift's value is the k3 estimate ``r - 1 - log r``, its gradient
+        ``min(r - 1, 2) d logp`` (siiRL's CPGD: the drift gradient capped at r - 1 = ``cpgd_drift_cap``)."""
+        return cls(**{"loss": "cpgd", "clip_low": 0.2, "clip_high": 0.2, "cpgd_drift_coef": 0.01,
+                      "cpgd_drift_cap": 2.0, "aggregation": "token-mean", **overrides})
+
     @classmethod
     def kl_cov(cls, **overrides):
         """KL-Cov: unclipped -A r plus |logp - old| on the top 2e-3 tokens by covariance."""
         return cls(**{"loss": "kl_cov", "cov_ratio": 2e-3, "kl_cov_coef": 1.0, **overrides})
+
+    # --- mixed-policy losses and token re-weightings (docs/SPEC.md section 11) ------------------
+
+    @property
+    def mixes_expert_tokens(self) -> bool:
+        """True for CHORD / LUFFY: off-policy expert tokens (``policy_loss(expert_mask=)``) take their
+        own term, on the general path."""
+        return self.chord_mu is not None or self.luffy_gamma is not None
+
+    def _check_mixed_policy(self, fail, finite):
+        finite("chord_mu", 0.0, allow_none=True)
+        if self.chord_mu is not None and self.chord_mu > 1.0:
+            fail("chord_mu", "must be in [0, 1]")
+        if not isinstance(self.chord_phi, bool):
+            fail("chord_phi", "must be a bool")
+        finite("luffy_gamma", 0.0, low_inclusive=False, allow_none=True)
+        if self.chord_mu is not None and self.luffy_gamma is not None:
+            fail("luffy_gamma", "and chord_mu are two treatments of the expert tokens; set one")
+        if self.mixes_expert_tokens and self.loss in SEQUENCE_MEAN_LOSSES + ("troll",):
+            fail("chord_mu" if self.chord_mu is not None else "luffy_gamma",
+                 f"needs a per-token policy term, not loss={self.loss!r}")
+        finite("empg_k", 0.0, allow_none=True)
+        finite("empg_k_future", 0.0)
+        finite("empg_zeta")
+        finite("lp_reg_coef", 0.0)
+        finite("lp_reg_min_p", 0.0, low_inclusive=False)
+        if self.lp_reg_min_p >= 1.0:
+            fail("lp_reg_min_p", "must be in (0, 1)")
+        if isinstance(self.lp_reg_rho, bool) or not isinstance(self.lp_reg_rho, (int, float)) \
+                or not 0.0 < self.lp_reg_rho <= 1.0:
+            fail("lp_reg_rho", "must be in (0, 1]")
+
+    @classmethod
+    def chord(cls, **overrides):
+        """CHORD-phi (arXiv 2508.11408; Trinity-RFT ``mix_chord``): ``(1 - mu)`` x PPO-clip 0.2 on the
+        on-policy tokens + ``mu`` x the SFT loss ``-p (1 - p) logp`` (token-mean) on the expert tokens,
+        ``mu = 0.1`` (Trinity-RFT's default; see ``rlfuse.mixed_policy.chord_mu_schedule``)."""
+        return cls(**{"loss": "ppo", "clip_low": 0.2, "clip_high": 0.2, "chord_mu": 0.1, "chord_phi": True,
+                      "aggregation": "token-mean", **overrides})
+
+    @classmethod
+    def luffy(cls, **overrides):
+        """LUFFY (arXiv 2504.14945): expert tokens ``-A p / (p + 0.1)``, on-policy tokens ``-A r`` without
+        clip (pspo alpha 0; the authors' ``loss_remove_clip``), Dr. GRPO aggregation (their
+        ``loss_remove_token_mean``; ``norm_length`` defaults to the padded length)."""
+        return cls(**{"loss": "pspo", "pspo_alpha": 0.0, "luffy_gamma": 0.1,
+                      "aggregation": "seq-mean-token-sum-norm", **overrides})
+
+    @classmethod
+    def empg(cls, **overrides):
+        """EMPG (arXiv 2509.09265) on DAPO: entropy-modulated advantages, k = k_f = 1, zeta = 0.1 (the
+        authors' ``compute_empg_advantage`` defaults), tokens as steps."""
+        return cls.dapo(**{"empg_k": 1.0, "empg_k_future": 1.0, "empg_zeta": 0.1, **overrides})
+
+    @classmethod
+    def lp_reg(cls, **overrides):
+        """Lp-Reg (arXiv 2510.03222; the authors' scripts): PPO with clip 1.0 / 9.0, ``KL(proxy || pi)``
+        with coefficient 1 on the 1% lowest-probability negative tokens, min-p proxy kappa 0.02."""
+        return cls(**{"loss": "ppo", "clip_low": 1.0, "clip_high": 9.0, "lp_reg_coef": 1.0, "lp_reg_min_p": 0.02,
+                      "lp_reg_rho": 0.01, "aggregation": "token-mean", **overrides})
 
 
 def parse_rollout_rejection(options: str, threshold) -> tuple:
