@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _schema
 from . import _validation as check
 from . import reference as ref
-from . import troll
+from . import mixed_policy, troll
 from ._layout import inplace_layout
 from .backends import resolve_backend
 from .config import DETACHED_WEIGHT_LOSSES, LossConfig
@@ -61,6 +61,7 @@ class _Batch:
     ref: Tensor | None
     rollout: Tensor | None
     norm_length: float | None
+    expert: Tensor | None = None  # [N] bool: CHORD / LUFFY expert tokens
 
 
 def policy_loss(
@@ -80,6 +81,7 @@ def policy_loss(
     ref_logits: Tensor | None = None,
     teacher=None,
     teacher_logprobs: Tensor | None = None,
+    expert_mask: Tensor | None = None,
 ) -> LossOutput:
     """One policy-loss computation from logits. See README.md for the variants and conventions.
 
@@ -103,6 +105,8 @@ def policy_loss(
         teacher / teacher_logprobs: a teacher for the distillation term ``config.distill_coef`` (as
             ``rlfuse.distill.distill_loss`` takes them, for ``config.distill_kind``; no gradient to
             the teacher); when given, ``metrics["distill"]`` reports the term's mean.
+        expert_mask: bool, the tokens' shape: the off-policy expert tokens of CHORD
+            (``config.chord_mu``) or LUFFY (``config.luffy_gamma``), docs/SPEC.md section 11.
     """
     config = LossConfig.dapo() if config is None else config
     if not isinstance(config, LossConfig):
@@ -148,6 +152,7 @@ def policy_loss(
         old_topk = troll.checked_old_topk(old_topk, tokens, logits.shape[-1], batch.mask.view(tokens.shape) > 0,
                                           checks)
     checks.run()
+    mixed_policy.prepare(batch, expert_mask, config, inplace_backward)  # CHORD / LUFFY / Lp-Reg inputs
 
     # The aggregation settings with the batch's norm_length (not config.replace: under torch.compile
     # with dynamic shapes norm_length may be symbolic, and LossConfig validates its fields as numbers).
@@ -161,8 +166,13 @@ def policy_loss(
     if config.rollout_rejection is not None:
         batch.mask = batch.mask * ref.rollout_rejection_mask(batch.old, batch.rollout, batch.mask, batch.cu_seqlens,
                                                              config)
+    mixed_metrics = {}
+    if config.empg_k is not None:  # EMPG: advantages modulated by the entropy, one read without gradient
+        with torch.no_grad():
+            _, entropy_now = _token_logprobs(batch, config.temperature, resolved, False)
+        mixed_metrics = mixed_policy.apply_empg(batch, config, entropy_now)
     aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, settings)
-    policy_weight = aggregation if rollout_w is None else aggregation * rollout_w
+    policy_weight = mixed_policy.on_policy_weights(aggregation, rollout_w, batch, settings, config)
     use_fused = (config.token_local and path != "general" and resolved != "torch"
                  and (not source or logits.fused_path))
     if config.needs_current_logprobs and (use_fused or config.loss == "troll"):
@@ -196,6 +206,11 @@ def policy_loss(
             loss = loss + config.distill_coef * ref.weighted(distill, aggregation).sum()
         valid = batch.mask > 0
         metrics["distill"] = torch.where(valid, distill.detach(), 0.0).sum() / valid.sum().clamp(min=1)
+    if config.lp_reg_coef != 0:
+        lp_reg, lp_reg_metrics = mixed_policy.lp_reg_loss(logits, batch, logp.detach(), aggregation, config)
+        loss = loss + lp_reg
+        mixed_metrics.update(lp_reg_metrics)
+    metrics.update(mixed_metrics, **mixed_policy.expert_metrics(batch, logp.detach(), config))
     # TROLL reports the path of its own term: "fused" when its fused kernel ran.
     fused = use_fused if troll_terms is None else troll_terms.fused
     metrics["path"] = "fused" if fused else "general"
@@ -329,7 +344,8 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
         term = -a * logp  # TOPR's detached weight is in policy_weight (current_policy_factor), as on the fused path
     else:
         term = ref.policy_term(logp, old, a, config)
-    return ref.weighted(term, policy_weight).sum() + penalties, raw_logp, raw_entropy
+    expert = mixed_policy.expert_loss(logp, batch, weight, config)  # CHORD / LUFFY: the expert tokens' term
+    return ref.weighted(term, policy_weight).sum() + penalties + expert, raw_logp, raw_entropy
 
 
 def current_policy_factor(logp: Tensor, batch, config) -> Tensor:

@@ -2,6 +2,7 @@
 
 from .distill import jsd_gradients, jsd_reference, jsd_statistics, sampled_kl_terms, sparse_kl_terms
 from .kl_div import kl_divergence_reference, kl_gradients, kl_statistics
+from . import mixed_policy  # CHORD, LUFFY, EMPG, Lp-Reg (docs/SPEC.md section 11)
 from .policy_loss import (
     aggregation_weights,
     clip_cov_term,
