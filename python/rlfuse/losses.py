@@ -25,13 +25,15 @@ from .config import DETACHED_WEIGHT_LOSSES, LossConfig
 from .ops.generator import generator_draws
 from .ops.policy_loss import _PARAM_FIELDS, FusedPolicyLoss, TokenLossParams, _param_from_config
 from .ops.token_logprobs import token_logprobs_fwd
+from .reference.adaptive_clip import (ClipBounds, bapo_search, cpgd_drift, dcpo_bounds, entropy_ratio, erc_keep,
+                                      hapo_bounds)
 from .reference.policy_loss import _covariance, ppo_term
 from .source import is_source
 
 # Every other loss weighs tokens by their ratio to the old policy, so it needs old_logprobs (a new
 # variant is safe by default: forgetting old_logprobs is an error, never a silent ratio to 0).
 LOSSES_WITHOUT_RATIO = ("reinforce",)
-PPO_CLIPPED = ("ppo", "gppo", "clip_cov", "gspo_token")
+PPO_CLIPPED = ("ppo", "gppo", "clip_cov", "gspo_token", "cpgd")  # clip fractions of r (CPGD: of log r)
 
 
 @dataclass
@@ -81,6 +83,7 @@ def policy_loss(
     ref_logits: Tensor | None = None,
     teacher=None,
     teacher_logprobs: Tensor | None = None,
+    old_entropy: Tensor | None = None,
     expert_mask: Tensor | None = None,
 ) -> LossOutput:
     """One policy-loss computation from logits. See README.md for the variants and conventions.
@@ -105,6 +108,8 @@ def policy_loss(
         teacher / teacher_logprobs: a teacher for the distillation term ``config.distill_coef`` (as
             ``rlfuse.distill.distill_loss`` takes them, for ``config.distill_kind``; no gradient to
             the teacher); when given, ``metrics["distill"]`` reports the term's mean.
+        old_entropy: the old policy's per-token entropy, the tokens' shape (``token_logprobs(old_logits,
+            tokens, return_entropy=True)``): required by ERC (``config.erc_beta_low`` / ``erc_beta_high``).
         expert_mask: bool, the tokens' shape: the off-policy expert tokens of CHORD
             (``config.chord_mu``) or LUFFY (``config.luffy_gamma``), docs/SPEC.md section 11.
     """
@@ -123,6 +128,7 @@ def policy_loss(
     checks = check.DataChecks(logits)  # split over a group: every rank raises if one does
     batch = _prepare(logits, tokens, advantages, old_logprobs, ref_logprobs, rollout_logprobs, mask, cu_seqlens,
                      config, checks)
+    _clip_inputs(batch, config, tokens, old_entropy, checks)  # per-token clip bounds, ERC's old entropy
     source = is_source(logits)
     if inplace_backward:
         if source:
@@ -175,6 +181,7 @@ def policy_loss(
     policy_weight = mixed_policy.on_policy_weights(aggregation, rollout_w, batch, settings, config)
     use_fused = (config.token_local and path != "general" and resolved != "torch"
                  and (not source or logits.fused_path))
+    use_fused = use_fused and not _bounds(batch, config).per_token  # DELETE once _fused passes batch.clip_* (issue 18)
     if config.needs_current_logprobs and (use_fused or config.loss == "troll"):
         # Factors that depend on the current log-probs (detached) must be known before the kernel
         # writes the gradient: one forward read of the logits, without gradient.
@@ -329,21 +336,24 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
     if config.needs_current_logprobs:
         policy_weight = policy_weight * current_policy_factor(logp.detach(), batch, config)
     a, old, mask, cu = batch.advantages, batch.old, batch.mask, batch.cu_seqlens
+    bounds = _adaptive_bounds(logp, entropy, batch, config)
     penalties = ref.penalty_terms(logp, entropy, batch.ref, weight, config, old, mask, cu).sum()
     if config.loss == "gspo":
         return ref.gspo_loss(logp, old, a, mask, cu, config) + penalties, raw_logp, raw_entropy
     if config.loss == "gmpo":
-        return ref.gmpo_loss(logp, old, a, mask, cu, config) + penalties, raw_logp, raw_entropy
+        return ref.gmpo_loss(logp, old, a, mask, cu, config, bounds) + penalties, raw_logp, raw_entropy
     if config.loss == "gspo_token":
-        term = ref.gspo_token_term(logp, old, a, mask, cu, config)
+        term = ref.gspo_token_term(logp, old, a, mask, cu, config, bounds)
     elif config.loss == "clip_cov":
-        term = clip_cov_term(logp, old, a, mask, config)
+        term = clip_cov_term(logp, old, a, mask, config, bounds)
     elif config.loss == "kl_cov":
         term = kl_cov_term(logp, old, a, mask, config)
     elif config.loss == "topr":
         term = -a * logp  # TOPR's detached weight is in policy_weight (current_policy_factor), as on the fused path
     else:
-        term = ref.policy_term(logp, old, a, config)
+        term = ref.policy_term(logp, old, a, config, bounds)
+    if config.entropy_ratio_clip:  # ERC: tokens out of the entropy-ratio band keep their value, not their gradient
+        term = torch.where(erc_keep(entropy, batch.old_entropy, config), term, term.detach())
     expert = mixed_policy.expert_loss(logp, batch, weight, config)  # CHORD / LUFFY: the expert tokens' term
     return ref.weighted(term, policy_weight).sum() + penalties + expert, raw_logp, raw_entropy
 
@@ -501,24 +511,26 @@ def kl_cov_term(logp, old_logp, advantages, mask, config) -> Tensor:
     return loss + torch.where(picked, config.kl_cov_coef * (logp - old_logp).abs(), torch.zeros_like(loss))
 
 
-def clip_cov_term(logp, old_logp, advantages, mask, config) -> Tensor:
+def clip_cov_term(logp, old_logp, advantages, mask, config, bounds=None) -> Tensor:
     """Clip-Cov: the PPO loss with ``count = min(max(1, floor(cov_ratio N_valid)), #candidates)``
     candidates (valid, unclipped, ``cov_lb < cov < cov_ub``, in token order) detached (loss 0):
     those at positions ``torch.randperm(#candidates, generator=manual_seed(seed))[:count]``,
-    reproduced on the device by :func:`_randperm_prefix` without reading ``#candidates``."""
-    loss = ppo_term(logp, old_logp, advantages, config)
+    reproduced on the device by :func:`_randperm_prefix` without reading ``#candidates``. ``bounds``: the
+    clip bounds (``ClipBounds``; default the config's)."""
+    bounds = ClipBounds.of(config) if bounds is None else bounds
+    loss = ppo_term(logp, old_logp, advantages, config, bounds=bounds)
     n = loss.numel()
     bound = min(max(1, int(config.cov_ratio * n)), n)
     if bound == 0:
         return loss
     cov, valid = _covariance(logp, advantages, mask)
     r = ref.ratio(logp, old_logp).detach()
-    unclipped = ~(((advantages > 0) & (r > 1.0 + config.clip_high)) | ((advantages < 0) & (r < 1.0 - config.clip_low)))
+    unclipped = ~(((advantages > 0) & (r > 1.0 + bounds.high)) | ((advantages < 0) & (r < 1.0 - bounds.low)))
     candidate = valid & unclipped & (cov > config.cov_lb) & (cov < config.cov_ub)
     n_candidates = candidate.sum()
     count = torch.minimum(torch.floor(config.cov_ratio * valid.sum().double()).clamp(min=1.0), n_candidates.double())
     if not _RANDPERM_REPRODUCED or n >= _RANDPERM_SMALL_N:  # not expected: the direct form (host syncs)
-        return ref.clip_cov_term(logp, old_logp, advantages, mask, config)
+        return ref.clip_cov_term(logp, old_logp, advantages, mask, config, bounds)
     order = _randperm_prefix(n_candidates, bound, config.seed)  # candidate ranks, [bound]
     chosen_rank = torch.zeros(n + 1, dtype=torch.bool, device=loss.device)
     chosen_rank[torch.where(torch.arange(bound, device=loss.device) < count, order, n)] = True
@@ -688,12 +700,14 @@ def _metrics(batch, logp, entropy, config, rollout_w) -> dict:
         metrics["ratio_mean"] = mean(r)
         metrics["ratio_min"] = _masked_extreme(r, valid, count, "min")
         metrics["ratio_max"] = _masked_extreme(r, valid, count, "max")
-        if config.loss in PPO_CLIPPED and config.clip_low is not None:
+        bounds = _adaptive_bounds(logp, entropy, batch, config)
+        if config.loss in PPO_CLIPPED and bounds.low is not None:
             a = batch.advantages
-            metrics["clip_frac_low"] = mean((a < 0) & (r < 1.0 - config.clip_low))
-            metrics["clip_frac_high"] = mean((a > 0) & (r > 1.0 + config.clip_high))
-            if config.dual_clip is not None:
-                metrics["clip_frac_dual"] = mean((a < 0) & (r > config.dual_clip))
+            metrics["clip_frac_low"] = mean((a < 0) & (r < 1.0 - bounds.low))
+            metrics["clip_frac_high"] = mean((a > 0) & (r > 1.0 + bounds.high))
+            if bounds.dual is not None:
+                metrics["clip_frac_dual"] = mean((a < 0) & (r > bounds.dual))
+        metrics.update(_adaptive_clip_metrics(batch, logp, entropy, config, bounds, mean))
     if batch.ref is not None and config.kl is not None:
         metrics["kl_ref"] = mean(ref.kl_term(logp, batch.ref, config.kl))
     if config.rollout_correction is not None:
@@ -702,6 +716,92 @@ def _metrics(batch, logp, entropy, config, rollout_w) -> dict:
         metrics["rollout_weight_min"] = _masked_extreme(w, valid, count, "min")
         metrics["rollout_weight_max"] = _masked_extreme(w, valid, count, "max")
         metrics["rollout_dropped_frac"] = mean(w == 0)
+    return metrics
+
+
+# --- adaptive clipping (issue 18, docs/SPEC.md section 8) -------------------------------------------
+
+
+def _clip_inputs(batch, config, tokens, old_entropy, checks) -> None:
+    """Sets ``batch.clip_low`` / ``clip_high`` / ``dual_clip`` (fp32 [N], 0 at masked tokens; None: the
+    config's float) from the config's per-token tensors or DCPO's rule, and ``batch.old_entropy`` (ERC).
+    The tensors' values are data checks over the valid tokens: finite and >= 0 (dual clip and SPO's
+    eps: > 1 and > 0)."""
+    valid = batch.mask > 0
+    resolved = {}
+    for name in ("clip_low", "clip_high", "dual_clip"):
+        value = getattr(config, name)
+        resolved[name] = None
+        if not isinstance(value, Tensor):
+            continue
+        if not value.is_floating_point():
+            raise TypeError(f"LossConfig.{name} must be a float or a float tensor, got a {value.dtype} tensor")
+        flat = _masked(_per_token(f"LossConfig.{name}", value, tokens, required=True), valid)
+        low = 1.0 if name == "dual_clip" else 0.0
+        if name == "dual_clip" or (name == "clip_high" and config.loss == "spo"):
+            _check_values(checks, f"LossConfig.{name}", flat, valid, lambda x, low=low: x > low, f"> {low}")
+        else:
+            _check_values(checks, f"LossConfig.{name}", flat, valid, lambda x: x >= 0, ">= 0")
+        resolved[name] = flat
+    if config.adaptive_clip == "dcpo":  # bounds from the old probabilities: known before any kernel
+        resolved["clip_low"], resolved["clip_high"] = dcpo_bounds(batch.old, config.clip_low, config.clip_high,
+                                                                  config.dcpo_ratio_cap)
+    batch.clip_low, batch.clip_high, batch.dual_clip = resolved["clip_low"], resolved["clip_high"], resolved["dual_clip"]
+    batch.old_entropy = None
+    if not config.entropy_ratio_clip:
+        if old_entropy is not None:
+            raise ValueError("old_entropy is only used by ERC (LossConfig.erc_beta_low / erc_beta_high)")
+        return
+    if old_entropy is None:
+        raise ValueError("old_entropy is required by ERC (LossConfig.erc_beta_low / erc_beta_high): pass the old "
+                         "policy's rlfuse.token_logprobs(old_logits, tokens, return_entropy=True)[1]")
+    flat = _masked(_per_token("old_entropy", old_entropy, tokens, required=True), valid)
+    _check_values(checks, "old_entropy", flat, valid, lambda x: x >= 0, ">= 0")
+    batch.old_entropy = flat
+
+
+def _check_values(checks, name, values, valid, ok, requirement) -> None:
+    """A data check: every valid token's value is finite and ``ok`` (a ValueError naming ``name`` else)."""
+    def bad():
+        return valid & ~(torch.isfinite(values) & ok(values))
+
+    checks.add(bad, lambda: ValueError(f"{name} must be finite and {requirement} on every valid token, got "
+                                       f"{values[bad()][:4].tolist()}"))
+
+
+def _bounds(batch, config) -> ClipBounds:
+    """The clip bounds known before the kernels: per-token tensors (given or DCPO's), else the config's."""
+    return ClipBounds.of(config, batch.clip_low, batch.clip_high, batch.dual_clip)
+
+
+def _adaptive_bounds(logp, entropy, batch, config) -> ClipBounds:
+    """The call's clip bounds: :func:`_bounds`, or BAPO's batch-level pair (from the detached ratios) or
+    HAPO's entropy-dependent ones (from the detached entropy of the same pass)."""
+    bounds = _bounds(batch, config)
+    if config.adaptive_clip == "bapo":
+        c_low, c_high, _ = bapo_search(logp, batch.old, batch.advantages, batch.mask, config)
+        return bounds._replace(low=1.0 - c_low, high=c_high - 1.0)
+    if config.adaptive_clip == "hapo":
+        low, high = hapo_bounds(entropy, batch.mask, config)
+        return bounds._replace(low=low, high=high)
+    return bounds
+
+
+def _adaptive_clip_metrics(batch, logp, entropy, config, bounds, mean) -> dict:
+    """The bounds' means (when not the config's floats), BAPO's chosen ratio bounds and positive share,
+    ERC's dropped fraction and mean entropy ratio, CPGD's mean drift."""
+    metrics = {}
+    if bounds.per_token:
+        metrics["clip_low_mean"] = mean(torch.as_tensor(bounds.low).expand_as(batch.mask))
+        metrics["clip_high_mean"] = mean(torch.as_tensor(bounds.high).expand_as(batch.mask))
+    if config.adaptive_clip == "bapo":
+        c_low, c_high, share = bapo_search(logp, batch.old, batch.advantages, batch.mask, config)
+        metrics.update(bapo_clip_low=c_low, bapo_clip_high=c_high, bapo_positive_share=share)
+    if config.entropy_ratio_clip:
+        metrics["erc_masked_frac"] = mean(~erc_keep(entropy, batch.old_entropy, config))
+        metrics["entropy_ratio_mean"] = mean(entropy_ratio(entropy, batch.old_entropy))
+    if config.loss == "cpgd":
+        metrics["cpgd_drift"] = mean(cpgd_drift(logp, batch.old, config.cpgd_drift_cap))
     return metrics
 
 

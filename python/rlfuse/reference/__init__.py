@@ -1,5 +1,16 @@
 """Plain-PyTorch implementations written from docs/SPEC.md: the test oracle and the ``torch`` backend."""
 
+from .adaptive_clip import (
+    ClipBounds,
+    bapo_search,
+    cpgd_drift,
+    cpgd_term,
+    dcpo_bounds,
+    entropy_ratio,
+    erc_keep,
+    hapo_bounds,
+    hapo_entropy_scores,
+)
 from .distill import jsd_gradients, jsd_reference, jsd_statistics, sampled_kl_terms, sparse_kl_terms
 from .kl_div import kl_divergence_reference, kl_gradients, kl_statistics
 from . import mixed_policy  # CHORD, LUFFY, EMPG, Lp-Reg (docs/SPEC.md section 11)
@@ -40,5 +51,6 @@ __all__ = [
     "jsd_reference", "jsd_statistics", "jsd_gradients", "sparse_kl_terms", "sampled_kl_terms",
     "kl_importance_weights", "mismatch_metrics", "off_policy_sequence_mask", "rollout_rejection_mask",
     "rollout_weight_batch_mean", "m2po_mask", "prob_trust_region_mask", "prob_trust_region_violations",
-    "topr_weights",
+    "topr_weights", "ClipBounds", "bapo_search", "cpgd_drift", "cpgd_term", "dcpo_bounds", "entropy_ratio",
+    "erc_keep", "hapo_bounds", "hapo_entropy_scores",
 ]

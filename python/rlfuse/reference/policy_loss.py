@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from .adaptive_clip import ClipBounds, cpgd_drift, cpgd_term
+
 LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
 
@@ -30,12 +32,14 @@ def ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
     return torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
-def ppo_term(logp, old_logp, advantages, config, ratios=None):
-    """Per-token PPO / GPPO loss (docs/SPEC.md section 3), with dual clip and delta."""
+def ppo_term(logp, old_logp, advantages, config, ratios=None, bounds=None):
+    """Per-token PPO / GPPO loss (docs/SPEC.md section 3), with dual clip and delta; ``bounds`` (a
+    ``ClipBounds``, default the config's floats) may hold per-token tensors (section 8)."""
+    bounds = ClipBounds.of(config) if bounds is None else bounds
     r = ratio(logp, old_logp) if ratios is None else ratios
     if config.delta is not None:
         r = torch.where(r > config.delta, torch.full_like(r, config.delta), r)
-    low, high = 1.0 - config.clip_low, 1.0 + config.clip_high
+    low, high = 1.0 - bounds.low, 1.0 + bounds.high
     a = advantages
     # Strict inequalities: a ratio exactly on a boundary is unclipped and keeps its gradient.
     clipped_high = (a > 0) & (r > high)
@@ -49,38 +53,52 @@ def ppo_term(logp, old_logp, advantages, config, ratios=None):
         high_value = (-a * high).detach()
         low_value = (-a * low).detach()
     loss = torch.where(clipped_high, high_value, torch.where(clipped_low, low_value, -a * r))
-    if config.dual_clip is not None:
-        dual = (a < 0) & (loss > -config.dual_clip * a)
-        loss = torch.where(dual, (-config.dual_clip * a).detach(), loss)
+    if bounds.dual is not None:
+        dual = (a < 0) & (loss > -bounds.dual * a)
+        loss = torch.where(dual, (-bounds.dual * a).detach(), loss)
     return loss
 
 
-def cispo_weight(r: Tensor, config) -> Tensor:
+def _clamp(values: Tensor, low=None, high=None) -> Tensor:
+    """torch.clamp whose bounds may be floats, tensors or None (torch.clamp takes no float / tensor mix)."""
+    if low is not None:
+        values = torch.maximum(values, torch.as_tensor(low, dtype=values.dtype, device=values.device))
+    if high is not None:
+        values = torch.minimum(values, torch.as_tensor(high, dtype=values.dtype, device=values.device))
+    return values
+
+
+def cispo_weight(r: Tensor, config, bounds=None) -> Tensor:
+    bounds = ClipBounds.of(config) if bounds is None else bounds
     if config.cispo_mode == "cap":
-        return torch.clamp(r, max=config.clip_high)
+        return _clamp(r, high=bounds.high)
     lower = None
-    if config.cispo_mode == "two_sided" and config.clip_low is not None:
-        lower = 1.0 - config.clip_low
-    return torch.clamp(r, min=lower, max=1.0 + config.clip_high)
+    if config.cispo_mode == "two_sided" and bounds.low is not None:
+        lower = 1.0 - bounds.low
+    return _clamp(r, lower, 1.0 + bounds.high)
 
 
-def policy_term(logp, old_logp, advantages, config) -> Tensor:
-    """Unweighted per-token loss of a token-local variant (docs/SPEC.md section 3)."""
+def policy_term(logp, old_logp, advantages, config, bounds=None) -> Tensor:
+    """Unweighted per-token loss of a token-local variant (docs/SPEC.md section 3) and CPGD (section 8);
+    ``bounds``: the clip bounds (``ClipBounds``, default the config's floats)."""
+    bounds = ClipBounds.of(config) if bounds is None else bounds
     a = advantages
     if config.loss == "reinforce":
         return -a * logp
+    if config.loss == "cpgd":
+        return cpgd_term(logp, old_logp, a, bounds)
     r = ratio(logp, old_logp)
     if config.loss in ("ppo", "gppo"):
-        return ppo_term(logp, old_logp, a, config, r)
+        return ppo_term(logp, old_logp, a, config, r, bounds)
     if config.loss == "cispo":
-        return -cispo_weight(r, config).detach() * a * logp
+        return -cispo_weight(r, config, bounds).detach() * a * logp
     if config.loss == "sapo":
         tau = torch.where(a > 0, config.sapo_tau_pos, config.sapo_tau_neg)
         return -a * (4.0 / tau) * torch.sigmoid(tau * (r - 1.0))
     if config.loss == "pspo":
         return -a * ((1.0 - config.pspo_alpha) * r + config.pspo_alpha)
     if config.loss == "spo":  # eps = clip_high
-        return -(a * r - a.abs() * (r - 1.0) ** 2 / (2.0 * config.clip_high))
+        return -(a * r - a.abs() * (r - 1.0) ** 2 / (2.0 * bounds.high))
     if config.loss == "topr":
         return -topr_weights(logp, old_logp, a, config) * a * logp
     raise ValueError(f"{config.loss!r} is not a token-local loss")
@@ -106,11 +124,14 @@ def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
 
 
 def penalty_terms(logp, entropy, ref_logp, weight, config, old_logp=None, mask=None, cu_seqlens=None) -> Tensor:
-    """Weighted KL-to-reference and entropy-bonus terms per token (docs/SPEC.md section 5).
-    ``kl_bias_correction`` multiplies the KL by :func:`kl_importance_weights` (needs ``old_logp``,
-    and ``mask`` / ``cu_seqlens`` at the sequence level)."""
+    """Weighted KL-to-reference and entropy-bonus terms per token (docs/SPEC.md section 5), and CPGD's
+    policy drift (section 8; needs ``old_logp``). ``kl_bias_correction`` multiplies the KL by
+    :func:`kl_importance_weights` (needs ``old_logp``, and ``mask`` / ``cu_seqlens`` at the sequence level)."""
     zero = torch.zeros_like(logp)
     total = zero
+    if config.loss == "cpgd" and config.cpgd_drift_coef != 0:
+        drift = cpgd_drift(logp, old_logp, config.cpgd_drift_cap)
+        total = total + torch.where(weight != 0, weight * config.cpgd_drift_coef * drift, zero)
     if config.kl is not None and config.kl_coef != 0:
         kl = kl_term(logp, ref_logp, config.kl)
         if getattr(config, "kl_bias_correction", False):
@@ -428,19 +449,20 @@ def gspo_loss(logp, old_logp, advantages, mask, cu_seqlens, config) -> Tensor:
     return (per_seq * valid).sum() / valid.sum().clamp(min=1)
 
 
-def gspo_token_term(logp, old_logp, advantages, mask, cu_seqlens, config) -> Tensor:
+def gspo_token_term(logp, old_logp, advantages, mask, cu_seqlens, config, bounds=None) -> Tensor:
     """log s_it = sg(log s_i) + logp_t - sg(logp_t), clamped <= 10; per-token PPO clip."""
+    bounds = ClipBounds.of(config) if bounds is None else bounds
     mean_log_ratio, _ = _per_sequence((logp - old_logp).detach(), mask, cu_seqlens)
     log_s = _broadcast(mean_log_ratio, cu_seqlens, logp.numel()) + logp - logp.detach()
     s = torch.exp(torch.clamp(log_s, max=10.0))
-    low, high = 1.0 - config.clip_low, 1.0 + config.clip_high
-    return torch.maximum(-advantages * s, -advantages * torch.clamp(s, low, high))
+    return torch.maximum(-advantages * s, -advantages * _clamp(s, 1.0 - bounds.low, 1.0 + bounds.high))
 
 
-def gmpo_loss(logp, old_logp, advantages, mask, cu_seqlens, config) -> Tensor:
+def gmpo_loss(logp, old_logp, advantages, mask, cu_seqlens, config, bounds=None) -> Tensor:
     """Geometric-mean policy optimisation: clip in log space, R_i = exp(mean_t l~), mean_i(-A_i R_i)."""
+    bounds = ClipBounds.of(config) if bounds is None else bounds
     log_ratio = logp - old_logp
-    clipped = torch.clamp(log_ratio, -config.clip_low, config.clip_high)
+    clipped = _clamp(log_ratio, -bounds.low, bounds.high)
     sign = torch.sign(advantages)
     pessimistic = sign * torch.minimum(sign * log_ratio, sign * clipped)
     mean_log, lengths = _per_sequence(pessimistic, mask, cu_seqlens)
@@ -459,12 +481,13 @@ def _covariance(logp, advantages, mask):
     return (advantages - mean_a) * (lp - mean_lp), valid
 
 
-def clip_cov_term(logp, old_logp, advantages, mask, config) -> Tensor:
+def clip_cov_term(logp, old_logp, advantages, mask, config, bounds=None) -> Tensor:
     """PPO loss with a seeded random subset of high-covariance, unclipped tokens detached (loss 0)."""
-    loss = ppo_term(logp, old_logp, advantages, config)
+    bounds = ClipBounds.of(config) if bounds is None else bounds
+    loss = ppo_term(logp, old_logp, advantages, config, bounds=bounds)
     cov, valid = _covariance(logp, advantages, mask)
     r = ratio(logp, old_logp).detach()
-    unclipped = ~(((advantages > 0) & (r > 1.0 + config.clip_high)) | ((advantages < 0) & (r < 1.0 - config.clip_low)))
+    unclipped = ~(((advantages > 0) & (r > 1.0 + bounds.high)) | ((advantages < 0) & (r < 1.0 - bounds.low)))
     candidates = torch.nonzero(valid & unclipped & (cov > config.cov_lb) & (cov < config.cov_ub)).flatten()
     count = min(max(1, int(config.cov_ratio * int(valid.sum()))), candidates.numel())
     if count:
