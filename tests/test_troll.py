@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import rlfuse
 from rlfuse import LossConfig
 from rlfuse.troll import TrollProjection, kl_on_support, solve_eta
-from conftest import kernel_backends
+from conftest import HAS_CUDA, kernel_backends
 
 BACKENDS = kernel_backends("cpu")
 
@@ -336,6 +336,21 @@ def test_troll_support_matches_spec_for_any_k(backend, seed, k, vocab, temperatu
 # --- the fused kernels (schema.h TrollArgs) ---------------------------------------------------------
 
 FUSED = [b for b in BACKENDS if rlfuse.troll.has_fused_kernel(b)]
+# (device, backend) pairs for the fused-kernel tests: every fused backend on CPU tensors here, and
+# the CUDA and Triton kernels on CUDA tensors (marked gpu: `make gpu-check` runs them; they skip here).
+FUSED_TARGETS = [pytest.param(("cpu", b), id=f"cpu-{b}") for b in FUSED] + [
+    pytest.param(("cuda", b), id=f"cuda-{b}", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")])
+    for b in ("cuda", "triton")
+]
+
+
+def _to(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
+
+
+def _interpreted(device, backend):
+    """Triton on CPU tensors runs in the interpreter (seconds per call): those tests run a sample."""
+    return device == "cpu" and backend == "triton"
 
 
 def _troll_case(generator, vocab, k, threshold=1e-5, eps=0.05, temperature=0.9, rows=(2, 3)):
@@ -348,17 +363,22 @@ def _troll_case(generator, vocab, k, threshold=1e-5, eps=0.05, temperature=0.9, 
     return logits, tokens, old_logits, old_logprobs, advantages, config
 
 
-def _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages, config, mask=None, inplace=False,
+def _check_fused(target, logits, tokens, old_logits, old_logprobs, advantages, config, mask=None, inplace=False,
                  gradient=True):
-    """policy_loss on ``backend`` against the dense float64 oracle: loss, gradient (unless not
-    ``gradient``) and the TROLL metrics."""
+    """policy_loss on the (device, backend) ``target`` against the dense float64 oracle (on CPU):
+    loss, gradient (unless not ``gradient``) and the TROLL metrics."""
+    device, backend = target
     old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=config.troll_k, threshold=config.troll_threshold,
                                       temperature=config.temperature, backend="torch")
-    leaf = logits.clone().requires_grad_(True)
+    old_topk = old_topk.to(device)
+    leaf = logits.to(device).requires_grad_(True)
     source = leaf * 1.0 if inplace else leaf
-    out = rlfuse.policy_loss(source, tokens, advantages, old_logprobs=old_logprobs, old_topk=old_topk, mask=mask,
-                             config=config, backend=backend, inplace_backward=inplace)
+    out = rlfuse.policy_loss(source, tokens.to(device), advantages.to(device), old_logprobs=old_logprobs.to(device),
+                             old_topk=old_topk, mask=None if mask is None else mask.to(device), config=config,
+                             backend=backend, inplace_backward=inplace)
     out.loss.backward()
+    out.loss, leaf.grad = out.loss.cpu(), leaf.grad.cpu()
+    out.metrics = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in out.metrics.items()}
     metrics = {}
     expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config,
                                                         mask=mask, metrics=metrics)
@@ -377,35 +397,35 @@ def _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages, 
     return out, leaf.grad
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("target", FUSED_TARGETS)
 @pytest.mark.parametrize("vocab, k, threshold", [
     (7, 4, 1e-5),  # all K used, a tiny row
     (5, 8, 1e-5),  # K > V: every entry kept
     (300, 32, 0.2),  # K larger than the kept count (the threshold stops first)
     (2100, 8, 1e-5),  # V above one chunk (CPU: 2048; Triton interpreter: 1024)
 ])
-def test_fused_troll_matches_dense_oracle(backend, vocab, k, threshold, generator):
+def test_fused_troll_matches_dense_oracle(target, vocab, k, threshold, generator):
     case = _troll_case(generator, vocab, k, threshold)
-    out, grad = _check_fused(backend, *case)
+    out, grad = _check_fused(target, *case)
     assert out.metrics["troll_projected_frac"].item() > 0.0
     assert (grad != 0).sum() <= out.metrics["troll_support_mean"] * case[1].numel()  # zero outside the support
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("target", FUSED_TARGETS)
 @pytest.mark.parametrize("vocab, k", [(3000, 16), (400, 64)])
-def test_fused_troll_tied_logits(backend, vocab, k, generator):
+def test_fused_troll_tied_logits(target, vocab, k, generator):
     """Logits with many ties (rounded to halves): the top-k threshold, seeded by the k-th largest
     logit of the old kept ids, sits on a tie, and the kept set is still the oracle's (lower id first)."""
-    if backend == "triton" and vocab > 1024:
+    if _interpreted(*target) and vocab > 1024:
         pytest.skip("one case under the Triton interpreter")
     logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, vocab, k, rows=(2, 2))
     logits = (logits * 2).round() / 2
     old_logits = logits + 0.01 * torch.randn(logits.shape, generator=generator)  # old kept ids ~ the new top k
-    _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages, config)
+    _check_fused(target, logits, tokens, old_logits, old_logprobs, advantages, config)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_troll_rows_needing_no_projection_and_at_the_eps_boundary(backend, generator):
+@pytest.mark.parametrize("target", FUSED_TARGETS)
+def test_fused_troll_rows_needing_no_projection_and_at_the_eps_boundary(target, generator):
     logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 200, 16)
     metrics = {}
     reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config, metrics=metrics)
@@ -414,11 +434,11 @@ def test_fused_troll_rows_needing_no_projection_and_at_the_eps_boundary(backend,
     # which side the kernel's fp32 logits put that row on may differ; the loss is continuous there,
     # the gradient is not: at eta = 0+ the implicit term does not vanish).
     values = (kl[-1] * 1.5, kl[2] * (1 + 1e-9), kl[2] * (1 - 1e-9), kl[2] * (1 + 1e-4), kl[2] * (1 - 1e-4))
-    if backend == "triton":  # (seconds per call under the interpreter)
+    if _interpreted(*target):  # (seconds per call)
         values = values[::2]
     for eps in values:
         at_boundary = abs(eps / kl[2] - 1) < 1e-6
-        out, _ = _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages,
+        out, _ = _check_fused(target, logits, tokens, old_logits, old_logprobs, advantages,
                               config.replace(troll_eps=eps), gradient=not at_boundary)
         projected = out.metrics["troll_projected_frac"].item()
         if eps > kl[-1]:
@@ -427,8 +447,8 @@ def test_fused_troll_rows_needing_no_projection_and_at_the_eps_boundary(backend,
             assert projected == pytest.approx(3 / 6)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_troll_minus_inf_logits_and_masked_tokens(backend, generator):
+@pytest.mark.parametrize("target", FUSED_TARGETS)
+def test_fused_troll_minus_inf_logits_and_masked_tokens(target, generator):
     logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 150, 8)
     old_top = torch.sort(old_logits, -1, descending=True).indices
     # Old kept ids the new policy rules out (low-ranked ones: a dead id's old mass m makes every
@@ -442,16 +462,19 @@ def test_fused_troll_minus_inf_logits_and_masked_tokens(backend, generator):
     mask = torch.ones(2, 3)
     mask[1, 2] = 0
     logits[1, 2] = float("nan")  # garbage in a masked row never leaks
-    out, grad = _check_fused(backend, logits, tokens, old_logits, old_logprobs, advantages, config, mask=mask)
+    out, grad = _check_fused(target, logits, tokens, old_logits, old_logprobs, advantages, config, mask=mask)
     assert torch.all(grad[logits == float("-inf")] == 0) and torch.all(grad[1, 2] == 0)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("target", FUSED_TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_troll_inplace_backward(backend, dtype, generator):
-    if backend == "triton" and dtype == torch.float32:
+def test_fused_troll_inplace_backward(target, dtype, generator):
+    device, backend = target
+    if _interpreted(*target) and dtype == torch.float32:
         pytest.skip("bf16 only under the Triton interpreter")
-    logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 300, 16)
+    case = _troll_case(generator, 300, 16)
+    logits, tokens, old_logits, old_logprobs, advantages = _to(device, *case[:5])
+    config = case[5]
     old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=16, temperature=0.9)
     results = []
     for inplace in (False, True):
@@ -463,17 +486,18 @@ def test_fused_troll_inplace_backward(backend, dtype, generator):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("target", FUSED_TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "token-sum"])
 @pytest.mark.parametrize("penalties", [{}, {"kl": "k3", "kl_coef": 0.1, "entropy_coef": 0.01}])
-def test_fused_troll_with_penalties_and_aggregations_matches_torch(backend, dtype, aggregation, penalties, generator):
+def test_fused_troll_with_penalties_and_aggregations_matches_torch(target, dtype, aggregation, penalties, generator):
     """The fused kernel (penalties in the same kernel) against the torch composition (penalties
     through token_logprobs) on the same inputs, masked tokens included."""
-    if backend == "triton" and (dtype == torch.float32) != (aggregation == "token-mean") or (
-            backend == "triton" and aggregation == "token-sum"):
+    device, backend = target
+    if _interpreted(*target) and ((dtype == torch.float32) != (aggregation == "token-mean") or aggregation == "token-sum"):
         pytest.skip("under the Triton interpreter (seconds per call) a sample: fp32 token-mean, bf16 seq-mean")
-    logits, tokens, old_logits, old_logprobs, advantages, _ = _troll_case(generator, 500, 16, rows=(3, 4))
+    logits, tokens, old_logits, old_logprobs, advantages = _to(
+        device, *_troll_case(generator, 500, 16, rows=(3, 4))[:5])
     logits = logits.to(dtype)
     config = LossConfig.troll(troll_k=16, temperature=0.9, aggregation=aggregation, **penalties)
     old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=16, temperature=0.9)
@@ -497,14 +521,18 @@ def test_fused_troll_with_penalties_and_aggregations_matches_torch(backend, dtyp
     torch.testing.assert_close(fused.logprobs, torch_out.logprobs, **tol)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_troll_opcheck(backend, generator):
+@pytest.mark.parametrize("target", FUSED_TARGETS)
+def test_fused_troll_opcheck(target, generator):
     from rlfuse.ops import troll as troll_ops
     from rlfuse.troll import _penalty_params
 
-    logits, tokens, old_logits, old_logprobs, advantages, config = _troll_case(generator, 37, 4, rows=(5,))
+    device, backend = target
+    case = _troll_case(generator, 37, 4, rows=(5,))
+    logits, tokens, old_logits, old_logprobs, advantages = _to(device, *case[:5])
+    config = case[5]
     old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=4)
-    per_token = (advantages, old_logprobs, old_logprobs - 0.1, torch.full((5,), 0.2), torch.full((5,), 0.2))
+    per_token = (advantages, old_logprobs, old_logprobs - 0.1, torch.full((5,), 0.2, device=device),
+                 torch.full((5,), 0.2, device=device))
     params = _penalty_params(config.replace(kl="k3", kl_coef=0.1), True)._asdict()
     args = (tokens, *per_token, old_topk.ids, old_topk.logprobs, 4, 1e-5, 0.05, 1.0, 0.9, backend)
     torch.library.opcheck(troll_ops.troll_fused, (logits, *args), params)
