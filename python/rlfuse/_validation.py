@@ -107,8 +107,22 @@ MAX_TEMPERATURE = 1.0 / MIN_TEMPERATURE  # 2^126
 TEMPERATURE_RANGE = f"[{MIN_TEMPERATURE:.8g}, {MAX_TEMPERATURE:.8g}]"
 
 
-def check_temperature(temperature) -> float:
-    """A positive temperature with T and 1 / T normal fp32 numbers (the kernels take 1 / T as fp32)."""
+PER_TOKEN_TEMPERATURE_OPS = "token_logprobs, entropy, kl_divergence, sparse_logprobs and policy_loss"
+
+
+def check_temperature(temperature, tokens: torch.Tensor | None = None, checks: DataChecks | None = None,
+                      logits=None):
+    """A positive temperature with T and 1 / T normal fp32 numbers (the kernels take 1 / T as fp32).
+
+    A number comes back as a float. A tensor (README "Per-token temperature") is accepted where the
+    caller passes the rows it applies to, ``tokens`` or else the call's ``logits`` (tensor or source,
+    rows ``logits.shape[:-1]``): one value per row (that shape, or a 0-dim tensor broadcast to it), a
+    float dtype, on their device, without gradient (the temperature gets none); it comes back as a
+    contiguous float64 tensor of that shape. Its values obey the number's range, as a data check
+    added to ``checks`` (the caller runs it) or, without ``checks``, run here (one host
+    synchronisation, agreed over ``logits``' group for a split source)."""
+    if isinstance(temperature, torch.Tensor):
+        return _check_temperature_tensor(temperature, tokens, checks, logits)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive number, got {temperature!r}")
     temperature = float(temperature)
@@ -120,6 +134,37 @@ def check_temperature(temperature) -> float:
             f"1 / T (by which the kernels scale the logits in fp32) are normal fp32 numbers"
         )
     return temperature
+
+
+def _check_temperature_tensor(temperature, tokens, checks, logits):
+    if tokens is None and logits is None:
+        raise TypeError(f"temperature must be a positive number here; a per-token temperature tensor is taken by "
+                        f"{PER_TOKEN_TEMPERATURE_OPS}")
+    if not temperature.dtype.is_floating_point:
+        raise TypeError(f"temperature must be a float tensor, got {temperature.dtype}")
+    if temperature.requires_grad:
+        raise ValueError("temperature gets no gradient (only the logits do): pass temperature.detach()")
+    rows, device = (tuple(tokens.shape), tokens.device) if tokens is not None else (tuple(logits.shape[:-1]),
+                                                                                       logits.device)
+    if temperature.device != device:
+        raise ValueError(f"temperature is on {temperature.device} but logits are on {device}")
+    if temperature.shape != rows and temperature.dim() != 0:
+        raise ValueError(f"temperature must be a number, a 0-dim tensor or a tensor of the tokens' shape "
+                         f"{rows}, got shape {tuple(temperature.shape)}")
+    per_token = temperature.to(torch.float64).expand(rows).contiguous()
+    own = checks is None
+    checks = DataChecks(logits) if own else checks
+
+    def out_of_range():
+        bad = per_token[~((per_token >= MIN_TEMPERATURE) & (per_token <= MAX_TEMPERATURE))]
+        return ValueError(f"temperature values must lie in {TEMPERATURE_RANGE} (T and 1 / T normal fp32 numbers), "
+                          f"found {float(bad[0])!r}")
+
+    if per_token.numel():
+        checks.add(lambda: ~((per_token >= MIN_TEMPERATURE) & (per_token <= MAX_TEMPERATURE)), out_of_range)
+    if own:
+        checks.run()
+    return per_token
 
 
 def check_tokens(tokens, logits: torch.Tensor, checks: DataChecks | None = None) -> None:

@@ -80,8 +80,8 @@ from torch import Tensor
 
 from . import _validation as check
 from .backends import resolve_backend
-from .ops._launch import empty_buffer
-from .ops.policy_loss import TokenLossParams, policy_loss_fused_inplace
+from .ops._launch import empty_buffer, split_temperature
+from .ops.policy_loss import TokenLossParams, fused_op_arguments, policy_loss_fused_inplace
 from .ops.token_logprobs import token_logprobs_bwd_inplace, token_logprobs_fwd
 from .source import LogitsSource
 
@@ -341,10 +341,11 @@ class LinearLogits(LogitsSource):
     def _token_logprobs(self, tokens, temperature, backend, mask=None):
         return _token_logprobs(self, tokens, temperature, backend, mask, True)
 
-    def _fused_policy_loss(self, tokens, per_token, temperature, params, backend, valid):
+    def _fused_policy_loss(self, tokens, per_token, temperature, params, backend, valid, clip_rows=(None, None, None)):
         if self.shard_layout is not None:
             raise ValueError("a LinearLogits split over a process group has no fused path: use path='general'")
-        loss, logp, entropy = linear_fused_policy_loss(self, tokens, per_token, temperature, params, backend, valid)
+        loss, logp, entropy = linear_fused_policy_loss(self, tokens, per_token, temperature, params, backend, valid,
+                                                       clip_rows)
         return loss, logp.reshape(-1), entropy.reshape(-1)  # flat [N], as FusedPolicyLoss's
 
     def _kl_divergence(self, other, direction, temperature, backend, mask=None):
@@ -486,6 +487,16 @@ class _Chunks:
         if self.rows is not None:
             flat = flat.index_select(0, self.rows)
         return self.pad(flat)
+
+    def gather_temperature(self, temperature):
+        """A number as it is; a per-token temperature at the valid rows, padded with 1 (a padding
+        row's T must stay a valid scale): ``[n_pad]``."""
+        if not isinstance(temperature, Tensor):
+            return temperature
+        rows = self.gather(temperature)
+        if self.n_pad > self.n:
+            rows[self.n:] = 1.0
+        return rows
 
     def hidden_chunk(self, r0: int, r1: int) -> Tensor:
         """``[r1 - r0, D]`` hidden rows of the chunk in the compute dtype (zero rows past ``n``)."""
@@ -736,9 +747,11 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 ids = torch.where(owned, tok - layout.vocab_start, torch.full_like(tok, -1))
             logp, entropy, lse = (torch.empty(chunks.n_pad, dtype=torch.float32, device=hidden.device)
                                   for _ in range(3))
+            temperature = chunks.gather_temperature(temperature)
             for r0, r1 in chunks.bounds():
                 logits = chunks.logits(chunks.hidden_chunk(r0, r1))
-                lp, en, ls = token_logprobs_fwd(logits, ids[r0:r1], temperature, backend, False)
+                scalar, temperatures = split_temperature(_chunk_rows(temperature, r0, r1))
+                lp, en, ls = token_logprobs_fwd(logits, ids[r0:r1], scalar, backend, False, temperatures)
                 logp[r0:r1], entropy[r0:r1], lse[r0:r1] = lp, en, ls
             if layout is not None:
                 from .sharded import combine_token_stats
@@ -777,12 +790,18 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     from .sharded import _torch_token_gradient  # the reference recomputes a local normaliser
 
                     buf.copy_(_torch_token_gradient(buf, tok[r0:r1], lse[r0:r1], entropy[r0:r1], g_logp[r0:r1],
-                                                    g_entropy[r0:r1], ctx.temperature))
+                                                    g_entropy[r0:r1], _chunk_rows(ctx.temperature, r0, r1)))
                 else:
+                    scalar, temperatures = split_temperature(_chunk_rows(ctx.temperature, r0, r1))
                     token_logprobs_bwd_inplace(buf, tok[r0:r1], lse[r0:r1], entropy[r0:r1], g_logp[r0:r1],
-                                               g_entropy[r0:r1], ctx.temperature, ctx.backend)
+                                               g_entropy[r0:r1], scalar, ctx.backend, temperatures)
                 chunks.backprop(r0, r1, h, buf, grads)
         return *grads.results(hidden, weight, bias), *none
+
+
+def _chunk_rows(values, r0: int, r1: int):
+    """A chunk's part of an optional per-row input: a number or None as it is, else the slice."""
+    return values[r0:r1] if isinstance(values, Tensor) else values
 
 
 def _check_mask(mask, tokens: Tensor) -> None:
@@ -821,17 +840,24 @@ def linear_entropy(src: LinearLogits, temperature: float = 1.0, backend: str = "
     """``rlfuse.entropy`` for a ``LinearLogits`` (``mask`` as in ``linear_token_logprobs``)."""
     _check_source(src)
     tokens = torch.zeros(src.shape[:-1], dtype=torch.int64, device=src.device)
-    return _token_logprobs(src, tokens, temperature, backend, mask, True)[1]
+    return _token_logprobs(src, tokens, check.check_temperature(temperature, logits=src), backend, mask,
+                           True)[1]
 
 
 def _token_logprobs(src, tokens, temperature, backend, mask, tokens_checked):
+    """``temperature``: a number, or one value per token (a tensor is checked here unless
+    ``tokens_checked``: the caller's checks covered it, as they covered the ids)."""
     _check_source(src)
-    temperature = check.check_temperature(temperature)
     if tokens_checked:  # type, shape and device only
         if not isinstance(tokens, torch.Tensor) or tokens.shape != src.shape[:-1] or tokens.device != src.device:
             check.check_tokens(tokens, src)  # raises the usual message
+        if not isinstance(temperature, Tensor):
+            temperature = check.check_temperature(temperature)
     else:
-        check.check_tokens(tokens, src)
+        checks = check.DataChecks(src)  # the ids and a per-token temperature: one host read
+        check.check_tokens(tokens, src, checks)
+        temperature = check.check_temperature(temperature, tokens, checks)
+        checks.run()
     _check_mask(mask, tokens)
     cdtype = src.compute_dtype()
     resolved = resolve_backend(backend, src.device, "token_logprobs", cdtype)
@@ -848,15 +874,15 @@ def _token_logprobs(src, tokens, temperature, backend, mask, tokens_checked):
 # --- fused path: token-local policy losses ------------------------------------------------------
 
 
-def _fused_chunk(logits: Tensor, tokens: Tensor, per_token, temperature: float, params: TokenLossParams,
-                 backend: str):
+def _fused_chunk(logits: Tensor, tokens: Tensor, per_token, temperature, params: TokenLossParams,
+                 backend: str, clip_rows):
     """The one call of ``rlfuse::policy_loss_fused_inplace``: the single place to adapt when its
-    signature changes. API of commit a479686 ("One declaration per kernel interface"): the
-    ``TokenLossParams`` fields are keyword-only op arguments (``rlfuse._schema``), as in
+    signature changes. The ``TokenLossParams`` fields and the optional per-row inputs (a per-token
+    ``temperature``, ``clip_rows``) are built by ``fused_op_arguments``, as in
     ``FusedPolicyLoss.forward``. Returns (per-token loss, logp, entropy) and leaves dL/dlogits in
     ``logits``."""
-    op_params = {name: getattr(params, name) for name in TokenLossParams._fields}
-    return policy_loss_fused_inplace(logits, tokens, *per_token, temperature, backend, **op_params)
+    temperature, op_kwargs = fused_op_arguments(temperature, params, clip_rows)
+    return policy_loss_fused_inplace(logits, tokens, *per_token, temperature, backend, **op_kwargs)
 
 
 def _rescale_(grads, factor: Tensor) -> None:
@@ -877,20 +903,24 @@ class _LinearFusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, src, tokens, rows, per_token, temperature, params, backend, cdtype,
-                needs):
+                needs, clip_rows):
         with _no_autocast(hidden.device):
             chunks = _Chunks(src, hidden, weight, bias, rows, cdtype)
             tok = chunks.gather(tokens.to(torch.int64))
             # Padding rows: advantages, old/ref log-probs and both weights 0, so their loss and
             # gradient rows are 0.
             per_row = [chunks.gather(p.to(torch.float32)) for p in per_token]
+            temperature = chunks.gather_temperature(temperature)
+            clip_rows = [None if c is None else chunks.gather(c.to(torch.float32)) for c in clip_rows]
             loss, logp, entropy = (torch.empty(chunks.n_pad, dtype=torch.float32, device=hidden.device)
                                    for _ in range(3))
             grads = _Grads(src, chunks, hidden, weight, bias, needs)
             for r0, r1 in chunks.bounds():
                 h = chunks.hidden_chunk(r0, r1)
                 buf = chunks.logits(h)
-                lo, lp, en = _fused_chunk(buf, tok[r0:r1], [p[r0:r1] for p in per_row], temperature, params, backend)
+                lo, lp, en = _fused_chunk(buf, tok[r0:r1], [p[r0:r1] for p in per_row],
+                                          _chunk_rows(temperature, r0, r1), params, backend,
+                                          [_chunk_rows(c, r0, r1) for c in clip_rows])
                 loss[r0:r1], logp[r0:r1], entropy[r0:r1] = lo, lp, en
                 if any(needs):
                     chunks.backprop(r0, r1, h, buf, grads)
@@ -909,7 +939,7 @@ class _LinearFusedPolicyLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grads = ctx.saved_tensors
-        none = (None,) * 9
+        none = (None,) * 10
         present = [g for g in grads if g is not None]
         if not present:
             return None, None, None, *none
@@ -938,8 +968,9 @@ class _LinearFusedPolicyLoss(torch.autograd.Function):
         return *grads, *none
 
 
-def linear_fused_policy_loss(src: LinearLogits, tokens: Tensor, per_token, temperature: float,
-                             params: TokenLossParams, backend: str, valid: Tensor | None = None):
+def linear_fused_policy_loss(src: LinearLogits, tokens: Tensor, per_token, temperature,
+                             params: TokenLossParams, backend: str, valid: Tensor | None = None,
+                             clip_rows=(None, None, None)):
     """The fused path of ``rlfuse.policy_loss`` for a ``LinearLogits``: ``FusedPolicyLoss.apply``'s
     contract with the logits replaced by ``src``.
 
@@ -947,7 +978,9 @@ def linear_fused_policy_loss(src: LinearLogits, tokens: Tensor, per_token, tempe
         tokens: ids of ``src.shape[:-1]`` (already validated by the caller).
         per_token: ``(advantages, old_logp, ref_logp, policy_weight, weight)``, each ``[N]`` fp32
             with 0 at masked positions (``losses._fused`` builds them).
-        temperature, params (``TokenLossParams``), backend: a resolved kernel backend.
+        temperature: a number, or a validated per-token float64 tensor (the tokens' shape).
+        params (``TokenLossParams``), backend: a resolved kernel backend.
+        clip_rows: optional per-token ``clip_low`` / ``clip_high`` / ``dual_clip`` (``[N]`` fp32).
         valid: optional ``[N]`` (or tokens-shaped) mask; rows with ``valid == 0`` are dropped before any
             GEMM (their logp / entropy are reported as 0, their hidden rows get zero gradient).
 
@@ -966,4 +999,5 @@ def linear_fused_policy_loss(src: LinearLogits, tokens: Tensor, per_token, tempe
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (src.hidden, src.weight, src.bias))
     return _LinearFusedPolicyLoss.apply(src.hidden, src.weight, src.bias, src, tokens, rows, tuple(per_token),
-                                        float(temperature), params, backend, cdtype, needs)
+                                        temperature if isinstance(temperature, Tensor) else float(temperature),
+                                        params, backend, cdtype, needs, tuple(clip_rows))

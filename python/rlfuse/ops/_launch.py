@@ -41,6 +41,28 @@ def empty_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return buffer
 
 
+def split_temperature(temperature) -> tuple[float, torch.Tensor | None]:
+    """``(temperature, temperatures)`` op arguments of a validated temperature: a float gives
+    ``(T, None)``; a per-token float64 tensor (``_validation.check_temperature``) ``(1.0, tensor)``,
+    the scalar then unused."""
+    if isinstance(temperature, torch.Tensor):
+        return 1.0, temperature
+    return temperature, None
+
+
+def inv_temps(temperatures: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels' per-row ``inv_temps``: fp32(1 / T) from the float64 T, as the scalar path's
+    ``inv_temp = 1.0 / T`` is rounded once to fp32 (so a constant tensor gives the scalar's bits)."""
+    if temperatures is None:
+        return None
+    return torch.reciprocal(temperatures.reshape(-1).to(torch.float64)).to(torch.float32).contiguous()
+
+
+def rows_f32(values: torch.Tensor | None) -> torch.Tensor | None:
+    """An optional per-row input as the kernels take it: flat contiguous fp32."""
+    return None if values is None else values.reshape(-1).to(torch.float32).contiguous()
+
+
 def _converter(field: _schema.Field):
     """value -> what the binding takes for ``field`` (pointers as int addresses, 0 for None)."""
     if field.ctype in _schema.POINTER_TYPES:

@@ -8,6 +8,9 @@ the logits themselves (declared as a mutation), so the loss costs no ``[N, V]`` 
 
 The loss parameters are the fields of ``TokenLossParams`` (``rlfuse._schema``): typed, named
 arguments of both ops (``..., *, int policy, int kl, int cispo_mode, float clip_low, ...``).
+Optional per-token inputs after them: ``temperatures`` (float64 T per row; ``temperature`` then
+unused, the kernels get fp32(1 / T) as ``inv_temps``) and ``clip_low_rows`` / ``clip_high_rows`` /
+``dual_clip_rows`` (fp32, replacing the params' ``clip_low`` / ``clip_high`` / ``dual_clip`` per row).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .. import _schema
 from .._layout import gradient_layouts, inplace_layout
 from ..backends import triton_installed, triton_interpreting
 from ._fake import gradient, out_op, per_entry
-from ._launch import empty_gradient, kernels
+from ._launch import empty_gradient, inv_temps, kernels, rows_f32, split_temperature
 
 _PARAM_FIELDS = _schema.TOKEN_LOSS_PARAMS.fields
 
@@ -57,13 +60,18 @@ def _op_params_schema() -> str:
 
 
 _PER_TOKEN = "Tensor advantages, Tensor old_logp, Tensor ref_logp, Tensor policy_weight, Tensor weight"
-_FUSED_SCHEMA = (f"(Tensor logits, Tensor tokens, {_PER_TOKEN}, float temperature, str backend, *, "
+# Optional per-row inputs of the fused kernel (None: the scalar or the params' field applies).
+CLIP_ROWS = ("clip_low_rows", "clip_high_rows", "dual_clip_rows")
+_ROWS = ", ".join(f"Tensor? {name}=None" for name in ("temperatures", *CLIP_ROWS))
+# (custom ops take no keyword-only tensors: they come before the keyword-only loss parameters)
+_FUSED_SCHEMA = (f"(Tensor logits, Tensor tokens, {_PER_TOKEN}, float temperature, str backend, {_ROWS}, *, "
                  f"{_op_params_schema()}) -> (Tensor, Tensor, Tensor, Tensor)")
-_FUSED_INPLACE_SCHEMA = (f"(Tensor(a!) logits, Tensor tokens, {_PER_TOKEN}, float temperature, str backend, *, "
-                         f"{_op_params_schema()}) -> (Tensor, Tensor, Tensor)")
+_FUSED_INPLACE_SCHEMA = (f"(Tensor(a!) logits, Tensor tokens, {_PER_TOKEN}, float temperature, str backend, {_ROWS}, "
+                         f"*, {_op_params_schema()}) -> (Tensor, Tensor, Tensor)")
 
 
-def _launch(logits, tokens, per_token, temperature, params, backend, grad_logits):
+def _launch(logits, tokens, per_token, temperature, params, backend, grad_logits, temperatures=None,
+            clip_rows=(None, None, None)):
     rows_view, layout, grad_layout = gradient_layouts(logits, grad_logits)
     n = layout[0]
     loss, logp, entropy = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
@@ -73,20 +81,32 @@ def _launch(logits, tokens, per_token, temperature, params, backend, grad_logits
     kernels(backend, "policy_loss").policy_loss_fused(
         rows_view, layout, logits.shape[-1], tokens.reshape(-1).to(torch.int64).contiguous(), 1.0 / temperature,
         advantages, old_logp, ref_logp, policy_weight, weight, params, loss, logp, entropy, grad_logits, grad_layout,
+        inv_temps=inv_temps(temperatures), **{name: rows_f32(rows) for name, rows in zip(CLIP_ROWS, clip_rows)},
     )
     return loss, logp, entropy
 
 
-def _fused(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, temperature, backend, **params):
+def _fused(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, temperature, backend,
+           temperatures=None, clip_low_rows=None, clip_high_rows=None, dual_clip_rows=None, **params):
     per_token = (advantages, old_logp, ref_logp, policy_weight, weight)
     grad = empty_gradient(logits)
-    return (*_launch(logits, tokens, per_token, temperature, TokenLossParams(**params), backend, grad), grad)
+    return (*_launch(logits, tokens, per_token, temperature, TokenLossParams(**params), backend, grad, temperatures,
+                     (clip_low_rows, clip_high_rows, dual_clip_rows)), grad)
 
 
 def _fused_inplace(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, temperature, backend,
-                   **params):
+                   temperatures=None, clip_low_rows=None, clip_high_rows=None, dual_clip_rows=None, **params):
     per_token = (advantages, old_logp, ref_logp, policy_weight, weight)
-    return _launch(logits, tokens, per_token, temperature, TokenLossParams(**params), backend, logits)
+    return _launch(logits, tokens, per_token, temperature, TokenLossParams(**params), backend, logits, temperatures,
+                   (clip_low_rows, clip_high_rows, dual_clip_rows))
+
+
+def fused_op_arguments(temperature, params, clip_rows=(None, None, None)) -> tuple[float, dict]:
+    """``(temperature, keyword arguments)`` of the fused ops for a validated temperature (a number
+    or a per-token float64 tensor), ``TokenLossParams`` and the optional per-token clip bounds."""
+    scalar, temperatures = split_temperature(temperature)
+    op_params = {name: getattr(params, name) for name in TokenLossParams._fields}
+    return scalar, {**op_params, "temperatures": temperatures, **dict(zip(CLIP_ROWS, clip_rows))}
 
 
 # (loss, logp, entropy): one fp32 value per token, as the advantages; the out-of-place op also the gradient.
@@ -150,15 +170,17 @@ class FusedPolicyLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, tokens, per_token, temperature, params, backend, inplace):
-        op_params = {name: getattr(params, name) for name in TokenLossParams._fields}
+    def forward(ctx, logits, tokens, per_token, temperature, params, backend, inplace, clip_rows=(None, None, None)):
+        """``temperature``: a number or a per-token float64 tensor; ``clip_rows``: optional per-token
+        clip_low / clip_high / dual_clip (``CLIP_ROWS``)."""
+        temperature, op_kwargs = fused_op_arguments(temperature, params, clip_rows)
         if inplace:
             token_losses, logp, entropy = policy_loss_fused_inplace(
-                logits, tokens, *per_token, temperature, backend, **op_params)
+                logits, tokens, *per_token, temperature, backend, **op_kwargs)
             grad = logits
         else:
             token_losses, logp, entropy, grad = policy_loss_fused(
-                logits, tokens, *per_token, temperature, backend, **op_params)
+                logits, tokens, *per_token, temperature, backend, **op_kwargs)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(logp, entropy)
         ctx.applied_scale = 1.0  # the factor the saved gradient currently carries (host path)
@@ -168,7 +190,7 @@ class FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         (grad,) = ctx.saved_tensors
-        none = (None,) * 6
+        none = (None,) * 7  # one per input after the logits (FusedTroll, one fewer: the extra None is allowed)
         if torch.compiler.is_compiling():
             return grad * grad_loss.to(grad.dtype), *none
         if grad.device.type != "cpu" or DEVICE_RESCALE_ON_CPU:

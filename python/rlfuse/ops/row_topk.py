@@ -1,7 +1,8 @@
 """``rlfuse::row_topk``: each row's k largest scaled logits with the row statistics, in one pass.
 
 No gradient: TROLL and ``sparse_logprobs`` use it to choose a sparse support; values on the support
-are gathered again (differentiably) by the caller.
+are gathered again (differentiably) by the caller. ``temperatures`` (optional, float64, one per row):
+per-row T (``temperature`` then unused; the kernels get fp32(1 / T) as ``inv_temps``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import Tensor
 from .. import reference
 from .._layout import as_rows
 from ._fake import ROW, out_op, per_row
-from ._launch import kernels
+from ._launch import inv_temps, kernels
 
 
 def _torch_row_topk(logits, tokens, temperature, k):
@@ -31,10 +32,10 @@ def _torch_row_topk(logits, tokens, temperature, k):
 
 
 @out_op("rlfuse::row_topk", per_row("k", torch.int32), per_row("k"), ROW, ROW, ROW)
-def row_topk(logits: Tensor, tokens: Tensor, temperature: float, k: int, backend: str
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def row_topk(logits: Tensor, tokens: Tensor, temperature: float, k: int, backend: str,
+             temperatures: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "torch":
-        return _torch_row_topk(logits, tokens, temperature, k)
+        return _torch_row_topk(logits, tokens, temperature if temperatures is None else temperatures, k)
     rows_view, layout = as_rows(logits)
     lead = logits.shape[:-1]
     ids = torch.empty(*lead, k, dtype=torch.int32, device=logits.device)
@@ -44,6 +45,6 @@ def row_topk(logits: Tensor, tokens: Tensor, temperature: float, k: int, backend
         kernels(backend, "row_topk").row_topk(
             logits=rows_view, layout=layout, vocab=logits.shape[-1],
             tokens=tokens.reshape(-1).to(torch.int64).contiguous(), inv_temp=1.0 / temperature, k=k, ids=ids,
-            values=values, logp=logp, entropy=entropy, lse=lse,
+            values=values, logp=logp, entropy=entropy, lse=lse, inv_temps=inv_temps(temperatures),
         )
     return ids, values, logp, entropy, lse

@@ -7,7 +7,9 @@ policy loss, the backward only rescales the stored gradient (``FusedPolicyLoss.b
 ``troll_fused_inplace`` writes it into the logits themselves.
 
 Outputs per token (fp32): the weighted loss (policy weight x TROLL term + weight x penalties: their
-sum is the loss), logp, entropy, eta, KL(a || b), KL(q || b) and the support size.
+sum is the loss), logp, entropy, eta, KL(a || b), KL(q || b) and the support size. ``temperatures``
+(optional, float64, one per token): per-row T (``temperature`` then unused; the kernel gets fp32(1 / T)
+as ``inv_temps``).
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ from torch import Tensor
 
 from .._layout import gradient_layouts
 from ._fake import gradient, out_op, per_entry
-from ._launch import empty_gradient, kernels
-from .policy_loss import FusedPolicyLoss, TokenLossParams, _op_params_schema
+from ._launch import empty_gradient, inv_temps, kernels
+from .policy_loss import CLIP_ROWS, FusedPolicyLoss, TokenLossParams, _op_params_schema, fused_op_arguments
 
 _PER_TOKEN = "Tensor advantages, Tensor old_logp, Tensor ref_logp, Tensor policy_weight, Tensor weight"
 _TROLL = "Tensor old_ids, Tensor old_logprobs, int k, float threshold, float eps, float alpha"
 _OUTPUTS = 7  # loss, logp, entropy, eta, kl_before, kl_after, support
-_SCHEMA = (f"(Tensor logits, Tensor tokens, {_PER_TOKEN}, {_TROLL}, float temperature, str backend, *, "
-           f"{_op_params_schema()}) -> ({', '.join(['Tensor'] * (_OUTPUTS + 1))})")
-_INPLACE_SCHEMA = (f"(Tensor(a!) logits, Tensor tokens, {_PER_TOKEN}, {_TROLL}, float temperature, str backend, *, "
-                   f"{_op_params_schema()}) -> ({', '.join(['Tensor'] * _OUTPUTS)})")
+_SCHEMA = (f"(Tensor logits, Tensor tokens, {_PER_TOKEN}, {_TROLL}, float temperature, str backend, "
+           f"Tensor? temperatures=None, *, {_op_params_schema()}) -> ({', '.join(['Tensor'] * (_OUTPUTS + 1))})")
+_INPLACE_SCHEMA = (f"(Tensor(a!) logits, Tensor tokens, {_PER_TOKEN}, {_TROLL}, float temperature, str backend, "
+                   f"Tensor? temperatures=None, *, {_op_params_schema()}) -> ({', '.join(['Tensor'] * _OUTPUTS)})")
 
 
 def _launch(logits, tokens, per_token, old_ids, old_logprobs, k, threshold, eps, alpha, temperature, params, backend,
-            grad_logits):
+            grad_logits, temperatures=None):
     rows_view, layout, grad_layout = gradient_layouts(logits, grad_logits)
     n = layout[0]
     outputs = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(_OUTPUTS)]
@@ -43,25 +45,25 @@ def _launch(logits, tokens, per_token, old_ids, old_logprobs, k, threshold, eps,
         advantages, old_logp, ref_logp, policy_weight, weight, params,
         old_ids.reshape(n, old_k).to(torch.int32).contiguous(),
         old_logprobs.reshape(n, old_k).to(torch.float32).contiguous(), old_k, k, threshold, eps, alpha,
-        *outputs, grad_logits, grad_layout,
+        *outputs, grad_logits, grad_layout, inv_temps=inv_temps(temperatures),
     )
     return outputs
 
 
 def _fused(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, old_ids, old_logprobs, k, threshold,
-           eps, alpha, temperature, backend, **params):
+           eps, alpha, temperature, backend, temperatures=None, **params):
     per_token = (advantages, old_logp, ref_logp, policy_weight, weight)
     grad = empty_gradient(logits)
     outputs = _launch(logits, tokens, per_token, old_ids, old_logprobs, k, threshold, eps, alpha, temperature,
-                      TokenLossParams(**params), backend, grad)
+                      TokenLossParams(**params), backend, grad, temperatures)
     return (*outputs, grad)
 
 
 def _fused_inplace(logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, old_ids, old_logprobs, k,
-                   threshold, eps, alpha, temperature, backend, **params):
+                   threshold, eps, alpha, temperature, backend, temperatures=None, **params):
     per_token = (advantages, old_logp, ref_logp, policy_weight, weight)
     return tuple(_launch(logits, tokens, per_token, old_ids, old_logprobs, k, threshold, eps, alpha, temperature,
-                         TokenLossParams(**params), backend, logits))
+                         TokenLossParams(**params), backend, logits, temperatures))
 
 
 # Seven fp32 values per token (as the advantages); the out-of-place op also the gradient.
@@ -79,13 +81,14 @@ class FusedTroll(FusedPolicyLoss):
     @staticmethod
     def forward(ctx, logits, tokens, per_token, troll_inputs, params, backend, inplace):
         old_ids, old_logprobs, k, threshold, eps, alpha, temperature = troll_inputs
-        op_params = {name: getattr(params, name) for name in TokenLossParams._fields}
+        temperature, op_kwargs = fused_op_arguments(temperature, params)
+        op_kwargs = {name: value for name, value in op_kwargs.items() if name not in CLIP_ROWS}  # no clip in TROLL
         args = (logits, tokens, *per_token, old_ids, old_logprobs, k, threshold, eps, alpha, temperature, backend)
         if inplace:
-            outputs = troll_fused_inplace(*args, **op_params)
+            outputs = troll_fused_inplace(*args, **op_kwargs)
             grad = logits
         else:
-            *outputs, grad = troll_fused(*args, **op_params)
+            *outputs, grad = troll_fused(*args, **op_kwargs)
         stats = torch.stack(outputs[2:])
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(outputs[1], stats)

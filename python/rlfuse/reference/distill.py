@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .token_logprobs import _scaled, log_softmax_parts
+from .token_logprobs import _scaled, log_softmax_parts, per_row
 
 TAIL_LOG_SUM_MAX = -1e-7  # TRL's _add_tail_bucket clamp: the support's mass is at most 1 - ~1e-7
 
@@ -74,7 +74,8 @@ def jsd_gradients(logits, other, kl_p, kl_q, grad, beta, temperature):
     log_q = log_softmax_parts(_scaled(other, temperature))[0]
     p, q = log_p.exp(), log_q.exp()
     u, v = mixture_logs(log_p, log_q, beta)
-    g = (grad.to(log_p.dtype) / temperature).unsqueeze(-1)
+    g = grad.to(log_p.dtype).unsqueeze(-1)
+    g = g / per_row(temperature, g)  # temperature: a number or one value per row
     grad_x = torch.where(p == 0, 0.0, -(1.0 - beta) * p * (u + kl_p.to(log_p.dtype).unsqueeze(-1)))
     grad_y = torch.where(q == 0, 0.0, -beta * q * (v + kl_q.to(log_q.dtype).unsqueeze(-1)))
     return torch.where(g == 0, 0.0, g * grad_x), torch.where(g == 0, 0.0, g * grad_y)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .token_logprobs import _scaled, log_softmax_parts
+from .token_logprobs import _scaled, log_softmax_parts, per_row
 
 
 def _plogp_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,8 @@ def kl_gradients(logits, other, kl, lse_p, lse_q, grad_kl, direction, temperatur
     log_p = log_softmax_parts(_scaled(logits, temperature))[0]
     log_q = log_softmax_parts(_scaled(other, temperature))[0]
     p, q = log_p.exp(), log_q.exp()
-    g = (grad_kl / temperature).unsqueeze(-1)
+    g = grad_kl.unsqueeze(-1)
+    g = g / per_row(temperature, g)  # temperature: a number or one value per row
     k = kl.unsqueeze(-1)
     if direction == "forward":
         grad_x = torch.where(p == 0, 0.0, p * (log_p - log_q - k))

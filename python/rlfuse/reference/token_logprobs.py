@@ -13,10 +13,27 @@ from __future__ import annotations
 import torch
 
 
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """x = z / T, computed in at least float32."""
+def per_row(value, like: torch.Tensor):
+    """A number as it is; a per-row tensor (one value per row of ``like``) in ``like``'s dtype with a
+    trailing dimension, to broadcast over each row (a per-token temperature, README)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype).reshape(like.shape[:-1]).unsqueeze(-1)
+    return value
+
+
+def _scaled(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """x = z / T, computed in at least float32; ``temperature`` a number or one value per row."""
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.to(compute_dtype) / temperature
+    x = logits.to(compute_dtype)
+    return x / per_row(temperature, x)
+
+
+def _kept(x: torch.Tensor, kept_min) -> torch.Tensor:
+    """x restricted to the kept set {j : x_j >= kept_min[row]} (a sampler's filtered support): the
+    entries outside become -inf. ``kept_min`` None: x unchanged."""
+    if kept_min is None:
+        return x
+    return torch.where(x >= per_row(kept_min, x), x, torch.full_like(x, float("-inf")))
 
 
 def log_softmax_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,7 +61,7 @@ def _entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs_reference(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor, tokens: torch.Tensor, temperature=1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(logp, entropy)`` of shape ``logits.shape[:-1]``, differentiable in ``logits``.
 
@@ -56,13 +73,16 @@ def token_logprobs_reference(
 
 
 def row_statistics(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+    logits: torch.Tensor, tokens: torch.Tensor, temperature, kept_min=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of docs/SPEC.md section 1 without autograd: ``(logp, entropy, lse)``, float32.
 
-    Out-of-range token ids give a NaN log-prob (the Python layer rejects them before this runs).
+    ``temperature``: a number or one value per row. ``kept_min`` (one value per row, or None): the
+    distribution restricted to {j : x_j >= kept_min} and renormalised (a chosen token outside has
+    log-prob -inf). Out-of-range token ids give a NaN log-prob (the Python layer rejects them
+    before this runs).
     """
-    x = _scaled(logits, temperature)
+    x = _kept(_scaled(logits, temperature), kept_min)
     log_probs, row_max, log_sum = log_softmax_parts(x)
     lse = (row_max + log_sum).squeeze(-1)
     vocab = x.shape[-1]
@@ -79,16 +99,23 @@ def row_gradient(
     entropy: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor,
-    temperature: float,
+    temperature,
+    kept_min=None,
 ) -> torch.Tensor:
     """docs/SPEC.md section 2: dL/dz = [g_logp (1[j=y] - p) - g_H p (log p + H)] / T, in float32.
 
     log p is recomputed from the row as (x - max) - log_sum; the saved fp32 ``lse`` is not used:
-    x - lse would carry lse's rounding (relative ~6e-8 of |lse|) into every p_j.
+    x - lse would carry lse's rounding (relative ~6e-8 of |lse|) into every p_j. ``temperature`` and
+    ``kept_min`` as in :func:`row_statistics`: outside the kept set the gradient is exactly 0, and a
+    chosen token outside it (log-prob -inf, a constant) passes no gradient through ``g_logp``.
     """
     del lse  # see above
-    log_probs = log_softmax_parts(_scaled(logits, temperature))[0]
+    log_probs = log_softmax_parts(_kept(_scaled(logits, temperature), kept_min))[0]
     probs = log_probs.exp()
+    if kept_min is not None:
+        vocab = logits.shape[-1]
+        chosen = log_probs.gather(-1, tokens.long().clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
+        grad_logp = torch.where(chosen > float("-inf"), grad_logp.to(chosen.dtype), 0.0)
     # Upstream gradients in the row's compute dtype (fp64 logits get fp32 upstream gradients).
     g_logp = grad_logp.to(log_probs.dtype).unsqueeze(-1)
     g_h = grad_entropy.to(log_probs.dtype).unsqueeze(-1)
@@ -100,4 +127,4 @@ def row_gradient(
     grad = grad.scatter_add(-1, tokens.long().clamp(0, vocab - 1).unsqueeze(-1), target)
     # A row with no upstream gradient is exactly 0, whatever its logits hold (NaN in a masked row).
     no_gradient = ((grad_logp == 0) & (grad_entropy == 0)).unsqueeze(-1)
-    return torch.where(no_gradient, 0.0, grad / temperature).float()
+    return torch.where(no_gradient, 0.0, grad / per_row(temperature, grad)).float()
