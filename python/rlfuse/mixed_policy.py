@@ -157,7 +157,7 @@ def expert_metrics(batch, logp: Tensor, config) -> dict:
     p = torch.exp(torch.where(expert, logp.reshape(-1).float(), 0.0))
     metrics = {"expert_frac": expert.sum() / valid.sum().clamp(min=1)}
     if config.chord_mu is not None:
-        metrics["chord_mu"] = torch.tensor(float(config.chord_mu))
+        metrics["chord_mu"] = batch.mask.new_tensor(float(config.chord_mu))
         metrics["chord_phi_mean"] = torch.where(expert, p * (1.0 - p), 0.0).sum() / count
     else:
         metrics["luffy_shaped_mean"] = torch.where(expert, p / (p + config.luffy_gamma), 0.0).sum() / count
