@@ -122,24 +122,36 @@ def kl_divergence(
 
     Either argument may be a logits source (``LinearLogits``; ``ShardedLogits`` sharded like the other).
     """
-    for name, value in (("logits", logits), ("other_logits", other_logits)):
-        if not is_source(value):
-            check.check_logits(value, name)
-    if other_logits.shape != logits.shape:
-        raise ValueError(
-            f"other_logits must have the logits' shape {tuple(logits.shape)} (same vocabulary), "
-            f"got {tuple(other_logits.shape)}"
-        )
-    dtype, other_dtype = _dtype(logits), _dtype(other_logits)
-    if other_dtype != dtype:
-        raise TypeError(f"other_logits must have the logits' dtype {dtype}, got {other_dtype}")
-    if other_logits.device != logits.device:
-        raise ValueError(f"other_logits are on {other_logits.device} but logits are on {logits.device}")
+    check_logits_pair(logits, other_logits)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != logits.shape[:-1]):
         raise ValueError(f"mask must be a tensor of shape {tuple(logits.shape[:-1])}")
     temperature = check.check_temperature(temperature, logits=logits)
+    return checked_kl_divergence(logits, other_logits, direction, temperature, mask, backend)
+
+
+def check_logits_pair(logits, other_logits, name: str = "other_logits") -> None:
+    """Both logits (tensors or sources) valid, ``other_logits`` (called ``name``) with the logits'
+    shape, dtype and device."""
+    for label, value in (("logits", logits), (name, other_logits)):
+        if not is_source(value):
+            check.check_logits(value, label)
+    if other_logits.shape != logits.shape:
+        raise ValueError(
+            f"{name} must have the logits' shape {tuple(logits.shape)} (same vocabulary), "
+            f"got {tuple(other_logits.shape)}"
+        )
+    dtype, other_dtype = _dtype(logits), _dtype(other_logits)
+    if other_dtype != dtype:
+        raise TypeError(f"{name} must have the logits' dtype {dtype}, got {other_dtype}")
+    if other_logits.device != logits.device:
+        raise ValueError(f"{name} are on {other_logits.device} but logits are on {logits.device}")
+
+
+def checked_kl_divergence(logits, other_logits, direction, temperature, mask, backend):
+    """``kl_divergence`` on validated arguments (``temperature`` a float or a float64 tensor of the
+    rows' shape): no further check, no host read."""
     if is_source(logits) or is_source(other_logits):
         if not is_source(logits):  # KL(p || q) = the reverse KL seen from q
             logits, other_logits = other_logits, logits

@@ -22,6 +22,7 @@ from . import mixed_policy, troll
 from ._layout import inplace_layout
 from .backends import resolve_backend
 from .config import DETACHED_WEIGHT_LOSSES, LossConfig
+from .ops._launch import split_temperature
 from .ops.generator import generator_draws
 from .ops.policy_loss import _PARAM_FIELDS, FusedPolicyLoss, TokenLossParams, _param_from_config
 from .ops.token_logprobs import token_logprobs_fwd
@@ -64,6 +65,10 @@ class _Batch:
     rollout: Tensor | None
     norm_length: float | None
     expert: Tensor | None = None  # [N] bool: CHORD / LUFFY expert tokens
+    temperature: float | Tensor | None = None  # policy_loss(temperature=): a number or per token [N] float64
+    clip_low: Tensor | None = None  # per token [N] fp32 clip bounds (_clip_inputs); None: the config's number
+    clip_high: Tensor | None = None
+    dual_clip: Tensor | None = None
 
 
 def policy_loss(
@@ -85,6 +90,7 @@ def policy_loss(
     teacher_logprobs: Tensor | None = None,
     old_entropy: Tensor | None = None,
     expert_mask: Tensor | None = None,
+    temperature: float | Tensor | None = None,
 ) -> LossOutput:
     """One policy-loss computation from logits. See README.md for the variants and conventions.
 
@@ -112,6 +118,10 @@ def policy_loss(
             tokens, return_entropy=True)``): required by ERC (``config.erc_beta_low`` / ``erc_beta_high``).
         expert_mask: bool, the tokens' shape: the off-policy expert tokens of CHORD
             (``config.chord_mu``) or LUFFY (``config.luffy_gamma``), docs/SPEC.md section 11.
+        temperature: overrides ``config.temperature``: a number, or a float tensor of the tokens'
+            shape (one T per token, e.g. rollouts sampled at varying temperature; README "Per-token
+            temperature"), on every path and backend (not TROLL or a distillation teacher). The
+            temperature gets no gradient (a tensor that requires grad is a ``ValueError``).
     """
     config = LossConfig.dapo() if config is None else config
     if not isinstance(config, LossConfig):
@@ -129,6 +139,8 @@ def policy_loss(
     batch = _prepare(logits, tokens, advantages, old_logprobs, ref_logprobs, rollout_logprobs, mask, cu_seqlens,
                      config, checks)
     _clip_inputs(batch, config, tokens, old_entropy, checks)  # per-token clip bounds, ERC's old entropy
+    batch.temperature = _checked_temperature(temperature, tokens, config, checks, ref_logits, teacher,
+                                             teacher_logprobs)
     source = is_source(logits)
     if inplace_backward:
         if source:
@@ -175,7 +187,7 @@ def policy_loss(
     mixed_metrics = {}
     if config.empg_k is not None:  # EMPG: advantages modulated by the entropy, one read without gradient
         with torch.no_grad():
-            _, entropy_now = _token_logprobs(batch, config.temperature, resolved, False)
+            _, entropy_now = _token_logprobs(batch, _temperature(batch, config), resolved, False)
         mixed_metrics = mixed_policy.apply_empg(batch, config, entropy_now)
     aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, settings)
     policy_weight = mixed_policy.on_policy_weights(aggregation, rollout_w, batch, settings, config)
@@ -186,7 +198,7 @@ def policy_loss(
         # Factors that depend on the current log-probs (detached) must be known before the kernel
         # writes the gradient: one forward read of the logits, without gradient.
         with torch.no_grad():
-            current, _ = _token_logprobs(batch, config.temperature, resolved, False)
+            current, _ = _token_logprobs(batch, _temperature(batch, config), resolved, False)
         policy_weight = policy_weight * current_policy_factor(_masked(current.reshape(-1).float(), batch.mask > 0),
                                                                batch, config)
     troll_terms = None
@@ -202,7 +214,7 @@ def policy_loss(
     if troll_terms is not None:
         metrics.update(_troll_metrics(troll_terms, batch.mask > 0))
     if ref_logits is not None:
-        kl_full = _full_kl(logits, ref_logits, config, resolved)
+        kl_full = _full_kl(logits, ref_logits, config, resolved, _temperature(batch, config, tokens.shape))
         if config.kl_full_coef != 0:
             loss = loss + config.kl_full_coef * ref.weighted(kl_full, aggregation).sum()
         valid = batch.mask > 0
@@ -251,7 +263,7 @@ def _troll(batch, old_topk, policy_weight, weight, config, backend, inplace_back
         logp, entropy = terms.logp, terms.entropy
     if has_penalties:
         # The penalties need differentiable log-probs / entropy: one more fused pass.
-        logp, entropy = _token_logprobs(batch, config.temperature, backend, False)
+        logp, entropy = _token_logprobs(batch, _temperature(batch, config), backend, False)
         logp, entropy = logp.reshape(-1), entropy.reshape(-1)
         valid = batch.mask > 0
         penalties = ref.penalty_terms(_masked(logp, valid), _masked(entropy, valid), batch.ref, weight, config,
@@ -275,13 +287,14 @@ def _troll_metrics(terms, valid) -> dict:
     }
 
 
-def _full_kl(logits, ref_logits, config, backend):
-    """Per-token full-vocabulary KL to the reference logits, flattened to [N] (no gradient to them)."""
-    from .functional import kl_divergence
+def _full_kl(logits, ref_logits, config, backend, temperature):
+    """Per-token full-vocabulary KL to the reference logits, flattened to [N] (no gradient to them).
+    ``temperature``: the validated number or per-token tensor of the call."""
+    from .functional import check_logits_pair, checked_kl_divergence
 
+    check_logits_pair(logits, ref_logits, "ref_logits")
     with torch.set_grad_enabled(torch.is_grad_enabled() and config.kl_full_coef != 0):
-        kl = kl_divergence(logits, ref_logits.detach(), config.kl_full_direction, config.temperature,
-                           backend=backend)
+        kl = checked_kl_divergence(logits, ref_logits.detach(), config.kl_full_direction, temperature, None, backend)
     return kl.reshape(-1)
 
 
@@ -293,7 +306,7 @@ def _distill(logits, teacher, teacher_logprobs, batch, config, backend):
         teacher = teacher.detach()
     with torch.set_grad_enabled(torch.is_grad_enabled() and config.distill_coef != 0):
         return distill_term(logits, teacher, batch.tokens, kind=config.distill_kind, beta=config.distill_beta,
-                            temperature=config.temperature, mask=batch.mask.view(batch.tokens.shape),
+                            temperature=_temperature(batch, config), mask=batch.mask.view(batch.tokens.shape),
                             backend=backend, teacher_logprobs=teacher_logprobs)
 
 
@@ -307,11 +320,12 @@ def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
         weight.contiguous(),
     )
     params = _kernel_params(config)
+    clip_rows = (batch.clip_low, batch.clip_high, batch.dual_clip)  # per token, or None: the config's number
     if is_source(batch.logits):
-        return batch.logits._fused_policy_loss(batch.tokens, per_token, config.temperature, params, backend,
-                                               batch.mask)
-    return FusedPolicyLoss.apply(batch.logits, batch.tokens, per_token, config.temperature, params, backend,
-                                 bool(inplace_backward))
+        return batch.logits._fused_policy_loss(batch.tokens, per_token, _temperature(batch, config), params, backend,
+                                               batch.mask, clip_rows)
+    return FusedPolicyLoss.apply(batch.logits, batch.tokens, per_token, _temperature(batch, config), params, backend,
+                                 bool(inplace_backward), clip_rows)
 
 
 def _kernel_params(config) -> TokenLossParams:
@@ -325,7 +339,16 @@ def _kernel_params(config) -> TokenLossParams:
 
 
 def _general(batch, policy_weight, weight, config, backend, inplace_backward):
-    logp, entropy = _token_logprobs(batch, config.temperature, backend, inplace_backward)
+    if config.sampler_filters:  # log-probs on the sampler's support (README), differentiable
+        if inplace_backward:
+            raise ValueError("inplace_backward is not available with LossConfig top_k / top_p / min_p")
+        from .filtered import filtered_token_logprobs
+
+        temperature = _temperature(batch, config, batch.tokens.shape)
+        logp, entropy = filtered_token_logprobs(batch.logits, batch.tokens, temperature, config.top_k, config.top_p,
+                                                config.min_p, backend)
+    else:
+        logp, entropy = _token_logprobs(batch, _temperature(batch, config), backend, inplace_backward)
     raw_logp, raw_entropy = logp.reshape(-1), entropy.reshape(-1)
     # Every formula below sees 0 at masked positions, never their (possibly NaN) values: then the
     # gradient there is an exact 0, not 0 x NaN, and the kernels write those rows as zeros.
@@ -451,15 +474,45 @@ def behaviour_logprobs(batch) -> Tensor:
 
 def _token_logprobs(batch, temperature, backend, inplace_backward):
     """(logp, entropy) through the token_logprobs op: the ids were validated with the call's checks,
-    the temperature by LossConfig (not again here: under torch.compile with dynamic=True it may be
-    a symbolic float, which no host check can read). A source skips the masked rows."""
+    the temperature by LossConfig or ``_checked_temperature`` (not again here: under torch.compile
+    with dynamic=True it may be a symbolic float, which no host check can read; a per-token tensor
+    was read with the call's checks). A source skips the masked rows."""
     logits, tokens = batch.logits, batch.tokens
     if is_source(logits):
         return logits._token_logprobs(tokens, temperature, backend, batch.mask)
     if inplace_backward:
         inplace_layout(logits)
-    logp, entropy, _ = token_logprobs_fwd(logits, tokens, temperature, backend, bool(inplace_backward))
+    scalar, temperatures = split_temperature(temperature)
+    logp, entropy, _ = token_logprobs_fwd(logits, tokens, scalar, backend, bool(inplace_backward), temperatures)
     return logp, entropy
+
+
+def _checked_temperature(temperature, tokens, config, checks, ref_logits, teacher, teacher_logprobs):
+    """``policy_loss``'s ``temperature`` argument: None (``config.temperature`` applies), a number,
+    or a per-token tensor (flattened to [N] float64; its range a data check of the call)."""
+    if temperature is None:
+        return None
+    if isinstance(temperature, Tensor):
+        if config.loss == "troll":
+            raise ValueError("temperature: a per-token tensor is not supported with loss='troll' (its sparse "
+                             "support is scaled by one T); pass a number")
+        if teacher is not None or teacher_logprobs is not None:
+            raise ValueError("temperature: a per-token tensor is not supported with a distillation teacher; "
+                             "pass a number")
+        if config.lp_reg_coef != 0:
+            raise ValueError("temperature: a per-token tensor is not supported with Lp-Reg (lp_reg_coef); pass a "
+                             "number")
+        return check.check_temperature(temperature, tokens, checks).reshape(-1)
+    return check.check_temperature(temperature)
+
+
+def _temperature(batch, config, shape=None):
+    """The call's temperature: ``policy_loss(temperature=)`` when given, else ``config.temperature``;
+    a per-token tensor flat [N], or of ``shape`` when given."""
+    temperature = config.temperature if batch.temperature is None else batch.temperature
+    if shape is not None and isinstance(temperature, Tensor):
+        return temperature.view(shape)
+    return temperature
 
 
 def _masked(values: Tensor, valid: Tensor) -> Tensor:
