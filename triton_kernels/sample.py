@@ -41,12 +41,14 @@ GPU code is the same.
 Outputs: tokens[row, s] (int64), logprobs[row, s] = x_tok - lse(kept set),
 raw_logprobs[row, s] = x_tok - lse(all), entropy[row] of the unfiltered distribution at T.
 Rows with NaN or without a finite entry are the caller's to reject (kernels.h).
+Score mode (SCORE, score_ptr): the row's given token replaces the draws and is scored with the
+same expressions (docs/SPEC.md section 8, "Scoring"); KEPT_MIN writes the row's threshold on x.
 """
 
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, _not_yet
+from ._launch import AotKernel, block_config
 from ._row import LOG2E, _row_ptr, _row_stats
 
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -225,10 +227,11 @@ def _draw(logits_row, vocab, inv_temp, thr_key, seed, s0, use_gumbel, BLOCK_V: t
 @triton.jit
 def _sample_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,
-    tokens_ptr, logprobs_ptr, raw_logprobs_ptr, entropy_ptr,
+    tokens_ptr, logprobs_ptr, raw_logprobs_ptr, entropy_ptr, score_ptr, kept_min_ptr,
     inner, stride_outer, stride_inner, vocab, num_samples,
     adaptive, t_min, t_max, h_low, h_high,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr, S_BLOCK: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, S_BLOCK: tl.constexpr, SCORE: tl.constexpr,
+    KEPT_MIN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
@@ -273,25 +276,44 @@ def _sample_kernel(
             thr_key = minp_key
             _, kept_mass = _count_mass(logits_row, vocab, inv_temp, row_max, thr_key, BLOCK_V)
     log_kept = tl.log(kept_mass)
+    if KEPT_MIN:
+        # The threshold on x; one at the smallest finite x filters nothing (-inf); greedy: the max.
+        filtered = tl.where(thr_key > key_min, _key_value(thr_key), float("-inf"))
+        tl.store(kept_min_ptr + row, tl.where(stochastic, filtered, row_max))
 
-    seed = tl.load(seed_ptr + row)
-    out = row * num_samples
-    samples = tl.arange(0, S_BLOCK)
-    tokens = tl.zeros([S_BLOCK], tl.int32)
-    logp = tl.zeros([S_BLOCK], tl.float32)
-    raw_logp = tl.zeros([S_BLOCK], tl.float32)
-    for s0 in range(0, num_samples, S_BLOCK):
-        # Greedy rows draw once and repeat it.
-        if (s0 == 0) | stochastic:
-            tokens = _draw(logits_row, vocab, inv_temp, thr_key, seed, s0, stochastic, BLOCK_V, S_BLOCK)
-            x_tok = _scaled(tl.load(logits_row + tokens), inv_temp)
-            logp = tl.where(stochastic, (x_tok - row_max) - log_kept, 0.0)
-            raw_logp = (x_tok - row_max) - log_sum
-        s_offs = s0 + samples
-        s_mask = s_offs < num_samples
-        tl.store(tokens_ptr + out + s_offs, tokens.to(tl.int64), mask=s_mask)
-        tl.store(logprobs_ptr + out + s_offs, logp, mask=s_mask)
-        tl.store(raw_logprobs_ptr + out + s_offs, raw_logp, mask=s_mask)
+    if SCORE:
+        # Score mode: the given token, scored as a draw of it (same expressions, so bit for bit);
+        # -inf outside the kept set (greedy: all but the first maximum), NaN for an id outside [0, V).
+        token = tl.load(score_ptr + row)
+        in_range = (token >= 0) & (token < vocab)
+        x_tok = _scaled(tl.load(logits_row + tl.where(in_range, token, 0)), inv_temp)
+        kept = _key(x_tok) >= thr_key
+        if temp == 0.0:  # greedy
+            kept = token == _draw_one(logits_row, vocab, inv_temp, thr_key, 0, False, BLOCK_V)
+        logp = tl.where(kept, tl.where(stochastic, (x_tok - row_max) - log_kept, 0.0), float("-inf"))
+        raw_logp = (x_tok - row_max) - log_sum
+        tl.store(tokens_ptr + row, token)
+        tl.store(logprobs_ptr + row, tl.where(in_range, logp, float("nan")))
+        tl.store(raw_logprobs_ptr + row, tl.where(in_range, raw_logp, float("nan")))
+    else:
+        seed = tl.load(seed_ptr + row)
+        out = row * num_samples
+        samples = tl.arange(0, S_BLOCK)
+        tokens = tl.zeros([S_BLOCK], tl.int32)
+        logp = tl.zeros([S_BLOCK], tl.float32)
+        raw_logp = tl.zeros([S_BLOCK], tl.float32)
+        for s0 in range(0, num_samples, S_BLOCK):
+            # Greedy rows draw once and repeat it.
+            if (s0 == 0) | stochastic:
+                tokens = _draw(logits_row, vocab, inv_temp, thr_key, seed, s0, stochastic, BLOCK_V, S_BLOCK)
+                x_tok = _scaled(tl.load(logits_row + tokens), inv_temp)
+                logp = tl.where(stochastic, (x_tok - row_max) - log_kept, 0.0)
+                raw_logp = (x_tok - row_max) - log_sum
+            s_offs = s0 + samples
+            s_mask = s_offs < num_samples
+            tl.store(tokens_ptr + out + s_offs, tokens.to(tl.int64), mask=s_mask)
+            tl.store(logprobs_ptr + out + s_offs, logp, mask=s_mask)
+            tl.store(raw_logprobs_ptr + out + s_offs, raw_logp, mask=s_mask)
 
 # Draws per pass over a row: a [S_BLOCK, BLOCK_V] tile of scores at most this many elements. On
 # GPU the 4096 of a single-draw chunk (large vocabularies draw one at a time); the interpreter
@@ -321,9 +343,10 @@ def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_sa
     ``t_min, t_max, h_low, h_high``. Writes ``tokens`` int64 and ``logprobs``, ``raw_logprobs``
     fp32 (contiguous [rows, num_samples]) and ``entropy`` fp32 [rows]. ``block_v`` overrides the
     vocab chunk and ``s_block`` the draws per pass (powers of two), e.g. to test multi-chunk rows
-    and partial draw blocks at small sizes; the results do not depend on either.
+    and partial draw blocks at small sizes; the results do not depend on either. ``score_tokens``
+    (int64 [rows], num_samples 1): score these instead of drawing; ``kept_min`` (fp32 [rows]): the
+    rows' thresholds (kernels.h SampleArgs).
     """
-    _not_yet(score_tokens, kept_min)
     rows, inner, stride_outer, stride_inner = layout
     if rows == 0 or num_samples == 0:
         return
@@ -332,10 +355,11 @@ def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_sa
     _sample_kernel[(rows,)](
         logits, temperature, top_k, top_p, min_p, seed,
         tokens, logprobs, raw_logprobs, entropy,
+        tokens if score_tokens is None else score_tokens, entropy if kept_min is None else kept_min,
         inner, stride_outer, stride_inner, vocab, int(num_samples),
         int(bool(adaptive)), float(t_min), float(t_max), float(h_low), float(h_high),
         BLOCK_V=block, VEC=min(16 // logits.element_size(), block), S_BLOCK=s_block,
-        num_warps=num_warps,
+        SCORE=score_tokens is not None, KEPT_MIN=kept_min is not None, num_warps=num_warps,
     )
 
 
@@ -344,11 +368,12 @@ def _aot_kernels():
         "logits_ptr": "*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i32",
         "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64",
         "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "raw_logprobs_ptr": "*fp32",
-        "entropy_ptr": "*fp32",
+        "entropy_ptr": "*fp32", "score_ptr": "*i64", "kept_min_ptr": "*fp32",
         "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
         "num_samples": "i32", "adaptive": "i32",
         "t_min": "fp32", "t_max": "fp32", "h_low": "fp32", "h_high": "fp32",
-        "BLOCK_V": "constexpr", "VEC": "constexpr", "S_BLOCK": "constexpr",
+        "BLOCK_V": "constexpr", "VEC": "constexpr", "S_BLOCK": "constexpr", "SCORE": "constexpr",
+        "KEPT_MIN": "constexpr",
     }
     # As in token_logprobs: pointers, strides and vocab usually multiples of 16.
     aligned = tuple(k for k, v in sig.items() if v.startswith("*")) + (
@@ -358,13 +383,17 @@ def _aot_kernels():
     # bf16 and fp32 cover both load widths at the launcher's GPU configuration for a large
     # vocabulary (one draw per pass, any num_samples); the last entry is its configuration for
     # many draws from a small row (16 draws per pass over V = 256).
-    for dtype, vocab, num_samples in (("bf16", 151936, 1), ("fp32", 151936, 1), ("bf16", 256, 16)):
+    # The last is score mode with the thresholds written (filtered log-probs, bf16 large vocabulary).
+    for dtype, vocab, num_samples, score in (("bf16", 151936, 1, False), ("fp32", 151936, 1, False),
+                                             ("bf16", 256, 16, False), ("bf16", 151936, 1, True)):
         block, s_block, num_warps = sample_config(vocab, num_samples, on_gpu=True)
         tag = dtype if s_block == 1 else f"{dtype},S_BLOCK={s_block}"
+        tag += ",SCORE" if score else ""
         entries.append(AotKernel(
             name=f"sample[{tag}]", fn=_sample_kernel,
             signature={name: t.format(dtype=dtype) for name, t in sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "S_BLOCK": s_block},
+            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "S_BLOCK": s_block, "SCORE": score,
+                        "KEPT_MIN": score},
             num_warps=num_warps, aligned=aligned))
     return entries
 

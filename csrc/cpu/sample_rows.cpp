@@ -104,8 +104,26 @@ void sample_rows(const SampleArgs& a, int64_t begin, int64_t end) {
     float* logprobs = a.logprobs + row * a.num_samples;
     float* raw = a.raw_logprobs + row * a.num_samples;
 
+    // Score mode (a.score_tokens): the row's one "draw" is the given token, scored exactly as a
+    // drawn one (so scoring the sampler's tokens gives its logprobs bit for bit); -inf outside the
+    // kept set, NaN for an id outside [0, V) (never indexed).
+    const int64_t scored = a.score_tokens ? a.score_tokens[row] : -1;
+    const bool scored_in_range = scored >= 0 && scored < a.vocab;
+    auto write_score = [&](bool kept, float kept_log_sum) {
+      tokens[0] = scored;
+      logprobs[0] = !scored_in_range ? NAN : kept ? (x[scored] - summary.max) - kept_log_sum : -INFINITY;
+      raw[0] = scored_in_range ? (x[scored] - summary.max) - log_sum : NAN;
+    };
+
     if (greedy) {
+      // Greedy (docs/SPEC.md section 8): the kept set is the first maximum alone, log-prob 0;
+      // kept_min reports the maximum.
       const int64_t best = first_maximum(x, a.vocab);
+      if (a.kept_min) a.kept_min[row] = summary.max;
+      if (a.score_tokens) {
+        write_score(scored == best, 0.0f);
+        continue;
+      }
       for (int64_t s = 0; s < a.num_samples; ++s) {
         tokens[s] = best;
         logprobs[s] = 0.0f;
@@ -130,6 +148,12 @@ void sample_rows(const SampleArgs& a, int64_t begin, int64_t end) {
     }
     if (a.min_p[row] > 0.0f) threshold = std::max(threshold, summary.max + std::log(a.min_p[row]));
     const float kept_log_sum = std::log(mass_at_least(x, e, padded, threshold));
+    // A threshold at or below the smallest finite x filters nothing: reported as -inf.
+    if (a.kept_min) a.kept_min[row] = threshold > lowest ? threshold : -INFINITY;
+    if (a.score_tokens) {
+      write_score(scored_in_range && x[scored] >= threshold, kept_log_sum);
+      continue;
+    }
 
     for (int64_t s = 0; s < a.num_samples; ++s) {
       const uint32_t key = rng_row_key(a.seed[row], static_cast<uint32_t>(s));

@@ -25,6 +25,8 @@
 //      draw nothing won (only rows the caller rejects: NaN, +inf) takes the row's first maximum,
 //      so the token is always in [0, V). Greedy (T == 0, or not > 0): one argmax pass of x
 //      at T = 1, log-prob 0, raw log-prob and entropy at T = 1.
+//   Score mode (score_tokens): no draw; one pass sums the kept mass as draw 0 would, and thread 0
+//   scores the given token with the draw's expressions (write_score). kept_min: the threshold.
 //
 // The searches (step 3) are bisection on the key generalised to kPivots pivots per pass: one pass
 // over the row counts (top-k) or sums the mass (top-p) of {x >= f(p_i)} for every pivot p_i at
@@ -675,6 +677,28 @@ __device__ __forceinline__ void write_draw(const SampleArgs& args, int64_t row, 
   args.raw_logprobs[out] = centred - logf(plan.sum);
 }
 
+// Thread 0, score mode (args.score_tokens): the given token's outputs, with write_draw's
+// expressions so that a drawn token scores bit for bit as drawn. Kept: x >= threshold, or for a
+// greedy row (kept_mass 0) the first maximum `greedy_col` alone; -inf outside; NaN for an id
+// outside [0, V) (never read).
+template <typename T>
+__device__ __forceinline__ void write_score(const SampleArgs& args, int64_t row, const T* logits,
+                                            const RowPlan& plan, float threshold, uint32_t greedy_col,
+                                            float kept_mass) {
+  const int64_t token = args.score_tokens[row];
+  args.tokens[row] = token;
+  if (token < 0 || token >= args.vocab) {
+    args.logprobs[row] = NAN;
+    args.raw_logprobs[row] = NAN;
+    return;
+  }
+  const float x = scaled(to_float(logits[token]), plan.inv_temp);
+  const float centred = __fsub_rn(x, plan.max);
+  const bool kept = kept_mass == 0.0f ? token == int64_t{greedy_col} : x >= threshold;
+  args.logprobs[row] = !kept ? -INFINITY : kept_mass == 0.0f ? 0.0f : centred - logf(kept_mass);
+  args.raw_logprobs[row] = centred - logf(plan.sum);
+}
+
 template <typename T, int kBlock>
 __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) sample_kernel(SampleArgs args) {
   __shared__ RowStats warp_stats[kBlock / kWarpSize];
@@ -695,8 +719,14 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) sample_kernel(Samp
       const DrawAcc d = draw_pass<false, T, kBlock>(logits, args.vocab, 1.0f, row_max, -INFINITY,
                                                     0u, false, scratch);
       if (threadIdx.x == 0) {
-        for (int64_t s = 0; s < args.num_samples; ++s) {
-          write_draw(args, row, s, logits, plan, d.best.col, 0.0f);
+        // Greedy kept set: the first maximum alone; its threshold reported as the maximum.
+        if (args.kept_min != nullptr) args.kept_min[row] = row_max;
+        if (args.score_tokens != nullptr) {
+          write_score(args, row, logits, plan, row_max, d.best.col, 0.0f);
+        } else {
+          for (int64_t s = 0; s < args.num_samples; ++s) {
+            write_draw(args, row, s, logits, plan, d.best.col, 0.0f);
+          }
         }
       }
       continue;
@@ -704,6 +734,14 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) sample_kernel(Samp
 
     const float threshold =
         row_threshold<T, kBlock>(args, row, logits, inv_temp, row_max, scratch, search_state);
+    if (threadIdx.x == 0 && args.kept_min != nullptr) args.kept_min[row] = threshold;
+    if (args.score_tokens != nullptr) {
+      // The kept mass as draw 0 sums it (same pass, same order), without the noise.
+      const DrawAcc d = draw_pass<false, T, kBlock>(logits, args.vocab, inv_temp, row_max,
+                                                    threshold, 0u, true, scratch);
+      if (threadIdx.x == 0) write_score(args, row, logits, plan, threshold, 0u, d.mass);
+      continue;
+    }
     const uint64_t seed = args.seed != nullptr ? args.seed[row] : 0;
     float kept_mass = 0.0f;  // thread 0, from draw 0
     for (int64_t s = 0; s < args.num_samples; ++s) {

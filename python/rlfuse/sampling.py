@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _validation as check
 from .backends import resolve_backend
 from .ops.sample import sample as sample_op
+from .ops.sample import sample_score as score_op
 from .source import is_source
 
 
@@ -245,6 +246,81 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
         return logits._sample(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                               generator=generator, adaptive_temperature=adaptive_temperature, backend=backend,
                               num_samples=num_samples)
+    params = _sampling_params(logits, temperature, top_k, top_p, min_p, adaptive_temperature, backend, "sample")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    seeds = per_row_seeds(seed, generator, params.rows, params.logits.device)
+    tokens, logprobs, raw, entropy = sample_op(params.logits.detach(), *params.op_args(), seeds, num_samples,
+                                               params.adaptive_list(), params.backend)
+    params.check_rows(entropy)
+    if num_samples == 1:
+        tokens, logprobs, raw = tokens.squeeze(-1), logprobs.squeeze(-1), raw.squeeze(-1)
+    return SampleOutput(tokens, logprobs, raw, entropy)
+
+
+@dataclass
+class ScoreOutput:
+    logprobs: Tensor  # log-prob under the filtered, renormalised distribution; -inf outside the kept set
+    raw_logprobs: Tensor  # log-prob under the unfiltered temperature-T distribution (T = 1 when greedy)
+    kept_min: Tensor  # the row's kept set is {j : x_j >= kept_min}, x = z * fp32(1 / T); -inf: nothing filtered
+    entropy: Tensor  # entropy of the unfiltered distribution, per row
+
+
+def score(logits: Tensor, tokens: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None,
+          adaptive_temperature=None, backend: str = "auto") -> ScoreOutput:
+    """Score given ``tokens`` (ids of shape ``logits.shape[:-1]``) as ``sample`` with the same
+    arguments would have drawn them (docs/SPEC.md section 8, "Scoring"): the same temperature and
+    kept set (same thresholds, same tie rule), so scoring the tokens ``sample`` returned gives its
+    ``logprobs`` bit for bit on the same backend. A token outside the kept set gets ``-inf``; on a
+    greedy row (T = 0) only the first maximum is kept (log-prob 0). No gradient (see
+    ``rlfuse.token_logprobs(..., top_k=, top_p=, min_p=)``). Arguments are checked as in ``sample``;
+    ids outside [0, V) are a ``ValueError`` (checked with the rows' data, one host synchronisation).
+    """
+    if is_source(logits):
+        raise ValueError("score: logits must be a tensor (logits sources are not supported here)")
+    params = _sampling_params(logits, temperature, top_k, top_p, min_p, adaptive_temperature, backend, "sample")
+    check.check_tokens(tokens, params.logits, params.checks)
+    logprobs, raw, entropy, kept_min = score_op(params.logits.detach(), tokens, *params.op_args(),
+                                                params.adaptive_list(), params.backend)
+    params.check_rows(entropy)
+    return ScoreOutput(logprobs, raw, kept_min, entropy)
+
+
+@dataclass
+class _SamplingParams:
+    """The validated per-row parameters shared by ``sample`` and ``score``."""
+    logits: Tensor
+    rows: int
+    checks: check.DataChecks
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    min_p: Tensor
+    adaptive: tuple | None
+    backend: str
+    flagged: Tensor | None
+
+    def op_args(self):
+        return self.temperature, self.top_k, self.top_p, self.min_p
+
+    def adaptive_list(self):
+        return None if self.adaptive is None else list(self.adaptive)
+
+    def check_rows(self, entropy):
+        """Adds the rows check and runs every data check (the call's one host synchronisation)."""
+        if self.rows:
+            # A row that cannot be sampled has a NaN entropy (docs/SPEC.md section 1): no second read.
+            flagged = self.flagged
+            bad = (lambda: flagged) if flagged is not None else (lambda: ~torch.isfinite(entropy.reshape(self.rows)))
+            self.checks.add(bad, lambda: _rows_error(self.logits, bad(), _inverse_temperatures(
+                self.temperature, self.adaptive, self.logits.device)))
+        self.checks.run()
+
+
+def _sampling_params(logits, temperature, top_k, top_p, min_p, adaptive_temperature, backend, op,
+                     checks: check.DataChecks | None = None) -> _SamplingParams:
+    """Checks ``sample``'s arguments (its docstring) and makes them per-row tensors; the data checks
+    join ``checks`` (a new set if None), run by ``check_rows``."""
     check.check_logits(logits)
     if logits.dtype == torch.float64:
         logits = logits.float()
@@ -252,27 +328,14 @@ def sample(logits: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, 
     vocab = logits.shape[-1]
     rows = math.prod(lead)
     device = logits.device
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    checks = check.DataChecks()
+    checks = check.DataChecks() if checks is None else checks
     temperature = _temperature(temperature, rows, device, checks)
     top_k = _top_k(0 if top_k is None else top_k, rows, vocab, device, checks)
     top_p = _per_row("top_p", 1.0 if top_p is None else top_p, rows, device, lambda p: (p > 0) & (p <= 1), checks)
     min_p = _per_row("min_p", 0.0 if min_p is None else min_p, rows, device, lambda p: (p >= 0) & (p < 1), checks)
     adaptive = None if adaptive_temperature is None else _adaptive(adaptive_temperature)
-    seeds = per_row_seeds(seed, generator, rows, device)
-    resolved = resolve_backend(backend, device, "sample", logits.dtype)
+    resolved = resolve_backend(backend, device, op, logits.dtype)
     flagged = None
     if checks.enabled and rows and adaptive is not None and adaptive[0] != adaptive[1]:
         flagged = _rows_flagged_by_max(logits, _inverse_temperatures(temperature, adaptive, device))
-
-    tokens, logprobs, raw, entropy = sample_op(logits.detach(), temperature, top_k, top_p, min_p, seeds, num_samples,
-                                               None if adaptive is None else list(adaptive), resolved)
-    if rows:
-        # A row that cannot be sampled has a NaN entropy (docs/SPEC.md section 1): no second read.
-        bad = (lambda: flagged) if flagged is not None else (lambda: ~torch.isfinite(entropy.reshape(rows)))
-        checks.add(bad, lambda: _rows_error(logits, bad(), _inverse_temperatures(temperature, adaptive, device)))
-    checks.run()
-    if num_samples == 1:
-        tokens, logprobs, raw = tokens.squeeze(-1), logprobs.squeeze(-1), raw.squeeze(-1)
-    return SampleOutput(tokens, logprobs, raw, entropy)
+    return _SamplingParams(logits, rows, checks, temperature, top_k, top_p, min_p, adaptive, resolved, flagged)
