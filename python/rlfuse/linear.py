@@ -349,17 +349,17 @@ class LinearLogits(LogitsSource):
         return loss, logp.reshape(-1), entropy.reshape(-1)  # flat [N], as FusedPolicyLoss's
 
     def _kl_divergence(self, other, direction, temperature, backend, mask=None):
-        from .functional import kl_divergence
+        from .functional import checked_kl_divergence
 
         if self.shard_layout is not None or getattr(other, "shard_layout", None) is not None:
             from .sharded import linear_kl_divergence
 
             return linear_kl_divergence(self, other, direction, temperature, backend, mask)
 
-        def kl(x, y):
-            return (kl_divergence(x, y, direction, temperature, backend=backend),)
+        def kl(x, y, *t):  # the arguments were validated by the public call
+            return (checked_kl_divergence(x, y, direction, chunk_temperature(temperature, t), None, backend),)
 
-        return map_rows(kl, [self, other], mask=mask)[0].reshape(self.shape[:-1])
+        return map_rows(kl, [self, other], temperature_rows(temperature), mask=mask)[0].reshape(self.shape[:-1])
 
     def _sparse_logprobs(self, tokens, k, threshold, temperature, backend):
         from .troll import SparseLogprobs, sparse_logprobs
@@ -369,12 +369,12 @@ class LinearLogits(LogitsSource):
 
             return linear_sparse_logprobs(self, tokens, k, threshold, temperature, backend)
 
-        def topk(x, tok):
-            out = sparse_logprobs(x, tok, k, threshold, temperature, backend)
+        def topk(x, tok, *t):
+            out = sparse_logprobs(x, tok, k, threshold, chunk_temperature(temperature, t), backend)
             return out.ids, out.logprobs, out.count
 
         with torch.no_grad():
-            ids, logprobs, count = map_rows(topk, [self], [tokens])
+            ids, logprobs, count = map_rows(topk, [self], [tokens, *temperature_rows(temperature)])
         lead = self.shape[:-1]
         return SparseLogprobs(ids.reshape(*lead, k), logprobs.reshape(*lead, k), count.reshape(lead), self.vocab)
 
@@ -667,6 +667,20 @@ def map_rows(fn, sources, per_row=(), mask: Tensor | None = None, pad: bool | No
     if rows is None:
         return outs
     return [o.new_zeros(n, *o.shape[1:]).index_copy(0, rows, o) for o in outs]
+
+
+def temperature_rows(temperature) -> list:
+    """``map_rows``' per-row inputs for a temperature: none for a number, the per-token tensor."""
+    return [temperature] if isinstance(temperature, Tensor) else []
+
+
+def chunk_temperature(temperature, chunk_rows):
+    """A chunk's temperature inside ``map_rows``: the number, or the chunk's slice of the per-token
+    tensor (``chunk_rows``, from :func:`temperature_rows`), its padding rows (zeros) set to T = 1."""
+    if not chunk_rows:
+        return temperature
+    (rows,) = chunk_rows
+    return torch.where(rows > 0, rows, torch.ones_like(rows))
 
 
 def troll_by_chunks(src, source, troll_chunk, tokens, advantages, old_logprobs, old_topk, config, backend,

@@ -45,9 +45,11 @@ from torch import Tensor
 
 from . import _validation as check
 from .backends import resolve_backend
+from .ops._launch import split_temperature
 from .ops.kl_div import DIRECTIONS, kl_div_bwd, kl_div_fwd
 from .ops.row_topk import row_topk
 from .ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
+from .reference.token_logprobs import per_row
 from .source import LogitsSource
 
 __all__ = ["ShardedLogits", "vocab_parallel_log_probs_from_logits", "vocab_parallel_entropy"]
@@ -396,8 +398,9 @@ class ShardedLogits(LogitsSource):
                         ) -> tuple[Tensor, Tensor]:
         """(logp, entropy), fp32 of the tokens' shape, identical on every rank, differentiable with
         respect to ``local_logits`` (this rank's slice of the gradient). Masked positions read 0 and
-        get exactly zero gradient. Collectives: 2 all-reduces (MAX of 4 B, SUM of 16 B per token)."""
-        temperature = check.check_temperature(temperature)
+        get exactly zero gradient. Collectives: 2 all-reduces (MAX of 4 B, SUM of 16 B per token).
+        ``temperature``: a number, or a per-token tensor validated by the caller."""
+        temperature = _number_checked(temperature)
         backend = self._resolve(backend, "token_logprobs")
         valid = self._valid(mask)
         local_ids, owned = self._local_ids(tokens, valid)
@@ -415,12 +418,13 @@ class ShardedLogits(LogitsSource):
     def token_logprobs(self, tokens: Tensor, temperature: float = 1.0, return_entropy: bool = False,
                        backend: str = "auto", mask: Tensor | None = None):
         """``rlfuse.token_logprobs`` on this source (tokens are global ids)."""
+        temperature = check.check_temperature(temperature, logits=self)
         logp, entropy = self._token_logprobs(tokens, temperature, backend, mask)
         return (logp, entropy) if return_entropy else logp
 
     def entropy(self, temperature: float = 1.0, backend: str = "auto", mask: Tensor | None = None) -> Tensor:
         tokens = torch.zeros(self._lead(), dtype=torch.int64, device=self.device)
-        return self._token_logprobs(tokens, temperature, backend, mask)[1]
+        return self._token_logprobs(tokens, check.check_temperature(temperature, logits=self), backend, mask)[1]
 
     # --- KL ------------------------------------------------------------------------------------------
 
@@ -461,7 +465,7 @@ class ShardedLogits(LogitsSource):
             return other._kl_divergence(self, "reverse" if direction == "forward" else "forward", temperature,
                                         backend, mask)
         del mask
-        temperature = check.check_temperature(temperature)
+        temperature = _number_checked(temperature)
         other_local = self._other_local(other)
         backend = self._resolve(backend, "kl_div")
         return _ShardedKl.apply(self.local_logits, other_local, temperature, DIRECTIONS[direction], backend,
@@ -469,7 +473,7 @@ class ShardedLogits(LogitsSource):
 
     def kl_divergence(self, other, direction: str = "forward", temperature: float = 1.0, backend: str = "auto",
                       mask: Tensor | None = None) -> Tensor:
-        kl = self._kl_divergence(other, direction, temperature, backend)
+        kl = self._kl_divergence(other, direction, check.check_temperature(temperature, logits=self), backend)
         valid = self._valid(mask)
         return kl if valid is None else torch.where(valid, kl, torch.zeros_like(kl))
 
@@ -513,7 +517,7 @@ class ShardedLogits(LogitsSource):
         and rank), merged on every rank into the global top-k (descending, ties lower id first)."""
         from .troll import SparseLogprobs, _kept
 
-        temperature = check.check_temperature(temperature)
+        temperature = _number_checked(temperature)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if not 0.0 < threshold < 1.0:
@@ -526,7 +530,8 @@ class ShardedLogits(LogitsSource):
 
     def sparse_logprobs(self, tokens: Tensor, k: int = 64, threshold: float = 1e-5, temperature: float = 1.0,
                         backend: str = "auto"):
-        return self._sparse_logprobs(tokens, k, threshold, temperature, backend)
+        return self._sparse_logprobs(tokens, k, threshold, check.check_temperature(temperature, logits=self),
+                                     backend)
 
     def _global_topk(self, k: int, temperature: float, backend: str, tokens: Tensor | None = None):
         """(ids int32 [..., k] global, values fp32 [..., k] (scaled logits), lse, logp, entropy [...]): the
@@ -542,7 +547,8 @@ class ShardedLogits(LogitsSource):
             local_ids = torch.full(lead, -1, dtype=torch.int64, device=self.device)
         else:
             local_ids, _ = self._local_ids(tokens)
-        ids, values, logp_r, entropy_r, lse_r = row_topk(local, local_ids, temperature, width, backend)
+        scalar, temperatures = split_temperature(temperature)
+        ids, values, logp_r, entropy_r, lse_r = row_topk(local, local_ids, scalar, width, backend, temperatures)
         ids = torch.where(ids >= 0, ids + self.vocab_start, ids).to(torch.int32)
         stats = torch.stack([lse_r.float(), entropy_r.float(), logp_r.float()], -1)
         packed = torch.cat([values.float().contiguous().view(torch.int32), ids, stats.view(torch.int32)], -1)
@@ -642,9 +648,16 @@ def _combine_gathered_token_stats(logp_w: Tensor, entropy_w: Tensor, lse_w: Tens
     return _token_finish(*terms.sum(0).unbind(-1), shift)
 
 
-def _scaled_local(logits: Tensor, temperature: float) -> Tensor:
+def _number_checked(temperature):
+    """A number validated; a per-token tensor as it is (the public entry validated it)."""
+    return temperature if isinstance(temperature, Tensor) else check.check_temperature(temperature)
+
+
+def _scaled_local(logits: Tensor, temperature) -> Tensor:
+    """x = z / T on the shard; ``temperature`` a number or one value per row."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.to(dtype) / temperature
+    x = logits.to(dtype)
+    return x / per_row(temperature, x)
 
 
 def _torch_token_gradient(logits, local_ids, lse, entropy, g_logp, g_entropy, temperature):
@@ -658,7 +671,7 @@ def _torch_token_gradient(logits, local_ids, lse, entropy, g_logp, g_entropy, te
     owned = (local_ids >= 0).unsqueeze(-1)
     grad = grad.scatter_add(-1, local_ids.clamp(min=0).unsqueeze(-1), torch.where(owned, g_logp_c, 0.0))
     no_gradient = ((g_logp == 0) & (g_entropy == 0)).unsqueeze(-1)
-    return torch.where(no_gradient, 0.0, grad / temperature).to(logits.dtype)
+    return torch.where(no_gradient, 0.0, grad / per_row(temperature, grad)).to(logits.dtype)
 
 
 class _ShardedTokenLogprobs(torch.autograd.Function):
@@ -668,7 +681,8 @@ class _ShardedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local_logits, local_ids, owned, valid, temperature, backend, group):
-        logp_r, entropy_r, lse_r = token_logprobs_fwd(local_logits.detach(), local_ids, temperature, backend, False)
+        logp_r, entropy_r, lse_r = token_logprobs_fwd(local_logits.detach(), local_ids, *split_temperature(temperature),
+                                                      backend, False)
         logp, entropy, lse = _combine_token_stats(logp_r, entropy_r, lse_r, owned, group)
         if valid is not None:
             zero = torch.zeros_like(logp)
@@ -692,8 +706,9 @@ class _ShardedTokenLogprobs(torch.autograd.Function):
         if ctx.backend == "torch":
             grad = _torch_token_gradient(local_logits, local_ids, lse, entropy, g_logp, g_entropy, ctx.temperature)
         else:
+            scalar, temperatures = split_temperature(ctx.temperature)
             grad = token_logprobs_bwd(local_logits.detach(), local_ids, lse, entropy, g_logp, g_entropy,
-                                      ctx.temperature, ctx.backend)
+                                      scalar, ctx.backend, temperatures)
         return grad, *none
 
 
@@ -724,7 +739,8 @@ def _torch_kl_gradients(x_logits, y_logits, kl, lse_p, lse_q, grad_kl, temperatu
     x, y = _scaled_local(x_logits, temperature), _scaled_local(y_logits, temperature)
     log_p, log_q = x - lse_p.to(x.dtype).unsqueeze(-1), y - lse_q.to(y.dtype).unsqueeze(-1)
     p, q = log_p.exp(), log_q.exp()
-    g = (grad_kl.to(x.dtype) / temperature).unsqueeze(-1)
+    g = grad_kl.to(x.dtype).unsqueeze(-1)
+    g = g / per_row(temperature, g)
     k = kl.to(x.dtype).unsqueeze(-1)
     if direction == DIRECTIONS["forward"]:
         grad_x, grad_y = torch.where(p == 0, 0.0, p * (log_p - log_q - k)), q - p
@@ -737,8 +753,9 @@ def _torch_kl_gradients(x_logits, y_logits, kl, lse_p, lse_q, grad_kl, temperatu
 class _ShardedKl(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_logits, other_local, temperature, direction, backend, group):
-        kl_r, lse_p_r, lse_q_r = kl_div_fwd(local_logits.detach(), other_local.detach(), temperature, direction,
-                                            backend)
+        scalar, temperatures = split_temperature(temperature)
+        kl_r, lse_p_r, lse_q_r = kl_div_fwd(local_logits.detach(), other_local.detach(), scalar, direction, backend,
+                                            temperatures)
         kl, lse_p, lse_q = _combine_kl(kl_r, lse_p_r, lse_q_r, direction, group)
         ctx.save_for_backward(local_logits, other_local, kl, lse_p, lse_q)
         ctx.temperature, ctx.direction, ctx.backend = temperature, direction, backend
@@ -756,8 +773,9 @@ class _ShardedKl(torch.autograd.Function):
         if ctx.backend == "torch":
             grad_x, grad_y = _torch_kl_gradients(x, y, kl, lse_p, lse_q, grad_kl, ctx.temperature, ctx.direction)
         else:
-            grad_x, grad_y = kl_div_bwd(x.detach(), y.detach(), kl, lse_p, lse_q, grad_kl, ctx.temperature,
-                                        ctx.direction, need_x, need_y, ctx.backend)
+            scalar, temperatures = split_temperature(ctx.temperature)
+            grad_x, grad_y = kl_div_bwd(x.detach(), y.detach(), kl, lse_p, lse_q, grad_kl, scalar, ctx.direction,
+                                        need_x, need_y, ctx.backend, temperatures)
         return (grad_x if need_x else None), (grad_y if need_y else None), *none
 
 
@@ -1417,7 +1435,7 @@ def _linear_layout(src, other):
 def linear_kl_divergence(src, other, direction, temperature, backend, mask=None) -> Tensor:
     """``kl_divergence`` with a split LinearLogits on either side: ``ShardedLogits._kl_divergence`` on each
     chunk's local logits (2 all-reduces per chunk), masked rows dropped before any GEMM."""
-    from .linear import map_rows
+    from .linear import chunk_temperature, map_rows, temperature_rows
 
     if src.shard_layout is None:  # src unsharded, other split: only a mismatch is possible
         _linear_layout(other, src)
@@ -1429,26 +1447,27 @@ def linear_kl_divergence(src, other, direction, temperature, backend, mask=None)
     else:
         other_input, wrap_other = other._local(), True
 
-    def kl(x, y):
+    def kl(x, y, *t):
         y = layout.wrap(y) if wrap_other else y
-        return (layout.wrap(x)._kl_divergence(y, direction, temperature, backend),)
+        return (layout.wrap(x)._kl_divergence(y, direction, chunk_temperature(temperature, t), backend),)
 
-    return map_rows(kl, [src._local(), other_input], mask=mask)[0].reshape(src.shape[:-1])
+    return map_rows(kl, [src._local(), other_input], temperature_rows(temperature), mask=mask)[0].reshape(
+        src.shape[:-1])
 
 
 def linear_sparse_logprobs(src, tokens, k, threshold, temperature, backend):
     """``sparse_logprobs`` of a split LinearLogits: the global top-k of each chunk (one all_gather each)."""
-    from .linear import map_rows
+    from .linear import chunk_temperature, map_rows, temperature_rows
     from .troll import SparseLogprobs
 
     layout = src.shard_layout
 
-    def topk(x, tok):
-        out = layout.wrap(x)._sparse_logprobs(tok, k, threshold, temperature, backend)
+    def topk(x, tok, *t):
+        out = layout.wrap(x)._sparse_logprobs(tok, k, threshold, chunk_temperature(temperature, t), backend)
         return out.ids, out.logprobs, out.count
 
     with torch.no_grad():
-        ids, logprobs, count = map_rows(topk, [src._local()], [tokens])
+        ids, logprobs, count = map_rows(topk, [src._local()], [tokens, *temperature_rows(temperature)])
     lead = src.shape[:-1]
     return SparseLogprobs(ids.reshape(*lead, k), logprobs.reshape(*lead, k), count.reshape(lead), layout.vocab)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import _validation as check
 from . import _schema
 from .backends import resolve_backend
-from .ops._launch import empty_buffer
+from .ops._launch import empty_buffer, split_temperature
 from .ops.policy_loss import TokenLossParams, _param_from_config
 from .ops.row_topk import row_topk
 from .ops.troll import fused_troll
@@ -59,18 +59,22 @@ def _kept(values: Tensor, ids: Tensor, lse: Tensor, threshold: float):
     return ids, logprobs, keep.sum(-1)
 
 
-def sparse_logprobs(logits: Tensor, tokens: Tensor, k: int = 64, threshold: float = 1e-5, temperature: float = 1.0,
-                    backend: str = "auto") -> SparseLogprobs:
+def sparse_logprobs(logits: Tensor, tokens: Tensor, k: int = 64, threshold: float = 1e-5,
+                    temperature: float | Tensor = 1.0, backend: str = "auto") -> SparseLogprobs:
     """Per position, the most probable tokens until ``k`` or cumulative probability >= 1 - threshold,
     with their log-probs. One pass over each row (a streaming top-k; no sort of the vocabulary). No
     gradient. The chosen token is not inserted: TROLL takes its old log-prob from ``old_logprobs``,
     so it never displaces one of the ``k`` most probable tokens (SPEC section 7). ``logits`` may be a
-    logits source (``LinearLogits``, ``ShardedLogits``); the ids are then global vocabulary ids."""
+    logits source (``LinearLogits``, ``ShardedLogits``); the ids are then global vocabulary ids.
+    ``temperature``: a number or one value per token (the tokens' shape; README "Per-token
+    temperature"); the ids and a temperature tensor are checked with one host read."""
     source = is_source(logits)
     if not source:
         check.check_logits(logits)
-    check.check_tokens(tokens, logits)
-    temperature = check.check_temperature(temperature)
+    checks = check.DataChecks(logits)
+    check.check_tokens(tokens, logits, checks)
+    temperature = check.check_temperature(temperature, tokens, checks)
+    checks.run()
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if not 0.0 < threshold < 1.0:
@@ -79,7 +83,8 @@ def sparse_logprobs(logits: Tensor, tokens: Tensor, k: int = 64, threshold: floa
         return logits._sparse_logprobs(tokens, k, threshold, temperature, backend)
     resolved = resolve_backend(backend, logits.device, "row_topk", logits.dtype)
     with torch.no_grad():
-        ids, values, _, _, lse = row_topk(logits.detach(), tokens, temperature, k, resolved)
+        scalar, temperatures = split_temperature(temperature)
+        ids, values, _, _, lse = row_topk(logits.detach(), tokens, scalar, k, resolved, temperatures)
         ids, logprobs, count = _kept(values, ids, lse, threshold)
     return SparseLogprobs(ids, logprobs, count.to(torch.int32), logits.shape[-1])
 
