@@ -386,3 +386,43 @@ def test_bad_inputs_raise_clear_errors(generator):
                       (dict(chord_phi=1), "chord_phi")):
         with pytest.raises(ValueError, match=f"LossConfig.{name}"):
             C(**bad)
+
+
+COMBINED = C.chord(empg_k=1.0, lp_reg_coef=1.0, lp_reg_min_p=0.3, lp_reg_rho=0.5)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in BACKENDS])
+def test_no_host_reads(backend, generator, monkeypatch):
+    """EMPG's pre-pass, Lp-Reg's selection and the expert terms stay on the device."""
+    from rlfuse.ops import policy_loss as policy_ops
+    from test_host_syncs import count_host_reads
+
+    monkeypatch.setattr(policy_ops, "DEVICE_RESCALE_ON_CPU", True, raising=False)
+    batch = make_batch(generator, scale=0.5)
+    previous = rlfuse.set_validation(False)
+    try:
+        for config, expert in ((COMBINED, batch["expert_mask"]), (C.empg(lp_reg_coef=1.0), None)):
+            with count_host_reads() as reads:
+                out, _ = run(batch, config, backend, expert_mask=expert)
+            assert reads == [], (config, reads)
+            assert torch.isfinite(out.loss)
+    finally:
+        rlfuse.set_validation(previous)
+
+
+def test_compile_fullgraph(generator):
+    batch = make_batch(generator, scale=0.5)
+    kwargs = {k: v for k, v in batch.items() if k != "logits" and v is not None}
+
+    def loss_fn(logits):
+        out = rlfuse.policy_loss(logits, config=COMBINED, backend="cpu", **kwargs)
+        return out.loss, out.metrics["lp_reg_frac"], out.metrics["empg_scale_max"]
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        x = batch["logits"].detach().clone().requires_grad_(True)
+        loss, *metrics = fn(x)
+        loss.backward()
+        results.append((loss.detach(), *metrics, x.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
