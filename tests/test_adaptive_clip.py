@@ -1,0 +1,292 @@
+"""Issue 18 adaptive clipping: per-token clip bounds, DCPO, BAPO, HAPO, ERC, CPGD (docs/SPEC.md section 8),
+every CPU backend (Triton in the interpreter) and path, against the float64 oracle of _adaptive_oracle.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rlfuse
+from rlfuse import LossConfig
+import _adaptive_oracle as oracle
+from conftest import kernel_backends
+
+C = LossConfig
+BACKENDS = kernel_backends("cpu")
+# (batch, seq, vocab): V below one Triton / CPU block and above it (not a power of two), one row.
+SIZES = [(2, 5, 37), (2, 3, 1500), (1, 1, 37)]
+
+
+def make_batch(generator, batch, seq, vocab, peaked=False):
+    logits = torch.randn(batch, seq, vocab, generator=generator) * 2
+    tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
+    if peaked:  # likely chosen tokens (old probability ~0.1-0.99), where DCPO's bounds are tight
+        boost = math.log(vocab) + 2 + 4 * torch.rand(batch, seq, 1, generator=generator)
+        logits.scatter_add_(-1, tokens.unsqueeze(-1), boost)
+    # A masked vocabulary entry (-inf) in every row, never the chosen token.
+    blocked = (tokens + 1) % vocab
+    logits.scatter_(-1, blocked.unsqueeze(-1), float("-inf"))
+    with torch.no_grad():
+        current, entropy = oracle.row_logprobs(logits.double(), tokens)
+    old = (current + 0.5 * torch.randn(batch, seq, generator=generator, dtype=torch.float64)).float()
+    old_entropy = (entropy * (1 + 0.08 * torch.randn(batch, seq, generator=generator, dtype=torch.float64))).float()
+    advantages = torch.randn(batch, seq, generator=generator)
+    mask = torch.rand(batch, seq, generator=generator) > 0.3
+    mask[0, 0] = True
+    if batch * seq > 1:
+        mask[-1, -1] = False
+    return dict(logits=logits, tokens=tokens, advantages=advantages, old_logprobs=old, mask=mask), old_entropy
+
+
+def run(batch, config, backend, path="auto", **extra):
+    logits = batch["logits"].clone().requires_grad_(True)
+    kwargs = {k: v for k, v in batch.items() if k != "logits"}
+    out = rlfuse.policy_loss(logits, config=config, backend=backend, path=path, **kwargs, **extra)
+    out.loss.backward()
+    return out, logits.grad
+
+
+def expected(batch, per_token_loss):
+    """The oracle's token-mean loss and logits gradient; ``per_token_loss(logp, entropy)`` in float64."""
+    logits = batch["logits"].double().requires_grad_(True)
+    logp, entropy = oracle.row_logprobs(logits, batch["tokens"])
+    logp.retain_grad()
+    loss = oracle.token_mean(per_token_loss(logp, entropy), batch["mask"])
+    loss.backward()
+    return loss.detach(), logits.grad, logp.grad.abs().max().item()
+
+
+def assert_matches(out, grad, want_loss, want_grad, upstream, mask):
+    # fp32 log-softmax of V <= 1500 entries: ~1e-6 relative in logp; the loss is O(1) sums of them. A
+    # gradient entry is dL/dlogp (1[j = y] - p_j) with p_j in fp32: a few ulp of 1 times ``upstream``
+    # (the largest |dL/dlogp|), which dominates when the chosen token's p is near 1.
+    torch.testing.assert_close(out.loss.detach().double(), want_loss, atol=2e-5, rtol=2e-5)
+    scale = want_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), want_grad, atol=2e-6 * scale + 4e-7 * upstream + 1e-8, rtol=2e-6)
+    assert not grad[~mask].any()  # masked rows: an exact zero gradient
+
+
+@pytest.fixture
+def cases(generator):
+    def build(size, peaked=False):
+        batch, old_entropy = make_batch(generator, *size, peaked=peaked)
+        shape = batch["tokens"].shape
+        bounds = dict(low=0.05 + 0.3 * torch.rand(shape, generator=generator),
+                      high=0.05 + 0.4 * torch.rand(shape, generator=generator),
+                      dual=1.5 + 2 * torch.rand(shape, generator=generator))
+        return batch, old_entropy, bounds
+    return build
+
+
+def check(batch, config, backend, per_token_loss, paths=("auto", "general"), **extra):
+    want = expected(batch, per_token_loss)
+    outs = []
+    for path in paths:
+        out, grad = run(batch, config, backend, path, **extra)
+        assert_matches(out, grad, *want, batch["mask"])
+        outs.append(out)
+    return outs[0]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_token_bounds_ppo_with_dual_clip(size, backend, cases):
+    batch, _, b = cases(size)
+    config = C.dapo(clip_low=b["low"], clip_high=b["high"], dual_clip=b["dual"])
+    out = check(batch, config, backend,
+                   lambda lp, h: oracle.ppo_loss(lp, batch["old_logprobs"], batch["advantages"], b["low"].double(),
+                                                 b["high"].double(), b["dual"].double()))
+    valid = batch["mask"]
+    r = (out.logprobs.double() - batch["old_logprobs"].double()).exp()
+    a = batch["advantages"]
+    frac = ((a > 0) & (r > 1 + b["high"]) & valid).sum() / valid.sum()
+    torch.testing.assert_close(out.metrics["clip_frac_high"].double(), frac.double())
+    torch.testing.assert_close(out.metrics["clip_low_mean"], b["low"][valid].mean())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_token_bounds_cispo_spo_cpgd(backend, cases):
+    batch, _, b = cases(SIZES[0])
+    old, a = batch["old_logprobs"], batch["advantages"]
+
+    def cispo(lp, h):
+        weight = torch.minimum(torch.maximum(oracle.log_ratio(lp, old).exp(), 1 - b["low"].double()),
+                               1 + b["high"].double())
+        return -weight.detach() * a.double() * lp
+
+    def spo(lp, h):
+        r = oracle.log_ratio(lp, old).exp()
+        return -(a.double() * r - a.double().abs() * (r - 1) ** 2 / (2 * b["high"].double()))
+
+    check(batch, C(loss="cispo", cispo_mode="two_sided", clip_low=b["low"], clip_high=b["high"]), backend, cispo)
+    check(batch, C.spo(clip_high=b["high"]), backend, spo)
+
+
+@pytest.mark.parametrize("name", ["gppo", "gspo_token", "gmpo", "clip_cov"])
+def test_constant_tensor_bounds_equal_the_float_config(name, generator):
+    """Every other clipped variant: a per-token tensor holding the float gives the float's loss and gradient."""
+    batch, _ = make_batch(generator, 2, 5, 37)
+    base = {"gppo": C.gppo(), "gspo_token": C(loss="gspo_token", clip_low=0.02, clip_high=0.03),
+            "gmpo": C.gmpo(), "clip_cov": C.clip_cov(cov_ratio=0.2, cov_lb=0.0, cov_ub=50.0)}[name]
+    full = torch.ones_like(batch["advantages"])
+    tensors = base.replace(clip_low=full * base.clip_low, clip_high=full * base.clip_high,
+                           **({"dual_clip": full * base.dual_clip} if base.dual_clip is not None else {}))
+    want, want_grad = run(batch, base, "cpu", "general")
+    got, grad = run(batch, tensors, "cpu")
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("size", [(4, 8, 37), (3, 6, 1500)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dcpo(size, backend, cases):
+    batch, _, _ = cases(size, peaked=True)
+    config = C.dcpo()
+    low, high = oracle.dcpo_eps(batch["old_logprobs"], 0.2, 0.28, 10.0)
+    out = check(batch, config, backend,
+                   lambda lp, h: oracle.ppo_loss(lp, batch["old_logprobs"], batch["advantages"], low, high, 10.0))
+    valid = batch["mask"]
+    torch.testing.assert_close(out.metrics["clip_high_mean"].double(), high[valid].mean(), rtol=1e-5, atol=0)
+    assert (low[valid] < 0.5).any()  # some lower bounds above the 0.5 floor: the formula is exercised
+    assert out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"] > 0
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bapo(target, backend, cases):
+    batch, _, _ = cases(SIZES[0])
+    config = C.bapo(bapo_target=target)
+    old, a, mask = batch["old_logprobs"], batch["advantages"], batch["mask"]
+    with torch.no_grad():
+        logp, _ = oracle.row_logprobs(batch["logits"].double(), batch["tokens"])
+    c_low, c_high = oracle.bapo_ratio_bounds(logp, old, a, mask, target, 0.6, 0.9, 1.2, 3.0, 0.05)
+    out = check(batch, config, backend,
+                   lambda lp, h: oracle.ppo_loss(lp, old, a, 1 - c_low, c_high - 1), paths=("auto",))
+    assert out.metrics["path"] == "general"
+    torch.testing.assert_close(out.metrics["bapo_clip_low"].item(), c_low, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.metrics["bapo_clip_high"].item(), c_high, atol=1e-6, rtol=0)
+
+
+def test_bapo_moves_the_bounds_when_negative_tokens_dominate(generator):
+    batch, _ = make_batch(generator, 2, 5, 37)
+    batch["advantages"] = -batch["advantages"].abs()
+    batch["advantages"][0, 0] = 0.1  # one small positive token: the search runs to the widest bounds
+    out, _ = run(batch, C.bapo(), "cpu")
+    assert out.metrics["bapo_clip_low"].item() == pytest.approx(0.9)
+    assert out.metrics["bapo_clip_high"].item() == pytest.approx(3.0)
+    assert out.metrics["bapo_positive_share"].item() < 0.5
+
+
+@pytest.mark.parametrize("size", SIZES[:2], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hapo(size, backend, cases):
+    batch, _, _ = cases(size)
+    old, a = batch["old_logprobs"], batch["advantages"]
+    with torch.no_grad():
+        _, entropy = oracle.row_logprobs(batch["logits"].double(), batch["tokens"])
+    low, high = oracle.hapo_eps(entropy, batch["mask"], 0.2, 0.2, 0.8, 1.0)
+    assert (low > 0.2).any() or batch["mask"].sum() < 3  # the low-entropy side is widened
+    out = check(batch, C.hapo(), backend,
+                   lambda lp, h: oracle.ppo_loss(lp, old, a, low, high, 10.0), paths=("auto",))
+    assert out.metrics["path"] == "general"
+
+
+@pytest.mark.parametrize("base", ["dapo", "gppo"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_erc(base, backend, cases):
+    batch, old_entropy, _ = cases(SIZES[0])
+    old, a = batch["old_logprobs"], batch["advantages"]
+    config = C.erc() if base == "dapo" else C.erc(loss="gppo", clip_high=0.2)
+    if base == "dapo":
+        def per_token(lp, h):
+            return oracle.erc_gate(oracle.ppo_loss(lp, old, a, 0.2, 0.28, 10.0), h, old_entropy, 0.05, 0.05)
+    else:  # GPPO (Klear, beta 1): PPO's value; a clipped token's gradient is the bound's, (1 +- eps) A
+        def per_token(lp, h):
+            r = oracle.log_ratio(lp, old).exp()
+            gate = r / r.detach()  # value 1, gradient d logp
+            bounded = torch.where(r < 0.8, 0.8 * gate, torch.where(r > 1.2, 1.2 * gate, r))
+            loss = torch.maximum(-a * r, -a * bounded)
+            loss = torch.where(a < 0, torch.minimum(loss, -10.0 * a), loss)
+            return oracle.erc_gate(loss, h, old_entropy, 0.05, 0.05)
+    out = check(batch, config, backend, per_token, paths=("auto",), old_entropy=old_entropy)
+    ratio = (out.entropy.double() + 1e-8) / (old_entropy.double() + 1e-8)
+    valid = batch["mask"]
+    dropped = (((ratio <= 0.95) | (ratio >= 1.05)) & valid).sum() / valid.sum()
+    assert 0 < dropped < 1
+    torch.testing.assert_close(out.metrics["erc_masked_frac"].double(), dropped.double())
+
+
+def test_erc_old_entropy_comes_from_token_logprobs(generator):
+    batch, _ = make_batch(generator, 2, 5, 37)
+    old_logits = batch["logits"] + 0.3 * torch.randn(batch["logits"].shape, generator=generator)
+    old_logprobs, old_entropy = rlfuse.token_logprobs(old_logits, batch["tokens"], return_entropy=True)
+    batch["old_logprobs"] = old_logprobs
+    out, grad = run(batch, C.erc(), "cpu", old_entropy=old_entropy)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpgd(size, backend, cases):
+    batch, _, b = cases(size)
+    old, a = batch["old_logprobs"], batch["advantages"]
+    check(batch, C.cpgd(cpgd_drift_coef=0.3), backend,
+          lambda lp, h: oracle.cpgd_loss(lp, old, a, 0.2, 0.2, 0.3, 2.0), paths=("auto",))
+    # per-token eps on CPGD's log-ratio clip (no drift)
+    config = C.cpgd(clip_low=b["low"], clip_high=b["high"], cpgd_drift_coef=0.0)
+
+    def per_token(lp, h):
+        lr = oracle.log_ratio(lp, old)
+        clipped = torch.minimum(torch.maximum(lr, torch.log1p(-b["low"].double())), torch.log1p(b["high"].double()))
+        return -torch.minimum(a * lr, a * clipped)
+    check(batch, config, backend, per_token, paths=("auto",))
+
+
+def test_bad_values_raise_naming_the_argument(generator):
+    batch, old_entropy = make_batch(generator, 2, 5, 37)
+    shape = batch["tokens"].shape
+    with pytest.raises(ValueError, match="LossConfig.clip_low must have the tokens' shape"):
+        run(batch, C.dapo(clip_low=torch.full((3,), 0.2)), "cpu")
+    negative = torch.full(shape, 0.2)
+    negative[0, 0] = -0.1
+    with pytest.raises(ValueError, match=r"LossConfig.clip_high must be finite and >= 0"):
+        run(batch, C.dapo(clip_high=negative), "cpu")
+    with pytest.raises(ValueError, match=r"LossConfig.dual_clip must be finite and > 1"):
+        run(batch, C.dapo(dual_clip=torch.full(shape, 0.5)), "cpu")
+    nan = torch.full(shape, 0.2)
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="LossConfig.clip_low must be finite"):
+        run(batch, C.dapo(clip_low=nan), "torch")
+    with pytest.raises(TypeError, match="LossConfig.clip_low must be a float"):
+        run(batch, C.dapo(clip_low=torch.zeros(shape, dtype=torch.int64)), "cpu")
+    with pytest.raises(ValueError, match="LossConfig.clip_low may be a per-token tensor"):
+        C.sapo(clip_low=torch.full(shape, 0.2))
+    with pytest.raises(ValueError, match="old_entropy is required by ERC"):
+        run(batch, C.erc(), "cpu")
+    with pytest.raises(ValueError, match="old_entropy is only used by ERC"):
+        run(batch, C.dapo(), "cpu", old_entropy=old_entropy)
+    with pytest.raises(ValueError, match="old_entropy must have the tokens' shape"):
+        run(batch, C.erc(), "cpu", old_entropy=old_entropy[0])
+    with pytest.raises(ValueError, match="LossConfig.clip_low is computed by adaptive_clip"):
+        C.dcpo(clip_low=torch.full(shape, 0.2))
+    with pytest.raises(ValueError, match="LossConfig.bapo_step applies to adaptive_clip='bapo'"):
+        C.dapo(bapo_step=0.1)
+    with pytest.raises(ValueError, match="LossConfig.clip_low is CPGD's eps_low"):
+        C.cpgd(clip_low=1.0)
+    for name, value in (("top_k", -1), ("top_k", 2.0), ("top_p", 0.0), ("min_p", 1.0)):
+        with pytest.raises(ValueError, match=f"LossConfig.{name}"):
+            C(**{name: value})
+    assert not C.dapo(top_p=0.9).token_local and C.dapo(top_k=0, min_p=0.0).top_k == 0
+
+
+def test_masked_tokens_ignore_their_bounds(generator):
+    """Garbage bounds at masked positions (NaN, negative) are never read."""
+    batch, _ = make_batch(generator, 2, 5, 37)
+    low = torch.full(batch["tokens"].shape, 0.2)
+    low[~batch["mask"]] = float("nan")
+    want, want_grad = run(batch, C.dapo(), "cpu")
+    got, grad = run(batch, C.dapo(clip_low=low, clip_high=torch.full_like(low, 0.28)), "cpu")
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(grad, want_grad)
