@@ -426,3 +426,24 @@ def test_compile_fullgraph(generator):
         results.append((loss.detach(), *metrics, x.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_linear_logits_source_matches_materialised_logits(generator):
+    """CHORD / LUFFY / EMPG from hidden states (LinearLogits) equal the materialised logits';
+    Lp-Reg needs a logits tensor."""
+    n, dim, vocab = 9, 8, 37
+    hidden, weight = torch.randn(n, dim, generator=generator), torch.randn(vocab, dim, generator=generator)
+    tokens = torch.randint(0, vocab, (n,), generator=generator)
+    inputs = dict(tokens=tokens, advantages=torch.randn(n, generator=generator), mask=torch.rand(n) > 0.2,
+                  old_logprobs=torch.randn(n, generator=generator) * 0.1 - 3.5, backend="cpu")
+    expert = torch.rand(n, generator=generator) > 0.5
+    for config, expert_mask in ((C.chord(), expert), (C.luffy(norm_length=9.0), expert), (C.empg(), None)):
+        results = []
+        for make in (lambda h: rlfuse.LinearLogits(h, weight), lambda h: h @ weight.T):
+            h = hidden.clone().requires_grad_(True)
+            out = rlfuse.policy_loss(make(h), config=config, expert_mask=expert_mask, **inputs)
+            out.loss.backward()
+            results.append((out.loss.detach(), h.grad))
+        torch.testing.assert_close(results[0], results[1])
+    with pytest.raises(ValueError, match="lp_reg_coef needs a logits tensor"):
+        rlfuse.policy_loss(rlfuse.LinearLogits(hidden, weight), config=C.lp_reg(), **inputs)
