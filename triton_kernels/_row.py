@@ -135,8 +135,7 @@ def _token_logp(logits_row, token, vocab, inv_temp, row_max, log_sum, kept_min=0
     valid = (token >= 0) & (token < vocab)
     z_token = tl.load(logits_row + tl.where(valid, token, 0), mask=valid, other=float("nan"))
     x_token = z_token.to(tl.float32) * inv_temp
+    if KEPT:  # as in the statistics: a NaN row still gives NaN
+        x_token = tl.where(x_token < kept_min, float("-inf"), x_token)
     # x_y - max is exact for the likely tokens; going through lse would round at |lse|'s scale.
-    logp = (x_token - row_max) - log_sum
-    if KEPT:
-        logp = tl.where(x_token < kept_min, float("-inf"), logp)
-    return logp
+    return (x_token - row_max) - log_sum

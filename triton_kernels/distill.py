@@ -22,8 +22,8 @@ Backward (one more read of both rows, one write of each requested gradient), ``g
 import triton
 import triton.language as tl
 
-from ._launch import MIN_BLOCK_V, AotKernel, block_config, _not_yet
-from ._row import _exp, _row_ptr, _row_stats
+from ._launch import MIN_BLOCK_V, AotKernel, block_config, optional_rows
+from ._row import _exp, _row_or, _row_ptr, _row_stats
 
 
 @triton.jit
@@ -42,12 +42,13 @@ def _mixture_logs(log_p, log_q, beta):
 
 @triton.jit
 def _jsd_fwd_kernel(
-    logits_ptr, other_ptr, jsd_ptr, kl_logits_ptr, kl_other_ptr, lse_ptr, other_lse_ptr,
+    logits_ptr, other_ptr, jsd_ptr, kl_logits_ptr, kl_other_ptr, lse_ptr, other_lse_ptr, inv_temps_ptr,
     inner, stride_outer, stride_inner, other_inner, other_stride_outer, other_stride_inner,
     vocab, inv_temp, beta,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
     x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
     # Read 1: the statistics of each row.
@@ -81,14 +82,15 @@ def _jsd_fwd_kernel(
 @triton.jit
 def _jsd_bwd_kernel(
     logits_ptr, other_ptr, kl_logits_ptr, kl_other_ptr, lse_ptr, other_lse_ptr, grad_jsd_ptr,
-    grad_ptr, grad_other_ptr,
+    grad_ptr, grad_other_ptr, inv_temps_ptr,
     inner, stride_outer, stride_inner, other_inner, other_stride_outer, other_stride_inner,
     grad_inner, grad_stride_outer, grad_stride_inner,
     grad_other_inner, grad_other_stride_outer, grad_other_stride_inner,
     vocab, inv_temp, beta,
-    BLOCK_V: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr,
+    BLOCK_V: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
     x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
     lse_p = tl.load(lse_ptr + row)
@@ -141,29 +143,31 @@ def jsd_fwd(logits, layout, other, other_layout, vocab, inv_temp, beta, jsd, kl_
     """jsd, kl_logits = KL(p || m), kl_other = KL(q || m), lse, other_lse (contiguous fp32 [rows]).
 
     ``logits`` and ``other`` (same dtype) are only base pointers, rows described by ``layout`` and
-    ``other_layout``. ``block_v`` overrides the vocab chunk (a power of two).
+    ``other_layout``. ``block_v`` overrides the vocab chunk (a power of two). ``inv_temps``:
+    optional per-row inv_temp (contiguous fp32 [rows]) for both rows.
     """
-    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     other_rows, other_inner, other_stride_outer, other_stride_inner = other_layout
     assert other_rows == rows, "layout and other_layout must describe the same rows"
     beta = _check_beta(beta)
     if rows == 0:
         return
+    inv_temps, has_row_temp = optional_rows(inv_temps, jsd)
     block, num_warps = _block_config(vocab, logits.device.type != "cpu", block_v)
     _jsd_fwd_kernel[(rows,)](
-        logits, other, jsd, kl_logits, kl_other, lse, other_lse,
+        logits, other, jsd, kl_logits, kl_other, lse, other_lse, inv_temps,
         inner, stride_outer, stride_inner, other_inner, other_stride_outer, other_stride_inner,
         vocab, float(inv_temp), beta,
-        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), num_warps=num_warps,
+        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), HAS_ROW_TEMP=has_row_temp,
+        num_warps=num_warps,
     )
 
 
 def jsd_bwd(logits, layout, other, other_layout, vocab, inv_temp, beta, kl_logits, kl_other, lse, other_lse,
             grad_jsd, grad_logits, grad_layout, grad_other, grad_other_layout, inv_temps=None, *, block_v=None):
     """Writes dJSD/dlogits and dJSD/dother scaled by ``grad_jsd`` (contiguous fp32 [rows]); either
-    gradient may be None (skipped). A gradient may be its own input tensor (same layout)."""
-    _not_yet(inv_temps)
+    gradient may be None (skipped). A gradient may be its own input tensor (same layout).
+    ``inv_temps`` must be the forward's."""
     rows = layout[0]
     assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
     beta = _check_beta(beta)
@@ -175,12 +179,13 @@ def jsd_bwd(logits, layout, other, other_layout, vocab, inv_temp, beta, kl_logit
     assert grad_layout[0] == rows and grad_other_layout[0] == rows, "gradient layouts must describe the same rows"
     if rows == 0 or not (grad_x or grad_y):
         return
+    inv_temps, has_row_temp = optional_rows(inv_temps, lse)
     block, num_warps = _block_config(vocab, logits.device.type != "cpu", block_v)
     _jsd_bwd_kernel[(rows,)](
-        logits, other, kl_logits, kl_other, lse, other_lse, grad_jsd, grad_logits, grad_other,
+        logits, other, kl_logits, kl_other, lse, other_lse, grad_jsd, grad_logits, grad_other, inv_temps,
         *layout[1:], *other_layout[1:], *grad_layout[1:], *grad_other_layout[1:],
         vocab, float(inv_temp), beta,
-        BLOCK_V=block, GRAD_X=grad_x, GRAD_Y=grad_y, num_warps=num_warps,
+        BLOCK_V=block, GRAD_X=grad_x, GRAD_Y=grad_y, HAS_ROW_TEMP=has_row_temp, num_warps=num_warps,
     )
 
 
@@ -194,14 +199,16 @@ def _aot_kernels():
     fwd_sig = {
         "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}", "jsd_ptr": "*fp32",
         "kl_logits_ptr": "*fp32", "kl_other_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32",
+        "inv_temps_ptr": "*fp32",
         **layouts("", "other_"), **scalars, "BLOCK_V": "constexpr", "VEC": "constexpr",
+        "HAS_ROW_TEMP": "constexpr",
     }
     bwd_sig = {
         "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
         "kl_logits_ptr": "*fp32", "kl_other_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32",
-        "grad_jsd_ptr": "*fp32", "grad_ptr": "*{dtype}", "grad_other_ptr": "*{dtype}",
+        "grad_jsd_ptr": "*fp32", "grad_ptr": "*{dtype}", "grad_other_ptr": "*{dtype}", "inv_temps_ptr": "*fp32",
         **layouts("", "other_", "grad_", "grad_other_"), **scalars,
-        "BLOCK_V": "constexpr", "GRAD_X": "constexpr", "GRAD_Y": "constexpr",
+        "BLOCK_V": "constexpr", "GRAD_X": "constexpr", "GRAD_Y": "constexpr", "HAS_ROW_TEMP": "constexpr",
     }
 
     def aligned(sig):
@@ -211,19 +218,21 @@ def _aot_kernels():
     bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     block, num_warps = _block_config(151936, on_gpu=True)
     entries = []
-    for dtype, is_aligned in (("bf16", True), ("fp16", True), ("fp32", True), ("bf16", False)):
-        tag = dtype if is_aligned else f"{dtype},unaligned"
+    # (dtype, aligned, per-row inv_temps): without them, and bf16 with.
+    for dtype, is_aligned, row_temp in (("bf16", True, False), ("fp16", True, False), ("fp32", True, False),
+                                        ("bf16", False, False), ("bf16", True, True)):
+        tag = (dtype if is_aligned else f"{dtype},unaligned") + (",inv_temps" if row_temp else "")
         entries.append(AotKernel(
             name=f"jsd_fwd[{tag}]", fn=_jsd_fwd_kernel,
             signature={k: v.format(dtype=dtype) for k, v in fwd_sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype]},
+            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "HAS_ROW_TEMP": row_temp},
             num_warps=num_warps, aligned=aligned(fwd_sig) if is_aligned else ()))
         # Gradient on the student only (frozen teacher), or on both.
         for grads, grad_y in (("dx", False), ("dx,dy", True)):
             entries.append(AotKernel(
                 name=f"jsd_bwd[{tag},{grads}]", fn=_jsd_bwd_kernel,
                 signature={k: v.format(dtype=dtype) for k, v in bwd_sig.items()},
-                constexprs={"BLOCK_V": block, "GRAD_X": True, "GRAD_Y": grad_y},
+                constexprs={"BLOCK_V": block, "GRAD_X": True, "GRAD_Y": grad_y, "HAS_ROW_TEMP": row_temp},
                 num_warps=num_warps, aligned=aligned(bwd_sig) if is_aligned else ()))
     return entries
 

@@ -22,18 +22,19 @@ Backward (one more read of both rows, one write of each requested gradient), wit
 import triton
 import triton.language as tl
 
-from ._launch import MIN_BLOCK_V, AotKernel, block_config, _not_yet
-from ._row import FLT_MAX, _combine, _exp, _online, _row_ptr
+from ._launch import MIN_BLOCK_V, AotKernel, block_config, optional_rows
+from ._row import FLT_MAX, _combine, _exp, _online, _row_or, _row_ptr
 
 
 @triton.jit
 def _kl_div_fwd_kernel(
-    logits_ptr, other_ptr, kl_ptr, lse_ptr, other_lse_ptr,
+    logits_ptr, other_ptr, kl_ptr, lse_ptr, other_lse_ptr, inv_temps_ptr,
     inner, stride_outer, stride_inner, other_inner, other_stride_outer, other_stride_inner,
     vocab, inv_temp, direction,
-    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
     x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
 
@@ -72,14 +73,15 @@ def _kl_div_fwd_kernel(
 @triton.jit
 def _kl_div_bwd_kernel(
     logits_ptr, other_ptr, kl_ptr, lse_ptr, other_lse_ptr, grad_kl_ptr,
-    grad_ptr, grad_other_ptr,
+    grad_ptr, grad_other_ptr, inv_temps_ptr,
     inner, stride_outer, stride_inner, other_inner, other_stride_outer, other_stride_inner,
     grad_inner, grad_stride_outer, grad_stride_inner,
     grad_other_inner, grad_other_stride_outer, grad_other_stride_inner,
     vocab, inv_temp, direction,
-    BLOCK_V: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr,
+    BLOCK_V: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
     x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
     lse_p = tl.load(lse_ptr + row)
@@ -136,21 +138,23 @@ def kl_div_fwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
 
     ``logits`` and ``other`` (same dtype) are only base pointers, rows described by ``layout``
     and ``other_layout``. ``direction`` 0: KL(p || q), 1: KL(q || p). ``block_v`` overrides the
-    vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab.
+    vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab. ``inv_temps``:
+    optional per-row inv_temp (contiguous fp32 [rows]) for both rows.
     """
-    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     other_rows, other_inner, other_stride_outer, other_stride_inner = other_layout
     assert other_rows == rows, "layout and other_layout must describe the same rows"
     direction = _check_direction(direction)
     if rows == 0:
         return
+    inv_temps, has_row_temp = optional_rows(inv_temps, kl)
     block, num_warps = _block_config(vocab, logits.device.type != "cpu", block_v)
     _kl_div_fwd_kernel[(rows,)](
-        logits, other, kl, lse, other_lse,
+        logits, other, kl, lse, other_lse, inv_temps,
         inner, stride_outer, stride_inner, other_inner, other_stride_outer, other_stride_inner,
         vocab, float(inv_temp), direction,
-        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), num_warps=num_warps,
+        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), HAS_ROW_TEMP=has_row_temp,
+        num_warps=num_warps,
     )
 
 
@@ -161,9 +165,8 @@ def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
     ``kl``, ``lse``, ``other_lse`` are the forward's outputs. Gradients are stored in their
     tensors' dtype at their layouts' row offsets; ``grad_logits`` or ``grad_other`` None skips
     that gradient (its layout is then ignored). A gradient may be its own input tensor (same
-    layout) for an in-place backward.
+    layout) for an in-place backward. ``inv_temps`` must be the forward's.
     """
-    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
     direction = _check_direction(direction)
@@ -177,12 +180,13 @@ def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
         "gradient layouts must describe the same rows"
     if rows == 0 or not (grad_x or grad_y):
         return
+    inv_temps, has_row_temp = optional_rows(inv_temps, kl)
     block, num_warps = _block_config(vocab, logits.device.type != "cpu", block_v)
     _kl_div_bwd_kernel[(rows,)](
-        logits, other, kl, lse, other_lse, grad_kl, grad_logits, grad_other,
+        logits, other, kl, lse, other_lse, grad_kl, grad_logits, grad_other, inv_temps,
         *layout[1:], *other_layout[1:], *grad_layout[1:], *grad_other_layout[1:],
         vocab, float(inv_temp), direction,
-        BLOCK_V=block, GRAD_X=grad_x, GRAD_Y=grad_y, num_warps=num_warps,
+        BLOCK_V=block, GRAD_X=grad_x, GRAD_Y=grad_y, HAS_ROW_TEMP=has_row_temp, num_warps=num_warps,
     )
 
 
@@ -195,15 +199,16 @@ def _aot_kernels():
     scalars = {"vocab": "i32", "inv_temp": "fp32", "direction": "i32"}
     fwd_sig = {
         "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
-        "kl_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32",
+        "kl_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32", "inv_temps_ptr": "*fp32",
         **layouts("", "other_"), **scalars, "BLOCK_V": "constexpr", "VEC": "constexpr",
+        "HAS_ROW_TEMP": "constexpr",
     }
     bwd_sig = {
         "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
         "kl_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32", "grad_kl_ptr": "*fp32",
-        "grad_ptr": "*{dtype}", "grad_other_ptr": "*{dtype}",
+        "grad_ptr": "*{dtype}", "grad_other_ptr": "*{dtype}", "inv_temps_ptr": "*fp32",
         **layouts("", "other_", "grad_", "grad_other_"), **scalars,
-        "BLOCK_V": "constexpr", "GRAD_X": "constexpr", "GRAD_Y": "constexpr",
+        "BLOCK_V": "constexpr", "GRAD_X": "constexpr", "GRAD_Y": "constexpr", "HAS_ROW_TEMP": "constexpr",
     }
     # What a launch usually specialises as multiples of 16 (see token_logprobs.py): pointers,
     # strides, vocab. "unaligned" is a vocab like 50257 (scalar loads).
@@ -214,19 +219,21 @@ def _aot_kernels():
     bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     block, num_warps = _block_config(151936, on_gpu=True)
     entries = []
-    for dtype, aligned in (("bf16", True), ("fp16", True), ("fp32", True), ("bf16", False)):
-        tag = dtype if aligned else f"{dtype},unaligned"
+    # (dtype, aligned, per-row inv_temps): without them, and bf16 with.
+    for dtype, aligned, row_temp in (("bf16", True, False), ("fp16", True, False), ("fp32", True, False),
+                                     ("bf16", False, False), ("bf16", True, True)):
+        tag = (dtype if aligned else f"{dtype},unaligned") + (",inv_temps" if row_temp else "")
         entries.append(AotKernel(
             name=f"kl_div_fwd[{tag}]", fn=_kl_div_fwd_kernel,
             signature={k: v.format(dtype=dtype) for k, v in fwd_sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype]},
+            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "HAS_ROW_TEMP": row_temp},
             num_warps=num_warps, aligned=fwd_aligned if aligned else ()))
         # Gradient on the policy only (frozen reference / teacher), or on both (distillation).
         for grads, grad_y in (("dx", False), ("dx,dy", True)):
             entries.append(AotKernel(
                 name=f"kl_div_bwd[{tag},{grads}]", fn=_kl_div_bwd_kernel,
                 signature={k: v.format(dtype=dtype) for k, v in bwd_sig.items()},
-                constexprs={"BLOCK_V": block, "GRAD_X": True, "GRAD_Y": grad_y},
+                constexprs={"BLOCK_V": block, "GRAD_X": True, "GRAD_Y": grad_y, "HAS_ROW_TEMP": row_temp},
                 num_warps=num_warps, aligned=bwd_aligned if aligned else ()))
     return entries
 

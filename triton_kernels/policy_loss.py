@@ -26,7 +26,8 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, _not_yet
+from ._launch import AotKernel, block_config, optional_rows
+from ._row import _row_or
 from .token_logprobs import _row_ptr, _row_stats, _token_logp, _write_grad_row
 
 try:  # installed as rlfuse.triton_kernels
@@ -54,7 +55,7 @@ KL_KIND = _EnumConstants(_schema.KL_KIND)
 CISPO_MODE = _EnumConstants(_schema.CISPO_MODE)
 
 # The float fields of TokenLossParams, in schema order: the kernel takes them as one named tuple
-# (``p.clip_high`` in the per-token math); the enum fields are the constexprs POLICY, KL, MODE.
+# (``p.kl_coef`` in the per-token math); the enum fields are the constexprs POLICY, KL, MODE.
 TokenLossFloats = namedtuple("TokenLossFloats", _schema.TOKEN_LOSS_FLOATS)
 
 
@@ -65,8 +66,10 @@ def _clampf(v, lo, hi):
 
 
 @triton.jit
-def _policy_term(logp, old_logp, a, p, POLICY: tl.constexpr, MODE: tl.constexpr):
-    """token_loss.h policy_term: (value, d value / d logp), unweighted; ``p``: TokenLossFloats."""
+def _policy_term(logp, old_logp, a, p, bounds, POLICY: tl.constexpr, MODE: tl.constexpr):
+    """token_loss.h policy_term: (value, d value / d logp), unweighted; ``p``: TokenLossFloats,
+    ``bounds``: the row's (clip_low, clip_high, dual_clip), which replace p's (``_row_bounds``)."""
+    clip_low, clip_high, dual_clip = bounds
     raw_log_ratio = logp - old_logp
     log_ratio = _clampf(raw_log_ratio, -20.0, 20.0)
     # A clamp that bites zeroes the token's gradient (verl convention).
@@ -82,8 +85,8 @@ def _policy_term(logp, old_logp, a, p, POLICY: tl.constexpr, MODE: tl.constexpr)
         grad = -a * (1.0 - p.pspo_alpha) * dr
     elif POLICY == POLICY_KIND.spo:  # -(A r - |A| (r - 1)^2 / (2 eps)), eps = clip_high
         d = r - 1.0
-        value = -(a * r - tl.abs(a) * d * d / (2.0 * p.clip_high))
-        grad = -(a - tl.abs(a) * d / p.clip_high) * dr
+        value = -(a * r - tl.abs(a) * d * d / (2.0 * clip_high))
+        grad = -(a - tl.abs(a) * d / clip_high) * dr
     elif POLICY == POLICY_KIND.sapo:
         tau = tl.where(a > 0.0, p.sapo_tau_pos, p.sapo_tau_neg)
         s = 1.0 / (1.0 + tl.exp(-tau * (r - 1.0)))
@@ -91,13 +94,13 @@ def _policy_term(logp, old_logp, a, p, POLICY: tl.constexpr, MODE: tl.constexpr)
         grad = -a * 4.0 * s * (1.0 - s) * dr
     elif POLICY == POLICY_KIND.cispo:
         if MODE == CISPO_MODE.cap:
-            w = tl.where(r < p.clip_high, r, p.clip_high)
+            w = tl.where(r < clip_high, r, clip_high)
         else:
-            upper = 1.0 + p.clip_high
+            upper = 1.0 + clip_high
             w = tl.where(r < upper, r, upper)
             if MODE == CISPO_MODE.two_sided:  # clip_low < 0 means no lower bound
-                lower = 1.0 - p.clip_low
-                w = tl.where(p.clip_low >= 0.0, tl.where(w > lower, w, lower), w)
+                lower = 1.0 - clip_low
+                w = tl.where(clip_low >= 0.0, tl.where(w > lower, w, lower), w)
         value = -w * a * logp  # w is detached
         grad = -w * a
     else:  # ppo / gppo
@@ -105,8 +108,8 @@ def _policy_term(logp, old_logp, a, p, POLICY: tl.constexpr, MODE: tl.constexpr)
         capped = (p.delta > 0.0) & (r > p.delta)
         r = tl.where(capped, p.delta, r)
         dr = tl.where(capped, 0.0, dr)
-        low = 1.0 - p.clip_low
-        high = 1.0 + p.clip_high
+        low = 1.0 - clip_low
+        high = 1.0 + clip_high
         # Strict inequalities: a ratio exactly on a boundary is unclipped and keeps its gradient.
         clipped_high = (a > 0.0) & (r > high)
         clipped_low = (a < 0.0) & (r < low)
@@ -121,8 +124,8 @@ def _policy_term(logp, old_logp, a, p, POLICY: tl.constexpr, MODE: tl.constexpr)
             grad_low = 0.0
         value = tl.where(clipped_high, -a * high, tl.where(clipped_low, -a * low, value))
         grad = tl.where(clipped_high, grad_high, tl.where(clipped_low, grad_low, grad))
-        dual = (p.dual_clip > 0.0) & (a < 0.0) & (value > -p.dual_clip * a)
-        value = tl.where(dual, -p.dual_clip * a, value)
+        dual = (dual_clip > 0.0) & (a < 0.0) & (value > -dual_clip * a)
+        value = tl.where(dual, -dual_clip * a, value)
         grad = tl.where(dual, 0.0, grad)
     return value, grad
 
@@ -164,12 +167,12 @@ def _kl_term(logp, ref_logp, KL: tl.constexpr):
 
 
 @triton.jit
-def _token_loss(logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight, p,
+def _token_loss(logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight, p, bounds,
                 POLICY: tl.constexpr, KL: tl.constexpr, MODE: tl.constexpr):
-    """token_loss.h token_loss: (weighted loss, g_logp, g_entropy)."""
+    """token_loss.h token_loss: (weighted loss, g_logp, g_entropy); ``bounds`` as in _policy_term."""
     # Zero weights skip the math (tl.where never lets the skipped branch's NaN through), so
     # masked tokens never turn garbage inputs into NaN.
-    t_value, t_grad = _policy_term(logp, old_logp, advantage, p, POLICY, MODE)
+    t_value, t_grad = _policy_term(logp, old_logp, advantage, p, bounds, POLICY, MODE)
     use_policy = policy_weight != 0.0
     loss = tl.where(use_policy, 0.0 + policy_weight * t_value, 0.0)
     g_logp = tl.where(use_policy, 0.0 + policy_weight * t_grad, 0.0)
@@ -186,17 +189,30 @@ def _token_loss(logp, entropy, old_logp, ref_logp, advantage, policy_weight, wei
 
 
 @triton.jit
+def _row_bounds(p, row, clip_low_ptr, clip_high_ptr, dual_clip_ptr,
+                HAS_CLIP_LOW: tl.constexpr, HAS_CLIP_HIGH: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):
+    """The row's (clip_low, clip_high, dual_clip): token_loss.h row_params, p's unless per-token given."""
+    return (_row_or(clip_low_ptr, row, p.clip_low, HAS_CLIP_LOW),
+            _row_or(clip_high_ptr, row, p.clip_high, HAS_CLIP_HIGH),
+            _row_or(dual_clip_ptr, row, p.dual_clip, HAS_DUAL_CLIP))
+
+
+@triton.jit
 def _policy_loss_fused_kernel(
     logits_ptr, tokens_ptr, advantages_ptr, old_logp_ptr, ref_logp_ptr, policy_weight_ptr,
     weight_ptr, loss_ptr, logp_ptr, entropy_ptr, grad_ptr,
+    inv_temps_ptr, clip_low_ptr, clip_high_ptr, dual_clip_ptr,
     inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
     vocab, inv_temp, params,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr,
     POLICY: tl.constexpr, KL: tl.constexpr, MODE: tl.constexpr,
+    HAS_ROW_TEMP: tl.constexpr, HAS_CLIP_LOW: tl.constexpr, HAS_CLIP_HIGH: tl.constexpr,
+    HAS_DUAL_CLIP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     grad_row = _row_ptr(grad_ptr, row, grad_inner, grad_stride_outer, grad_stride_inner)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
 
     # 1. Row statistics (token_logprobs forward).
     row_max, log_sum, entropy = _row_stats(logits_row, vocab, inv_temp, BLOCK_V, VEC)
@@ -213,8 +229,10 @@ def _policy_loss_fused_kernel(
         ref_logp = tl.load(ref_logp_ptr + row)
     else:
         ref_logp = old_logp  # never used: ref_logp_ptr may be a dummy
+    bounds = _row_bounds(params, row, clip_low_ptr, clip_high_ptr, dual_clip_ptr,
+                         HAS_CLIP_LOW, HAS_CLIP_HIGH, HAS_DUAL_CLIP)
     loss, g_logp, g_entropy = _token_loss(
-        logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight, params, POLICY, KL, MODE)
+        logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight, params, bounds, POLICY, KL, MODE)
     tl.store(loss_ptr + row, loss)
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
@@ -258,8 +276,9 @@ def policy_loss_fused(logits, layout, vocab, tokens, inv_temp, advantages, old_l
     and ``weight`` are contiguous fp32 [rows]. ``ref_logp`` may be None when the KL term is off
     (params.kl == 0 or params.kl_coef == 0); it is then never read. ``params`` is any object
     with the fields of TokenLossParams (rlfuse._schema). ``block_v`` overrides the vocab chunk.
+    Optional contiguous fp32 [rows]: ``inv_temps`` (per-row inv_temp) and ``clip_low_rows``,
+    ``clip_high_rows``, ``dual_clip_rows`` (per-token params.clip_low, clip_high, dual_clip).
     """
-    _not_yet(inv_temps, clip_low_rows, clip_high_rows, dual_clip_rows)
     rows, inner, stride_outer, stride_inner = layout
     grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
     assert grad_rows == rows, "layout and grad_layout must describe the same rows"
@@ -272,13 +291,18 @@ def policy_loss_fused(logits, layout, vocab, tokens, inv_temp, advantages, old_l
         return
     block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
     floats = TokenLossFloats(*[float(getattr(params, name)) for name in TokenLossFloats._fields])
+    inv_temps, has_row_temp = optional_rows(inv_temps, loss)
+    clip_low_rows, has_clip_low = optional_rows(clip_low_rows, loss)
+    clip_high_rows, has_clip_high = optional_rows(clip_high_rows, loss)
+    dual_clip_rows, has_dual_clip = optional_rows(dual_clip_rows, loss)
     _policy_loss_fused_kernel[(rows,)](
         logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight,
-        loss, logp, entropy, grad_logits,
+        loss, logp, entropy, grad_logits, inv_temps, clip_low_rows, clip_high_rows, dual_clip_rows,
         inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
         vocab, float(inv_temp), floats,
         BLOCK_V=block, VEC=min(16 // logits.element_size(), block),
-        POLICY=policy, KL=kl, MODE=mode, num_warps=num_warps,
+        POLICY=policy, KL=kl, MODE=mode, HAS_ROW_TEMP=has_row_temp, HAS_CLIP_LOW=has_clip_low,
+        HAS_CLIP_HIGH=has_clip_high, HAS_DUAL_CLIP=has_dual_clip, num_warps=num_warps,
     )
 
 
@@ -321,44 +345,51 @@ def _aot_kernels():
         "old_logp_ptr": "*fp32", "ref_logp_ptr": "*fp32", "policy_weight_ptr": "*fp32",
         "weight_ptr": "*fp32", "loss_ptr": "*fp32", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
         "grad_ptr": "*{dtype}",
+        "inv_temps_ptr": "*fp32", "clip_low_ptr": "*fp32", "clip_high_ptr": "*fp32", "dual_clip_ptr": "*fp32",
         "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
         "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
         "vocab": "i32", "inv_temp": "fp32",
         "params": TokenLossFloats(*["fp32"] * len(TokenLossFloats._fields)),
         "BLOCK_V": "constexpr", "VEC": "constexpr",
         "POLICY": "constexpr", "KL": "constexpr", "MODE": "constexpr",
+        "HAS_ROW_TEMP": "constexpr", "HAS_CLIP_LOW": "constexpr", "HAS_CLIP_HIGH": "constexpr",
+        "HAS_DUAL_CLIP": "constexpr",
     }
+    row_flags = ("HAS_ROW_TEMP", "HAS_CLIP_LOW", "HAS_CLIP_HIGH", "HAS_DUAL_CLIP")
     aligned = ("logits_ptr", "tokens_ptr", "advantages_ptr", "old_logp_ptr", "ref_logp_ptr",
                "policy_weight_ptr", "weight_ptr", "loss_ptr", "logp_ptr", "entropy_ptr",
-               "grad_ptr", "stride_outer", "stride_inner", "grad_stride_outer",
-               "grad_stride_inner", "vocab")
+               "grad_ptr", "inv_temps_ptr", "clip_low_ptr", "clip_high_ptr", "dual_clip_ptr",
+               "stride_outer", "stride_inner", "grad_stride_outer", "grad_stride_inner", "vocab")
     bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     block, num_warps = block_config(151936, on_gpu=True)
-    # (dtype, aligned, policy, kl, cispo mode). The entropy bonus is a runtime scalar: every entry
-    # compiles it. bf16 covers every policy kind (every CISPO mode) of the schema, the KL kinds
-    # taken in turn so that each is compiled at least once.
+    # (dtype, aligned, policy, kl, cispo mode, per-row inputs). The entropy bonus is a runtime
+    # scalar: every entry compiles it. bf16 covers every policy kind (every CISPO mode) of the
+    # schema, the KL kinds taken in turn so that each is compiled at least once.
     policies = [(policy, mode) for policy in _schema.POLICY_KIND.names
                 for mode in (_schema.CISPO_MODE.names if policy == "cispo" else ("two_sided",))]
     kl_names = _schema.KL_KIND.names
-    variants = [("bf16", True, policy, kl_names[i % len(kl_names)], mode) for i, (policy, mode) in enumerate(policies)]
+    variants = [("bf16", True, policy, kl_names[i % len(kl_names)], mode, False)
+                for i, (policy, mode) in enumerate(policies)]
     variants += [
-        ("fp16", True, "ppo", "none", "two_sided"),
-        ("fp16", True, "gppo", "k3", "two_sided"),
-        ("fp32", True, "ppo", "none", "two_sided"),
-        ("fp32", True, "sapo", "k1", "two_sided"),
-        ("bf16", False, "ppo", "none", "two_sided"),
-        ("bf16", False, "gppo", "k3", "two_sided"),
+        ("fp16", True, "ppo", "none", "two_sided", False),
+        ("fp16", True, "gppo", "k3", "two_sided", False),
+        ("fp32", True, "ppo", "none", "two_sided", False),
+        ("fp32", True, "sapo", "k1", "two_sided", False),
+        ("bf16", False, "ppo", "none", "two_sided", False),
+        ("bf16", False, "gppo", "k3", "two_sided", False),
+        # Per-token temperature and clip bounds (every optional input given).
+        ("bf16", True, "ppo", "k3", "two_sided", True),
     ]
     entries = []
-    for dtype, is_aligned, policy, kl, mode in variants:
+    for dtype, is_aligned, policy, kl, mode, row_inputs in variants:
         variant = policy + (f"-{mode}" if policy == "cispo" else "")
-        tag = f"{dtype},{variant},{kl}" + ("" if is_aligned else ",unaligned")
+        tag = f"{dtype},{variant},{kl}" + ("" if is_aligned else ",unaligned") + (",rows" if row_inputs else "")
         entries.append(AotKernel(
             name=f"policy_loss_fused[{tag}]", fn=_policy_loss_fused_kernel,
             signature={k: v if isinstance(v, tuple) else v.format(dtype=dtype) for k, v in sig.items()},
             constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype],
                         "POLICY": _schema.POLICY_KIND[policy], "KL": _schema.KL_KIND[kl],
-                        "MODE": _schema.CISPO_MODE[mode]},
+                        "MODE": _schema.CISPO_MODE[mode], **dict.fromkeys(row_flags, row_inputs)},
             num_warps=num_warps, aligned=aligned if is_aligned else ()))
     for dtype in ("bf16", "fp16", "fp32"):
         entries.append(AotKernel(

@@ -23,8 +23,8 @@ two >= max(k, 2); only the first k slots are written.
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, _not_yet
-from ._row import _row_ptr, _row_stats, _token_logp
+from ._launch import AotKernel, block_config, optional_rows
+from ._row import _row_or, _row_ptr, _row_stats, _token_logp
 
 SENTINEL = tl.constexpr(-(2**63))
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -72,11 +72,13 @@ def _row_topk_keys(logits_row, vocab, inv_temp, BLOCK_S: tl.constexpr, K: tl.con
 
 @triton.jit
 def _row_topk_kernel(
-    logits_ptr, tokens_ptr, ids_ptr, values_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, tokens_ptr, ids_ptr, values_ptr, logp_ptr, entropy_ptr, lse_ptr, inv_temps_ptr,
     inner, stride_outer, stride_inner, vocab, inv_temp, k,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr, BLOCK_S: tl.constexpr, K: tl.constexpr,
+    HAS_ROW_TEMP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
     logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     row_max, log_sum, entropy = _row_stats(logits_row, vocab, inv_temp, BLOCK_V, VEC)
     token = tl.load(tokens_ptr + row)
@@ -106,8 +108,8 @@ def row_topk(logits, layout, vocab, tokens, inv_temp, k, ids, values, logp, entr
 
     ``tokens`` is contiguous int64 [rows]; ``logits`` is only the base pointer. ``k`` is at most
     1024. ``block_v`` overrides the vocab chunk (a power of two), e.g. to test multi-chunk rows.
+    ``inv_temps``: optional per-row inv_temp (contiguous fp32 [rows]); values are then that row's x.
     """
-    _not_yet(inv_temps)
     rows, inner, stride_outer, stride_inner = layout
     if not 0 <= k <= MAX_K:
         raise ValueError(f"row_topk: k must be in [0, {MAX_K}], got {k}")
@@ -115,36 +117,40 @@ def row_topk(logits, layout, vocab, tokens, inv_temp, k, ids, values, logp, entr
         return
     block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
     K, block_s = _select_config(k, block)
+    inv_temps, has_row_temp = optional_rows(inv_temps, lse)
     _row_topk_kernel[(rows,)](
-        logits, tokens, ids, values, logp, entropy, lse,
+        logits, tokens, ids, values, logp, entropy, lse, inv_temps,
         inner, stride_outer, stride_inner, vocab, float(inv_temp), k,
         BLOCK_V=block, VEC=min(16 // logits.element_size(), block), BLOCK_S=block_s, K=K,
-        num_warps=num_warps,
+        HAS_ROW_TEMP=has_row_temp, num_warps=num_warps,
     )
 
 
 def _aot_kernels():
     sig = {
         "logits_ptr": "*{dtype}", "tokens_ptr": "*i64", "ids_ptr": "*i32", "values_ptr": "*fp32",
-        "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+        "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "inv_temps_ptr": "*fp32",
         "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
         "inv_temp": "fp32", "k": "i32",
         "BLOCK_V": "constexpr", "VEC": "constexpr", "BLOCK_S": "constexpr", "K": "constexpr",
+        "HAS_ROW_TEMP": "constexpr",
     }
     # As in token_logprobs: pointers, strides and vocab usually multiples of 16, and k = 64.
     aligned = ("logits_ptr", "tokens_ptr", "ids_ptr", "values_ptr", "logp_ptr", "entropy_ptr",
-               "lse_ptr", "stride_outer", "stride_inner", "vocab", "k")
+               "lse_ptr", "inv_temps_ptr", "stride_outer", "stride_inner", "vocab", "k")
     bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     block, num_warps = block_config(151936, on_gpu=True)
     K, block_s = _select_config(64, block)
     entries = []
     # bf16 and fp32 cover both load widths; every entry costs ~10-30 s of compile time in CI.
-    for dtype, is_aligned in (("bf16", True), ("fp32", True)):
-        tag = dtype if is_aligned else f"{dtype},unaligned"
+    # bf16 also with per-row inv_temps.
+    for dtype, is_aligned, row_temp in (("bf16", True, False), ("fp32", True, False), ("bf16", True, True)):
+        tag = (dtype if is_aligned else f"{dtype},unaligned") + (",inv_temps" if row_temp else "")
         entries.append(AotKernel(
             name=f"row_topk[{tag},K={K}]", fn=_row_topk_kernel,
             signature={name: t.format(dtype=dtype) for name, t in sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "BLOCK_S": block_s, "K": K},
+            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "BLOCK_S": block_s, "K": K,
+                        "HAS_ROW_TEMP": row_temp},
             num_warps=num_warps, aligned=aligned if is_aligned else ()))
     return entries
 

@@ -24,8 +24,8 @@ Per row:
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, _not_yet
-from ._row import FLT_MAX, _combine, _exp, _online, _row_ptr, _token_logp
+from ._launch import AotKernel, block_config, optional_rows
+from ._row import FLT_MAX, _combine, _exp, _online, _row_or, _row_ptr, _token_logp
 from .policy_loss import KL_KIND, TokenLossFloats, _token_loss, kernel_constexprs
 from .row_topk import SENTINEL, _decode_key, _sort_key
 from .token_logprobs import _grad_coeffs
@@ -56,15 +56,16 @@ def _max2(u, v):
 def _troll_kernel(
     logits_ptr, tokens_ptr, advantages_ptr, old_logp_ptr, ref_logp_ptr, policy_weight_ptr, weight_ptr,
     old_ids_ptr, old_logprobs_ptr,
-    loss_ptr, logp_ptr, entropy_ptr, eta_ptr, kl_before_ptr, kl_after_ptr, support_ptr, grad_ptr,
+    loss_ptr, logp_ptr, entropy_ptr, eta_ptr, kl_before_ptr, kl_after_ptr, support_ptr, grad_ptr, inv_temps_ptr,
     inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
     vocab, inv_temp, old_k, k, keep_below, eps, alpha, params,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr, K: tl.constexpr, OA: tl.constexpr, OK: tl.constexpr,
-    POLICY: tl.constexpr, KL: tl.constexpr, MODE: tl.constexpr,
+    POLICY: tl.constexpr, KL: tl.constexpr, MODE: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
     grad_row = _row_ptr(grad_ptr, row, grad_inner, grad_stride_outer, grad_stride_inner)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
 
     # 1. One read of the row: lane-wise online statistics and the running top K (row_topk.py).
     LANES: tl.constexpr = BLOCK_V // VEC
@@ -249,7 +250,8 @@ def _troll_kernel(
     else:
         ref_logp = logp
     zero = tl.full([], 0.0, tl.float32)
-    pen_loss, g_logp, g_entropy = _token_loss(logp, entropy, zero, ref_logp, zero, zero, weight, params,
+    bounds = (params.clip_low, params.clip_high, params.dual_clip)  # unused: policy weight 0
+    pen_loss, g_logp, g_entropy = _token_loss(logp, entropy, zero, ref_logp, zero, zero, weight, params, bounds,
                                               POLICY, KL, MODE)
     use_policy = policy_weight != 0.0
     row_loss = tl.where(use_policy, policy_weight * troll_loss.to(tl.float32), 0.0) + pen_loss
@@ -317,8 +319,7 @@ def troll(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_log
     """The fused TROLL loss (schema.h TrollArgs): per-token outputs (fp32 [rows]) and the row
     gradient into ``grad_logits`` (``grad_layout``; may be ``logits``). ``old_ids`` int32 and
     ``old_logprobs`` fp32 are contiguous [rows, old_k]; ``params`` the TokenLossParams of the
-    penalties (its policy field is not read)."""
-    _not_yet(inv_temps)
+    penalties (its policy field is not read). ``inv_temps``: optional per-row inv_temp (fp32 [rows])."""
     rows, inner, stride_outer, stride_inner = layout
     grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
     assert grad_rows == rows, "layout and grad_layout must describe the same rows"
@@ -331,13 +332,14 @@ def troll(logits, layout, vocab, tokens, inv_temp, advantages, old_logp, ref_log
         ref_logp = old_logp
     block, num_warps, K, OA, OK = _config(vocab, k, old_k, logits.device.type != "cpu")
     floats = TokenLossFloats(*[float(getattr(params, name)) for name in TokenLossFloats._fields])
+    inv_temps, has_row_temp = optional_rows(inv_temps, loss)
     _troll_kernel[(rows,)](
         logits, tokens, advantages, old_logp, ref_logp, policy_weight, weight, old_ids, old_logprobs,
-        loss, logp, entropy, eta, kl_before, kl_after, support, grad_logits,
+        loss, logp, entropy, eta, kl_before, kl_after, support, grad_logits, inv_temps,
         inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
         vocab, float(inv_temp), old_k, k, 1.0 - float(threshold), float(eps), float(alpha), floats,
         BLOCK_V=block, VEC=min(16 // logits.element_size(), block), K=K, OA=OA, OK=OK,
-        POLICY=policy, KL=kl, MODE=mode, num_warps=num_warps,
+        POLICY=policy, KL=kl, MODE=mode, HAS_ROW_TEMP=has_row_temp, num_warps=num_warps,
     )
 
 
@@ -348,30 +350,32 @@ def _aot_kernels():
         "old_ids_ptr": "*i32", "old_logprobs_ptr": "*fp32",
         "loss_ptr": "*fp32", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "eta_ptr": "*fp32",
         "kl_before_ptr": "*fp32", "kl_after_ptr": "*fp32", "support_ptr": "*fp32", "grad_ptr": "*{dtype}",
-        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
+        "inv_temps_ptr": "*fp32", "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
         "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
         "vocab": "i32", "inv_temp": "fp32", "old_k": "i32", "k": "i32",
         "keep_below": "fp64", "eps": "fp64", "alpha": "fp64",
         "params": TokenLossFloats(*["fp32"] * len(TokenLossFloats._fields)),
         "BLOCK_V": "constexpr", "VEC": "constexpr", "K": "constexpr", "OA": "constexpr", "OK": "constexpr",
-        "POLICY": "constexpr", "KL": "constexpr", "MODE": "constexpr",
+        "POLICY": "constexpr", "KL": "constexpr", "MODE": "constexpr", "HAS_ROW_TEMP": "constexpr",
     }
     aligned = ("logits_ptr", "tokens_ptr", "advantages_ptr", "old_logp_ptr", "ref_logp_ptr", "policy_weight_ptr",
                "weight_ptr", "old_ids_ptr", "old_logprobs_ptr", "loss_ptr", "logp_ptr", "entropy_ptr", "eta_ptr",
-               "kl_before_ptr", "kl_after_ptr", "support_ptr", "grad_ptr", "stride_outer", "stride_inner",
+               "kl_before_ptr", "kl_after_ptr", "support_ptr", "grad_ptr", "inv_temps_ptr", "stride_outer", "stride_inner",
                "grad_stride_outer", "grad_stride_inner", "vocab", "old_k", "k")
     bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     # The launcher's GPU configuration at K = 64 (LossConfig.troll()'s default), large vocabulary:
-    # without penalties and with the k3 KL penalty (the policy field is not read: ppo).
+    # without penalties and with the k3 KL penalty (the policy field is not read: ppo), the latter
+    # also with per-row temperatures.
     block, num_warps, K, OA, OK = _config(151936, 64, 64, on_gpu=True)
     entries = []
-    for dtype, kl in (("bf16", "none"), ("bf16", "k3"), ("fp32", "none")):
+    for dtype, kl, row_temp in (("bf16", "none", False), ("bf16", "k3", False), ("fp32", "none", False),
+                                ("bf16", "k3", True)):
         entries.append(AotKernel(
-            name=f"troll[{dtype},{kl},K={K}]", fn=_troll_kernel,
+            name=f"troll[{dtype},{kl},K={K}{',inv_temps' if row_temp else ''}]", fn=_troll_kernel,
             signature={name: t if isinstance(t, tuple) else t.format(dtype=dtype) for name, t in sig.items()},
             constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "K": K, "OA": OA, "OK": OK,
                         "POLICY": _schema.POLICY_KIND["ppo"], "KL": _schema.KL_KIND[kl],
-                        "MODE": _schema.CISPO_MODE["two_sided"]},
+                        "MODE": _schema.CISPO_MODE["two_sided"], "HAS_ROW_TEMP": row_temp},
             num_warps=num_warps, aligned=aligned))
     return entries
 
