@@ -434,7 +434,7 @@ def test_linear_logits_source_matches_materialised_logits(generator):
     n, dim, vocab = 9, 8, 37
     hidden, weight = torch.randn(n, dim, generator=generator), torch.randn(vocab, dim, generator=generator)
     tokens = torch.randint(0, vocab, (n,), generator=generator)
-    inputs = dict(tokens=tokens, advantages=torch.randn(n, generator=generator), mask=torch.rand(n) > 0.2,
+    inputs = dict(tokens=tokens, advantages=torch.randn(n, generator=generator), mask=torch.rand(n, generator=generator) > 0.2,
                   old_logprobs=torch.randn(n, generator=generator) * 0.1 - 3.5, backend="cpu")
     expert = torch.rand(n, generator=generator) > 0.5
     for config, expert_mask in ((C.chord(), expert), (C.luffy(norm_length=9.0), expert), (C.empg(), None)):
@@ -447,3 +447,18 @@ def test_linear_logits_source_matches_materialised_logits(generator):
         torch.testing.assert_close(results[0], results[1])
     with pytest.raises(ValueError, match="lp_reg_coef needs a logits tensor"):
         rlfuse.policy_loss(rlfuse.LinearLogits(hidden, weight), config=C.lp_reg(), **inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_masked_rows_never_reaches_the_loss_or_gradient(backend, generator):
+    """docs/SPEC.md section 9 for these knobs: a masked row full of NaN (and NaN per-token inputs)."""
+    batch = make_batch(generator, shape=(4, 6), scale=0.5)
+    masked = ~batch["mask"]
+    batch["logits"][masked] = math.nan
+    for name in ("advantages", "old_logprobs"):
+        batch[name] = batch[name].masked_fill(masked, math.nan)
+    for config, expert in ((C.chord(lp_reg_coef=1.0, lp_reg_min_p=0.3, lp_reg_rho=1.0), batch["expert_mask"]),
+                           (C.luffy(empg_k=1.0), batch["expert_mask"]), (C.lp_reg(lp_reg_rho=1.0), None)):
+        out, grad = run(batch, config, backend, expert_mask=expert)
+        assert torch.isfinite(out.loss), config
+        assert torch.all(grad[masked] == 0) and torch.isfinite(grad).all(), config

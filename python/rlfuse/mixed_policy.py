@@ -135,9 +135,12 @@ def lp_reg_loss(logits, batch, logp: Tensor, aggregation: Tensor, config) -> tup
     valid = batch.mask > 0
     logp = torch.where(valid, logp.reshape(-1).float(), 0.0)
     positions, live = mixed.lp_reg_candidates(logp, batch.advantages, batch.mask, config.lp_reg_rho)
-    rows = logits.reshape(-1, logits.shape[-1])[positions]
-    kl, kept = mixed.filtered_proxy_kl(rows, batch.tokens.reshape(-1)[positions], config.temperature,
-                                       config.lp_reg_min_p)
+    vocab = logits.shape[-1]
+    # Rows not regularised (masked ones included) read as zeros: whatever they hold, no NaN reaches
+    # the gradient through their zero weight.
+    rows = torch.where(live[:, None], logits.reshape(-1, vocab)[positions], 0.0)
+    chosen = batch.tokens.reshape(-1)[positions].clamp(0, vocab - 1)
+    kl, kept = mixed.filtered_proxy_kl(rows, chosen, config.temperature, config.lp_reg_min_p)
     selected = live & kept
     loss = config.lp_reg_coef * weighted(kl, torch.where(selected, aggregation[positions], 0.0)).sum()
     regularised = selected & (kl.detach() > 0)
