@@ -462,3 +462,19 @@ def test_nan_in_masked_rows_never_reaches_the_loss_or_gradient(backend, generato
         out, grad = run(batch, config, backend, expert_mask=expert)
         assert torch.isfinite(out.loss), config
         assert torch.all(grad[masked] == 0) and torch.isfinite(grad).all(), config
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lp_reg_kl_equals_the_samplers_filtered_log_prob_gap(backend, generator):
+    """Lp-Reg's KL on a row equals rlfuse.token_logprobs(..., min_p=kappa) - token_logprobs(...) for a
+    kept token: the sampler's own kept set (docs/SPEC.md section 8) and Lp-Reg's proxy agree."""
+    from rlfuse.reference.mixed_policy import filtered_proxy_kl
+
+    rows = torch.randn(6, 700, generator=generator) * 1.5
+    tokens = torch.multinomial(torch.softmax(rows / 0.8, -1), 1, generator=generator).squeeze(-1)
+    kl, kept = filtered_proxy_kl(rows, tokens, 0.8, 0.05)
+    filtered = rlfuse.token_logprobs(rows, tokens, 0.8, backend=backend, min_p=0.05)
+    full = rlfuse.token_logprobs(rows, tokens, 0.8, backend=backend)
+    assert kept.any()
+    assert torch.equal(kept, torch.isfinite(filtered))
+    torch.testing.assert_close(kl[kept], (filtered - full)[kept], atol=1e-5, rtol=1e-5)
