@@ -42,12 +42,13 @@ void jsd_fwd_rows(const JsdFwdArgs& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
     const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+    const float inv_temp = row_inv_temp(a, row);
     // Read 1: both rows' statistics, through the same code (identical rows, identical results).
     RowStats p = empty_stats(), q = empty_stats();
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
       online_chunk(x, padded, p);
       online_chunk(y, padded, q);
     }
@@ -57,8 +58,8 @@ void jsd_fwd_rows(const JsdFwdArgs& a, int64_t begin, int64_t end) {
     Vec sum_pu = splat(0.0f), sum_qv = splat(0.0f);
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
       for (int64_t i = 0; i < padded; i += kLanes) {
         const Vec log_p = (load_vec(x + i) - max_p) - log_sum_p;
         const Vec log_q = (load_vec(y + i) - max_q) - log_sum_q;
@@ -84,9 +85,10 @@ void jsd_bwd_rows(const JsdBwdArgs& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
     const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+    const float inv_temp = row_inv_temp(a, row);
     char* dst_x = a.grad_logits ? const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row)) : nullptr;
     char* dst_y = a.grad_other ? const_cast<char*>(row_pointer(a.grad_other, a.dtype, a.grad_other_layout, row)) : nullptr;
-    const float g = a.grad_jsd[row] * a.inv_temp;
+    const float g = a.grad_jsd[row] * inv_temp;
     if (g == 0.0f) {  // masked row: zeros, without reading (possibly garbage) logits
       if (dst_x) std::memset(dst_x, 0, a.vocab * esize);
       if (dst_y) std::memset(dst_y, 0, a.vocab * esize);
@@ -97,8 +99,8 @@ void jsd_bwd_rows(const JsdBwdArgs& a, int64_t begin, int64_t end) {
     const float coef_x = -(1.0f - a.beta) * g, coef_y = -a.beta * g;
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
       for (int64_t i = 0; i < padded; i += kLanes) {
         const Vec log_p = load_vec(x + i) - lse_p, log_q = load_vec(y + i) - lse_q;
         const Vec pv = exp_nonpositive(log_p), qv = exp_nonpositive(log_q);

@@ -31,12 +31,13 @@ void kl_div_fwd_rows(const KlDivFwdArgs& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
     const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+    const float inv_temp = row_inv_temp(a, row);
     // Online statistics of both softmaxes, each with its cross term against the other row.
     RowStats p = empty_stats(), q = empty_stats();
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
       online_chunk(x, padded, p, Cross{x, y});
       online_chunk(y, padded, q, Cross{y, x});
     }
@@ -59,9 +60,10 @@ void kl_div_bwd_rows(const KlDivBwdArgs& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
     const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+    const float inv_temp = row_inv_temp(a, row);
     char* dst_x = a.grad_logits ? const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row)) : nullptr;
     char* dst_y = a.grad_other ? const_cast<char*>(row_pointer(a.grad_other, a.dtype, a.grad_other_layout, row)) : nullptr;
-    const float g = a.grad_kl[row] * a.inv_temp;
+    const float g = a.grad_kl[row] * inv_temp;
     if (g == 0.0f) {  // masked row: zeros, without reading (possibly garbage) logits
       if (dst_x) std::memset(dst_x, 0, a.vocab * esize);
       if (dst_y) std::memset(dst_y, 0, a.vocab * esize);
@@ -70,8 +72,8 @@ void kl_div_bwd_rows(const KlDivBwdArgs& a, int64_t begin, int64_t end) {
     const Vec lse_p = splat(a.lse[row]), lse_q = splat(a.other_lse[row]), kl = splat(a.kl[row]);
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, a.inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, a.inv_temp, y);
+      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
+      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
       for (int64_t i = 0; i < padded; i += kLanes) {
         const Vec log_p = load_vec(x + i) - lse_p, log_q = load_vec(y + i) - lse_q;
         const Vec p = exp_nonpositive(log_p), q = exp_nonpositive(log_q);

@@ -40,11 +40,22 @@ RLFUSE_ALWAYS_INLINE float chunk_max(const float* x, int64_t n) {
 }
 
 // Loads elements [start, start + n) of one row as x = z * inv_temp into `buf`, padded with -inf
-// to whole lanes; returns the padded length.
+// to whole lanes; returns the padded length. Entries below `kept_min` (a sampler's kept set,
+// row_math.h kept_logit) become -inf; the default -inf keeps everything and costs one branch per chunk.
 RLFUSE_ALWAYS_INLINE int64_t load_chunk(const char* src, DType dtype, int64_t start, int64_t n, float inv_temp,
-                                        float* buf) {
+                                        float* buf, float kept_min = -INFINITY) {
   load_scaled(src + start * element_size(dtype), dtype, n, inv_temp, buf);
+  if (kept_min > -INFINITY) {
+    for (int64_t i = 0; i < n; ++i) buf[i] = kept_logit(buf[i], kept_min);
+  }
   return pad_to_lanes(buf, n);
+}
+
+// x_y = z_y * inv_temp, or NaN when y is outside [0, vocab) (never used as an index then).
+RLFUSE_ALWAYS_INLINE float target_logit(const char* src, DType dtype, int64_t vocab, float inv_temp, int64_t y) {
+  float x = NAN;
+  if (y >= 0 && y < vocab) load_scaled(src + y * element_size(dtype), dtype, 1, inv_temp, &x);
+  return x;
 }
 
 // ---- the statistics pass: one primitive for every op ------------------------------------------
@@ -92,44 +103,49 @@ struct NoChunkVisit {
 // Statistics pass over one row of x = z * inv_temp: logp of token y (NaN if y is out of
 // range), entropy and lse. `buf` holds kChunk floats. Each chunk is also handed, while it is in
 // L1, to visit(x, start, n) (x[0, n) are the row's elements [start, start + n)), so an op that
-// needs another look at every element (top-k) does not read the row again.
+// needs another look at every element (top-k) does not read the row again. With a finite
+// `kept_min` the row is restricted to its kept set {x >= kept_min} (schema.h TokenLogprobsFwdArgs):
+// lse and entropy over that set, logp -inf for a token outside it.
 template <typename Visit = NoChunkVisit>
 RLFUSE_ALWAYS_INLINE RowResult row_statistics(const char* src, DType dtype, int64_t vocab, float inv_temp,
-                                              int64_t y, float* buf, Visit visit = {}) {
+                                              int64_t y, float* buf, Visit visit = {},
+                                              float kept_min = -INFINITY) {
   RowStats stats = empty_stats();
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
-    online_chunk(buf, load_chunk(src, dtype, start, n, inv_temp, buf), stats);
+    online_chunk(buf, load_chunk(src, dtype, start, n, inv_temp, buf, kept_min), stats);
     visit(static_cast<const float*>(buf), start, n);
   }
-  float x_target = NAN;
-  if (y >= 0 && y < vocab) load_scaled(src + y * element_size(dtype), dtype, 1, inv_temp, &x_target);
-  return finalize(stats, x_target);
+  return finalize(stats, kept_logit(target_logit(src, dtype, vocab, inv_temp, y), kept_min));
 }
 
 // Gradient pass over one row (docs/SPEC.md section 2) for upstream gradients g_logp (on logp) and
 // g_entropy (on H): dst may alias src, each chunk is read before it is written. A row with
 // g_logp = g_entropy = 0 (a masked or fully clipped token) is written as zeros without reading the
 // logits, so NaN/inf in a masked row never reaches its gradient (kernels.h contract). `buf` holds
-// kChunk floats.
+// kChunk floats. With a finite `kept_min` (lse and entropy then over the kept set) every entry
+// outside the kept set, the token's included, gets exactly 0.
 RLFUSE_ALWAYS_INLINE void row_gradient(const char* src, char* dst, DType dtype, int64_t vocab, float inv_temp,
                                        float g_logp, float g_entropy, float entropy, float lse, int64_t y,
-                                       float* buf) {
+                                       float* buf, float kept_min = -INFINITY) {
   const int64_t esize = element_size(dtype);
   if (g_logp == 0.0f && g_entropy == 0.0f) {
     std::memset(dst, 0, vocab * esize);
     return;
   }
   const GradCoeffs c = grad_coeffs(g_logp, g_entropy, entropy, inv_temp);
+  // Outside the kept set the token's 1[j = y] term is dropped too (its p_j is 0 like every other).
+  const bool target_kept = !(kept_min > -INFINITY) || !(target_logit(src, dtype, vocab, inv_temp, y) < kept_min);
+  const int64_t target = target_kept ? y : -1;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
-    const int64_t padded = load_chunk(src, dtype, start, n, inv_temp, buf);
+    const int64_t padded = load_chunk(src, dtype, start, n, inv_temp, buf, kept_min);
     for (int64_t i = 0; i < padded; i += kLanes) {
       const Vec logp = load_vec(buf + i) - lse;
       const Vec p = exp_nonpositive(logp);
       store_vec(buf + i, p == 0.0f ? splat(0.0f) : p * (c.base + c.slope * logp));
     }
-    if (y >= start && y < start + n) buf[y - start] += c.target;
+    if (target >= start && target < start + n) buf[target - start] += c.target;
     store_converted(buf, n, dtype, dst + start * esize);
   }
 }

@@ -48,7 +48,7 @@ void row_topk_rows(const RowTopkArgs& a, int64_t begin, int64_t end) {
       }
       for (; i < n; ++i) offer(x[i], start + i);
     };
-    const RowResult stats = row_statistics(src, a.dtype, a.vocab, a.inv_temp, a.tokens[row], buf, select);
+    const RowResult stats = row_statistics(src, a.dtype, a.vocab, row_inv_temp(a, row), a.tokens[row], buf, select);
     std::sort(heap.begin(), heap.end(), ranks_before);
     int32_t* ids = a.topk_ids + row * a.k;
     float* values = a.topk_values + row * a.k;

@@ -10,7 +10,8 @@ void forward_rows(const TokenLogprobsFwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float buf[kChunk];
   for (int64_t row = begin; row < end; ++row) {
     const char* src = row_pointer(a.logits, a.dtype, a.layout, row);
-    const RowResult r = row_statistics(src, a.dtype, a.vocab, a.inv_temp, a.tokens[row], buf);
+    const RowResult r = row_statistics(src, a.dtype, a.vocab, row_inv_temp(a, row), a.tokens[row], buf,
+                                       NoChunkVisit{}, row_kept_min(a, row));
     a.logp[row] = r.logp;
     a.entropy[row] = r.entropy;
     a.lse[row] = r.lse;
@@ -22,8 +23,8 @@ void backward_rows(const TokenLogprobsBwdArgs& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const char* src = row_pointer(a.logits, a.dtype, a.layout, row);
     char* dst = const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row));
-    row_gradient(src, dst, a.dtype, a.vocab, a.inv_temp, a.grad_logp[row], a.grad_entropy[row], a.entropy[row],
-                 a.lse[row], a.tokens[row], buf);
+    row_gradient(src, dst, a.dtype, a.vocab, row_inv_temp(a, row), a.grad_logp[row], a.grad_entropy[row],
+                 a.entropy[row], a.lse[row], a.tokens[row], buf, row_kept_min(a, row));
   }
 }
 

@@ -125,10 +125,11 @@ void troll_rows(const TrollArgs& a, int64_t begin, int64_t end) {
     const char* src = row_pointer(a.logits, a.dtype, a.layout, row);
     char* dst = const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row));
     const int64_t y = a.tokens[row];
+    const float inv_temp = row_inv_temp(a, row);
     const float policy_weight = a.policy_weight[row], weight = a.weight[row];
     if (policy_weight == 0.0f && weight == 0.0f) {
       // A masked token: its statistics (returned as for every loss), no TROLL math, a zero row.
-      const RowResult r = row_statistics(src, a.dtype, a.vocab, a.inv_temp, y, buf);
+      const RowResult r = row_statistics(src, a.dtype, a.vocab, inv_temp, y, buf);
       a.loss[row] = 0.0f;
       a.logp[row] = r.logp;
       a.entropy[row] = r.entropy;
@@ -225,7 +226,7 @@ void troll_rows(const TrollArgs& a, int64_t begin, int64_t end) {
     cand.clear();
     const auto logit = [&](int64_t id) {
       float x = 0.0f;
-      load_scaled(src + id * esize, a.dtype, 1, a.inv_temp, &x);
+      load_scaled(src + id * esize, a.dtype, 1, inv_temp, &x);
       return x;
     };
     const bool y_valid = y >= 0 && y < a.vocab;
@@ -253,7 +254,7 @@ void troll_rows(const TrollArgs& a, int64_t begin, int64_t end) {
         if (kth > -INFINITY) thr = std::nextafter(kth, -INFINITY);
       }
     }
-    const RowResult stats = row_statistics(src, a.dtype, a.vocab, a.inv_temp, y, buf, select);
+    const RowResult stats = row_statistics(src, a.dtype, a.vocab, inv_temp, y, buf, select);
     if (size > static_cast<size_t>(a.k)) exact();
     heap.resize(size);
     for (size_t i = 0; i < size; ++i) heap[i] = Entry{vals[i], idx[i]};
@@ -288,7 +289,7 @@ void troll_rows(const TrollArgs& a, int64_t begin, int64_t end) {
     a.kl_before[row] = static_cast<float>(t.kl_before);
     a.kl_after[row] = static_cast<float>(t.kl_after);
     a.support[row] = static_cast<float>(n);
-    const double scale = static_cast<double>(policy_weight) * a.inv_temp;
+    const double scale = static_cast<double>(policy_weight) * inv_temp;
     for (int j = 0; j < n; ++j) sc.sparse[j] = policy_weight != 0.0f ? static_cast<float>(scale * sc.g[j]) : 0.0f;
 
     // The gradient pass. Every logit this row needs has been read: dst may alias src.
@@ -297,12 +298,12 @@ void troll_rows(const TrollArgs& a, int64_t begin, int64_t end) {
       for (int j = 0; j < n; ++j) store_converted(&sc.sparse[j], 1, a.dtype, dst + cand[j].id * esize);
       continue;
     }
-    const GradCoeffs c = grad_coeffs(pen.g_logp, pen.g_entropy, stats.entropy, a.inv_temp);
+    const GradCoeffs c = grad_coeffs(pen.g_logp, pen.g_entropy, stats.entropy, inv_temp);
     const float lse = stats.lse;
     int next = 0;  // the first support entry not yet added
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t count = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src, a.dtype, start, count, a.inv_temp, buf);
+      const int64_t padded = load_chunk(src, a.dtype, start, count, inv_temp, buf);
       for (int64_t i = 0; i < padded; i += kLanes) {
         const Vec logp = load_vec(buf + i) - lse;
         const Vec p = exp_nonpositive(logp);

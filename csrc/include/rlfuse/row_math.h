@@ -111,6 +111,25 @@ RLFUSE_HD float grad_element(GradCoeffs c, float x, float lse, bool is_target) {
   return is_target ? g + c.target : g;
 }
 
+// The row's fp32(1/T): args.inv_temps[row] when a per-row temperature is given (a null pointer
+// means none), else the scalar args.inv_temp. Every use of 1/T in a row (scaling, the gradient's
+// 1/T factor, top-k keys) takes this value.
+template <typename Args>
+RLFUSE_HD float row_inv_temp(const Args& args, int64_t row) {
+  return args.inv_temps != nullptr ? args.inv_temps[row] : args.inv_temp;
+}
+
+// The row's kept-set threshold on x (schema.h TokenLogprobsFwdArgs.kept_min): -inf, which filters
+// nothing, when args.kept_min is null.
+template <typename Args>
+RLFUSE_HD float row_kept_min(const Args& args, int64_t row) {
+  return args.kept_min != nullptr ? args.kept_min[row] : -INFINITY;
+}
+
+// x restricted to the kept set {x >= kept_min}: -inf below it. A NaN x stays NaN (NaN < t is
+// false), so a NaN row still gives NaN.
+RLFUSE_HD float kept_logit(float x, float kept_min) { return x < kept_min ? -INFINITY : x; }
+
 // Address of row r in a [outer, inner, V] layout given by two strides (elements, 64-bit).
 RLFUSE_HD int64_t row_offset(int64_t row, int64_t inner, int64_t stride_outer, int64_t stride_inner) {
   return (row / inner) * stride_outer + (row % inner) * stride_inner;

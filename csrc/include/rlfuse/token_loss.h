@@ -128,6 +128,17 @@ RLFUSE_HD Term kl_term(int kind, float logp, float ref_logp) {
   }
 }
 
+// The loss parameters of one row of a PolicyLossFusedArgs: `params`, with clip_low / clip_high /
+// dual_clip taken from the per-token arrays that are given (non-null).
+template <typename Args>
+RLFUSE_HD TokenLossParams row_params(const Args& args, int64_t row) {
+  TokenLossParams p = args.params;
+  if (args.clip_low_rows != nullptr) p.clip_low = args.clip_low_rows[row];
+  if (args.clip_high_rows != nullptr) p.clip_high = args.clip_high_rows[row];
+  if (args.dual_clip_rows != nullptr) p.dual_clip = args.dual_clip_rows[row];
+  return p;
+}
+
 RLFUSE_HD TokenLoss token_loss(const TokenLossParams& p, const TokenLossInputs& in) {
   TokenLoss out{0.0f, 0.0f, 0.0f};
   // Zero weights skip the math, so masked tokens never turn garbage inputs into NaN.
