@@ -81,9 +81,9 @@ def bapo_search(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     target = config.bapo_target / (1.0 - config.bapo_target)
     met = (negative <= 0) | (positive / (negative + BAPO_EPS) >= target)
     met[-1] = True  # none met: the last (widest) bounds
-    chosen = torch.argmax(met.to(torch.int8))
+    chosen = torch.argmax(met.to(torch.int8)).reshape(1)  # the first met (a gather: no host read)
     share = positive / (positive + negative).clamp(min=torch.finfo(torch.float64).tiny)
-    return candidates[chosen, 0].float(), candidates[chosen, 1].float(), share[chosen].float()
+    return tuple(values.gather(0, chosen)[0].float() for values in (candidates[:, 0], candidates[:, 1], share))
 
 
 def hapo_entropy_scores(entropy: Tensor, mask: Tensor, pivot: float) -> Tensor:
