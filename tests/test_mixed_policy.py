@@ -109,17 +109,24 @@ def _finish(total, logits, shape):
     return total.detach(), logits.grad.reshape(shape)
 
 
-def oracle_chord(batch, mu, clip=0.2, use_phi=True):
-    """CHORD (arXiv 2508.11408, Trinity-RFT mix_chord): (1 - mu) GRPO-clip token-mean over the
-    on-policy tokens + mu token-mean over the expert tokens of -phi log p, phi = sg(p (1 - p))."""
+def oracle_chord(batch, mu, clip=0.2, use_phi=True, seq_mean=False):
+    """CHORD (arXiv 2508.11408, Trinity-RFT mix_chord): (1 - mu) GRPO-clip over the on-policy tokens
+    alone (token-mean, or seq-mean-token-mean over the sequences that have one) + mu token-mean over
+    the expert tokens of -phi log p, phi = sg(p (1 - p))."""
     logits, logp, _, f = _rows(batch)
     valid = f["mask"].tolist()
     on = [t for t in range(len(valid)) if valid[t] and not f["expert_mask"][t]]
     ex = [t for t in range(len(valid)) if valid[t] and f["expert_mask"][t]]
+    runs = [[t for t in on if start <= t < end] for start, end in _sequences(batch)]
+    runs = [run for run in runs if run]
+    if seq_mean:
+        weight = {t: 1.0 / (len(run) * len(runs)) for run in runs for t in run}
+    else:
+        weight = {t: 1.0 / len(on) for t in on}
     total = _zero(logits)
     for t in on:
-        total = total + (1 - mu) * _ppo(logp[t], float(f["old_logprobs"][t]), float(f["advantages"][t]),
-                                        1 - clip, 1 + clip) / len(on)
+        total = total + (1 - mu) * weight[t] * _ppo(logp[t], float(f["old_logprobs"][t]), float(f["advantages"][t]),
+                                                    1 - clip, 1 + clip)
     for t in ex:
         p = math.exp(float(logp[t].detach()))
         phi = p * (1 - p) if use_phi else 1.0
@@ -214,16 +221,19 @@ def oracle_lp_reg(batch, coef, min_p, rho, clip_low=0.2, clip_high=0.2):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["padded", "packed_wide", "no_phi"])
+@pytest.mark.parametrize("case", ["padded", "packed_wide", "no_phi", "seq_mean"])
 def test_chord_matches_the_oracle(case, backend, generator):
     if case == "packed_wide":  # V above one Triton block, an empty sequence, one-token sequence
         batch = make_batch(generator, shape=(7,), vocab=1100, packed_lengths=[3, 0, 1, 3])
     else:
         batch = make_batch(generator)
-    use_phi = case != "no_phi"
-    out, grad = run(batch, C.chord(chord_mu=0.3, chord_phi=use_phi), backend)
+    if case == "seq_mean":  # a sequence of expert tokens only: it leaves the on-policy sequence mean
+        batch["expert_mask"][1] = True
+    use_phi, seq_mean = case != "no_phi", case == "seq_mean"
+    config = C.chord(chord_mu=0.3, chord_phi=use_phi, aggregation="seq-mean-token-mean" if seq_mean else "token-mean")
+    out, grad = run(batch, config, backend)
     assert out.metrics["path"] == "general"
-    assert_matches(out, grad, *oracle_chord(batch, 0.3, use_phi=use_phi))
+    assert_matches(out, grad, *oracle_chord(batch, 0.3, use_phi=use_phi, seq_mean=seq_mean))
     masked = ~batch["mask"].reshape(-1)
     assert torch.all(grad.reshape(masked.numel(), -1)[masked] == 0)
 
@@ -434,7 +444,8 @@ def test_linear_logits_source_matches_materialised_logits(generator):
     n, dim, vocab = 9, 8, 37
     hidden, weight = torch.randn(n, dim, generator=generator), torch.randn(vocab, dim, generator=generator)
     tokens = torch.randint(0, vocab, (n,), generator=generator)
-    inputs = dict(tokens=tokens, advantages=torch.randn(n, generator=generator), mask=torch.rand(n, generator=generator) > 0.2,
+    inputs = dict(tokens=tokens, advantages=torch.randn(n, generator=generator),
+                  mask=torch.rand(n, generator=generator) > 0.2,
                   old_logprobs=torch.randn(n, generator=generator) * 0.1 - 3.5, backend="cpu")
     expert = torch.rand(n, generator=generator) > 0.5
     for config, expert_mask in ((C.chord(), expert), (C.luffy(norm_length=9.0), expert), (C.empg(), None)):

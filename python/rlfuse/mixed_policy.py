@@ -43,7 +43,8 @@ def expert_positions(expert_mask, tokens: Tensor, config) -> Tensor | None:
     mixes = config.mixes_expert_tokens
     if expert_mask is None:
         if mixes:
-            raise ValueError("expert_mask is required by chord_mu / luffy_gamma (it marks the off-policy expert tokens)")
+            raise ValueError("expert_mask is required by chord_mu / luffy_gamma (it marks the off-policy expert "
+                             "tokens)")
         return None
     if not mixes:
         raise ValueError("expert_mask is only used by chord_mu (CHORD) or luffy_gamma (LUFFY); set one of them")
@@ -54,7 +55,8 @@ def expert_positions(expert_mask, tokens: Tensor, config) -> Tensor | None:
     if expert_mask.device != tokens.device:
         raise ValueError(f"expert_mask is on {expert_mask.device} but tokens are on {tokens.device}")
     if expert_mask.shape != tokens.shape:
-        raise ValueError(f"expert_mask must have the tokens' shape {tuple(tokens.shape)}, got {tuple(expert_mask.shape)}")
+        raise ValueError(f"expert_mask must have the tokens' shape {tuple(tokens.shape)}, "
+                         f"got {tuple(expert_mask.shape)}")
     return expert_mask.reshape(-1)
 
 
