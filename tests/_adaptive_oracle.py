@@ -1,4 +1,4 @@
-"""Independent float64 oracle for issue 18's adaptive clipping (docs/SPEC.md section 8).
+"""Independent float64 oracle for issue 18's adaptive clipping (docs/SPEC.md section 12).
 
 Imports nothing from rlfuse: each method is written out from its paper's formula (and the authors' code
 where the paper leaves a detail open), in float64, with its own loops where the method is a search:

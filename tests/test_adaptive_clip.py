@@ -1,4 +1,4 @@
-"""Issue 18 adaptive clipping: per-token clip bounds, DCPO, BAPO, HAPO, ERC, CPGD (docs/SPEC.md section 8),
+"""Issue 18 adaptive clipping: per-token clip bounds, DCPO, BAPO, HAPO, ERC, CPGD (docs/SPEC.md section 12),
 every CPU backend (Triton in the interpreter) and path, against the float64 oracle of _adaptive_oracle.py."""
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ ROLLOUT_REJECTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum
 # rlfuse.distill.KINDS (not imported: the config module imports no kernels)
 DISTILL_KINDS = ("jsd", "forward_kl", "reverse_kl", "sparse_kl", "sampled_reverse_kl")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-# Adaptive clipping (issue 18, docs/SPEC.md section 8): the losses whose clip_low / clip_high / dual_clip may
+# Adaptive clipping (issue 18, docs/SPEC.md section 12): the losses whose clip_low / clip_high / dual_clip may
 # be per-token tensors, the rules that compute the bounds, and the knobs each rule owns.
 PER_TOKEN_CLIP_LOSSES = ("ppo", "gppo", "clip_cov", "gspo_token", "cispo", "gmpo", "spo", "cpgd")
 ADAPTIVE_CLIPS = ("dcpo", "bapo", "hapo")
@@ -109,7 +109,7 @@ class LossConfig:
     ipo_threshold: float | None = None
     topr_positive_weight: float = 1.0
     topr_negative_weight: float = 1.0
-    adaptive_clip: str | None = None  # issue 18: "dcpo", "bapo", "hapo" (docs/SPEC.md section 8)
+    adaptive_clip: str | None = None  # issue 18: "dcpo", "bapo", "hapo" (docs/SPEC.md section 12)
     dcpo_ratio_cap: float = 10.0
     bapo_target: float = 0.5
     bapo_low_start: float = 0.6
@@ -441,7 +441,7 @@ class LossConfig:
         return cls(**{"loss": "topr", "topr_positive_weight": 1.0, "topr_negative_weight": 1.0,
                       "aggregation": "token-mean", **overrides})
 
-    # --- adaptive clipping presets (issue 18; docs/SPEC.md section 8 has each formula and its source) ---
+    # --- adaptive clipping presets (issue 18; docs/SPEC.md section 12 has each formula and its source) ---
 
     @classmethod
     def dcpo(cls, **overrides):

@@ -772,7 +772,7 @@ def _metrics(batch, logp, entropy, config, rollout_w) -> dict:
     return metrics
 
 
-# --- adaptive clipping (issue 18, docs/SPEC.md section 8) -------------------------------------------
+# --- adaptive clipping (issue 18, docs/SPEC.md section 12) -------------------------------------------
 
 
 def _clip_inputs(batch, config, tokens, old_entropy, checks) -> None:

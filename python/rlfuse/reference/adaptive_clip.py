@@ -1,4 +1,4 @@
-"""Adaptive clipping (issue 18, docs/SPEC.md section 8): per-token clip bounds, the rules that compute
+"""Adaptive clipping (issue 18, docs/SPEC.md section 12): per-token clip bounds, the rules that compute
 them (DCPO, BAPO, HAPO), entropy ratio clipping (ERC) and CPGD's clipped log-ratio objective with its
 policy drift.
 

@@ -34,7 +34,7 @@ def ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
 
 def ppo_term(logp, old_logp, advantages, config, ratios=None, bounds=None):
     """Per-token PPO / GPPO loss (docs/SPEC.md section 3), with dual clip and delta; ``bounds`` (a
-    ``ClipBounds``, default the config's floats) may hold per-token tensors (section 8)."""
+    ``ClipBounds``, default the config's floats) may hold per-token tensors (section 12)."""
     bounds = ClipBounds.of(config) if bounds is None else bounds
     r = ratio(logp, old_logp) if ratios is None else ratios
     if config.delta is not None:
@@ -79,7 +79,7 @@ def cispo_weight(r: Tensor, config, bounds=None) -> Tensor:
 
 
 def policy_term(logp, old_logp, advantages, config, bounds=None) -> Tensor:
-    """Unweighted per-token loss of a token-local variant (docs/SPEC.md section 3) and CPGD (section 8);
+    """Unweighted per-token loss of a token-local variant (docs/SPEC.md section 3) and CPGD (section 12);
     ``bounds``: the clip bounds (``ClipBounds``, default the config's floats)."""
     bounds = ClipBounds.of(config) if bounds is None else bounds
     a = advantages
@@ -125,7 +125,7 @@ def kl_term(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
 
 def penalty_terms(logp, entropy, ref_logp, weight, config, old_logp=None, mask=None, cu_seqlens=None) -> Tensor:
     """Weighted KL-to-reference and entropy-bonus terms per token (docs/SPEC.md section 5), and CPGD's
-    policy drift (section 8; needs ``old_logp``). ``kl_bias_correction`` multiplies the KL by
+    policy drift (section 12; needs ``old_logp``). ``kl_bias_correction`` multiplies the KL by
     :func:`kl_importance_weights` (needs ``old_logp``, and ``mask`` / ``cu_seqlens`` at the sequence level)."""
     zero = torch.zeros_like(logp)
     total = zero
