@@ -62,8 +62,8 @@ def expert_positions(expert_mask, tokens: Tensor, config) -> Tensor | None:
 
 def prepare(batch, expert_mask, config, inplace_backward: bool) -> None:
     """Checks this module's inputs before any kernel runs and sets ``batch.expert``. The expert
-    tokens' old / rollout log-probs are replaced by 0, as masked ones (their behaviour policy is the
-    expert's, never read): a NaN left there cannot reach the on-policy weights."""
+    tokens' old / rollout log-probs (the expert's behaviour policy: no loss term reads them) are
+    replaced by 0, as masked ones, so that a NaN left there cannot reach the on-policy weights."""
     if config.lp_reg_coef != 0:
         if is_source(batch.logits):
             raise ValueError("lp_reg_coef needs a logits tensor (its KL reads the selected rows of the logits)")
