@@ -1,0 +1,358 @@
+"""Per-token temperature (issue 17): ``temperature`` as a tensor of the tokens' shape in every op.
+
+Every backend against float64 oracles written here from the definition (``softmax(z / T)`` with one
+T per row), values and gradients with respect to the logits; a constant tensor gives bit for bit the
+scalar's results (the kernels get fp32(1 / T) rounded from the float64 T, as the scalar path);
+masks, -inf logits, V below and above one Triton block (1024 when interpreting), one row;
+``LinearLogits`` chunks; bad tensors. ShardedLogits: ``tests/_sharded_worker.py``
+(``per_token_temperature``).
+
+Tolerances (fp32 accumulation in every kernel): with T in [0.25, 4] and |z| <~ 16, |x| = |z / T| <= 64,
+so a log-prob or entropy carries a few ulp of 64 (7.6e-6): atol 5e-5, rtol 1e-5. Gradients are
+p_j (...) / T with |.| <~ 4 / 0.25, each p_j with a relative error ~1e-6: atol 2e-5, rtol 1e-4. A
+wrong temperature anywhere (the scalar instead of the row's, a chunk's rows shifted) moves values by
+O(1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlfuse
+from rlfuse import ops
+
+BACKENDS = rlfuse.available_backends("cpu")
+VALUES = dict(rtol=1e-5, atol=5e-5)
+GRADS = dict(rtol=1e-4, atol=2e-5)
+NEG_INF = float("-inf")
+
+
+def inputs(lead, vocab, seed, dtype=torch.float32, neg_inf=True):
+    """(logits, tokens, per-token T in [0.25, 4]); every 5th entry from 1 is -inf (never a chosen id)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*lead, vocab, generator=g) * 4.0
+    if neg_inf and vocab > 2:
+        z[..., 1::5] = NEG_INF
+    tokens = torch.randint(0, vocab, lead, generator=g)
+    if neg_inf and vocab > 2:
+        tokens = torch.where(tokens % 5 == 1, tokens - 1, tokens)
+    temperature = 0.25 + 3.75 * torch.rand(lead, generator=g)
+    return z.to(dtype), tokens, temperature
+
+
+def oracle(z, tokens, temperature):
+    """float64 (logp, entropy) of softmax(z / T), T one value per row."""
+    log_p = torch.log_softmax(z.double() / temperature.double().unsqueeze(-1), -1)
+    p = log_p.exp()
+    logp = log_p.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return logp, -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
+
+
+def oracle_kl(z, other, temperature, direction):
+    t = temperature.double().unsqueeze(-1)
+    log_p, log_q = torch.log_softmax(z.double() / t, -1), torch.log_softmax(other.double() / t, -1)
+    if direction == "reverse":
+        log_p, log_q = log_q, log_p
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+
+
+def same_bits(got, want) -> bool:
+    """Bit for bit, NaN where the other has NaN (a masked row of NaN logits)."""
+    nan = torch.isnan(want)
+    return torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want[~nan])
+
+
+def upstream(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab,lead", [(37, (3, 5)), (1100, (4,)), (7, (1,))])
+def test_token_logprobs_and_entropy(backend, vocab, lead):
+    z, tokens, temperature = inputs(lead, vocab, seed=vocab)
+    x = z.clone().requires_grad_()
+    logp, entropy = rlfuse.token_logprobs(x, tokens, temperature, return_entropy=True, backend=backend)
+    ref = z.double().requires_grad_()
+    ref_logp, ref_entropy = oracle(ref, tokens, temperature)
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), **VALUES)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), **VALUES)
+    a, b = upstream(lead, 5)
+    (logp * a + entropy * b).sum().backward()
+    (ref_logp * a + ref_entropy * b).sum().backward()
+    torch.testing.assert_close(x.grad.double(), ref.grad, **GRADS)
+    assert torch.all(x.grad[z == NEG_INF] == 0)
+    h = rlfuse.entropy(z, temperature, backend=backend)
+    torch.testing.assert_close(h.double(), ref_entropy.detach(), **VALUES)
+
+
+def test_float64_and_bf16_logits():
+    """float64 runs on the reference in float64 (T as given); bf16 upcasts right after the load."""
+    z, tokens, temperature = inputs((2, 3), 50, seed=3)
+    z64 = z.double().requires_grad_()
+    logp = rlfuse.token_logprobs(z64, tokens, temperature.double())
+    ref = z.double().requires_grad_()
+    ref_logp, _ = oracle(ref, tokens, temperature.double())
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), **VALUES)
+    logp.sum().backward()
+    ref_logp.sum().backward()
+    torch.testing.assert_close(z64.grad, ref.grad, rtol=1e-6, atol=1e-7)  # float64 throughout but fp32 logp
+    for backend in BACKENDS:
+        zb = z.bfloat16().requires_grad_()
+        logp = rlfuse.token_logprobs(zb, tokens, temperature, backend=backend)
+        ref = zb.detach().double().requires_grad_()
+        ref_logp, _ = oracle(ref, tokens, temperature)
+        torch.testing.assert_close(logp.double(), ref_logp.detach(), **VALUES)
+        logp.sum().backward()
+        ref_logp.sum().backward()
+        # the gradient is stored in bf16: one bf16 ulp (2^-8 relative) of its largest entries
+        torch.testing.assert_close(zb.grad.double(), ref.grad, rtol=8e-3, atol=8e-3 * ref.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constant_tensor_is_the_scalar_bit_for_bit(backend):
+    z, tokens, _ = inputs((2, 3), 40, seed=4)
+    for value in (0.7,) if backend == "triton" else (0.7, 1.3):  # (the interpreter is slow)
+        constant = torch.full(tokens.shape, value)
+        outs = []
+        for temperature in (value, constant, torch.tensor(value)):
+            x = z.clone().requires_grad_()
+            logp, entropy = rlfuse.token_logprobs(x, tokens, temperature, return_entropy=True, backend=backend)
+            (logp * 0.3 + entropy).sum().backward()
+            kl = rlfuse.kl_divergence(z, z.flip(-1), temperature=temperature, backend=backend)
+            sparse = rlfuse.sparse_logprobs(z, tokens, 5, temperature=temperature, backend=backend)
+            outs.append((logp, entropy, x.grad, kl, sparse.ids, sparse.logprobs))
+        for other in outs[1:]:
+            for got, want in zip(other, outs[0]):
+                assert torch.equal(got, want), f"T = {value}: a constant tensor differs from the scalar"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_divergence(backend, direction):
+    z, _, temperature = inputs((3, 4), 1100 if backend != "triton" else 37, seed=6, neg_inf=False)
+    other = z + torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+    x, y = z.clone().requires_grad_(), other.clone().requires_grad_()
+    mask = torch.ones(temperature.shape, dtype=torch.bool)
+    mask[1, 2] = False
+    kl = rlfuse.kl_divergence(x, y, direction, temperature, mask=mask, backend=backend)
+    rx, ry = z.double().requires_grad_(), other.double().requires_grad_()
+    ref = torch.where(mask, oracle_kl(rx, ry, temperature, direction), 0.0)
+    torch.testing.assert_close(kl.double(), ref.detach(), **VALUES)
+    g = upstream(temperature.shape, 8)[0]
+    (kl * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), rx.grad, **GRADS)
+    torch.testing.assert_close(y.grad.double(), ry.grad, **GRADS)
+    assert torch.all(x.grad[1, 2] == 0) and torch.all(y.grad[1, 2] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_logprobs(backend):
+    z, tokens, temperature = inputs((2, 3), 40 if backend == "triton" else 300, seed=9)
+    out = rlfuse.sparse_logprobs(z, tokens, 6, threshold=1e-4, temperature=temperature, backend=backend)
+    log_p = torch.log_softmax(z.double() / temperature.double().unsqueeze(-1), -1)
+    top = log_p.topk(6)
+    kept = out.ids >= 0
+    assert torch.equal(out.ids[kept].long(), top.indices[kept])
+    torch.testing.assert_close(out.logprobs[kept].double(), top.values[kept], **VALUES)
+
+
+def _dapo_oracle(z, tokens, temperature, adv, old, mask, entropy_coef):
+    """token-mean of PPO's clipped loss (clip 0.2 / 0.28) minus entropy_coef * H, float64."""
+    logp, entropy = oracle(z, tokens, temperature)
+    r = torch.exp((logp - old.double()).clamp(-20, 20))
+    a = adv.double()
+    loss = torch.maximum(-a * r, -a * r.clamp(0.8, 1.28)) - entropy_coef * entropy
+    m = mask.double()
+    return (torch.where(mask > 0, loss, 0.0) * m).sum() / m.sum()
+
+
+def _policy_inputs(lead, vocab, seed):
+    z, tokens, temperature = inputs(lead, vocab, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    adv = torch.randn(lead, generator=g)
+    old = oracle(z, tokens, temperature)[0].float() + 0.3 * torch.randn(lead, generator=g)
+    mask = (torch.rand(lead, generator=g) > 0.25).float()
+    mask.view(-1)[0] = 0.0
+    z.view(-1, vocab)[0] = float("nan")  # a masked row whose logits are NaN: no effect anywhere
+    return z, tokens, temperature, adv, old, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["fused", "general"])
+def test_policy_loss(backend, path):
+    if backend == "torch" and path == "fused":
+        pytest.skip("the torch backend is the general path")
+    z, tokens, temperature, adv, old, mask = _policy_inputs((3, 5), 37 if backend == "triton" else 1100, 10)
+    config = rlfuse.LossConfig.dapo(entropy_coef=0.01, temperature=2.0)  # overridden by temperature=
+    x = z.clone().requires_grad_()
+    out = rlfuse.policy_loss(x, tokens, adv, old_logprobs=old, mask=mask, config=config, backend=backend, path=path,
+                             temperature=temperature)
+    assert out.metrics["path"] == path
+    ref = z.double().requires_grad_()
+    ref_loss = _dapo_oracle(ref, tokens, temperature, adv, old, mask, 0.01)
+    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), **VALUES)
+    valid = mask > 0
+    torch.testing.assert_close(out.logprobs[valid].double(), oracle(z, tokens, temperature)[0][valid], **VALUES)
+    out.loss.backward()
+    ref_loss.backward()
+    assert torch.all(x.grad[~valid] == 0)
+    torch.testing.assert_close(x.grad[valid].double(), ref.grad[valid], **GRADS)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_policy_loss_constant_tensor_is_the_scalar(backend):
+    z, tokens, _, adv, old, mask = _policy_inputs((2, 4), 40, 11)
+    config = rlfuse.LossConfig.dapo(kl="k3", kl_coef=0.05)
+    results = []
+    for temperature in (0.8, torch.full(tokens.shape, 0.8)):
+        x = z.clone().requires_grad_()
+        out = rlfuse.policy_loss(x, tokens, adv, old_logprobs=old, ref_logprobs=old - 0.1, mask=mask, config=config,
+                                 backend=backend, temperature=temperature)
+        out.loss.backward()
+        results.append((out.loss, out.logprobs, out.entropy, x.grad))
+    for got, want in zip(*results):
+        assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logits(backend):
+    """Chunks of 4 valid rows take their rows' temperatures (masked rows never reach a GEMM)."""
+    g = torch.Generator().manual_seed(12)
+    n, dim, vocab = 11, 6, 53
+    hidden, weight = torch.randn(n, dim, generator=g), torch.randn(vocab, dim, generator=g)
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    temperature = 0.25 + 3.75 * torch.rand(n, generator=g)
+    adv, old = torch.randn(n, generator=g), torch.randn(n, generator=g) - 3.0
+    mask = (torch.rand(n, generator=g) > 0.3).float()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    src = rlfuse.LinearLogits(h, w, chunk_tokens=4)
+    rh, rw = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref_logp, ref_entropy = oracle(rh @ rw.T, tokens, temperature)
+    logp, entropy = rlfuse.token_logprobs(src, tokens, temperature, return_entropy=True, backend=backend)
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), **VALUES)
+    a, b = upstream(n, 13)
+    (logp * a + entropy * b).sum().backward()
+    (ref_logp * a + ref_entropy * b).sum().backward()
+    torch.testing.assert_close(h.grad.double(), rh.grad, **GRADS)
+    torch.testing.assert_close(w.grad.double(), rw.grad, **GRADS)
+    for tensor in (h, w, rh, rw):
+        tensor.grad = None
+    config = rlfuse.LossConfig.dapo(entropy_coef=0.01)
+    out = rlfuse.policy_loss(src, tokens, adv, old_logprobs=old, mask=mask, cu_seqlens=torch.tensor([0, n]),
+                             config=config, backend=backend, temperature=temperature)
+    assert out.metrics["path"] == ("general" if backend == "torch" else "fused")
+    ref_loss = _dapo_oracle(rh @ rw.T, tokens, temperature, adv, old, mask, 0.01)
+    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), **VALUES)
+    out.loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(h.grad.double(), rh.grad, **GRADS)
+    torch.testing.assert_close(w.grad.double(), rw.grad, **GRADS)
+    kl = rlfuse.kl_divergence(src, torch.randn(n, vocab, generator=g), temperature=temperature, backend=backend)
+    assert kl.shape == (n,) and torch.isfinite(kl).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_min_restricts_the_support(backend):
+    """The token_logprobs ops' kept_min (the sampler's kept set, rlfuse.filtered): statistics over
+    {j : x_j >= kept_min}, -inf for a chosen token outside, zero gradient outside."""
+    z, tokens, temperature = inputs((2, 5), 64, seed=14, neg_inf=False)
+    x_ref = z.double() / temperature.double().unsqueeze(-1)
+    # The 8 largest entries per row: a threshold halfway between the 8th and 9th (no entry near it,
+    # so fp32 rounding of x or of the threshold cannot move an entry across).
+    ordered = x_ref.sort(-1, descending=True).values
+    kept_min = ((ordered[..., 7] + ordered[..., 8]) / 2).float()
+    kept_min.view(-1)[3] = NEG_INF  # a row without filtering
+    pick = torch.randint(0, 8, (*tokens.shape, 1), generator=torch.Generator().manual_seed(0))
+    tokens = x_ref.topk(8).indices.gather(-1, pick).squeeze(-1)  # chosen tokens inside the kept set ...
+    tokens.view(-1)[1] = int(x_ref.view(-1, 64)[1].argmin())  # ... but one outside it
+    x = z.clone().requires_grad_()
+    logp, entropy, _ = ops.token_logprobs.token_logprobs_fwd(x, tokens, 1.0, backend, False, temperature.double(),
+                                                             kept_min)
+    ref = z.double().requires_grad_()
+    scaled = ref / temperature.double().unsqueeze(-1)
+    kept = scaled >= kept_min.double().unsqueeze(-1)
+    log_p = torch.log_softmax(torch.where(kept, scaled, NEG_INF), -1)
+    p = log_p.exp()
+    ref_logp = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    ref_entropy = -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
+    assert logp.view(-1)[1] == NEG_INF
+    finite = torch.isfinite(ref_logp)
+    torch.testing.assert_close(logp[finite].double(), ref_logp[finite].detach(), **VALUES)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), **VALUES)
+    (torch.where(finite, logp, 0.0) + entropy).sum().backward()
+    (torch.where(finite, ref_logp, 0.0) + ref_entropy).sum().backward()
+    assert torch.all(x.grad[~kept] == 0)
+    torch.testing.assert_close(x.grad.double(), ref.grad, **GRADS)
+
+
+def test_top_k_is_the_filtered_support():
+    """token_logprobs / entropy with top_k / top_p / min_p are rlfuse.filtered.filtered_token_logprobs."""
+    from rlfuse.filtered import filtered_token_logprobs
+
+    z, tokens, temperature = inputs((2, 3), 50, seed=15)
+    logp, entropy = rlfuse.token_logprobs(z, tokens, temperature, return_entropy=True, top_k=5, top_p=0.9)
+    want = filtered_token_logprobs(z, tokens, temperature, 5, 0.9, None)
+    assert torch.equal(logp, want[0]) and torch.equal(entropy, want[1])
+    zeros = torch.zeros_like(tokens)
+    assert torch.equal(rlfuse.entropy(z, temperature, min_p=0.1),
+                       filtered_token_logprobs(z, zeros, temperature, None, None, 0.1)[1])
+
+
+def test_bad_temperature_tensors():
+    z, tokens, temperature = inputs((2, 3), 20, seed=16)
+    cases = [
+        (temperature[:, :2], ValueError, "temperature must be a number, a 0-dim tensor or a tensor of the tokens"),
+        (temperature.clone().requires_grad_(), ValueError, "temperature gets no gradient"),
+        (torch.ones(2, 3, dtype=torch.int64), TypeError, "temperature must be a float tensor"),
+    ]
+    for bad_value in (0.0, -1.0, float("nan"), float("inf"), 1e-39):
+        t = temperature.detach().clone()
+        t[1, 2] = bad_value
+        cases.append((t, ValueError, "temperature values must lie in"))
+    for value, error, words in cases:
+        for call in (lambda: rlfuse.token_logprobs(z, tokens, value),
+                     lambda: rlfuse.entropy(z, value),
+                     lambda: rlfuse.kl_divergence(z, z, temperature=value),
+                     lambda: rlfuse.sparse_logprobs(z, tokens, 3, temperature=value),
+                     lambda: rlfuse.policy_loss(z, tokens, torch.ones(2), old_logprobs=torch.zeros(2, 3),
+                                                temperature=value)):
+            with pytest.raises(error, match=words):
+                call()
+    t = temperature.detach()
+    old = torch.zeros(2, 3)
+    topk = rlfuse.sparse_logprobs(z, tokens, 4)
+    with pytest.raises(ValueError, match="temperature: a per-token tensor is not supported with loss='troll'"):
+        rlfuse.policy_loss(z, tokens, torch.ones(2), old_logprobs=old, config=rlfuse.LossConfig.troll(troll_k=4),
+                           old_topk=topk, temperature=t)
+    with pytest.raises(ValueError, match="temperature: a per-token tensor is not supported with a distillation"):
+        rlfuse.policy_loss(z, tokens, torch.ones(2), old_logprobs=old, teacher=z, temperature=t)
+    from rlfuse.distill import distill_loss
+
+    with pytest.raises(TypeError, match="temperature must be a positive number here"):
+        distill_loss(z, z, tokens, temperature=t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    z, tokens, temperature = inputs((2, 3), 33, seed=17)
+    temps, kept_min = temperature.double(), torch.full(tokens.shape, -2.0)
+    torch.library.opcheck(ops.token_logprobs.token_logprobs_fwd, (z, tokens, 1.0, backend, False, temps, kept_min))
+    lse = torch.zeros(tokens.shape)
+    torch.library.opcheck(ops.token_logprobs.token_logprobs_bwd,
+                          (z, tokens, lse, lse, lse + 1.0, lse + 0.5, 1.0, backend, temps, kept_min))
+    torch.library.opcheck(ops.kl_div.kl_div_fwd, (z, z.flip(-1), 1.0, 0, backend, temps))
+    if backend != "triton":  # (the interpreted top-k is slow; its values are tested above)
+        torch.library.opcheck(ops.row_topk.row_topk, (z, tokens, 1.0, 4, backend, temps))
+    if backend != "torch":
+        params = ops.policy_loss.TokenLossParams.from_config(rlfuse.LossConfig.dapo())
+        n = tokens.numel()
+        per_token = (torch.randn(n), torch.randn(n) - 3.0, torch.zeros(n), torch.full((n,), 1.0 / n),
+                     torch.full((n,), 1.0 / n))
+        temperature_arg, kwargs = ops.policy_loss.fused_op_arguments(
+            temps.view(-1), params, (torch.full((n,), 0.1), torch.full((n,), 0.3), torch.full((n,), 5.0)))
+        torch.library.opcheck(ops.policy_loss.policy_loss_fused,
+                              (z.view(n, -1), tokens.view(-1), *per_token, temperature_arg, backend), kwargs)
