@@ -68,12 +68,20 @@ class LossConfig:
     policy (``rollout_logprobs`` when given, else ``old_logprobs``) and multiply the policy term only.
     ``loss="topr"`` is tapered off-policy REINFORCE (Le Roux et al. 2025, ROLL's ``pg_variant="topr"``),
     ``topr_positive_weight`` / ``topr_negative_weight`` ROLL's weights of its two halves.
+
+    Adaptive clipping (docs/SPEC.md section 12): ``clip_low`` / ``clip_high`` / ``dual_clip`` may be
+    float tensors of the tokens' shape (checked per call: finite, >= 0, dual > 1, on valid tokens);
+    ``adaptive_clip`` computes them: ``"dcpo"`` from the old probability (``dcpo_ratio_cap``), ``"bapo"``
+    by a per-call search (``bapo_*``), ``"hapo"`` from the entropy (``hapo_*``). ``erc_beta_low`` /
+    ``erc_beta_high`` are ERC's entropy-ratio band (``policy_loss(..., old_entropy=)``); ``loss="cpgd"``
+    takes ``cpgd_drift_coef`` / ``cpgd_drift_cap``. ``top_k`` / ``top_p`` / ``min_p`` are the sampler's
+    filters (issue 17).
     """
 
     loss: str = "ppo"
-    clip_low: float | None = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
+    clip_low: float | Tensor | None = 0.2  # Tensor: per-token bounds of the tokens' shape (section 12)
+    clip_high: float | Tensor = 0.2
+    dual_clip: float | Tensor | None = None
     delta: float | None = None
     cispo_mode: str = "two_sided"
     gppo_beta_low: float = 1.0
