@@ -279,6 +279,77 @@ def entropy_and_temperature(rank, world):
         torch.testing.assert_close(h, rlfuse.entropy(full, temperature, backend="cpu"), **F32)
 
 
+@case
+def per_token_temperature(rank, world):
+    """A per-token temperature (issue 17): every rank passes the same tokens-shaped tensor for its rows
+    of its columns. token_logprobs / entropy, kl_divergence, sparse_logprobs and policy_loss (general
+    path), plus a split LinearLogits, against the unsharded calls (tests/test_token_temperature.py
+    checks those against float64 oracles): values on every rank and this rank's gradient slice. A bad
+    value on one rank only raises on every rank."""
+    from rlfuse import LossConfig
+
+    vocab, lead, seed = 601, (3, 7), 23
+    layout = rank_order_layout(vocab, world)
+    starts, sizes = layout
+    cols = slice(starts[rank], starts[rank] + sizes[rank])
+    full = full_logits(seed, lead, vocab, neg_inf=False)
+    full[0, 0, : vocab // 2] = float("-inf")  # the first shard(s) of one row have no finite entry
+    tokens = tokens_for(seed, lead, vocab, full)
+    g = torch.Generator().manual_seed(seed + 3)
+    temperature = 0.25 + 3.75 * torch.rand(lead, generator=g)
+    a, b = torch.randn(lead, generator=g), torch.randn(lead, generator=g)
+    for backend in ("cpu", "torch"):
+        src, local = make(full, layout, rank, requires_grad=True)
+        ref_full = full.clone().requires_grad_(True)
+        logp, entropy = rlfuse.token_logprobs(src, tokens, temperature, return_entropy=True, backend=backend)
+        ref_logp, ref_entropy = rlfuse.token_logprobs(ref_full, tokens, temperature, return_entropy=True,
+                                                      backend=backend)
+        same_on_all_ranks(logp)
+        torch.testing.assert_close(logp, ref_logp, **F32)
+        torch.testing.assert_close(entropy, ref_entropy, **F32)
+        (logp * a + entropy * b).sum().backward()
+        (ref_logp * a + ref_entropy * b).sum().backward()
+        # GRAD32 scaled by 1 / T <= 4 (gradients are p_j (...) / T; the combined lse's rounding with them)
+        torch.testing.assert_close(local.grad, ref_full.grad[..., cols], rtol=4e-5, atol=4e-6)
+        other = full_logits(seed + 5, lead, vocab, neg_inf=False)
+        src, local = make(full.clamp(min=-30.0), layout, rank, requires_grad=True)
+        ref_full = full.clamp(min=-30.0).requires_grad_(True)
+        kl = rlfuse.kl_divergence(src, other, temperature=temperature, backend=backend)
+        ref = rlfuse.kl_divergence(ref_full, other, temperature=temperature, backend=backend)
+        same_on_all_ranks(kl)
+        torch.testing.assert_close(kl, ref, rtol=1e-4, atol=2e-5)
+        (kl * a).sum().backward()
+        (ref * a).sum().backward()
+        torch.testing.assert_close(local.grad, ref_full.grad[..., cols], rtol=1e-4, atol=2e-5)
+    src, _ = make(full, layout, rank)
+    sparse = rlfuse.sparse_logprobs(src, tokens, 8, temperature=temperature)
+    ref_sparse = rlfuse.sparse_logprobs(full, tokens, 8, temperature=temperature)
+    assert torch.equal(sparse.ids, ref_sparse.ids)
+    torch.testing.assert_close(sparse.logprobs, ref_sparse.logprobs, **F32)
+    adv, old = torch.randn(lead, generator=g), ref_logp.detach() + 0.1 * torch.randn(lead, generator=g)
+    mask = (torch.rand(lead, generator=g) > 0.2).float()
+    config = LossConfig.dapo(entropy_coef=0.01)
+    src, local = make(full, layout, rank, requires_grad=True)
+    ref_full = full.clone().requires_grad_(True)
+    out = rlfuse.policy_loss(src, tokens, adv, old_logprobs=old, mask=mask, config=config, temperature=temperature)
+    ref = rlfuse.policy_loss(ref_full, tokens, adv, old_logprobs=old, mask=mask, config=config, path="general",
+                             temperature=temperature)
+    _compare_loss_outputs(out, ref, "per-token temperature", mask)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(local.grad, ref_full.grad[..., cols], rtol=1e-4, atol=1e-7)
+    lsrc, plain, _, leaves = _linear_pair(rank, world, vocab, 7, lead, seed + 7, chunk_tokens=5)
+    torch.testing.assert_close(rlfuse.token_logprobs(lsrc, tokens, temperature),
+                               rlfuse.token_logprobs(plain, tokens, temperature), **F32)
+    bad = temperature.clone()
+    if rank == world - 1:
+        bad[1, 2] = 0.0
+    words = ["temperature values must lie in"] if rank == world - 1 else [f"rank {world - 1}"]
+    _expect_on_every_rank(ValueError, words, lambda: rlfuse.token_logprobs(src, tokens, bad))
+    _expect_on_every_rank(ValueError, words, lambda: rlfuse.policy_loss(src, tokens, adv, old_logprobs=old,
+                                                                         temperature=bad))
+
+
 # --- KL ----------------------------------------------------------------------------------------------
 
 

@@ -681,8 +681,9 @@ class _ShardedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local_logits, local_ids, owned, valid, temperature, backend, group):
-        logp_r, entropy_r, lse_r = token_logprobs_fwd(local_logits.detach(), local_ids, *split_temperature(temperature),
-                                                      backend, False)
+        scalar, temperatures = split_temperature(temperature)
+        logp_r, entropy_r, lse_r = token_logprobs_fwd(local_logits.detach(), local_ids, scalar, backend, False,
+                                                      temperatures)
         logp, entropy, lse = _combine_token_stats(logp_r, entropy_r, lse_r, owned, group)
         if valid is not None:
             zero = torch.zeros_like(logp)
