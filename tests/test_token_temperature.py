@@ -302,6 +302,32 @@ def test_top_k_is_the_filtered_support():
                        filtered_token_logprobs(z, zeros, temperature, None, None, 0.1)[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward(backend):
+    """The in-place gradient (written into the logits) takes each row's T as the out-of-place one."""
+    z, tokens, temperature = inputs((3, 4), 37, seed=18)
+    x = z.clone().requires_grad_()
+    rlfuse.token_logprobs(x, tokens, temperature, backend=backend).sum().backward()
+    y = z.clone().requires_grad_()
+    inplace = y * 1.0  # a non-leaf whose memory the backward may overwrite
+    rlfuse.token_logprobs(inplace, tokens, temperature, backend=backend, inplace_backward=True).sum().backward()
+    assert torch.equal(x.grad, y.grad)
+
+
+def test_policy_loss_filters_use_the_sampler_support():
+    """LossConfig top_k / top_p / min_p: the general path's log-probs are filtered_token_logprobs'."""
+    from rlfuse.filtered import filtered_token_logprobs
+
+    z, tokens, temperature, adv, old, mask = _policy_inputs((2, 5), 60, 19)
+    z.view(-1, 60)[0] = 0.0  # (the NaN row of _policy_inputs would fail the sampler's row check)
+    config = rlfuse.LossConfig.dapo(top_k=8, min_p=0.05)
+    out = rlfuse.policy_loss(z, tokens, adv, old_logprobs=old, mask=mask, config=config, temperature=temperature)
+    want = filtered_token_logprobs(z, tokens, temperature, 8, None, 0.05)[0]
+    valid = mask > 0
+    assert out.metrics["path"] == "general"
+    assert torch.equal(out.logprobs[valid], want[valid])
+
+
 def test_bad_temperature_tensors():
     z, tokens, temperature = inputs((2, 3), 20, seed=16)
     cases = [
