@@ -112,15 +112,16 @@ __global__ void __launch_bounds__(kBlock, kJsdMinBlocks<kBlock>) jsd_fwd_kernel(
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
     const T* other = row_pointer<T>(args.other, args.other_layout, row);
+    const float inv_temp = row_inv_temp(args, row);
     // Read 1: the statistics of each row (valid in thread 0, broadcast through shared memory).
-    const RowStats p = row_stats<T, kBlock>(logits, args.vocab, args.inv_temp, warp_stats);
-    const RowStats q = row_stats<T, kBlock>(other, args.vocab, args.inv_temp, warp_stats);
+    const RowStats p = row_stats<T, kBlock>(logits, args.vocab, inv_temp, warp_stats);
+    const RowStats q = row_stats<T, kBlock>(other, args.vocab, inv_temp, warp_stats);
     if (threadIdx.x == 0) {
       row_lse[0] = p.max + logf(p.sum);
       row_lse[1] = q.max + logf(q.sum);
     }
     __syncthreads();
-    const PairElement element{args.inv_temp, row_lse[0], row_lse[1], args.beta};
+    const PairElement element{inv_temp, row_lse[0], row_lse[1], args.beta};
     // Read 2: the mixture sums.
     MixtureSums sums = MixtureSumsMerge::identity();
     walk_pair<T, kBlock>(logits, other, args.vocab, [&](float z, float w, int64_t) {
@@ -153,7 +154,8 @@ __global__ void __launch_bounds__(kBlock, kJsdMinBlocks<kBlock>) jsd_bwd_kernel(
     T* grad_q = nullptr;
     if constexpr (kGradP) grad_p = row_pointer<T>(args.grad_logits, args.grad_layout, row);
     if constexpr (kGradQ) grad_q = row_pointer<T>(args.grad_other, args.grad_other_layout, row);
-    const float g = args.grad_jsd[row] * args.inv_temp;  // the same for the whole block
+    const float inv_temp = row_inv_temp(args, row);
+    const float g = args.grad_jsd[row] * inv_temp;  // the same for the whole block
     if (g == 0.0f) {
       if constexpr (kGradP) row_zero<T, kBlock>(grad_p, args.vocab);
       if constexpr (kGradQ) row_zero<T, kBlock>(grad_q, args.vocab);
@@ -161,7 +163,7 @@ __global__ void __launch_bounds__(kBlock, kJsdMinBlocks<kBlock>) jsd_bwd_kernel(
     }
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
     const T* other = row_pointer<T>(args.other, args.other_layout, row);
-    const PairElement element{args.inv_temp, args.lse[row], args.other_lse[row], args.beta};
+    const PairElement element{inv_temp, args.lse[row], args.other_lse[row], args.beta};
     const float kl_p = args.kl_logits[row];
     const float kl_q = args.kl_other[row];
     const float coef_p = -(1.0f - args.beta) * g;

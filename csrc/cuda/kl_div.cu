@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) kl_div_fwd_kernel(
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
     const T* other = row_pointer<T>(args.other, args.other_layout, row);
-    const KlStats stats = pair_stats<T, kBlock>(logits, other, args.vocab, args.inv_temp, warp_stats);
+    const KlStats stats = pair_stats<T, kBlock>(logits, other, args.vocab, row_inv_temp(args, row), warp_stats);
     if (threadIdx.x == 0) {
       const KlResult result = finalize_kl(stats);
       args.kl[row] = result.kl;
@@ -249,10 +249,15 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) kl_div_fwd_kernel(
 
 // Gradients of KL(p || q) for one element pair, times g = grad_kl / T:
 //   d/dz = g p (log p - log q - KL)  (0 where p = 0),  d/dw = g (q - p).
+// kRowTemps: 1/T is the row's, held in a register where the kernel's scalar parameter was a constant
+// operand; the exponents are then formed as (z / T - lse) * log2(e), without a register for log2(e)/T,
+// which keeps the float kernel writing both gradients within 64 registers (one more rounding than
+// z * log2(e)/T - lse * log2(e), the scalar path's, kept bitwise as it was).
+template <bool kRowTemps>
 struct KlElementGrad {
-  float scale;     // log2(e) / T
-  float shift_p;   // lse_p * log2(e)
-  float shift_q;   // lse_q * log2(e)
+  float scale;     // log2(e) / T (unused with kRowTemps)
+  float shift_p;   // lse_p * log2(e), or lse_p with kRowTemps
+  float shift_q;   // lse_q * log2(e), or lse_q with kRowTemps
   float inv_temp;
   float offset;    // lse_p - lse_q + KL: log p - log q - KL = (z - w) / T - offset
   float g;         // grad_kl / T
@@ -260,16 +265,21 @@ struct KlElementGrad {
   __device__ __forceinline__ KlElementGrad(float grad_kl, float kl, float lse_p, float lse_q,
                                            float inv_temp_)
       : scale(inv_temp_ * kLog2e),
-        shift_p(lse_p * kLog2e),
-        shift_q(lse_q * kLog2e),
+        shift_p(kRowTemps ? lse_p : lse_p * kLog2e),
+        shift_q(kRowTemps ? lse_q : lse_q * kLog2e),
         inv_temp(inv_temp_),
         offset((lse_p - lse_q) + kl),
         g(grad_kl * inv_temp_) {}
 
+  // log2 of the probability of logit v under the softmax whose lse is behind `shift`.
+  __device__ __forceinline__ float log2_prob(float v, float shift) const {
+    return kRowTemps ? __fmul_rn(fmaf(v, inv_temp, -shift), kLog2e) : fmaf(v, scale, -shift);
+  }
+
   // _rn: no FMA contraction, so the vector and scalar copies round alike.
   __device__ __forceinline__ float2 operator()(float z, float w) const {
-    const float p = fast_exp2(fmaf(z, scale, -shift_p));  // NaN stays NaN
-    const float q = fast_exp2(fmaf(w, scale, -shift_q));
+    const float p = fast_exp2(log2_prob(z, shift_p));  // NaN stays NaN
+    const float q = fast_exp2(log2_prob(w, shift_q));
     const float bracket = fmaf(__fsub_rn(z, w), inv_temp, -offset);
     float2 grad;
     grad.x = p == 0.0f ? 0.0f : __fmul_rn(__fmul_rn(g, p), bracket);
@@ -281,9 +291,9 @@ struct KlElementGrad {
 // Writes one row pair's gradients (those enabled), by the whole block. Any output may alias the
 // input it has the layout of (in-place): no __restrict__, every element pair is read by the thread
 // that writes its gradients, before it writes them.
-template <typename T, int kBlock, bool kGradP, bool kGradQ>
+template <typename T, int kBlock, bool kGradP, bool kGradQ, typename ElementGrad>
 __device__ __forceinline__ void pair_grad(const T* logits, const T* other, T* grad_p, T* grad_q,
-                                          int64_t vocab, const KlElementGrad& element_grad) {
+                                          int64_t vocab, const ElementGrad& element_grad) {
   using Vec = Pack<T>;
   constexpr int kSize = Vec::kSize;
   const int tid = threadIdx.x;
@@ -348,7 +358,9 @@ __device__ __forceinline__ void pair_grad(const T* logits, const T* other, T* gr
   for (; i < split.vectors; i += kBlock) vector_grad(load(z_vecs + i), load(w_vecs + i), i);
 }
 
-template <typename T, int kBlock, bool kGradP, bool kGradQ>
+// kRowTemps: args.inv_temps is given; without it 1/T is the kernel's scalar parameter, as before
+// per-row temperatures existed (KlElementGrad).
+template <typename T, int kBlock, bool kGradP, bool kGradQ, bool kRowTemps>
 __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) kl_div_bwd_kernel(KlDivBwdArgs args) {
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
     T* grad_p = nullptr;
@@ -363,8 +375,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) kl_div_bwd_kernel(
     }
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
     const T* other = row_pointer<T>(args.other, args.other_layout, row);
-    const KlElementGrad element_grad(grad_kl, args.kl[row], args.lse[row], args.other_lse[row],
-                                     args.inv_temp);
+    const KlElementGrad<kRowTemps> element_grad(grad_kl, args.kl[row], args.lse[row], args.other_lse[row],
+                                                kRowTemps ? args.inv_temps[row] : args.inv_temp);
     pair_grad<T, kBlock, kGradP, kGradQ>(logits, other, grad_p, grad_q, args.vocab, element_grad);
   }
 }
@@ -381,12 +393,21 @@ struct FwdLauncher {
 struct BwdLauncher {
   template <typename T, int kBlock>
   static void launch(const KlDivBwdArgs& args, unsigned grid, cudaStream_t stream) {
-    if (args.grad_logits != nullptr && args.grad_other != nullptr) {
-      kl_div_bwd_kernel<T, kBlock, true, true><<<grid, kBlock, 0, stream>>>(args);
-    } else if (args.grad_logits != nullptr) {
-      kl_div_bwd_kernel<T, kBlock, true, false><<<grid, kBlock, 0, stream>>>(args);
+    if (args.inv_temps != nullptr) {
+      launch_grads<T, kBlock, true>(args, grid, stream);
     } else {
-      kl_div_bwd_kernel<T, kBlock, false, true><<<grid, kBlock, 0, stream>>>(args);
+      launch_grads<T, kBlock, false>(args, grid, stream);
+    }
+  }
+
+  template <typename T, int kBlock, bool kRowTemps>
+  static void launch_grads(const KlDivBwdArgs& args, unsigned grid, cudaStream_t stream) {
+    if (args.grad_logits != nullptr && args.grad_other != nullptr) {
+      kl_div_bwd_kernel<T, kBlock, true, true, kRowTemps><<<grid, kBlock, 0, stream>>>(args);
+    } else if (args.grad_logits != nullptr) {
+      kl_div_bwd_kernel<T, kBlock, true, false, kRowTemps><<<grid, kBlock, 0, stream>>>(args);
+    } else {
+      kl_div_bwd_kernel<T, kBlock, false, true, kRowTemps><<<grid, kBlock, 0, stream>>>(args);
     }
   }
 };

@@ -42,10 +42,10 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
   __shared__ RowLossGrad row_loss;
 
   const int64_t vocab = args.vocab;
-  const float inv_temp = args.inv_temp;
 
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
+    const float inv_temp = row_inv_temp(args, row);
     T* grad = row_pointer<T>(args.grad_logits, args.grad_layout, row);
     const int64_t target = args.tokens[row];  // loaded here, its latency hides behind the pass
 
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
       const RowResult result = finalize(stats, target_logit(logits, vocab, target, inv_temp));
       inputs.logp = result.logp;
       inputs.entropy = result.entropy;
-      const TokenLoss token = token_loss(args.params, inputs);
+      const TokenLoss token = token_loss(row_params(args, row), inputs);
       args.loss[row] = token.loss;
       args.logp[row] = result.logp;
       args.entropy[row] = result.entropy;

@@ -315,6 +315,34 @@ struct ThreadStats {
   }
 };
 
+// ---- the kept set (token_logprobs' kept_min) ---------------------------------------------------
+
+// Every entry kept: the kernels without a kept set compile as if it did not exist.
+struct KeepAll {
+  __device__ __forceinline__ bool kept(float) const { return true; }
+  __device__ __forceinline__ float operator()(float z) const { return z; }
+};
+
+// A sampler's kept set {x >= kept_min} with x = fp32(z * inv_temp), the one rounded multiply of
+// sample.cu's scaled(): an entry outside counts as z = -inf (row_math.h kept_logit); NaN is kept,
+// so a NaN row stays NaN.
+struct KeepAbove {
+  float inv_temp;
+  float kept_min;
+  __device__ __forceinline__ bool kept(float z) const { return !(__fmul_rn(z, inv_temp) < kept_min); }
+  __device__ __forceinline__ float operator()(float z) const { return kept(z) ? z : -INFINITY; }
+};
+
+// The kept set of `row`: KeepAbove from kept_min[row] when kKeptSet, else KeepAll.
+template <bool kKeptSet>
+__device__ __forceinline__ auto kept_set(const float* kept_min, int64_t row, float inv_temp) {
+  if constexpr (kKeptSet) {
+    return KeepAbove{inv_temp, kept_min[row]};
+  } else {
+    return KeepAll{};
+  }
+}
+
 // RowStats merge (row_math.h) for block_reduce.
 struct RowStatsMerge {
   static __device__ __forceinline__ RowStats identity() { return empty_stats(); }
@@ -324,22 +352,28 @@ struct RowStatsMerge {
 };
 
 // Statistics of one row of x = z / T (docs/SPEC.md section 1), by the whole block; the result is valid
-// in thread 0. `warp_stats` is __shared__, kBlock / kWarpSize entries.
-template <typename T, int kBlock>
+// in thread 0. `warp_stats` is __shared__, kBlock / kWarpSize entries. Entries outside `keep`
+// count as -inf (statistics over the kept set).
+template <typename T, int kBlock, typename Keep = KeepAll>
 __device__ __forceinline__ RowStats row_stats(const T* logits, int64_t vocab, float inv_temp,
-                                              RowStats* warp_stats) {
+                                              RowStats* warp_stats, Keep keep = {}) {
   ThreadStats thread_stats;
-  walk_row<T, kBlock>(logits, vocab, threadIdx.x,
-                      [&](const auto& z, int64_t, int64_t) { thread_stats.add(z, inv_temp); });
+  walk_row<T, kBlock>(logits, vocab, threadIdx.x, [&](const auto& z, int64_t, int64_t) {
+    float kept[chunk_size<decltype(z)>];
+#pragma unroll
+    for (int m = 0; m < chunk_size<decltype(z)>; ++m) kept[m] = keep(z[m]);
+    thread_stats.add(kept, inv_temp);
+  });
   return block_reduce<kBlock, RowStatsMerge>(thread_stats.stats(inv_temp), warp_stats);
 }
 
-// x_y = z_y / T, or NaN for a token id outside [0, vocab) (never used as an index then).
-template <typename T>
+// x_y = z_y / T (-inf outside `keep`), or NaN for a token id outside [0, vocab) (never used as an
+// index then).
+template <typename T, typename Keep = KeepAll>
 __device__ __forceinline__ float target_logit(const T* logits, int64_t vocab, int64_t target,
-                                              float inv_temp) {
+                                              float inv_temp, Keep keep = {}) {
   const bool in_range = target >= 0 && target < vocab;
-  return in_range ? to_float(logits[target]) * inv_temp : NAN;
+  return in_range ? keep(to_float(logits[target])) * inv_temp : NAN;
 }
 
 // ---- gradient pass ----------------------------------------------------------------------------
@@ -370,12 +404,30 @@ struct ElementGrad {
   }
 };
 
-// Writes one row's gradient, `element_grad` of every logit, by the whole block. `logits` and
-// `grad` may alias (in-place backward): no __restrict__, and each element is read by the thread
-// that writes it, before it writes it. `target` may be out of range (then no element is it).
-template <typename T, int kBlock>
+// ElementGrad on a kept set: exactly 0 outside it (p_j = 0 there, and the token's 1[j = y] term
+// is dropped with it); KeepAll compiles to ElementGrad itself.
+template <typename Keep>
+struct KeptElementGrad {
+  ElementGrad grad;
+  Keep keep;
+
+  __device__ __forceinline__ float operator()(float z, bool is_target) const {
+    return keep.kept(z) ? grad(z, is_target) : 0.0f;
+  }
+};
+
+template <typename Keep>
+__device__ __forceinline__ KeptElementGrad<Keep> kept_grad(const ElementGrad& grad, Keep keep) {
+  return KeptElementGrad<Keep>{grad, keep};
+}
+
+// Writes one row's gradient, `element_grad(z, is_target)` of every logit (an ElementGrad or a
+// KeptElementGrad), by the whole block. `logits` and `grad` may alias (in-place backward): no
+// __restrict__, and each element is read by the thread that writes it, before it writes it.
+// `target` may be out of range (then no element is it).
+template <typename T, int kBlock, typename Grad>
 __device__ __forceinline__ void row_grad(const T* logits, T* grad, int64_t vocab, int64_t target,
-                                         const ElementGrad& element_grad) {
+                                         const Grad& element_grad) {
   using Vec = Pack<T>;
   constexpr int kSize = Vec::kSize;
   const int tid = threadIdx.x;

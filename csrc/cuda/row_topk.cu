@@ -63,10 +63,11 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
   __shared__ int row_need;
   // This row's logits, for the same reason: each pass reads it afresh.
   __shared__ const T* row_logits;
+  // Its fp32(1 / T) (per row with inv_temps), for the same reason.
+  __shared__ float row_scale;
   uint32_t* hist = reinterpret_cast<uint32_t*>(candidates);
 
   const int64_t vocab = args.vocab;
-  const float inv_temp = args.inv_temp;
   const int k = static_cast<int>(args.k);
 
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
@@ -75,9 +76,11 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
     clear<kBlock>(hist, Digit<0>::kBins);
     if (thread_index() == 0) {
       row_logits = row_pointer<T>(args.logits, args.layout, row);
+      row_scale = row_inv_temp(args, row);
       gathered = 0;
     }
     __syncthreads();
+    const float inv_temp = row_scale;
     const RowStats stats = row_stats<T, kBlock>(row_logits, vocab, inv_temp, warp_stats);
     walk_row<T, kBlock>(row_logits, vocab, thread_index(), [&](const auto& z, int64_t, int64_t) {
 #pragma unroll

@@ -14,16 +14,20 @@ namespace {
 
 using namespace row_kernels;  // NOLINT(build/namespaces): this file's own building blocks
 
-template <typename T, int kBlock>
+// kKeptSet: args.kept_min is given (statistics over each row's kept set); without it the kernels
+// compile exactly as if the kept set did not exist.
+template <typename T, int kBlock, bool kKeptSet>
 __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
     token_logprobs_fwd_kernel(TokenLogprobsFwdArgs args) {
   __shared__ RowStats warp_stats[kBlock / kWarpSize];
 
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
-    const RowStats stats = row_stats<T, kBlock>(logits, args.vocab, args.inv_temp, warp_stats);
+    const float inv_temp = row_inv_temp(args, row);
+    const auto keep = kept_set<kKeptSet>(args.kept_min, row, inv_temp);
+    const RowStats stats = row_stats<T, kBlock>(logits, args.vocab, inv_temp, warp_stats, keep);
     if (threadIdx.x == 0) {
-      const float x_target = target_logit(logits, args.vocab, args.tokens[row], args.inv_temp);
+      const float x_target = target_logit(logits, args.vocab, args.tokens[row], inv_temp, keep);
       const RowResult result = finalize(stats, x_target);
       args.logp[row] = result.logp;
       args.entropy[row] = result.entropy;
@@ -32,7 +36,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
   }
 }
 
-template <typename T, int kBlock>
+template <typename T, int kBlock, bool kKeptSet>
 __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
     token_logprobs_bwd_kernel(TokenLogprobsBwdArgs args) {
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
@@ -43,8 +47,10 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
       row_zero<T, kBlock>(grad, args.vocab);
       continue;
     }
-    const GradCoeffs coeffs = grad_coeffs(g_logp, g_entropy, args.entropy[row], args.inv_temp);
-    const ElementGrad element_grad(coeffs, args.lse[row], args.inv_temp);
+    const float inv_temp = row_inv_temp(args, row);
+    const GradCoeffs coeffs = grad_coeffs(g_logp, g_entropy, args.entropy[row], inv_temp);
+    const auto keep = kept_set<kKeptSet>(args.kept_min, row, inv_temp);
+    const auto element_grad = kept_grad(ElementGrad(coeffs, args.lse[row], inv_temp), keep);
     row_grad<T, kBlock>(logits, grad, args.vocab, args.tokens[row], element_grad);
   }
 }
@@ -52,14 +58,22 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
 struct FwdLauncher {
   template <typename T, int kBlock>
   static void launch(const TokenLogprobsFwdArgs& args, unsigned grid, cudaStream_t stream) {
-    token_logprobs_fwd_kernel<T, kBlock><<<grid, kBlock, 0, stream>>>(args);
+    if (args.kept_min != nullptr) {
+      token_logprobs_fwd_kernel<T, kBlock, true><<<grid, kBlock, 0, stream>>>(args);
+    } else {
+      token_logprobs_fwd_kernel<T, kBlock, false><<<grid, kBlock, 0, stream>>>(args);
+    }
   }
 };
 
 struct BwdLauncher {
   template <typename T, int kBlock>
   static void launch(const TokenLogprobsBwdArgs& args, unsigned grid, cudaStream_t stream) {
-    token_logprobs_bwd_kernel<T, kBlock><<<grid, kBlock, 0, stream>>>(args);
+    if (args.kept_min != nullptr) {
+      token_logprobs_bwd_kernel<T, kBlock, true><<<grid, kBlock, 0, stream>>>(args);
+    } else {
+      token_logprobs_bwd_kernel<T, kBlock, false><<<grid, kBlock, 0, stream>>>(args);
+    }
   }
 };
 

@@ -80,6 +80,7 @@ __global__ void __launch_bounds__(kBlock, 1) troll_kernel(TrollArgs args) {
   __shared__ float row_lse;
   __shared__ RowResult row_result;
   __shared__ const T* row_logits;
+  __shared__ float row_scale;  // the row's fp32(1 / T) (per row with inv_temps)
   __shared__ TrollRowState state;
   extern __shared__ __align__(16) unsigned char support_memory[];
   uint32_t* hist = reinterpret_cast<uint32_t*>(candidates);
@@ -95,7 +96,6 @@ __global__ void __launch_bounds__(kBlock, 1) troll_kernel(TrollArgs args) {
   float* sz = reinterpret_cast<float*>(sids + layout.cap);
 
   const int64_t vocab = args.vocab;
-  const float inv_temp = args.inv_temp;
   const int k = static_cast<int>(args.k);
   const int old_k = static_cast<int>(args.old_k);
 
@@ -107,9 +107,11 @@ __global__ void __launch_bounds__(kBlock, 1) troll_kernel(TrollArgs args) {
     if (!masked) clear<kBlock>(hist, Digit<0>::kBins);
     if (thread_index() == 0) {
       row_logits = row_pointer<T>(args.logits, args.layout, row);
+      row_scale = row_inv_temp(args, row);
       gathered = 0;
     }
     __syncthreads();
+    const float inv_temp = row_scale;
     const RowStats stats = row_stats<T, kBlock>(row_logits, vocab, inv_temp, warp_stats);
     if (thread_index() == 0) {
       const float x_target = target_logit(row_logits, vocab, args.tokens[row], inv_temp);
