@@ -223,3 +223,15 @@ def test_opcheck_sample_score(backend, generator):
     args = (logits, torch.randint(0, 37, (2, 2), generator=generator), torch.full((4,), 0.8),
             top_k.to(torch.int32), top_p.float(), min_p.float(), None, backend)
     torch.library.opcheck(sample_ops.sample_score, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_ids_score_nan_in_the_op(backend, generator):
+    # rlfuse.sampling.score rejects them; the op itself (validation off) returns NaN, reads nothing.
+    logits = _logits(3, 20, torch.float32, generator, masked=False)
+    tokens = torch.tensor([-1, 20, 2**40])
+    for temperature in (0.0, 0.9):
+        logprobs, raw, _, _ = sample_ops.sample_score(
+            logits, tokens, torch.full((3,), temperature), torch.full((3,), 3, dtype=torch.int32), torch.ones(3),
+            torch.zeros(3), None, backend)
+        assert torch.isnan(logprobs).all() and torch.isnan(raw).all()

@@ -37,6 +37,7 @@ class AotKernel:
     constexprs: dict
     num_warps: int
     aligned: tuple = field(default=())
+    options: dict = field(default_factory=dict)  # further compile options, as the launch passes them
 
 
 def optional_rows(values, stand_in):

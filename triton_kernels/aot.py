@@ -63,7 +63,7 @@ def compile_entry(entry, arch, workdir):
     attrs = {(arg_index[name],): [["tt.divisibility", 16]] for name in entry.aligned}
     src = ASTSource(fn=entry.fn, signature=entry.signature, constexprs=entry.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": entry.num_warps})
+                              options={"num_warps": entry.num_warps, **entry.options})
     path = os.path.join(workdir, f"{re.sub(r'[^A-Za-z0-9_]', '_', entry.name)}_sm{arch}.cubin")
     with open(path, "wb") as f:
         f.write(compiled.asm["cubin"])

@@ -48,7 +48,7 @@ same expressions (docs/SPEC.md section 8, "Scoring"); KEPT_MIN writes the row's 
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config
+from ._launch import AotKernel, block_config, optional_rows
 from ._row import LOG2E, _row_ptr, _row_stats
 
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -288,7 +288,7 @@ def _sample_kernel(
         in_range = (token >= 0) & (token < vocab)
         x_tok = _scaled(tl.load(logits_row + tl.where(in_range, token, 0)), inv_temp)
         kept = _key(x_tok) >= thr_key
-        if temp == 0.0:  # greedy
+        if temp == 0.0:  # greedy: only the first maximum is kept (the token a greedy draw gives)
             kept = token == _draw_one(logits_row, vocab, inv_temp, thr_key, 0, False, BLOCK_V)
         logp = tl.where(kept, tl.where(stochastic, (x_tok - row_max) - log_kept, 0.0), float("-inf"))
         raw_logp = (x_tok - row_max) - log_sum
@@ -314,6 +314,10 @@ def _sample_kernel(
             tl.store(tokens_ptr + out + s_offs, tokens.to(tl.int64), mask=s_mask)
             tl.store(logprobs_ptr + out + s_offs, logp, mask=s_mask)
             tl.store(raw_logprobs_ptr + out + s_offs, raw_logp, mask=s_mask)
+
+# Score mode's compile options: without a register budget ptxas gives it 64 registers and a 16-byte
+# stack on sm_80 (values kept across the division's slow-path call); with one, 93 and no stack.
+SCORE_OPTIONS = {"maxnreg": 128}
 
 # Draws per pass over a row: a [S_BLOCK, BLOCK_V] tile of scores at most this many elements. On
 # GPU the 4096 of a single-draw chunk (large vocabularies draw one at a time); the interpreter
@@ -350,16 +354,18 @@ def sample(logits, layout, vocab, temperature, top_k, top_p, min_p, seed, num_sa
     rows, inner, stride_outer, stride_inner = layout
     if rows == 0 or num_samples == 0:
         return
+    score_pointer, score = optional_rows(score_tokens, tokens)
+    kept_min_pointer, write_kept_min = optional_rows(kept_min, entropy)
     block, s_block, num_warps = sample_config(vocab, num_samples, logits.device.type != "cpu",
                                               block_v, s_block)
     _sample_kernel[(rows,)](
         logits, temperature, top_k, top_p, min_p, seed,
         tokens, logprobs, raw_logprobs, entropy,
-        tokens if score_tokens is None else score_tokens, entropy if kept_min is None else kept_min,
+        score_pointer, kept_min_pointer,
         inner, stride_outer, stride_inner, vocab, int(num_samples),
         int(bool(adaptive)), float(t_min), float(t_max), float(h_low), float(h_high),
         BLOCK_V=block, VEC=min(16 // logits.element_size(), block), S_BLOCK=s_block,
-        SCORE=score_tokens is not None, KEPT_MIN=kept_min is not None, num_warps=num_warps,
+        SCORE=score, KEPT_MIN=write_kept_min, num_warps=num_warps, **(SCORE_OPTIONS if score else {}),
     )
 
 
@@ -393,7 +399,7 @@ def _aot_kernels():
             name=f"sample[{tag}]", fn=_sample_kernel,
             signature={name: t.format(dtype=dtype) for name, t in sig.items()},
             constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "S_BLOCK": s_block, "SCORE": score,
-                        "KEPT_MIN": score},
+                        "KEPT_MIN": score}, options=SCORE_OPTIONS if score else {},
             num_warps=num_warps, aligned=aligned))
     return entries
 
