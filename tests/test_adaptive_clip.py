@@ -314,3 +314,20 @@ def test_compile_fullgraph_matches_eager(name, generator):
         results.append((loss.detach(), leaf.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("name", ["dcpo", "bapo", "hapo", "erc", "cpgd", "per_token"])
+def test_zero_tokens_and_all_masked(name):
+    """No valid token: a zero loss and gradient (also with zero tokens), never an empty-reduction error."""
+    for shape in ((0,), (2, 3)):
+        config = {"dcpo": C.dcpo(), "bapo": C.bapo(), "hapo": C.hapo(), "erc": C.erc(), "cpgd": C.cpgd(),
+                  "per_token": C.dapo(clip_low=torch.full(shape, 0.2))}[name]
+        extra = {"old_entropy": torch.ones(shape)} if name == "erc" else {}
+        batch = dict(logits=torch.randn(*shape, 11), tokens=torch.zeros(shape, dtype=torch.long),
+                     advantages=torch.randn(shape), old_logprobs=torch.full(shape, -2.0),
+                     mask=torch.zeros(shape, dtype=torch.bool))
+        if len(shape) == 1:
+            batch.pop("mask")
+        for backend in ("cpu", "torch"):
+            out, grad = run(batch, config, backend, **extra)
+            assert out.loss.item() == 0 and not grad.any()

@@ -94,15 +94,17 @@ def hapo_entropy_scores(entropy: Tensor, mask: Tensor, pivot: float) -> Tensor:
     1e-8). Detached; 0 at masked positions."""
     valid = mask > 0
     g = torch.log(entropy.detach().double().clamp(min=ENTROPY_EPS))
-    ordered = torch.sort(torch.where(valid, g, math.inf)).values
+    padding = g.new_full((1,), math.inf)  # one more entry: zero tokens still have a (never used) rank 0
+    ordered = torch.sort(torch.cat([torch.where(valid, g, math.inf), padding])).values
     count = valid.sum()
     rank = torch.round(pivot * (count - 1).clamp(min=0).double()).long().reshape(1)
     median = torch.where(count > 0, ordered.gather(0, rank)[0], 0.0)
     h = torch.where(valid, g - median, 0.0)
     std = torch.sqrt((h * h).sum().div(count.clamp(min=1)).clamp(min=ENTROPY_EPS))
     h = h / std
-    positive_max = h.clamp(min=0.0).max().clamp(min=ENTROPY_EPS)
-    negative_mag = (-h).clamp(min=0.0).max().clamp(min=ENTROPY_EPS)
+    padded = torch.cat([h, padding.new_zeros(1)])
+    positive_max = padded.clamp(min=0.0).max().clamp(min=ENTROPY_EPS)
+    negative_mag = (-padded).clamp(min=0.0).max().clamp(min=ENTROPY_EPS)
     return torch.where(h > 0, h / positive_max, h / negative_mag).float()
 
 
