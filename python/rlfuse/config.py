@@ -215,7 +215,8 @@ class LossConfig:
             fail("entropy_quantile", f"is not supported by loss={self.loss!r}")
         if self.loss == "spo" and not isinstance(self.clip_high, Tensor) and self.clip_high <= 0:
             fail("clip_high", "is SPO's eps and must be > 0")
-        if self.loss == "cispo" and self.cispo_mode == "cap" and not isinstance(self.clip_high, Tensor) and self.clip_high <= 0:
+        if (self.loss == "cispo" and self.cispo_mode == "cap" and not isinstance(self.clip_high, Tensor)
+                and self.clip_high <= 0):
             fail("clip_high", "is the CISPO cap in 'cap' mode and must be > 0")
         if self.rollout_cap_low is not None and self.rollout_cap_low > self.rollout_cap:
             fail("rollout_cap_low", "must not exceed rollout_cap")
@@ -343,8 +344,8 @@ class LossConfig:
     def token_local(self) -> bool:
         """True when the loss can take the fused path (one kernel: loss + gradient per row)."""
         return (self.loss in TOKEN_LOCAL_LOSSES + DETACHED_WEIGHT_LOSSES and self.entropy_quantile is None
-                and self.kl_full_coef == 0 and not self.kl_bias_correction  # the corrected KL's ratio carries a gradient
-                and self.adaptive_clip in (None, "dcpo") and not self.entropy_ratio_clip  # BAPO / HAPO / ERC: batch or entropy
+                and self.kl_full_coef == 0 and not self.kl_bias_correction  # the corrected KL's ratio: a gradient
+                and self.adaptive_clip in (None, "dcpo") and not self.entropy_ratio_clip  # BAPO/HAPO/ERC: batch
                 and not self.sampler_filters
                 and not self.mixes_expert_tokens)  # CHORD / LUFFY: two per-token forms in one batch
 

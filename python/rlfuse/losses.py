@@ -799,7 +799,7 @@ def _clip_inputs(batch, config, tokens, old_entropy, checks) -> None:
     if config.adaptive_clip == "dcpo":  # bounds from the old probabilities: known before any kernel
         resolved["clip_low"], resolved["clip_high"] = dcpo_bounds(batch.old, config.clip_low, config.clip_high,
                                                                   config.dcpo_ratio_cap)
-    batch.clip_low, batch.clip_high, batch.dual_clip = resolved["clip_low"], resolved["clip_high"], resolved["dual_clip"]
+    batch.clip_low, batch.clip_high, batch.dual_clip = resolved.values()  # in field order
     batch.old_entropy = None
     if not config.entropy_ratio_clip:
         if old_entropy is not None:
