@@ -331,3 +331,25 @@ def test_zero_tokens_and_all_masked(name):
         for backend in ("cpu", "torch"):
             out, grad = run(batch, config, backend, **extra)
             assert out.loss.item() == 0 and not grad.any()
+
+
+@pytest.mark.parametrize("validation", [False, True], ids=["validation_off", "validation_on"])
+@pytest.mark.parametrize("name", ["dcpo", "bapo", "hapo", "erc", "cpgd", "per_token"])
+def test_no_host_read_but_the_one_validation(name, validation, generator):
+    """The bounds, the BAPO search and the HAPO quantile stay on the device; the bound tensors' and
+    old_entropy's checks join the call's one validation read (tests/test_host_syncs.py's counter)."""
+    from test_host_syncs import count_host_reads
+
+    batch, old_entropy = make_batch(generator, 3, 6, 41)
+    shape = batch["tokens"].shape
+    config = {"dcpo": C.dcpo(), "bapo": C.bapo(), "hapo": C.hapo(), "erc": C.erc(), "cpgd": C.cpgd(),
+              "per_token": C.dapo(clip_low=torch.full(shape, 0.1), dual_clip=torch.full(shape, 3.0))}[name]
+    extra = {"old_entropy": old_entropy} if name == "erc" else {}
+    previous = rlfuse.set_validation(validation)
+    try:
+        with count_host_reads() as reads:
+            out, _ = run(batch, config, "cpu", **extra)
+    finally:
+        rlfuse.set_validation(previous)
+    assert reads == (["Tensor.tolist"] if validation else []), reads
+    assert torch.isfinite(out.loss)
