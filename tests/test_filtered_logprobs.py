@@ -16,6 +16,7 @@ import rlfuse
 from rlfuse.filtered import filtered_token_logprobs
 from rlfuse.ops import sample as sample_ops
 from rlfuse.sampling import score
+from rlfuse.source import LogitsSource
 from conftest import kernel_backends
 
 BACKENDS = kernel_backends("cpu")
@@ -235,3 +236,44 @@ def test_out_of_range_ids_score_nan_in_the_op(backend, generator):
             logits, tokens, torch.full((3,), temperature), torch.full((3,), 3, dtype=torch.int32), torch.ones(3),
             torch.zeros(3), None, backend)
         assert torch.isnan(logprobs).all() and torch.isnan(raw).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_threshold_entry_stays_kept_at_any_temperature(backend, generator):
+    # Logits where z / T rounds below z * fp32(1 / T) (the sampler's x): the threshold is such an
+    # entry's x, so a log-prob pass that divided would drop the very entry that sets the threshold.
+    temperature = 0.7
+    inv = _inv_temp(temperature)
+    candidates = torch.randn(4096, generator=generator) * 3
+    rounds_below = candidates[candidates / torch.tensor(temperature) < candidates * inv][:4]
+    assert rounds_below.numel() == 4  # about a quarter of all values
+    logits = torch.randn(4, 29, generator=generator) - 12.0
+    logits[:, 0] = rounds_below
+    logits[:, 1], logits[:, 2] = rounds_below + 1.0, rounds_below + 2.0
+    tokens = torch.zeros(4, dtype=torch.int64)
+    scored = score(logits, tokens, temperature=temperature, top_k=3, backend=backend)
+    assert torch.equal(scored.kept_min, logits[:, 0] * inv)
+    logp, entropy = filtered_token_logprobs(logits, tokens, temperature, top_k=3, backend=backend)
+    assert torch.isfinite(logp).all() and torch.equal(logp, scored.logprobs)
+    _, _, want_entropy, _ = oracle(logits, tokens, temperature, torch.full((4,), 3), torch.ones(4), torch.zeros(4))
+    torch.testing.assert_close(entropy.double(), want_entropy.detach(), rtol=0, atol=2e-5)
+
+
+def test_sources_other_than_linear_logits_are_a_clear_error():
+    class RowShards(LogitsSource):  # stands in for ShardedLogits: no whole rows
+        shape, device = torch.Size((2, 10)), torch.device("cpu")
+
+    with pytest.raises(ValueError, match="logits: .*RowShards"):
+        filtered_token_logprobs(RowShards(), torch.zeros(2, dtype=torch.int64), 1.0, top_k=3)
+
+
+def test_compiles_fullgraph_with_the_eager_results(generator):
+    logits = _logits(4, 37, torch.float32, generator)
+    tokens = logits.argmax(-1)
+
+    def filtered(x):
+        return filtered_token_logprobs(x, tokens, 0.8, top_k=5, top_p=0.9, backend="cpu")
+
+    compiled = torch.compile(filtered, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(logits), filtered(logits)):
+        assert torch.equal(got, want)

@@ -24,7 +24,7 @@ from torch import Tensor
 from . import _validation as check
 from .ops.sample import sample_score
 from .ops.token_logprobs import token_logprobs_fwd
-from .sampling import _sampling_params
+from .sampling import _fp32, _sampling_params
 from .source import is_source
 
 
@@ -43,21 +43,22 @@ class _ExactValue(torch.autograd.Function):
         return torch.where(exact == float("-inf"), torch.zeros_like(grad), grad), None
 
 
-def _kept_statistics(logits: Tensor, tokens: Tensor, temperature: Tensor, per_token: bool, kept_min: Tensor,
+def _kept_statistics(logits: Tensor, tokens: Tensor, temperature: Tensor, scalar: float | None, kept_min: Tensor,
                      backend: str) -> tuple[Tensor, Tensor]:
     """(logp, entropy) over each row's kept set, differentiable (the token_logprobs op with
-    ``kept_min``). ``temperature``: fp32 [rows], the sampler's; ``per_token``: whether it varies."""
+    ``kept_min``). ``temperature``: fp32 [rows], the sampler's; ``scalar``: the same T as a number
+    (fp32-rounded) when every token has it, else None."""
     if backend == "torch":
         # The reference divides by T; the sampler multiplies by fp32(1 / T). Scale here, as the
         # sampler does, so that the threshold entry (a value of x) stays in the kept set.
         x = logits.float() * torch.reciprocal(temperature).reshape(*logits.shape[:-1], 1)
         logp, entropy, _ = token_logprobs_fwd(x, tokens, 1.0, backend, False, None, kept_min)
-    elif per_token:
+    elif scalar is None:
         # float64 copies of the fp32 T: the op's fp32(1 / T) is then the sampler's 1.0f / T.
         logp, entropy, _ = token_logprobs_fwd(logits, tokens, 1.0, backend, False,
                                               temperature.double().reshape(tokens.shape), kept_min)
     else:
-        scalar = float(temperature[0]) if temperature.numel() else 1.0
+        # The op's fp32(1.0 / T) of an fp32 T is the sampler's 1.0f / T (one correct rounding).
         logp, entropy, _ = token_logprobs_fwd(logits, tokens, scalar, backend, False, None, kept_min)
     return logp, entropy
 
@@ -89,7 +90,8 @@ def filtered_token_logprobs(logits, tokens: Tensor, temperature=1.0, top_k=None,
     exact, _, row_entropy, kept_min = sample_score(params.logits.detach(), tokens, *params.op_args(), None,
                                                    params.backend)
     params.check_rows(row_entropy)
-    logp, entropy = _kept_statistics(params.logits, tokens, params.temperature, per_token, kept_min.detach(),
+    scalar = None if per_token else _fp32(temperature)
+    logp, entropy = _kept_statistics(params.logits, tokens, params.temperature, scalar, kept_min.detach(),
                                      params.backend)
     return _ExactValue.apply(logp, exact), entropy
 
