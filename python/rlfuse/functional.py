@@ -87,10 +87,12 @@ def _forward(logits, tokens, temperature, backend, inplace_backward, tokens_chec
     if not source:
         check.check_logits(logits)
     checks = check.DataChecks(logits)
+    read_back = not tokens_checked or isinstance(temperature, torch.Tensor)  # else no check, no collective
     if not tokens_checked:
         check.check_tokens(tokens, logits, checks)
     temperature = check.check_temperature(temperature, tokens, checks)
-    checks.run()
+    if read_back:
+        checks.run()
     if source:
         if inplace_backward:
             raise ValueError("inplace_backward applies to a logits tensor; a logits source never stores its logits")

@@ -50,6 +50,12 @@ def split_temperature(temperature) -> tuple[float, torch.Tensor | None]:
     return temperature, None
 
 
+def reference_temperature(temperature: float, temperatures: torch.Tensor | None):
+    """The torch backend's temperature (``rlfuse.reference`` takes a number or one value per row):
+    the per-row float64 tensor when given, else the number."""
+    return temperature if temperatures is None else temperatures
+
+
 def inv_temps(temperatures: torch.Tensor | None) -> torch.Tensor | None:
     """The kernels' per-row ``inv_temps``: fp32(1 / T) from the float64 T, as the scalar path's
     ``inv_temp = 1.0 / T`` is rounded once to fp32 (so a constant tensor gives the scalar's bits)."""

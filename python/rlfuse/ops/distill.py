@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import reference
 from .._layout import as_rows, contiguous_layout
 from ._fake import ROW, gradient, out_op
-from ._launch import empty_gradient, inv_temps, kernels
+from ._launch import empty_gradient, inv_temps, kernels, reference_temperature
 
 OP = "distill"
 
@@ -25,7 +25,7 @@ def jsd_fwd(logits: Tensor, other: Tensor, temperature: float, beta: float, back
             temperatures: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(jsd, kl_logits = KL(p || m), kl_other = KL(q || m), lse, other_lse), fp32 per row."""
     if backend == "torch":
-        return reference.jsd_statistics(logits, other, beta, temperature if temperatures is None else temperatures)
+        return reference.jsd_statistics(logits, other, beta, reference_temperature(temperature, temperatures))
     x, layout = as_rows(logits)
     y, other_layout = as_rows(other)
     outs = tuple(torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device) for _ in range(5))
@@ -46,7 +46,7 @@ def jsd_bwd(logits: Tensor, other: Tensor, kl_logits: Tensor, kl_other: Tensor, 
     empty = logits.new_empty(0)
     if backend == "torch":
         grad_x, grad_y = reference.jsd_gradients(logits, other, kl_logits, kl_other, grad_jsd, beta,
-                                                 temperature if temperatures is None else temperatures)
+                                                 reference_temperature(temperature, temperatures))
         return (grad_x.to(logits.dtype) if need_logits else empty, grad_y.to(other.dtype) if need_other else empty)
     x, layout = as_rows(logits)
     y, other_layout = as_rows(other)

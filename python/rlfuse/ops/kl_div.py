@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import reference
 from .._layout import as_rows, contiguous_layout
 from ._fake import ROW, gradient, out_op
-from ._launch import empty_gradient, inv_temps, kernels
+from ._launch import empty_gradient, inv_temps, kernels, reference_temperature
 
 OP = "kl_div"
 DIRECTIONS = {"forward": 0, "reverse": 1}
@@ -29,7 +29,7 @@ def kl_div_fwd(logits: Tensor, other: Tensor, temperature: float, direction: int
                temperatures: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "torch":
         return reference.kl_statistics(logits, other, _direction_name(direction),
-                                       temperature if temperatures is None else temperatures)
+                                       reference_temperature(temperature, temperatures))
     x, layout = as_rows(logits)
     y, other_layout = as_rows(other)
     kl, lse, other_lse = (torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device) for _ in range(3))
@@ -47,7 +47,7 @@ def kl_div_bwd(logits: Tensor, other: Tensor, kl: Tensor, lse: Tensor, other_lse
     """(grad_logits, grad_other); a gradient that is not needed comes back empty."""
     if backend == "torch":
         grad_x, grad_y = reference.kl_gradients(logits, other, kl, lse, other_lse, grad_kl, _direction_name(direction),
-                                                temperature if temperatures is None else temperatures)
+                                                reference_temperature(temperature, temperatures))
         empty = logits.new_empty(0)
         return (grad_x.to(logits.dtype) if need_logits else empty, grad_y.to(other.dtype) if need_other else empty)
     x, layout = as_rows(logits)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import reference
 from .._layout import as_rows
 from ._fake import ROW, out_op, per_row
-from ._launch import inv_temps, kernels
+from ._launch import inv_temps, kernels, reference_temperature
 
 
 def _torch_row_topk(logits, tokens, temperature, k):
@@ -35,7 +35,7 @@ def _torch_row_topk(logits, tokens, temperature, k):
 def row_topk(logits: Tensor, tokens: Tensor, temperature: float, k: int, backend: str,
              temperatures: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "torch":
-        return _torch_row_topk(logits, tokens, temperature if temperatures is None else temperatures, k)
+        return _torch_row_topk(logits, tokens, reference_temperature(temperature, temperatures), k)
     rows_view, layout = as_rows(logits)
     lead = logits.shape[:-1]
     ids = torch.empty(*lead, k, dtype=torch.int32, device=logits.device)

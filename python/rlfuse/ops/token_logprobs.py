@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import reference
 from .._layout import as_rows, gradient_layouts, inplace_layout
 from ._fake import ROW, gradient, out_op
-from ._launch import empty_gradient, inv_temps, kernels, rows_f32
+from ._launch import empty_gradient, inv_temps, kernels, reference_temperature, rows_f32
 
 OP = "token_logprobs"
 
@@ -36,18 +36,13 @@ def _flat_f32(values: Tensor) -> Tensor:
     return values.reshape(-1).to(torch.float32).contiguous()
 
 
-def _row_temperature(temperature: float, temperatures: Tensor | None):
-    """The reference's temperature: the per-row tensor when given, else the number."""
-    return temperature if temperatures is None else temperatures
-
-
 @out_op("rlfuse::token_logprobs_fwd", ROW, ROW, ROW)
 def token_logprobs_fwd(
     logits: Tensor, tokens: Tensor, temperature: float, backend: str, inplace_backward: bool,
     temperatures: Tensor | None = None, kept_min: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "torch":
-        return reference.row_statistics(logits, tokens, _row_temperature(temperature, temperatures), kept_min)
+        return reference.row_statistics(logits, tokens, reference_temperature(temperature, temperatures), kept_min)
     rows_view, layout = as_rows(logits)
     out_shape = logits.shape[:-1]
     logp, entropy, lse = (torch.empty(out_shape, dtype=torch.float32, device=logits.device) for _ in range(3))
@@ -80,7 +75,7 @@ def token_logprobs_bwd(
 ) -> Tensor:
     if backend == "torch":
         grad = reference.row_gradient(logits, tokens, lse, entropy, grad_logp, grad_entropy,
-                                      _row_temperature(temperature, temperatures), kept_min)
+                                      reference_temperature(temperature, temperatures), kept_min)
         return grad.to(logits.dtype)
     grad_logits = empty_gradient(logits)
     _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend, grad_logits,
@@ -96,7 +91,7 @@ def token_logprobs_bwd_inplace(
     if backend == "torch":
         inplace_layout(logits)
         logits.copy_(reference.row_gradient(logits, tokens, lse, entropy, grad_logp, grad_entropy,
-                                            _row_temperature(temperature, temperatures), kept_min))
+                                            reference_temperature(temperature, temperatures), kept_min))
         return
     _launch_backward(logits, tokens, lse, entropy, grad_logp, grad_entropy, temperature, backend, logits,
                      temperatures, kept_min)
