@@ -98,6 +98,7 @@ def test_per_token_bounds_ppo_with_dual_clip(size, backend, cases):
     out = check(batch, config, backend,
                    lambda lp, h: oracle.ppo_loss(lp, batch["old_logprobs"], batch["advantages"], b["low"].double(),
                                                  b["high"].double(), b["dual"].double()))
+    assert out.metrics["path"] == ("general" if backend == "torch" else "fused")  # the kernel reads the rows
     valid = batch["mask"]
     r = (out.logprobs.double() - batch["old_logprobs"].double()).exp()
     a = batch["advantages"]
@@ -147,6 +148,7 @@ def test_dcpo(size, backend, cases):
     low, high = oracle.dcpo_eps(batch["old_logprobs"], 0.2, 0.28, 10.0)
     out = check(batch, config, backend,
                    lambda lp, h: oracle.ppo_loss(lp, batch["old_logprobs"], batch["advantages"], low, high, 10.0))
+    assert out.metrics["path"] == ("general" if backend == "torch" else "fused")
     valid = batch["mask"]
     torch.testing.assert_close(out.metrics["clip_high_mean"].double(), high[valid].mean(), rtol=1e-5, atol=0)
     assert (low[valid] < 0.5).any()  # some lower bounds above the 0.5 floor: the formula is exercised
@@ -335,10 +337,15 @@ def test_zero_tokens_and_all_masked(name):
 
 @pytest.mark.parametrize("validation", [False, True], ids=["validation_off", "validation_on"])
 @pytest.mark.parametrize("name", ["dcpo", "bapo", "hapo", "erc", "cpgd", "per_token"])
-def test_no_host_read_but_the_one_validation(name, validation, generator):
+def test_no_host_read_but_the_one_validation(name, validation, generator, monkeypatch):
     """The bounds, the BAPO search and the HAPO quantile stay on the device; the bound tensors' and
     old_entropy's checks join the call's one validation read (tests/test_host_syncs.py's counter)."""
     from test_host_syncs import count_host_reads
+
+    from rlfuse.ops import policy_loss as policy_ops
+
+    # The fused backward's device path (CUDA's): on CPU tensors the host path reads the upstream gradient.
+    monkeypatch.setattr(policy_ops, "DEVICE_RESCALE_ON_CPU", True, raising=False)
 
     batch, old_entropy = make_batch(generator, 3, 6, 41)
     shape = batch["tokens"].shape
@@ -353,3 +360,28 @@ def test_no_host_read_but_the_one_validation(name, validation, generator):
         rlfuse.set_validation(previous)
     assert reads == (["Tensor.tolist"] if validation else []), reads
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_per_token_bounds_fused_inplace_and_linear_logits(backend, generator):
+    """The fused kernel's bound rows: in-place backward and LinearLogits chunks give the general path's result."""
+    batch, _ = make_batch(generator, 2, 5, 37)
+    shape = batch["tokens"].shape
+    config = C.dapo(clip_low=0.05 + 0.3 * torch.rand(shape, generator=generator),
+                    clip_high=0.05 + 0.3 * torch.rand(shape, generator=generator))
+    want, want_grad = run(batch, config, backend, "general")
+    kwargs = {k: v for k, v in batch.items() if k != "logits"}
+    leaf = batch["logits"].clone().requires_grad_(True)
+    out = rlfuse.policy_loss(leaf * 1.0, config=config, backend=backend, inplace_backward=True, **kwargs)
+    out.loss.backward()
+    assert out.metrics["path"] == "fused"
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad, want_grad, rtol=1e-5, atol=1e-6)
+    hidden = torch.randn(2, 5, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(37, 8, generator=generator)
+    logits = hidden.detach() @ weight.T
+    kwargs["old_logprobs"] = torch.log_softmax(logits, -1).gather(-1, batch["tokens"][..., None])[..., 0] + 0.3
+    via_source = rlfuse.policy_loss(rlfuse.LinearLogits(hidden, weight), config=config, backend=backend, **kwargs)
+    direct = rlfuse.policy_loss(logits, config=config, backend=backend, path="general", **kwargs)
+    assert via_source.metrics["path"] == "fused"
+    torch.testing.assert_close(via_source.loss, direct.loss, rtol=1e-5, atol=1e-6)

@@ -193,7 +193,6 @@ def policy_loss(
     policy_weight = mixed_policy.on_policy_weights(aggregation, rollout_w, batch, settings, config)
     use_fused = (config.token_local and path != "general" and resolved != "torch"
                  and (not source or logits.fused_path))
-    use_fused = use_fused and not _bounds(batch, config).per_token  # DELETE once _fused passes batch.clip_* (issue 18)
     if config.needs_current_logprobs and (use_fused or config.loss == "troll"):
         # Factors that depend on the current log-probs (detached) must be known before the kernel
         # writes the gradient: one forward read of the logits, without gradient.
@@ -330,12 +329,17 @@ def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
 
 def _kernel_params(config) -> TokenLossParams:
     """The fused kernel's parameters; TOPR runs the kernel's REINFORCE term (its detached weight is in
-    policy_weight, current_policy_factor). No LossConfig.replace: it validates its fields as numbers,
-    which torch.compile cannot trace."""
-    if config.loss not in DETACHED_WEIGHT_LOSSES:
-        return TokenLossParams.from_config(config)
-    return TokenLossParams(*[_schema.enum(f.enum)["reinforce"] if f.name == "policy" else _param_from_config(f, config)
-                             for f in _PARAM_FIELDS])
+    policy_weight, current_policy_factor); a per-token bound tensor is 0 here (the kernel reads its rows,
+    batch.clip_*). No LossConfig.replace: it validates its fields as numbers, which torch.compile cannot
+    trace."""
+    def value(field):
+        if field.name == "policy" and config.loss in DETACHED_WEIGHT_LOSSES:
+            return _schema.enum(field.enum)["reinforce"]
+        if isinstance(getattr(config, field.source or field.name, None), Tensor):
+            return 0.0
+        return _param_from_config(field, config)
+
+    return TokenLossParams(*[value(field) for field in _PARAM_FIELDS])
 
 
 def _general(batch, policy_weight, weight, config, backend, inplace_backward):
