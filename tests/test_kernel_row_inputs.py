@@ -231,7 +231,8 @@ def _token_config(config, clip_low, clip_high, dual_clip):
     return types.SimpleNamespace(
         loss=config.loss, cispo_mode=config.cispo_mode, delta=None,
         gppo_beta_low=config.gppo_beta_low, gppo_beta_high=config.gppo_beta_high,
-        clip_low=None if clip_low < 0 else clip_low, clip_high=clip_high, dual_clip=dual_clip if dual_clip > 0 else None,
+        clip_low=None if clip_low < 0 else clip_low, clip_high=clip_high,
+        dual_clip=dual_clip if dual_clip > 0 else None,
     )
 
 
@@ -243,7 +244,8 @@ def _policy_oracle(z, tokens, inv_temps, advantages, old, ref, policy_weight, we
         temperature = 1.0 / float(inv_temps[row])
         logp, entropy = _logprob_and_entropy(z64[row], int(tokens[row]), temperature)
         token_config = _token_config(config, *(float(b[row]) for b in bounds))
-        loss = policy_weight[row].item() * _token_local_term(logp, float(old[row]), float(advantages[row]), token_config)
+        term = _token_local_term(logp, float(old[row]), float(advantages[row]), token_config)
+        loss = policy_weight[row].item() * term
         if config.kl is not None and config.kl_coef:
             loss = loss + weight[row].item() * config.kl_coef * _kl(logp, float(ref[row]), config.kl)
         loss = loss - weight[row].item() * config.entropy_coef * entropy
@@ -269,7 +271,7 @@ def _run_policy(backend, z, tokens, inv_temps, per_token, params, bounds):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(POLICY_CASES))
-@pytest.mark.parametrize("vocab", [7, 2500])
+@pytest.mark.parametrize("vocab", [7, 1100])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_policy_loss_per_token_clip_bounds_and_temperature(backend, case, vocab, dtype, generator):
     config = POLICY_CASES[case]
@@ -400,7 +402,7 @@ def test_jsd_per_row_temperature(backend, vocab, dtype, generator):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("vocab", VOCABS[:2])  # the selection spans chunks in tests/test_troll.py
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_topk_per_row_temperature(backend, vocab, dtype, generator):
     rows, k = 4, 5
@@ -436,13 +438,12 @@ def _run_troll(backend, z, tokens, inv_temp, inv_temps, per_token, params, old_i
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("vocab", [7, 1000])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("vocab", "dtype"), [(7, torch.bfloat16), (1000, torch.float32)])
 def test_troll_per_row_temperature(backend, vocab, dtype, generator):
     """Each row with inv_temps equals the same kernel run on that row alone at its scalar temperature
     (the scalar kernel is checked against a float64 oracle by tests/test_troll.py), and the row
     statistics match the float64 oracle here."""
-    rows, k, old_k = 4, 4, 3
+    rows, k, old_k = 3, 4, 3
     z = _logits(generator, rows, vocab, dtype)
     tokens, inv_temps = _tokens(generator, z), _inv_temps(generator, rows)
     old_z = z.float() + 0.5 * torch.randn(rows, vocab, generator=generator)

@@ -235,7 +235,8 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) kl_div_fwd_kernel(
   for (int64_t row = blockIdx.x; row < args.layout.rows; row += gridDim.x) {
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
     const T* other = row_pointer<T>(args.other, args.other_layout, row);
-    const KlStats stats = pair_stats<T, kBlock>(logits, other, args.vocab, row_inv_temp(args, row), warp_stats);
+    const float inv_temp = row_inv_temp(args, row);
+    const KlStats stats = pair_stats<T, kBlock>(logits, other, args.vocab, inv_temp, warp_stats);
     if (threadIdx.x == 0) {
       const KlResult result = finalize_kl(stats);
       args.kl[row] = result.kl;
@@ -249,10 +250,10 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) kl_div_fwd_kernel(
 
 // Gradients of KL(p || q) for one element pair, times g = grad_kl / T:
 //   d/dz = g p (log p - log q - KL)  (0 where p = 0),  d/dw = g (q - p).
-// kRowTemps: 1/T is the row's, held in a register where the kernel's scalar parameter was a constant
-// operand; the exponents are then formed as (z / T - lse) * log2(e), without a register for log2(e)/T,
-// which keeps the float kernel writing both gradients within 64 registers (one more rounding than
-// z * log2(e)/T - lse * log2(e), the scalar path's, kept bitwise as it was).
+// kRowTemps: 1/T is the row's, held in a register where the kernel's scalar parameter was a
+// constant operand; the exponents are then formed as (z / T - lse) * log2(e), with no register for
+// log2(e)/T, which keeps the float kernel writing both gradients within 64 registers (one more
+// rounding than z * log2(e)/T - lse * log2(e), the scalar path's, kept bitwise as it was).
 template <bool kRowTemps>
 struct KlElementGrad {
   float scale;     // log2(e) / T (unused with kRowTemps)
@@ -375,8 +376,9 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) kl_div_bwd_kernel(
     }
     const T* logits = row_pointer<T>(args.logits, args.layout, row);
     const T* other = row_pointer<T>(args.other, args.other_layout, row);
-    const KlElementGrad<kRowTemps> element_grad(grad_kl, args.kl[row], args.lse[row], args.other_lse[row],
-                                                kRowTemps ? args.inv_temps[row] : args.inv_temp);
+    const float inv_temp = kRowTemps ? args.inv_temps[row] : args.inv_temp;
+    const KlElementGrad<kRowTemps> element_grad(grad_kl, args.kl[row], args.lse[row],
+                                                args.other_lse[row], inv_temp);
     pair_grad<T, kBlock, kGradP, kGradQ>(logits, other, grad_p, grad_q, args.vocab, element_grad);
   }
 }

@@ -329,7 +329,9 @@ struct KeepAll {
 struct KeepAbove {
   float inv_temp;
   float kept_min;
-  __device__ __forceinline__ bool kept(float z) const { return !(__fmul_rn(z, inv_temp) < kept_min); }
+  __device__ __forceinline__ bool kept(float z) const {
+    return !(__fmul_rn(z, inv_temp) < kept_min);
+  }
   __device__ __forceinline__ float operator()(float z) const { return kept(z) ? z : -INFINITY; }
 };
 
