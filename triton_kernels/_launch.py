@@ -45,9 +45,3 @@ def optional_rows(values, stand_in):
     ``stand_in``, any tensor of the launch, as a pointer the kernel never reads; ``given`` is the
     kernel's constexpr flag, so a launch without the input compiles its read away."""
     return (stand_in, False) if values is None else (values, True)
-
-
-def _not_yet(*optional):
-    """Optional kernel inputs this Triton launcher does not implement yet raise, never run silently."""
-    if any(value is not None for value in optional):
-        raise NotImplementedError("this Triton kernel does not take per-row temperatures, bounds or kept sets yet")
