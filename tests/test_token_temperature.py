@@ -328,6 +328,24 @@ def test_policy_loss_filters_use_the_sampler_support():
     assert torch.equal(out.logprobs[valid], want[valid])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scores_what_sample_drew(backend):
+    """Sample at one temperature per row, then score the samples: the unfiltered log-probs and entropy
+    are sample's raw_logprobs / entropy (bit for bit on the kernels: both scale by fp32(1 / T); the
+    torch reference divides by T, a rounding apart), and with top_k the filtered ones its logprobs."""
+    z, _, temperature = inputs((5,), 300, seed=20, neg_inf=False)
+    drawn = rlfuse.sample(z, temperature=temperature, seed=3, backend=backend)
+    logp, entropy = rlfuse.token_logprobs(z, drawn.tokens, temperature, return_entropy=True, backend=backend)
+    if backend == "torch":
+        torch.testing.assert_close(logp, drawn.raw_logprobs, **VALUES)
+        torch.testing.assert_close(entropy, drawn.entropy, **VALUES)
+    else:
+        assert torch.equal(logp, drawn.raw_logprobs) and torch.equal(entropy, drawn.entropy)
+    drawn = rlfuse.sample(z, temperature=temperature, top_k=20, seed=4, backend=backend)
+    assert torch.equal(rlfuse.token_logprobs(z, drawn.tokens, temperature, top_k=20, backend=backend),
+                       drawn.logprobs)
+
+
 def test_bad_temperature_tensors():
     z, tokens, temperature = inputs((2, 3), 20, seed=16)
     cases = [
