@@ -346,6 +346,35 @@ def test_scores_what_sample_drew(backend):
                        drawn.logprobs)
 
 
+def test_one_host_read_for_the_checks():
+    """A temperature tensor's range is read with the ids (README "Host synchronisation"): one read per
+    call with validation on, none in the forward and backward with it off."""
+    from test_host_syncs import count_host_reads
+
+    z, tokens, temperature = inputs((2, 5), 40, seed=21)
+    adv, old = torch.randn(2, 5), torch.randn(2, 5) - 3.0
+    calls = [lambda x: rlfuse.token_logprobs(x, tokens, temperature, backend="cpu").sum(),
+             lambda x: rlfuse.kl_divergence(x, z, temperature=temperature, backend="cpu").sum(),
+             lambda x: rlfuse.policy_loss(x, tokens, adv, old_logprobs=old, temperature=temperature, backend="cpu",
+                                          path="general").loss]
+    for call in calls:
+        with count_host_reads() as reads:
+            call(z)
+        assert reads == ["Tensor.tolist"], reads
+    with count_host_reads() as reads:
+        rlfuse.sparse_logprobs(z, tokens, 4, temperature=temperature, backend="cpu")
+    assert reads == ["Tensor.tolist"], reads
+    previous = rlfuse.set_validation(False)
+    try:
+        for call in calls:
+            x = z.clone().requires_grad_()
+            with count_host_reads() as reads:
+                call(x).backward()
+            assert reads == [], reads
+    finally:
+        rlfuse.set_validation(previous)
+
+
 def test_bad_temperature_tensors():
     z, tokens, temperature = inputs((2, 3), 20, seed=16)
     cases = [
