@@ -371,7 +371,7 @@ def _check_fused(target, logits, tokens, old_logits, old_logprobs, advantages, c
     old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=config.troll_k, threshold=config.troll_threshold,
                                       temperature=config.temperature, backend="torch")
     old_topk = old_topk.to(device)
-    leaf = logits.to(device).requires_grad_(True)
+    leaf = logits.to(device, copy=True).requires_grad_(True)  # a fresh leaf per call
     source = leaf * 1.0 if inplace else leaf
     out = rlfuse.policy_loss(source, tokens.to(device), advantages.to(device), old_logprobs=old_logprobs.to(device),
                              old_topk=old_topk, mask=None if mask is None else mask.to(device), config=config,
