@@ -231,11 +231,13 @@ def test_chord_matches_the_oracle(case, backend, generator):
         batch["expert_mask"][1] = True
     use_phi, seq_mean = case != "no_phi", case == "seq_mean"
     config = C.chord(chord_mu=0.3, chord_phi=use_phi, aggregation="seq-mean-token-mean" if seq_mean else "token-mean")
-    out, grad = run(batch, config, backend)
-    assert out.metrics["path"] == "general"
-    assert_matches(out, grad, *oracle_chord(batch, 0.3, use_phi=use_phi, seq_mean=seq_mean))
-    masked = ~batch["mask"].reshape(-1)
-    assert torch.all(grad.reshape(masked.numel(), -1)[masked] == 0)
+    want = oracle_chord(batch, 0.3, use_phi=use_phi, seq_mean=seq_mean)
+    for path in ("auto", "general"):
+        out, grad = run(batch, config, backend, path=path)
+        assert out.metrics["path"] == ("general" if path == "general" or backend == "torch" else "fused")
+        assert_matches(out, grad, *want)
+        masked = ~batch["mask"].reshape(-1)
+        assert torch.all(grad.reshape(masked.numel(), -1)[masked] == 0)
 
 
 def test_chord_terms_bite(generator):
@@ -281,10 +283,11 @@ def test_luffy_matches_the_oracle(case, backend, generator):
         batch = make_batch(generator, shape=(7,), vocab=1100, packed_lengths=[2, 4, 1])
         config = C(luffy_gamma=0.3)  # PPO clip 0.2, token-mean
         expected = oracle_luffy(batch, 0.3, clip=0.2)
-    out, grad = run(batch, config, backend)
-    assert out.metrics["path"] == "general"
-    assert_matches(out, grad, *expected)
-    assert 0.0 < float(out.metrics["luffy_shaped_mean"]) < 1.0
+    for path in ("auto", "general"):
+        out, grad = run(batch, config, backend, path=path)
+        assert out.metrics["path"] == ("general" if path == "general" or backend == "torch" else "fused")
+        assert_matches(out, grad, *expected)
+        assert 0.0 < float(out.metrics["luffy_shaped_mean"]) < 1.0
 
 
 def test_luffy_ignores_nan_behaviour_logprobs_of_expert_tokens(generator):
@@ -385,7 +388,7 @@ def test_bad_inputs_raise_clear_errors(generator):
     with pytest.raises(ValueError, match="expert_mask is only used by chord_mu"):
         run(batch, C.dapo(), "cpu")
     with pytest.raises(ValueError, match="has no fused path"):
-        run(batch, C.chord(), "cpu", path="fused")
+        run(batch, C.chord(entropy_quantile=0.2), "cpu", path="fused")
     with pytest.raises(ValueError, match="inplace_backward cannot be combined with lp_reg_coef"):
         run({**batch, "expert_mask": None}, C.lp_reg(), "cpu", inplace_backward=True)
     for bad, name in ((dict(chord_mu=1.5), "chord_mu"), (dict(chord_mu=-0.1), "chord_mu"),

@@ -345,9 +345,9 @@ class LossConfig:
         """True when the loss can take the fused path (one kernel: loss + gradient per row)."""
         return (self.loss in TOKEN_LOCAL_LOSSES + DETACHED_WEIGHT_LOSSES and self.entropy_quantile is None
                 and self.kl_full_coef == 0 and not self.kl_bias_correction  # the corrected KL's ratio: a gradient
-                and self.adaptive_clip in (None, "dcpo") and not self.entropy_ratio_clip  # BAPO/HAPO/ERC: batch
                 and not self.sampler_filters
-                and not self.mixes_expert_tokens)  # CHORD / LUFFY: two per-token forms in one batch
+                # ERC, CHORD, LUFFY run the kernel's REINFORCE term (losses._fused): CPGD's drift is its own term
+                and not (self.loss == "cpgd" and (self.entropy_ratio_clip or self.mixes_expert_tokens)))
 
     # --- presets: published defaults; keyword arguments override any field ----------------------
 
@@ -516,7 +516,7 @@ class LossConfig:
     @property
     def mixes_expert_tokens(self) -> bool:
         """True for CHORD / LUFFY: off-policy expert tokens (``policy_loss(expert_mask=)``) take their
-        own term, on the general path."""
+        own term (fused through a detached per-token weight, docs/SPEC.md section 11)."""
         return self.chord_mu is not None or self.luffy_gamma is not None
 
     def _check_mixed_policy(self, fail, finite):

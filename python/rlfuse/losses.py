@@ -69,6 +69,8 @@ class _Batch:
     clip_low: Tensor | None = None  # per token [N] fp32 clip bounds (_clip_inputs); None: the config's number
     clip_high: Tensor | None = None
     dual_clip: Tensor | None = None
+    # The fused path's no-grad pre-pass: (logp, entropy) fp32 [N], 0 at masked tokens (None: not read).
+    pre_pass: tuple[Tensor, Tensor] | None = None
 
 
 def policy_loss(
@@ -184,22 +186,25 @@ def policy_loss(
     if config.rollout_rejection is not None:
         batch.mask = batch.mask * ref.rollout_rejection_mask(batch.old, batch.rollout, batch.mask, batch.cu_seqlens,
                                                              config)
-    mixed_metrics = {}
-    if config.empg_k is not None:  # EMPG: advantages modulated by the entropy, one read without gradient
-        with torch.no_grad():
-            _, entropy_now = _token_logprobs(batch, _temperature(batch, config), resolved, False)
-        mixed_metrics = mixed_policy.apply_empg(batch, config, entropy_now)
-    aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, settings)
-    policy_weight = mixed_policy.on_policy_weights(aggregation, rollout_w, batch, settings, config)
     use_fused = (config.token_local and path != "general" and resolved != "torch"
                  and (not source or logits.fused_path))
-    if config.needs_current_logprobs and (use_fused or config.loss == "troll"):
-        # Factors that depend on the current log-probs (detached) must be known before the kernel
-        # writes the gradient: one forward read of the logits, without gradient.
+    if (config.empg_k is not None or (use_fused and _fused_needs_pre_pass(config))
+            or (config.needs_current_logprobs and config.loss == "troll")):
+        # What depends on the current log-probs or entropy (detached) must be known before the kernel
+        # writes the gradient: one forward read of the logits, without gradient, shared by every user.
         with torch.no_grad():
-            current, _ = _token_logprobs(batch, _temperature(batch, config), resolved, False)
-        policy_weight = policy_weight * current_policy_factor(_masked(current.reshape(-1).float(), batch.mask > 0),
-                                                               batch, config)
+            current, entropy_now = _token_logprobs(batch, _temperature(batch, config), resolved, False)
+        valid = batch.mask > 0
+        pre_pass = (_masked(current.reshape(-1).float(), valid), _masked(entropy_now.reshape(-1).float(), valid))
+        if use_fused:  # the fused path's batch rules (BAPO, HAPO, ERC) and expert terms read it
+            batch.pre_pass = pre_pass
+    mixed_metrics = {}
+    if config.empg_k is not None:  # EMPG: advantages modulated by the entropy
+        mixed_metrics = mixed_policy.apply_empg(batch, config, pre_pass[1])
+    aggregation = ref.aggregation_weights(batch.mask, batch.cu_seqlens, settings)
+    policy_weight = mixed_policy.on_policy_weights(aggregation, rollout_w, batch, settings, config)
+    if config.needs_current_logprobs and (use_fused or config.loss == "troll"):
+        policy_weight = policy_weight * current_policy_factor(pre_pass[0], batch, config)
     troll_terms = None
     if config.loss == "troll":
         loss, logp, entropy, troll_terms = _troll(batch, old_topk, policy_weight, aggregation, config, resolved,
@@ -309,31 +314,70 @@ def _distill(logits, teacher, teacher_logprobs, batch, config, backend):
                             backend=backend, teacher_logprobs=teacher_logprobs)
 
 
+def _fused_needs_pre_pass(config) -> bool:
+    """True when the fused kernel's inputs depend on the current log-probs or entropy (detached): the
+    current-policy factors, BAPO's / HAPO's bounds, and the detached-gradient route (:func:`_fused`)."""
+    return (config.needs_current_logprobs or config.adaptive_clip in ("bapo", "hapo")
+            or _detached_gradient_route(config))
+
+
+def _detached_gradient_route(config) -> bool:
+    """ERC and CHORD / LUFFY: a policy term whose form varies per token (dropped gradient, expert term)."""
+    return config.entropy_ratio_clip or config.mixes_expert_tokens
+
+
 def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
+    """The fused kernel: the configured term with per-token bound rows; or, on the detached-gradient route
+    (ERC, CHORD, LUFFY: the kernel runs one term per call), the kernel's REINFORCE term ``-A logp`` with
+    ``A = -dJ/dlogp``, ``J`` the general path's policy objective (:func:`_policy_objective`) at the detached
+    pre-pass log-probs, plus the detached value ``J - sum dJ/dlogp logp`` (docs/SPEC.md section 11)."""
+    advantages, reinforce, correction = batch.advantages, config.loss in DETACHED_WEIGHT_LOSSES, None
+    clip_rows = _clip_rows(batch, config)
+    if _detached_gradient_route(config):
+        current, entropy = batch.pre_pass
+        with torch.enable_grad():
+            leaf = current.detach().requires_grad_()
+            objective = _policy_objective(leaf, entropy, batch, policy_weight, weight, config,
+                                          _adaptive_bounds(None, None, batch, config))
+            (gradient,) = torch.autograd.grad(objective, leaf, allow_unused=True)
+        gradient = torch.zeros_like(current) if gradient is None else gradient
+        correction = (objective - (gradient * current).sum()).detach()
+        advantages, policy_weight, reinforce, clip_rows = -gradient, batch.mask, True, (None, None, None)
     zeros = torch.zeros_like(batch.advantages)
     per_token = (
-        batch.advantages,
+        advantages.contiguous(),
         batch.old if batch.old is not None else zeros,
         batch.ref if batch.ref is not None else zeros,
         policy_weight.contiguous(),
         weight.contiguous(),
     )
-    params = _kernel_params(config)
-    clip_rows = (batch.clip_low, batch.clip_high, batch.dual_clip)  # per token, or None: the config's number
+    params = _kernel_params(config, reinforce)
     if is_source(batch.logits):
-        return batch.logits._fused_policy_loss(batch.tokens, per_token, _temperature(batch, config), params, backend,
-                                               batch.mask, clip_rows)
-    return FusedPolicyLoss.apply(batch.logits, batch.tokens, per_token, _temperature(batch, config), params, backend,
-                                 bool(inplace_backward), clip_rows)
+        loss, logp, entropy = batch.logits._fused_policy_loss(batch.tokens, per_token, _temperature(batch, config),
+                                                              params, backend, batch.mask, clip_rows)
+    else:
+        loss, logp, entropy = FusedPolicyLoss.apply(batch.logits, batch.tokens, per_token, _temperature(batch, config),
+                                                    params, backend, bool(inplace_backward), clip_rows)
+    return (loss if correction is None else loss + correction), logp, entropy
 
 
-def _kernel_params(config) -> TokenLossParams:
-    """The fused kernel's parameters; TOPR runs the kernel's REINFORCE term (its detached weight is in
-    policy_weight, current_policy_factor); a per-token bound tensor is 0 here (the kernel reads its rows,
-    batch.clip_*). No LossConfig.replace: it validates its fields as numbers, which torch.compile cannot
-    trace."""
+def _clip_rows(batch, config) -> tuple:
+    """The kernel's per-token bound rows (None: the config's number): the given or DCPO's tensors, or
+    BAPO's / HAPO's bounds from the pre-pass."""
+    if config.adaptive_clip not in ("bapo", "hapo"):
+        return batch.clip_low, batch.clip_high, batch.dual_clip
+    bounds = _adaptive_bounds(None, None, batch, config)
+    low, high = (torch.as_tensor(bound).float().expand_as(batch.mask).contiguous() for bound in bounds[:2])
+    return low, high, batch.dual_clip
+
+
+def _kernel_params(config, reinforce=False) -> TokenLossParams:
+    """The fused kernel's parameters; ``reinforce``: the kernel's REINFORCE term (TOPR: its detached weight
+    is in policy_weight, current_policy_factor; the detached-gradient route of :func:`_fused`); a per-token
+    bound tensor is 0 here (the kernel reads its rows, batch.clip_*). No LossConfig.replace: it validates
+    its fields as numbers, which torch.compile cannot trace."""
     def value(field):
-        if field.name == "policy" and config.loss in DETACHED_WEIGHT_LOSSES:
+        if field.name == "policy" and reinforce:
             return _schema.enum(field.enum)["reinforce"]
         if isinstance(getattr(config, field.source or field.name, None), Tensor):
             return 0.0
@@ -369,8 +413,17 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
         return ref.gspo_loss(logp, old, a, mask, cu, config) + penalties, raw_logp, raw_entropy
     if config.loss == "gmpo":
         return ref.gmpo_loss(logp, old, a, mask, cu, config, bounds) + penalties, raw_logp, raw_entropy
+    objective = _policy_objective(logp, entropy, batch, policy_weight, weight, config, bounds)
+    return objective + penalties, raw_logp, raw_entropy
+
+
+def _policy_objective(logp, entropy, batch, policy_weight, weight, config, bounds) -> Tensor:
+    """The weighted per-token policy terms plus the expert tokens' term (no penalties) from ``logp`` /
+    ``entropy`` ([N], 0 at masked tokens): the general path's, and the fused path's detached-gradient
+    route evaluates it at the pre-pass."""
+    a, old, mask = batch.advantages, batch.old, batch.mask
     if config.loss == "gspo_token":
-        term = ref.gspo_token_term(logp, old, a, mask, cu, config, bounds)
+        term = ref.gspo_token_term(logp, old, a, mask, batch.cu_seqlens, config, bounds)
     elif config.loss == "clip_cov":
         term = clip_cov_term(logp, old, a, mask, config, bounds)
     elif config.loss == "kl_cov":
@@ -382,7 +435,7 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
     if config.entropy_ratio_clip:  # ERC: tokens out of the entropy-ratio band keep their value, not their gradient
         term = torch.where(erc_keep(entropy, batch.old_entropy, config), term, term.detach())
     expert = mixed_policy.expert_loss(logp, batch, weight, config)  # CHORD / LUFFY: the expert tokens' term
-    return ref.weighted(term, policy_weight).sum() + penalties + expert, raw_logp, raw_entropy
+    return ref.weighted(term, policy_weight).sum() + expert
 
 
 def current_policy_factor(logp: Tensor, batch, config) -> Tensor:
@@ -831,10 +884,17 @@ def _bounds(batch, config) -> ClipBounds:
     return ClipBounds.of(config, batch.clip_low, batch.clip_high, batch.dual_clip)
 
 
+def _rule_inputs(logp, entropy, batch) -> tuple:
+    """The detached log-probs and entropy the batch rules (BAPO, HAPO, ERC) read: the fused path's
+    pre-pass (what its kernel used), else the given ones of the same pass."""
+    return batch.pre_pass if batch.pre_pass is not None else (logp, entropy)
+
+
 def _adaptive_bounds(logp, entropy, batch, config) -> ClipBounds:
     """The call's clip bounds: :func:`_bounds`, or BAPO's batch-level pair (from the detached ratios) or
-    HAPO's entropy-dependent ones (from the detached entropy of the same pass)."""
+    HAPO's entropy-dependent ones (from the detached entropy), both from :func:`_rule_inputs`."""
     bounds = _bounds(batch, config)
+    logp, entropy = _rule_inputs(logp, entropy, batch)
     if config.adaptive_clip == "bapo":
         c_low, c_high, _ = bapo_search(logp, batch.old, batch.advantages, batch.mask, config)
         return bounds._replace(low=1.0 - c_low, high=c_high - 1.0)
@@ -848,6 +908,7 @@ def _adaptive_clip_metrics(batch, logp, entropy, config, bounds, mean) -> dict:
     """The bounds' means (when not the config's floats), BAPO's chosen ratio bounds and positive share,
     ERC's dropped fraction and mean entropy ratio, CPGD's mean drift."""
     metrics = {}
+    logp, entropy = _rule_inputs(logp, entropy, batch)
     if bounds.per_token:
         metrics["clip_low_mean"] = mean(torch.as_tensor(bounds.low).expand_as(batch.mask))
         metrics["clip_high_mean"] = mean(torch.as_tensor(bounds.high).expand_as(batch.mask))
