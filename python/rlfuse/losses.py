@@ -1,10 +1,11 @@
 """``rlfuse.policy_loss``: the PPO/GRPO family from raw logits, in one call (docs/SPEC.md sections 3-6).
 
 Token-local variants (ppo, dapo, gppo, cispo, sapo, pspo, reinforce, with KL, entropy bonus,
-rollout correction and any aggregation) take the fused path: one kernel per row computes the loss
-and writes the gradient. Everything else (gspo, gspo_token, gmpo, clip_cov, kl_cov, the
-high-entropy mask) takes the general path: fused ``token_logprobs`` for the log-probs and entropy,
-then the per-token math of ``rlfuse.reference`` on ``[N]``-sized tensors.
+rollout correction and any aggregation; with BAPO / HAPO bounds, ERC, CHORD and LUFFY after a no-grad
+pre-pass) take the fused path: one kernel per row computes the loss and writes the gradient.
+Everything else (gspo, gspo_token, gmpo, clip_cov, kl_cov, the high-entropy mask) takes the general
+path: fused ``token_logprobs`` for the log-probs and entropy, then the per-token math of
+``rlfuse.reference`` on ``[N]``-sized tensors.
 """
 
 from __future__ import annotations
@@ -335,13 +336,14 @@ def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
     clip_rows = _clip_rows(batch, config)
     if _detached_gradient_route(config):
         current, entropy = batch.pre_pass
-        with torch.enable_grad():
-            leaf = current.detach().requires_grad_()
-            objective = _policy_objective(leaf, entropy, batch, policy_weight, weight, config,
-                                          _adaptive_bounds(None, None, batch, config))
-            (gradient,) = torch.autograd.grad(objective, leaf, allow_unused=True)
-        gradient = torch.zeros_like(current) if gradient is None else gradient
-        correction = (objective - (gradient * current).sum()).detach()
+        bounds = _adaptive_bounds(None, None, batch, config)
+
+        def objective(logp):
+            return _policy_objective(logp, entropy, batch, policy_weight, weight, config, bounds)
+
+        # torch.func, not torch.autograd.grad: it traces under torch.compile(fullgraph=True).
+        gradient, value = torch.func.grad_and_value(objective)(current)
+        correction = (value - (gradient * current).sum()).detach()
         advantages, policy_weight, reinforce, clip_rows = -gradient, batch.mask, True, (None, None, None)
     zeros = torch.zeros_like(batch.advantages)
     per_token = (

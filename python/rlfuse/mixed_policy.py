@@ -3,7 +3,8 @@
 * CHORD and LUFFY: ``policy_loss(..., expert_mask=...)`` marks off-policy expert tokens; CHORD adds
   its SFT term on them (global ``chord_mu``, token weight ``p (1 - p)``), LUFFY its shaped
   ``-A p / (p + gamma)``; the configured loss covers the other (on-policy) tokens. Two per-token
-  forms in one batch: the general path (the fused kernel has one policy form per call).
+  forms in one batch: fused by the detached-weight route of ``losses._fused`` (the kernel has one
+  policy form per call), docs/SPEC.md section 11.
 * EMPG: the advantages modulated by the entropy (a no-grad pre-pass), any path.
 * Lp-Reg: ``KL(proxy || pi)`` to the min-p filtered proxy on the lowest-probability negative tokens,
   a term added to any path from the few selected rows.
