@@ -155,10 +155,11 @@ def test_dcpo(size, backend, cases):
     assert out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"] > 0
 
 
-@pytest.mark.parametrize("target", [0.5, 0.9])
+@pytest.mark.parametrize("target,size", [(0.5, SIZES[0]), (0.9, SIZES[0]), (0.5, SIZES[1]), (0.5, SIZES[2])],
+                         ids=["0.5", "0.9", "0.5-wide", "0.5-one-row"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bapo(target, backend, cases):
-    batch, _, _ = cases(SIZES[0])
+def test_bapo(target, size, backend, cases):
+    batch, _, _ = cases(size)
     config = C.bapo(bapo_target=target)
     old, a, mask = batch["old_logprobs"], batch["advantages"], batch["mask"]
     with torch.no_grad():
@@ -193,10 +194,11 @@ def test_hapo(size, backend, cases):
     assert out.metrics["path"] == ("general" if backend == "torch" else "fused")  # bounds from the pre-pass
 
 
-@pytest.mark.parametrize("base", ["dapo", "gppo"])
+@pytest.mark.parametrize("base,size", [("dapo", SIZES[0]), ("gppo", SIZES[0]), ("dapo", SIZES[1])],
+                         ids=["dapo", "gppo", "dapo-wide"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_erc(base, backend, cases):
-    batch, old_entropy, _ = cases(SIZES[0])
+def test_erc(base, size, backend, cases):
+    batch, old_entropy, _ = cases(size)
     old, a = batch["old_logprobs"], batch["advantages"]
     config = C.erc() if base == "dapo" else C.erc(loss="gppo", clip_high=0.2)
     if base == "dapo":
@@ -385,3 +387,36 @@ def test_per_token_bounds_fused_inplace_and_linear_logits(backend, generator):
     direct = rlfuse.policy_loss(logits, config=config, backend=backend, path="general", **kwargs)
     assert via_source.metrics["path"] == "fused"
     torch.testing.assert_close(via_source.loss, direct.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bapo", "hapo", "erc", "erc_bapo_m2po_rollout"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_pre_pass_rules_fused_inplace_and_two_reads(name, backend, generator, monkeypatch):
+    """BAPO / HAPO / ERC on the fused path: one no-grad token_logprobs pre-pass and one fused kernel (the
+    general path's two reads of the logits), in-place backward equal to the general path."""
+    from rlfuse import losses
+    from rlfuse.ops.policy_loss import FusedPolicyLoss
+
+    batch, old_entropy = make_batch(generator, 3, 4, 300)
+    config = {"bapo": C.bapo(), "hapo": C.hapo(), "erc": C.erc(),
+              "erc_bapo_m2po_rollout": C.bapo(erc_beta_low=0.05, erc_beta_high=0.05, m2po_threshold=0.5,
+                                              rollout_correction="token_truncate")}[name]
+    extra = {"old_entropy": old_entropy} if config.entropy_ratio_clip else {}
+    if config.rollout_correction is not None:
+        extra["rollout_logprobs"] = batch["old_logprobs"] + 0.2 * torch.randn(batch["tokens"].shape, generator=generator)
+    want, want_grad = run(batch, config, backend, "general", **extra)
+    reads = []
+    token_logprobs_fwd, fused_apply = losses.token_logprobs_fwd, FusedPolicyLoss.apply
+    monkeypatch.setattr(losses, "token_logprobs_fwd", lambda *a, **k: reads.append("pre-pass") or
+                        token_logprobs_fwd(*a, **k))
+    monkeypatch.setattr(FusedPolicyLoss, "apply", lambda *a, **k: reads.append("kernel") or fused_apply(*a, **k))
+    kwargs = {k: v for k, v in batch.items() if k != "logits"}
+    leaf = batch["logits"].clone().requires_grad_(True)
+    out = rlfuse.policy_loss(leaf * 1.0, config=config, backend=backend, inplace_backward=True, **kwargs, **extra)
+    out.loss.backward()
+    assert reads == ["pre-pass", "kernel"] and out.metrics["path"] == "fused"
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad, want_grad, rtol=1e-5, atol=1e-6)
+    for key, value in want.metrics.items():  # the rules' metrics report the bounds / mask the kernel used
+        if key != "path":
+            torch.testing.assert_close(out.metrics[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -492,3 +492,38 @@ def test_lp_reg_kl_equals_the_samplers_filtered_log_prob_gap(backend, generator)
     assert kept.any()
     assert torch.equal(kept, torch.isfinite(filtered))
     torch.testing.assert_close(kl[kept], (filtered - full)[kept], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["chord", "luffy", "chord_erc_empg"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_fused_expert_terms_inplace_and_two_reads(name, backend, generator, monkeypatch):
+    """CHORD / LUFFY on the fused path (the detached-weight route, docs/SPEC.md section 11): one no-grad
+    token_logprobs pre-pass (shared with EMPG) and one fused kernel, in-place backward equal to the
+    general path, metrics included."""
+    from rlfuse import losses
+    from rlfuse.ops.policy_loss import FusedPolicyLoss
+
+    batch = make_batch(generator, shape=(3, 4), vocab=300)
+    shape = batch["tokens"].shape
+    config = {"chord": C.chord(chord_mu=0.4), "luffy": C.luffy(),
+              "chord_erc_empg": C.chord(erc_beta_low=0.05, erc_beta_high=0.05, empg_k=1.0, kl="k3", kl_coef=0.1,
+                                        entropy_coef=0.01)}[name]
+    extra = {}
+    if config.entropy_ratio_clip:
+        _, entropy = rlfuse.token_logprobs(batch["logits"], batch["tokens"], return_entropy=True)
+        extra["old_entropy"] = entropy * (1 + 0.1 * torch.randn(shape, generator=generator))
+    if config.kl is not None:
+        extra["ref_logprobs"] = batch["old_logprobs"] + 0.1 * torch.randn(shape, generator=generator)
+    want, want_grad = run(batch, config, backend, path="general", **extra)
+    reads = []
+    token_logprobs_fwd, fused_apply = losses.token_logprobs_fwd, FusedPolicyLoss.apply
+    monkeypatch.setattr(losses, "token_logprobs_fwd", lambda *a, **k: reads.append("pre-pass") or
+                        token_logprobs_fwd(*a, **k))
+    monkeypatch.setattr(FusedPolicyLoss, "apply", lambda *a, **k: reads.append("kernel") or fused_apply(*a, **k))
+    out, grad = run(batch, config, backend, inplace_backward=True, **extra)
+    assert reads == ["pre-pass", "kernel"] and out.metrics["path"] == "fused"
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+    for key, value in want.metrics.items():
+        if key != "path":
+            torch.testing.assert_close(out.metrics[key], value, rtol=1e-5, atol=1e-6, msg=key)
