@@ -66,16 +66,22 @@ def _clampf(v, lo, hi):
 
 
 @triton.jit
+def _clamped_log_ratio(logp, old_logp):
+    """token_loss.h clamped_log_ratio: (l, dl / dlogp); a clamp that bites zeroes the token's gradient
+    (verl convention)."""
+    raw_log_ratio = logp - old_logp
+    log_ratio = _clampf(raw_log_ratio, -20.0, 20.0)
+    return log_ratio, tl.where(raw_log_ratio == log_ratio, 1.0, 0.0)
+
+
+@triton.jit
 def _policy_term(logp, old_logp, a, p, bounds, POLICY: tl.constexpr, MODE: tl.constexpr):
     """token_loss.h policy_term: (value, d value / d logp), unweighted; ``p``: TokenLossFloats,
     ``bounds``: the row's (clip_low, clip_high, dual_clip), which replace p's (``_row_bounds``)."""
     clip_low, clip_high, dual_clip = bounds
-    raw_log_ratio = logp - old_logp
-    log_ratio = _clampf(raw_log_ratio, -20.0, 20.0)
-    # A clamp that bites zeroes the token's gradient (verl convention).
-    ratio_grad_gate = tl.where(raw_log_ratio == log_ratio, 1.0, 0.0)
+    log_ratio, log_ratio_grad = _clamped_log_ratio(logp, old_logp)
     r = tl.exp(log_ratio)
-    dr = r * ratio_grad_gate  # d r / d logp
+    dr = r * log_ratio_grad  # d r / d logp
 
     if POLICY == POLICY_KIND.reinforce:
         value = -a * logp

@@ -31,19 +31,24 @@ struct TokenLoss {
 
 RLFUSE_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// Policy term (unweighted): value and d/dlogp.
+// A per-token quantity (a policy term, a penalty, the log-ratio): value and d/dlogp.
 struct Term {
   float value;
   float grad;
 };
 
-RLFUSE_HD Term policy_term(const TokenLossParams& p, float logp, float old_logp, float a) {
+// l = clamp(logp - old, -20, 20) and dl/dlogp: a clamp that bites zeroes the token's gradient (verl
+// convention).
+RLFUSE_HD Term clamped_log_ratio(float logp, float old_logp) {
   const float raw_log_ratio = logp - old_logp;
   const float log_ratio = clampf(raw_log_ratio, -20.0f, 20.0f);
-  // A clamp that bites zeroes the token's gradient (verl convention).
-  const float ratio_grad_gate = (raw_log_ratio == log_ratio) ? 1.0f : 0.0f;
-  float r = expf(log_ratio);
-  float dr = r * ratio_grad_gate;  // d r / d logp
+  return Term{log_ratio, (raw_log_ratio == log_ratio) ? 1.0f : 0.0f};
+}
+
+RLFUSE_HD Term policy_term(const TokenLossParams& p, float logp, float old_logp, float a) {
+  const Term log_ratio = clamped_log_ratio(logp, old_logp);
+  float r = expf(log_ratio.value);
+  float dr = r * log_ratio.grad;  // d r / d logp
 
   switch (p.policy) {
     case kReinforce:
@@ -128,6 +133,12 @@ RLFUSE_HD Term kl_term(int kind, float logp, float ref_logp) {
   }
 }
 
+// out += w * term (loss and d/dlogp).
+RLFUSE_HD void add_weighted(TokenLoss& out, float w, const Term& term) {
+  out.loss += w * term.value;
+  out.g_logp += w * term.grad;
+}
+
 // The loss parameters of one row of a PolicyLossFusedArgs: `params`, with clip_low / clip_high /
 // dual_clip taken from the per-token arrays that are given (non-null).
 template <typename Args>
@@ -143,15 +154,12 @@ RLFUSE_HD TokenLoss token_loss(const TokenLossParams& p, const TokenLossInputs& 
   TokenLoss out{0.0f, 0.0f, 0.0f};
   // Zero weights skip the math, so masked tokens never turn garbage inputs into NaN.
   if (in.policy_weight != 0.0f) {
-    const Term t = policy_term(p, in.logp, in.old_logp, in.advantage);
-    out.loss += in.policy_weight * t.value;
-    out.g_logp += in.policy_weight * t.grad;
+    add_weighted(out, in.policy_weight, policy_term(p, in.logp, in.old_logp, in.advantage));
   }
+  // Penalties: the aggregation weight, no rollout factor (SPEC section 5).
   if (in.weight != 0.0f) {
     if (p.kl != kKlNone && p.kl_coef != 0.0f) {
-      const Term k = kl_term(p.kl, in.logp, in.ref_logp);
-      out.loss += in.weight * p.kl_coef * k.value;
-      out.g_logp += in.weight * p.kl_coef * k.grad;
+      add_weighted(out, in.weight * p.kl_coef, kl_term(p.kl, in.logp, in.ref_logp));
     }
     if (p.entropy_coef != 0.0f) {
       out.loss -= in.weight * p.entropy_coef * in.entropy;
