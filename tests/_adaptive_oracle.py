@@ -33,7 +33,7 @@ def row_logprobs(logits, tokens, temperature=1.0):
     """float64 log-probs of the chosen tokens and entropies; ``logits`` a float64 leaf (any shape [..., V])."""
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     p = logp_all.exp()
-    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(p))).sum(-1)  # -inf entries: no NaN gradient
     return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
 
@@ -119,7 +119,8 @@ def erc_gate(loss, entropy, old_entropy, beta_low, beta_high):
 def cpgd_loss(logp, old, advantages, eps_low, eps_high, coef, cap):
     a = advantages.double()
     lr = log_ratio(logp, old)
-    clipped = torch.clamp(lr, math.log(1.0 - eps_low), math.log(1.0 + eps_high))
+    log_low, log_high = (torch.log1p(torch.as_tensor(eps, dtype=F64)) for eps in (-eps_low, eps_high))  # float or [N]
+    clipped = torch.clamp(lr, log_low, log_high)
     policy = -torch.minimum(a * lr, a * clipped)
     r = lr.detach().exp()
     drift = (r - 1.0 - lr.detach()) + torch.clamp(r - 1.0, max=cap) * (lr - lr.detach())

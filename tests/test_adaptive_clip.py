@@ -233,18 +233,59 @@ def test_erc_old_entropy_comes_from_token_logprobs(generator):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cpgd(size, backend, cases):
+    """The fused kernel (general path on torch) and the general path: the log-ratio clip and the drift, with
+    the config's eps and with per-token eps (its cap at 0.5 bites on some tokens)."""
     batch, _, b = cases(size)
     old, a = batch["old_logprobs"], batch["advantages"]
-    check(batch, C.cpgd(cpgd_drift_coef=0.3), backend,
-          lambda lp, h: oracle.cpgd_loss(lp, old, a, 0.2, 0.2, 0.3, 2.0), paths=("auto",))
-    # per-token eps on CPGD's log-ratio clip (no drift)
-    config = C.cpgd(clip_low=b["low"], clip_high=b["high"], cpgd_drift_coef=0.0)
+    path = "general" if backend == "torch" else "fused"
+    out = check(batch, C.cpgd(cpgd_drift_coef=0.3), backend,
+                lambda lp, h: oracle.cpgd_loss(lp, old, a, 0.2, 0.2, 0.3, 2.0))
+    assert out.metrics["path"] == path
+    config = C.cpgd(clip_low=b["low"], clip_high=b["high"], cpgd_drift_coef=0.2, cpgd_drift_cap=0.5)
+    out = check(batch, config, backend,
+                lambda lp, h: oracle.cpgd_loss(lp, old, a, b["low"].double(), b["high"].double(), 0.2, 0.5))
+    assert out.metrics["path"] == path
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_cpgd_fused_bf16_clamped_log_ratios_and_penalties(backend, generator):
+    """bf16 logits, log-ratios past the +-20 clamp (no gradient from the term or the drift there), ratios past
+    the drift cap and clipped on both sides, with a KL and an entropy bonus, against the oracle."""
+    batch, _ = make_batch(generator, 3, 6, 1500)
+    batch["logits"] = batch["logits"].bfloat16()
+    old, a, mask = batch["old_logprobs"], batch["advantages"], batch["mask"]
+    with torch.no_grad():
+        current, _ = oracle.row_logprobs(batch["logits"].double(), batch["tokens"])
+    # Valid tokens with log-ratios l = logp - old of -30 and 30 (the clamp bites), -0.5 with A < 0 (clipped
+    # low), 0.5 with A > 0 (clipped high), 1.5 (r - 1 = 3.5: the drift's gradient cap of 2 bites).
+    rows, cols = torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 0, 1, 0])
+    old[rows, cols] = (current[rows, cols] - torch.tensor([-30.0, 30.0, -0.5, 0.5, 1.5], dtype=torch.float64)).float()
+    a[rows, cols] = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.7]) * a[rows, cols].abs()
+    mask[rows, cols] = True
+    ref_lp = (current + 0.3 * torch.randn(current.shape, generator=generator, dtype=torch.float64)).float()
 
     def per_token(lp, h):
-        lr = oracle.log_ratio(lp, old)
-        clipped = torch.minimum(torch.maximum(lr, torch.log1p(-b["low"].double())), torch.log1p(b["high"].double()))
-        return -torch.minimum(a * lr, a * clipped)
-    check(batch, config, backend, per_token, paths=("auto",))
+        k3 = torch.clamp(torch.exp(ref_lp.double() - lp) - (ref_lp.double() - lp) - 1, max=10.0)
+        return oracle.cpgd_loss(lp, old, a, 0.2, 0.2, 0.4, 2.0) + 0.05 * k3 - 0.01 * h
+
+    config = C.cpgd(cpgd_drift_coef=0.4, kl="k3", kl_coef=0.05, entropy_coef=0.01)
+    want_loss, want_grad, _ = expected(batch, per_token)
+    for path in ("fused", "general"):
+        out, grad = run(batch, config, backend, path, ref_logprobs=ref_lp)
+        assert out.metrics["path"] == path and grad.dtype == torch.bfloat16
+        # fp32 math on bf16 inputs: the loss as in fp32; the gradient rounded to bf16 (2^-8 relative).
+        torch.testing.assert_close(out.loss.detach().double(), want_loss, atol=2e-5, rtol=2e-5)
+        scale = want_grad.abs().max().item()
+        torch.testing.assert_close(grad.double(), want_grad, atol=8e-3 * scale, rtol=8e-3)
+        assert not grad[~mask].any()  # masked rows: exact zeros
+
+
+def test_cpgd_per_token_eps_low_below_one(generator):
+    batch, _ = make_batch(generator, 2, 5, 37)
+    low = torch.full(batch["tokens"].shape, 0.2)
+    low[0, 0] = 1.0  # log(1 - eps_low) = -inf
+    with pytest.raises(ValueError, match=r"LossConfig.clip_low must be finite and in \[0, 1\)"):
+        run(batch, C.cpgd(clip_low=low), "cpu")
 
 
 def test_bad_values_raise_naming_the_argument(generator):

@@ -93,6 +93,15 @@ def _policy_term(logp, old_logp, a, p, bounds, POLICY: tl.constexpr, MODE: tl.co
         d = r - 1.0
         value = -(a * r - tl.abs(a) * d * d / (2.0 * clip_high))
         grad = -(a - tl.abs(a) * d / clip_high) * dr
+    elif POLICY == POLICY_KIND.cpgd:  # -min(A l, A clip(l, log(1 - eps_low), log(1 + eps_high)))
+        # log(1 + x), not log1p (no interpreter port): within an ulp of it for eps of O(0.1).
+        log_low = tl.log(1.0 - clip_low)
+        log_high = tl.log(1.0 + clip_high)
+        # Strict, as the ratio clip: a log-ratio exactly on a bound is unclipped and keeps its gradient.
+        clipped_high = (a > 0.0) & (log_ratio > log_high)
+        clipped_low = (a < 0.0) & (log_ratio < log_low)
+        value = tl.where(clipped_high, -a * log_high, tl.where(clipped_low, -a * log_low, -a * log_ratio))
+        grad = tl.where(clipped_high | clipped_low, 0.0, -a * log_ratio_grad)
     elif POLICY == POLICY_KIND.sapo:
         tau = tl.where(a > 0.0, p.sapo_tau_pos, p.sapo_tau_neg)
         s = 1.0 / (1.0 + tl.exp(-tau * (r - 1.0)))
@@ -173,6 +182,14 @@ def _kl_term(logp, ref_logp, KL: tl.constexpr):
 
 
 @triton.jit
+def _cpgd_drift(logp, old_logp, cap):
+    """token_loss.h cpgd_drift: (r - 1 - l, min(r - 1, cap) dl / dlogp), without coefficient."""
+    log_ratio, log_ratio_grad = _clamped_log_ratio(logp, old_logp)
+    excess = tl.exp(log_ratio) - 1.0  # r - 1
+    return excess - log_ratio, tl.where(excess > cap, cap, excess) * log_ratio_grad
+
+
+@triton.jit
 def _token_loss(logp, entropy, old_logp, ref_logp, advantage, policy_weight, weight, p, bounds,
                 POLICY: tl.constexpr, KL: tl.constexpr, MODE: tl.constexpr):
     """token_loss.h token_loss: (weighted loss, g_logp, g_entropy); ``bounds`` as in _policy_term."""
@@ -182,7 +199,12 @@ def _token_loss(logp, entropy, old_logp, ref_logp, advantage, policy_weight, wei
     use_policy = policy_weight != 0.0
     loss = tl.where(use_policy, 0.0 + policy_weight * t_value, 0.0)
     g_logp = tl.where(use_policy, 0.0 + policy_weight * t_grad, 0.0)
-    use_weight = weight != 0.0
+    use_weight = weight != 0.0  # penalties: the aggregation weight, no rollout factor
+    if POLICY == POLICY_KIND.cpgd:
+        d_value, d_grad = _cpgd_drift(logp, old_logp, p.cpgd_drift_cap)
+        use_drift = use_weight & (p.cpgd_drift_coef != 0.0)
+        loss = tl.where(use_drift, loss + weight * p.cpgd_drift_coef * d_value, loss)
+        g_logp = tl.where(use_drift, g_logp + weight * p.cpgd_drift_coef * d_grad, g_logp)
     if KL != KL_KIND.none:
         k_value, k_grad = _kl_term(logp, ref_logp, KL)
         use_kl = use_weight & (p.kl_coef != 0.0)

@@ -140,7 +140,7 @@ DTYPE = Enum("DType", (("float32", "kFloat32"), ("float16", "kFloat16"), ("bfloa
 POLICY_KIND = Enum(
     "PolicyKind",
     (("ppo", "kPpo"), ("gppo", "kGppo"), ("cispo", "kCispo"), ("sapo", "kSapo"), ("pspo", "kPspo"),
-     ("reinforce", "kReinforce"), ("spo", "kSpo")),
+     ("reinforce", "kReinforce"), ("spo", "kSpo"), ("cpgd", "kCpgd")),
     "Token-local policy-loss variant (LossConfig.loss) of the fused path: docs/SPEC.md section 3.")
 KL_KIND = Enum(
     "KlKind",
@@ -178,6 +178,8 @@ TOKEN_LOSS_PARAMS = Struct("TokenLossParams", (
     Field("pspo_alpha", "float"),
     Field("kl_coef", "float"),
     Field("entropy_coef", "float"),
+    Field("cpgd_drift_coef", "float", "CPGD's policy drift coefficient (loss \"cpgd\" only)"),
+    Field("cpgd_drift_cap", "float", "cap of r - 1 in CPGD's drift gradient"),
 ), "Per-token loss parameters of the fused path (token_loss.h); every float is a LossConfig field\n"
    "of the same name.")
 

@@ -13,7 +13,7 @@ from ._validation import MAX_TEMPERATURE, MIN_TEMPERATURE, TEMPERATURE_RANGE
 
 # The token-local losses, KL estimators and CISPO modes are the kernels' enums (rlfuse._schema).
 TOKEN_LOCAL_LOSSES = _schema.POLICY_KIND.names
-POLICY_LOSSES = TOKEN_LOCAL_LOSSES + ("gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll", "topr", "cpgd")
+POLICY_LOSSES = TOKEN_LOCAL_LOSSES + ("gspo", "gspo_token", "gmpo", "clip_cov", "kl_cov", "troll", "topr")
 # Fused although not a kernel enum: the kernel's REINFORCE term times a detached per-token weight that
 # depends on the current log-probs (computed by a no-grad pre-pass, docs/SPEC.md section 4).
 DETACHED_WEIGHT_LOSSES = ("topr",)

@@ -1,6 +1,6 @@
 """``rlfuse.policy_loss``: the PPO/GRPO family from raw logits, in one call (docs/SPEC.md sections 3-6).
 
-Token-local variants (ppo, dapo, gppo, cispo, sapo, pspo, reinforce, with KL, entropy bonus,
+Token-local variants (ppo, dapo, gppo, cispo, sapo, pspo, spo, cpgd, reinforce, with KL, entropy bonus,
 rollout correction and any aggregation; with BAPO / HAPO bounds, ERC, CHORD and LUFFY after a no-grad
 pre-pass) take the fused path: one kernel per row computes the loss and writes the gradient.
 Everything else (gspo, gspo_token, gmpo, clip_cov, kl_cov, the high-entropy mask) takes the general
@@ -838,7 +838,7 @@ def _clip_inputs(batch, config, tokens, old_entropy, checks) -> None:
     """Sets ``batch.clip_low`` / ``clip_high`` / ``dual_clip`` (fp32 [N], 0 at masked tokens; None: the
     config's float) from the config's per-token tensors or DCPO's rule, and ``batch.old_entropy`` (ERC).
     The tensors' values are data checks over the valid tokens: finite and >= 0 (dual clip and SPO's
-    eps: > 1 and > 0)."""
+    eps: > 1 and > 0; CPGD's eps_low: < 1 too)."""
     valid = batch.mask > 0
     resolved = {}
     for name in ("clip_low", "clip_high", "dual_clip"):
@@ -852,6 +852,8 @@ def _clip_inputs(batch, config, tokens, old_entropy, checks) -> None:
         low = 1.0 if name == "dual_clip" else 0.0
         if name == "dual_clip" or (name == "clip_high" and config.loss == "spo"):
             _check_values(checks, f"LossConfig.{name}", flat, valid, lambda x, low=low: x > low, f"> {low}")
+        elif name == "clip_low" and config.loss == "cpgd":  # CPGD clips the log-ratio at log(1 - eps_low)
+            _check_values(checks, f"LossConfig.{name}", flat, valid, lambda x: (x >= 0) & (x < 1), "in [0, 1)")
         else:
             _check_values(checks, f"LossConfig.{name}", flat, valid, lambda x: x >= 0, ">= 0")
         resolved[name] = flat

@@ -26,12 +26,12 @@ struct EnumInfo<DType> {
 };
 
 // Token-local policy-loss variant (LossConfig.loss) of the fused path: docs/SPEC.md section 3.
-enum PolicyKind : int { kPpo = 0, kGppo = 1, kCispo = 2, kSapo = 3, kPspo = 4, kReinforce = 5, kSpo = 6 };
+enum PolicyKind : int { kPpo = 0, kGppo = 1, kCispo = 2, kSapo = 3, kPspo = 4, kReinforce = 5, kSpo = 6, kCpgd = 7 };
 template <>
 struct EnumInfo<PolicyKind> {
   static constexpr const char* kName = "PolicyKind";
-  static constexpr int kCount = 7;
-  static constexpr const char* kNames[kCount] = {"ppo", "gppo", "cispo", "sapo", "pspo", "reinforce", "spo"};
+  static constexpr int kCount = 8;
+  static constexpr const char* kNames[kCount] = {"ppo", "gppo", "cispo", "sapo", "pspo", "reinforce", "spo", "cpgd"};
 };
 
 // KL-to-reference estimator (LossConfig.kl; None is "none"): docs/SPEC.md section 5.
@@ -94,10 +94,12 @@ void visit_fields(const RowLayout& s, F&& f) {
 // Per-token loss parameters of the fused path (token_loss.h); every float is a LossConfig field
 // of the same name.
 //
-//   clip_low   eps_low; < 0 means no lower bound (cispo only)
-//   clip_high  eps_high (cispo "cap" mode: the cap itself)
-//   dual_clip  c of dual-clip PPO; <= 0 means off
-//   delta      INTELLECT-2 upper clamp of r before clipping; <= 0 means off
+//   clip_low         eps_low; < 0 means no lower bound (cispo only)
+//   clip_high        eps_high (cispo "cap" mode: the cap itself)
+//   dual_clip        c of dual-clip PPO; <= 0 means off
+//   delta            INTELLECT-2 upper clamp of r before clipping; <= 0 means off
+//   cpgd_drift_coef  CPGD's policy drift coefficient (loss "cpgd" only)
+//   cpgd_drift_cap   cap of r - 1 in CPGD's drift gradient
 #define RLFUSE_FIELDS_TokenLossParams(X) \
   X(int, policy, PolicyKind)             \
   X(int, kl, KlKind)                     \
@@ -112,7 +114,9 @@ void visit_fields(const RowLayout& s, F&& f) {
   X(float, sapo_tau_neg, void)           \
   X(float, pspo_alpha, void)             \
   X(float, kl_coef, void)                \
-  X(float, entropy_coef, void)
+  X(float, entropy_coef, void)           \
+  X(float, cpgd_drift_coef, void)        \
+  X(float, cpgd_drift_cap, void)
 struct TokenLossParams {
   RLFUSE_FIELDS_TokenLossParams(RLFUSE_SCHEMA_DECLARE_FIELD)
 };

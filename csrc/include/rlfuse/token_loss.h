@@ -59,6 +59,13 @@ RLFUSE_HD Term policy_term(const TokenLossParams& p, float logp, float old_logp,
       const float d = r - 1.0f;
       return Term{-(a * r - fabsf(a) * d * d / (2.0f * p.clip_high)), -(a - fabsf(a) * d / p.clip_high) * dr};
     }
+    case kCpgd: {  // CPGD (SPEC section 12): -min(A l, A clip(l, log(1 - eps_low), log(1 + eps_high)))
+      const float log_low = log1pf(-p.clip_low), log_high = log1pf(p.clip_high);
+      // Strict, as the ratio clip: a log-ratio exactly on a bound is unclipped and keeps its gradient.
+      if (a > 0.0f && log_ratio.value > log_high) return Term{-a * log_high, 0.0f};
+      if (a < 0.0f && log_ratio.value < log_low) return Term{-a * log_low, 0.0f};
+      return Term{-a * log_ratio.value, -a * log_ratio.grad};
+    }
     case kSapo: {
       const float tau = a > 0.0f ? p.sapo_tau_pos : p.sapo_tau_neg;
       const float s = 1.0f / (1.0f + expf(-tau * (r - 1.0f)));
@@ -133,6 +140,14 @@ RLFUSE_HD Term kl_term(int kind, float logp, float ref_logp) {
   }
 }
 
+// CPGD's policy drift KL(old || new) (SPEC section 12), without coefficient: value r - 1 - l (k3 from
+// the old policy's samples), gradient min(r - 1, cap) dl/dlogp (siiRL's capped drift gradient).
+RLFUSE_HD Term cpgd_drift(float cap, float logp, float old_logp) {
+  const Term log_ratio = clamped_log_ratio(logp, old_logp);
+  const float excess = expf(log_ratio.value) - 1.0f;  // r - 1
+  return Term{excess - log_ratio.value, (excess > cap ? cap : excess) * log_ratio.grad};  // NaN stays NaN
+}
+
 // out += w * term (loss and d/dlogp).
 RLFUSE_HD void add_weighted(TokenLoss& out, float w, const Term& term) {
   out.loss += w * term.value;
@@ -158,6 +173,9 @@ RLFUSE_HD TokenLoss token_loss(const TokenLossParams& p, const TokenLossInputs& 
   }
   // Penalties: the aggregation weight, no rollout factor (SPEC section 5).
   if (in.weight != 0.0f) {
+    if (p.policy == kCpgd && p.cpgd_drift_coef != 0.0f) {
+      add_weighted(out, in.weight * p.cpgd_drift_coef, cpgd_drift(p.cpgd_drift_cap, in.logp, in.old_logp));
+    }
     if (p.kl != kKlNone && p.kl_coef != 0.0f) {
       add_weighted(out, in.weight * p.kl_coef, kl_term(p.kl, in.logp, in.ref_logp));
     }
