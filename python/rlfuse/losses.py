@@ -317,24 +317,25 @@ def _distill(logits, teacher, teacher_logprobs, batch, config, backend):
 
 def _fused_needs_pre_pass(config) -> bool:
     """True when the fused kernel's inputs depend on the current log-probs or entropy (detached): the
-    current-policy factors, BAPO's / HAPO's bounds, and the detached-gradient route (:func:`_fused`)."""
+    current-policy factors, BAPO's / HAPO's bounds, and the detached-weight route (:func:`_fused`)."""
     return (config.needs_current_logprobs or config.adaptive_clip in ("bapo", "hapo")
-            or _detached_gradient_route(config))
+            or _detached_weight_route(config))
 
 
-def _detached_gradient_route(config) -> bool:
+def _detached_weight_route(config) -> bool:
     """ERC and CHORD / LUFFY: a policy term whose form varies per token (dropped gradient, expert term)."""
     return config.entropy_ratio_clip or config.mixes_expert_tokens
 
 
 def _fused(batch, policy_weight, weight, config, backend, inplace_backward):
-    """The fused kernel: the configured term with per-token bound rows; or, on the detached-gradient route
+    """The fused kernel: the configured term with per-token bound rows; or, on the detached-weight route
     (ERC, CHORD, LUFFY: the kernel runs one term per call), the kernel's REINFORCE term ``-A logp`` with
     ``A = -dJ/dlogp``, ``J`` the general path's policy objective (:func:`_policy_objective`) at the detached
     pre-pass log-probs, plus the detached value ``J - sum dJ/dlogp logp`` (docs/SPEC.md section 11)."""
     advantages, reinforce, correction = batch.advantages, config.loss in DETACHED_WEIGHT_LOSSES, None
-    clip_rows = _clip_rows(batch, config)
-    if _detached_gradient_route(config):
+    if not _detached_weight_route(config):
+        clip_rows = _clip_rows(batch, config)
+    else:
         current, entropy = batch.pre_pass
         bounds = _adaptive_bounds(None, None, batch, config)
 
@@ -375,7 +376,7 @@ def _clip_rows(batch, config) -> tuple:
 
 def _kernel_params(config, reinforce=False) -> TokenLossParams:
     """The fused kernel's parameters; ``reinforce``: the kernel's REINFORCE term (TOPR: its detached weight
-    is in policy_weight, current_policy_factor; the detached-gradient route of :func:`_fused`); a per-token
+    is in policy_weight, current_policy_factor; the detached-weight route of :func:`_fused`); a per-token
     bound tensor is 0 here (the kernel reads its rows, batch.clip_*). No LossConfig.replace: it validates
     its fields as numbers, which torch.compile cannot trace."""
     def value(field):
@@ -421,7 +422,7 @@ def _general(batch, policy_weight, weight, config, backend, inplace_backward):
 
 def _policy_objective(logp, entropy, batch, policy_weight, weight, config, bounds) -> Tensor:
     """The weighted per-token policy terms plus the expert tokens' term (no penalties) from ``logp`` /
-    ``entropy`` ([N], 0 at masked tokens): the general path's, and the fused path's detached-gradient
+    ``entropy`` ([N], 0 at masked tokens): the general path's, and the fused path's detached-weight
     route evaluates it at the pre-pass."""
     a, old, mask = batch.advantages, batch.old, batch.mask
     if config.loss == "gspo_token":
