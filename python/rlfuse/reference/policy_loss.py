@@ -155,7 +155,7 @@ def token_loss(logp, entropy, old_logp, ref_logp, advantages, policy_weight, wei
     token entirely, so masked tokens never turn garbage inputs into NaN.
     """
     policy = weighted(policy_term(logp, old_logp, advantages, config), policy_weight)
-    return policy + penalty_terms(logp, entropy, ref_logp, weight, config)
+    return policy + penalty_terms(logp, entropy, ref_logp, weight, config, old_logp)
 
 
 # --- aggregation (docs/SPEC.md section 6) -------------------------------------------------------------
