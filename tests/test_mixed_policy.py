@@ -72,10 +72,10 @@ def _log_softmax(rows, temperature):
     return x - top - torch.log(torch.exp(x - top).sum(-1, keepdim=True))
 
 
-def _rows(batch):
+def _rows(batch, temperature=1.0):
     """Differentiable float64 logits [N, V], log-probs, entropies and the flat per-token inputs."""
     logits = batch["logits"].double().reshape(-1, batch["logits"].shape[-1]).requires_grad_(True)
-    log_probs = _log_softmax(logits, 1.0)
+    log_probs = _log_softmax(logits, temperature)
     probs = torch.exp(log_probs)
     entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
     logp = log_probs.gather(-1, batch["tokens"].reshape(-1, 1)).squeeze(-1)
@@ -187,12 +187,12 @@ def oracle_empg(batch, clip_low=0.2, clip_high=0.28, **knobs):
     return _finish(total, logits, batch["logits"].shape)
 
 
-def oracle_lp_reg(batch, coef, min_p, rho, clip_low=0.2, clip_high=0.2):
+def oracle_lp_reg(batch, coef, min_p, rho, clip_low=0.2, clip_high=0.2, temperature=1.0):
     """Lp-Reg (arXiv 2510.03222; the authors' compute_policy_loss_lp_reg): PPO token-mean plus
     coef / N_valid KL(proxy || pi) on the valid A < 0 tokens among the max(1, floor(rho n_neg)) of
     lowest probability whose token the proxy keeps; proxy = pi on {p_j >= min_p max p} renormalised,
-    detached. The KL is the full sum over the proxy's support, not a shortcut."""
-    logits, logp, _, f = _rows(batch)
+    detached; pi = softmax(z / T). The KL is the full sum over the proxy's support, not a shortcut."""
+    logits, logp, _, f = _rows(batch, temperature)
     valid = [t for t in range(len(logp)) if f["mask"][t]]
     negative = sorted((t for t in valid if f["advantages"][t] < 0), key=lambda t: float(logp[t].detach()))
     picked = negative[:max(1, math.floor(rho * len(negative)))] if negative else []
@@ -201,7 +201,7 @@ def oracle_lp_reg(batch, coef, min_p, rho, clip_low=0.2, clip_high=0.2):
         total = total + _ppo(logp[t], float(f["old_logprobs"][t]), float(f["advantages"][t]), 1 - clip_low,
                              1 + clip_high) / len(valid)
     regularised = 0
-    log_probs = _log_softmax(logits, 1.0)
+    log_probs = _log_softmax(logits, temperature)
     for t in picked:
         probs = torch.exp(log_probs[t]).detach()
         kept = probs >= min_p * probs.max()
@@ -347,6 +347,41 @@ def test_lp_reg_matches_the_oracle(case, backend, generator):
     valid = int(batch["mask"].sum())
     torch.testing.assert_close(out.metrics["lp_reg_frac"], torch.tensor(regularised / valid))
     assert float(out.metrics["lp_reg_kl"]) > 0
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("case", ["wide_chosen_neg_inf", "one_row"])
+def test_lp_reg_runs_on_the_kernels(case, backend, generator, monkeypatch):
+    """On a kernel backend the KL comes from the sampler's kept set and token_logprobs (docs/SPEC.md
+    section 11), never from rlfuse.reference; at the call's temperature (policy_loss(temperature=)
+    overrides the config's). wide: V above one Triton block, and a selected token whose own logit is
+    -inf (outside the kept set: no term, no NaN); one_row: a single regularised row."""
+    from rlfuse.reference import mixed_policy as reference_mixed
+
+    def reference_called(*args, **kwargs):
+        raise AssertionError("the reference Lp-Reg KL ran on a kernel backend")
+
+    monkeypatch.setattr(reference_mixed, "filtered_proxy_kl", reference_called)
+    if case == "one_row":
+        batch, min_p = make_batch(generator, shape=(1,), vocab=1100, scale=0.5), 0.05
+        batch["mask"][:], batch["advantages"][:] = True, -1.0
+    else:
+        batch, min_p = make_batch(generator, shape=(4, 6), vocab=1100, scale=0.5), 0.05
+        negative = (batch["mask"] & (batch["advantages"] < 0)).nonzero()[0].tolist()
+        batch["logits"][(*negative, int(batch["tokens"][tuple(negative)]))] = -math.inf
+    batch["expert_mask"] = None
+    loss, expected_grad, regularised = oracle_lp_reg(batch, 2.0, min_p, 0.5, temperature=0.7)
+    assert regularised > 0
+    out, grad = run(batch, C(lp_reg_coef=2.0, lp_reg_min_p=min_p, lp_reg_rho=0.5), backend, temperature=0.7)
+    valid = int(batch["mask"].sum())
+    torch.testing.assert_close(out.loss.double(), loss, atol=2e-5, rtol=2e-5)
+    # The KL's gradient is the difference of two kernel gradients, (onehot - proxy) / T - (onehot - p) / T:
+    # their one-hot parts cancel in fp32 at the chosen entry, a few 2^-24 of the term's scale coef w / T.
+    # Here (one row: the clipped PPO term adds nothing) that exceeds 2e-6 of the largest entry.
+    term_scale = 2.0 / valid / 0.7
+    atol = 2e-6 * expected_grad.abs().max().item() + 4 * 2**-24 * term_scale
+    torch.testing.assert_close(grad.double(), expected_grad, atol=atol, rtol=2e-6)
+    torch.testing.assert_close(out.metrics["lp_reg_frac"], torch.tensor(regularised / valid))
 
 
 def test_lp_reg_kl_is_the_filtered_log_prob_gap(generator):

@@ -43,11 +43,11 @@ class _ExactValue(torch.autograd.Function):
         return torch.where(exact == float("-inf"), torch.zeros_like(grad), grad), None
 
 
-def _kept_statistics(logits: Tensor, tokens: Tensor, temperature: Tensor, scalar: float | None, kept_min: Tensor,
-                     backend: str) -> tuple[Tensor, Tensor]:
+def _kept_statistics(logits: Tensor, tokens: Tensor, temperature: Tensor, scalar: float | None,
+                     kept_min: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     """(logp, entropy) over each row's kept set, differentiable (the token_logprobs op with
-    ``kept_min``). ``temperature``: fp32 [rows], the sampler's; ``scalar``: the same T as a number
-    (fp32-rounded) when every token has it, else None."""
+    ``kept_min``; None: the whole row). ``temperature``: fp32 [rows], the sampler's; ``scalar``: the
+    same T as a number (fp32-rounded) when every token has it, else None."""
     if backend == "torch":
         # The reference divides by T; the sampler multiplies by fp32(1 / T). Scale here, as the
         # sampler does, so that the threshold entry (a value of x) stays in the kept set.
@@ -61,6 +61,25 @@ def _kept_statistics(logits: Tensor, tokens: Tensor, temperature: Tensor, scalar
         # The op's fp32(1.0 / T) of an fp32 T is the sampler's 1.0f / T (one correct rounding).
         logp, entropy, _ = token_logprobs_fwd(logits, tokens, scalar, backend, False, None, kept_min)
     return logp, entropy
+
+
+def min_p_logprobs(rows: Tensor, tokens: Tensor, temperature: float, min_p: float,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """``(kept, full)`` [rows], fp32, differentiable in ``rows`` ([rows, V]): each row's token
+    log-prob over the sampler's min-p kept set (``kept_min`` from the score op; -inf outside the set)
+    and over the whole row, both at ``x = z * fp32(1 / fp32(T))`` (per-row temperatures, as the
+    sampler takes them), on a kernel ``backend``. No data checks and no host read, so it traces
+    under ``torch.compile(fullgraph=True)``: for rows the caller knows to be valid (Lp-Reg's selected
+    rows, docs/SPEC.md section 11)."""
+    count, device = rows.shape[0], rows.device
+    temperatures = torch.full((count,), temperature, dtype=torch.float32, device=device)
+    no_top_k = torch.zeros(count, dtype=torch.int32, device=device)
+    no_top_p = torch.ones(count, dtype=torch.float32, device=device)
+    min_ps = torch.full((count,), min_p, dtype=torch.float32, device=device)
+    kept_min = sample_score(rows.detach(), tokens, temperatures, no_top_k, no_top_p, min_ps, None, backend)[3]
+    kept, _ = _kept_statistics(rows, tokens, temperatures, None, kept_min, backend)
+    full, _ = _kept_statistics(rows, tokens, temperatures, None, None, backend)
+    return kept, full
 
 
 def filtered_token_logprobs(logits, tokens: Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None,

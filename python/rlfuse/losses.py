@@ -231,7 +231,8 @@ def policy_loss(
         valid = batch.mask > 0
         metrics["distill"] = torch.where(valid, distill.detach(), 0.0).sum() / valid.sum().clamp(min=1)
     if config.lp_reg_coef != 0:
-        lp_reg, lp_reg_metrics = mixed_policy.lp_reg_loss(logits, batch, logp.detach(), aggregation, config)
+        lp_reg, lp_reg_metrics = mixed_policy.lp_reg_loss(logits, batch, logp.detach(), aggregation, config,
+                                                          _temperature(batch, config), resolved)
         loss = loss + lp_reg
         mixed_metrics.update(lp_reg_metrics)
     metrics.update(mixed_metrics, **mixed_policy.expert_metrics(batch, logp.detach(), config))

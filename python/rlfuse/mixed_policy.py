@@ -7,10 +7,11 @@
   policy form per call), docs/SPEC.md section 11.
 * EMPG: the advantages modulated by the entropy (a no-grad pre-pass), any path.
 * Lp-Reg: ``KL(proxy || pi)`` to the min-p filtered proxy on the lowest-probability negative tokens,
-  a term added to any path from the few selected rows.
+  a term added to any path from the few selected rows: on a kernel backend the sampler's kept set and
+  two token_logprobs reads of those rows (``rlfuse.filtered.min_p_logprobs``).
 
-The math is in ``rlfuse.reference.mixed_policy``; this module validates inputs, applies the weights
-and reports the metrics.
+The math is in ``rlfuse.reference.mixed_policy`` (the torch backend's code and the kernels' oracle);
+this module validates inputs, applies the weights and reports the metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import torch
 from torch import Tensor
 
+from .filtered import min_p_logprobs
 from .reference import mixed_policy as mixed
 from .reference.policy_loss import aggregation_weights, weighted
 from .source import is_source
@@ -131,10 +133,23 @@ def _valid_extreme(values: Tensor, valid: Tensor, kind: str) -> Tensor:
     return torch.where(valid.any(), extreme, math.nan)
 
 
-def lp_reg_loss(logits, batch, logp: Tensor, aggregation: Tensor, config) -> tuple[Tensor, dict]:
+def _proxy_kl(rows: Tensor, tokens: Tensor, temperature: float, min_p: float, backend: str) -> tuple[Tensor, Tensor]:
+    """``(KL(proxy || pi), kept)`` per row (docs/SPEC.md section 11): the reference on
+    ``backend='torch'``; else ``log proxy(y) - log pi(y)`` from the kernels (0 where ``y`` is outside
+    the kept set, whose rows get no weight)."""
+    if backend == "torch":
+        return mixed.filtered_proxy_kl(rows, tokens, temperature, min_p)
+    kept_logp, logp = min_p_logprobs(rows, tokens, temperature, min_p, backend)
+    kept = kept_logp.detach() > -math.inf
+    return torch.where(kept, kept_logp - logp, 0.0), kept
+
+
+def lp_reg_loss(logits, batch, logp: Tensor, aggregation: Tensor, config, temperature: float,
+                backend: str) -> tuple[Tensor, dict]:
     """Lp-Reg: ``lp_reg_coef * sum_t w_t KL_t(proxy || pi)`` over the regularised tokens (the
     ``max(1, floor(rho n_neg))`` lowest-probability valid tokens with ``A < 0`` whose token the
-    min-p proxy keeps), ``w`` the aggregation weights; from those rows only (``logp`` detached)."""
+    min-p proxy keeps), ``w`` the aggregation weights; from those rows only (``logp`` detached).
+    ``temperature``: the call's (a number); ``backend``: the resolved one."""
     valid = batch.mask > 0
     logp = torch.where(valid, logp.reshape(-1).float(), 0.0)
     positions, live = mixed.lp_reg_candidates(logp, batch.advantages, batch.mask, config.lp_reg_rho)
@@ -143,7 +158,7 @@ def lp_reg_loss(logits, batch, logp: Tensor, aggregation: Tensor, config) -> tup
     # the gradient through their zero weight.
     rows = torch.where(live[:, None], logits.reshape(-1, vocab)[positions], 0.0)
     chosen = batch.tokens.reshape(-1)[positions].clamp(0, vocab - 1)
-    kl, kept = mixed.filtered_proxy_kl(rows, chosen, config.temperature, config.lp_reg_min_p)
+    kl, kept = _proxy_kl(rows, chosen, temperature, config.lp_reg_min_p, backend)
     selected = live & kept
     loss = config.lp_reg_coef * weighted(kl, torch.where(selected, aggregation[positions], 0.0)).sum()
     regularised = selected & (kl.detach() > 0)
