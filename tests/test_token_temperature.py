@@ -329,6 +329,29 @@ def test_policy_loss_filters_use_the_sampler_support():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_reports_tokens_outside_the_sampler_support(backend):
+    """A chosen token outside the kept set: log-prob -inf, no gradient from it, and a metric."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 6, 50, generator=g)
+    ranked = z.argsort(-1, descending=True)
+    tokens = ranked[..., 0].clone()
+    outside = torch.zeros(2, 6, dtype=torch.bool)
+    outside[0, 1] = outside[1, 4] = outside[1, 5] = True
+    tokens[outside] = ranked[..., 10][outside]  # the 11th most likely: outside top_k=4
+    mask = torch.ones(2, 6)
+    mask[1, 5] = 0
+    old = torch.log_softmax(z, -1).gather(-1, tokens[..., None])[..., 0] - 0.1
+    leaf = z.clone().requires_grad_(True)
+    out = rlfuse.policy_loss(leaf, tokens, torch.randn(2, 6, generator=g), old_logprobs=old, mask=mask,
+                             config=rlfuse.LossConfig.dapo(top_k=4), backend=backend)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(leaf.grad).all()
+    assert torch.equal(out.logprobs == float("-inf"), outside)
+    assert out.metrics["outside_support_frac"].item() == pytest.approx(2 / 11)  # masked token not counted
+    assert torch.all(leaf.grad[outside] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scores_what_sample_drew(backend):
     """Sample at one temperature per row, then score the samples: the unfiltered log-probs and entropy
     are sample's raw_logprobs / entropy (bit for bit on the kernels: both scale by fp32(1 / T); the

@@ -808,6 +808,8 @@ def _metrics(batch, logp, entropy, config, rollout_w) -> dict:
         return torch.where(valid, values.float(), 0.0).sum() / denominator
 
     metrics = {"valid_tokens": count.float(), "entropy": mean(entropy)}
+    if config.sampler_filters:  # chosen tokens outside the sampler's kept set: log-prob -inf, no gradient
+        metrics["outside_support_frac"] = mean(logp == float("-inf"))
     if batch.old is not None:
         r = ref.ratio(logp, batch.old)
         metrics["approx_kl"] = mean(batch.old - logp)
