@@ -420,10 +420,11 @@ def test_bad_temperature_tensors():
                 call()
     t = temperature.detach()
     old = torch.zeros(2, 3)
-    topk = rlfuse.sparse_logprobs(z, tokens, 4)
-    with pytest.raises(ValueError, match="temperature: a per-token tensor is not supported with loss='troll'"):
-        rlfuse.policy_loss(z, tokens, torch.ones(2), old_logprobs=old, config=rlfuse.LossConfig.troll(troll_k=4),
-                           old_topk=topk, temperature=t)
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(z.shape[-1], 8)
+    with pytest.raises(ValueError, match="temperature: a per-token tensor is not supported with loss='troll' on a"):
+        rlfuse.policy_loss(rlfuse.LinearLogits(hidden, weight), tokens, torch.ones(2), old_logprobs=old,
+                           config=rlfuse.LossConfig.troll(troll_k=4), old_topk=rlfuse.sparse_logprobs(z, tokens, 4),
+                           temperature=t)
     with pytest.raises(ValueError, match="temperature: a per-token tensor is not supported with a distillation"):
         rlfuse.policy_loss(z, tokens, torch.ones(2), old_logprobs=old, teacher=z, temperature=t)
     from rlfuse.distill import distill_loss

@@ -17,10 +17,16 @@ from conftest import HAS_CUDA, kernel_backends
 BACKENDS = kernel_backends("cpu")
 
 
+def _per_row(temperature):
+    """A number, or a per-token T as a float64 column that scales each row of the logits."""
+    return temperature.double().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
+
+
 def reference_sparse(logits, tokens, k, threshold, temperature=1.0):
     """Per row, in plain Python over a float64 stable sort: kept ids, log-probs, count (the chosen
-    token is never inserted: SPEC section 7 takes its old log-prob from old_logprobs)."""
-    log_probs = torch.log_softmax(logits.double() / temperature, -1)
+    token is never inserted: SPEC section 7 takes its old log-prob from old_logprobs). ``temperature``:
+    a number or one per token (the tokens' shape)."""
+    log_probs = torch.log_softmax(logits.double() / _per_row(temperature), -1)
     rows = log_probs.reshape(-1, logits.shape[-1])
     ids_out, lp_out, counts = [], [], []
     for row, y in zip(rows, tokens.reshape(-1).tolist()):
@@ -117,20 +123,22 @@ def test_projection_gradcheck(generator):
 
 
 def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config, old_k=None, mask=None,
-                         metrics=None):
+                         metrics=None, temperature=None):
     """Dense float64 TROLL from SPEC section 7: the support built here from both policies' logits
     (independently of sparse_logprobs), an independent eta solver and the implicit gradient
     obtained by autograd through one Newton step at the converged eta. Token-mean over ``mask``.
     Support entries with a -inf logit carry no probability under a or q (they only count in b's
     normalisation and the support size). ``metrics``: a dict filled with per-valid-token lists
-    (eta, kl_before, kl_after, support)."""
+    (eta, kl_before, kl_after, support). ``temperature``: one T per token (the tokens' shape) that
+    scales its row; None: ``config.temperature``."""
     vocab = logits.shape[-1]
-    x_full = (logits.detach().double() / config.temperature).requires_grad_(True)
+    temperature = config.temperature if temperature is None else temperature
+    x_full = (logits.detach().double() / _per_row(temperature)).requires_grad_(True)
     flat_x = x_full.reshape(-1, vocab)
     # The new policy's part of the support: its top tokens only (docs/SPEC.md section 7 adds {y} separately).
-    new = reference_sparse(logits, tokens, config.troll_k, config.troll_threshold, config.temperature)[0]
+    new = reference_sparse(logits, tokens, config.troll_k, config.troll_threshold, temperature)[0]
     old_k = config.troll_k if old_k is None else old_k
-    old_top_ids, old_top_lp, _ = reference_sparse(old_logits, tokens, old_k, config.troll_threshold, config.temperature)
+    old_top_ids, old_top_lp, _ = reference_sparse(old_logits, tokens, old_k, config.troll_threshold, temperature)
     valid = torch.ones(tokens.numel(), dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
     losses = []
     for i, y in enumerate(tokens.reshape(-1).tolist()):
@@ -180,7 +188,7 @@ def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, c
                 metrics.setdefault(key, []).append(float(value))
     total = torch.stack(losses).mean()  # token-mean over the valid tokens
     total.backward()
-    return total.detach(), x_full.grad / config.temperature
+    return total.detach(), x_full.grad / _per_row(temperature)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -537,3 +545,36 @@ def test_fused_troll_opcheck(target, generator):
     args = (tokens, *per_token, old_topk.ids, old_topk.logprobs, 4, 1e-5, 0.05, 1.0, 0.9, backend)
     torch.library.opcheck(troll_ops.troll_fused, (logits, *args), params)
     torch.library.opcheck(troll_ops.troll_fused_inplace, (logits.clone(), *args), params)
+
+
+@pytest.mark.parametrize("target", [pytest.param(("cpu", "torch"), id="cpu-torch")] + FUSED_TARGETS)
+def test_troll_per_token_temperature(target, generator):
+    """policy_loss(temperature=<per token>) scales each row by its own T: the support, the projection
+    and the gradient against the dense float64 oracle; old_topk and old_logprobs taken at the same T.
+    V 37 (not a power of two), a masked token, a -inf chosen logit, T spread over [0.5, 2]."""
+    device, backend = target
+    vocab, k, rows = 37, 6, (2, 3)
+    logits = torch.randn(*rows, vocab, generator=generator) * 2
+    tokens = torch.randint(0, vocab, rows, generator=generator)
+    old_logits = logits + 0.7 * torch.randn(logits.shape, generator=generator)
+    logits[0, 1, tokens[0, 1]] = float("-inf")  # the chosen token, ruled out by the new policy only
+    temperature = (0.5 + 1.5 * torch.rand(rows, generator=generator)).double()
+    mask = torch.ones(rows)
+    mask[1, 2] = 0
+    config = LossConfig.troll(troll_k=k, troll_eps=0.05, temperature=3.0)  # overridden by the call's tensor
+    old_logprobs = torch.log_softmax(old_logits.double() / temperature.unsqueeze(-1), -1).gather(
+        -1, tokens.unsqueeze(-1)).squeeze(-1).float()
+    advantages = torch.randn(*rows, generator=generator)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=k, temperature=temperature, backend=backend).to(device)
+    leaf = logits.to(device, copy=True).requires_grad_(True)
+    out = rlfuse.policy_loss(leaf, tokens.to(device), advantages.to(device), old_logprobs=old_logprobs.to(device),
+                             old_topk=old_topk, mask=mask.to(device), config=config, backend=backend,
+                             temperature=temperature.to(device))
+    out.loss.backward()
+    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config,
+                                                        mask=mask, temperature=temperature)
+    # fp32 logits and kernels against float64: the tolerances of the scalar-T tests above.
+    torch.testing.assert_close(out.loss.cpu().double(), expected_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.cpu().double(), expected_grad, atol=1e-5, rtol=1e-4)
+    assert out.metrics["troll_projected_frac"].item() > 0.0
+    assert torch.all(leaf.grad[1, 2] == 0) and torch.all(leaf.grad[0, 1, tokens[0, 1]] == 0)

@@ -249,6 +249,10 @@ def _troll(batch, old_topk, policy_weight, weight, config, backend, inplace_back
     penalties (KL estimators, entropy bonus) in the same kernel; the others (a bias-corrected KL) take
     one more token_logprobs pass (the two-kernel path)."""
     has_penalties = (config.kl is not None and config.kl_coef != 0) or config.entropy_coef != 0
+    temperature = _temperature(batch, config)
+    if is_source(batch.logits) and isinstance(temperature, Tensor):
+        raise ValueError("temperature: a per-token tensor is not supported with loss='troll' on a logits source "
+                         "(LinearLogits, ShardedLogits); pass a number or the logits")
     if not is_source(batch.logits) and troll.has_fused_kernel(backend):
         in_kernel = troll.kernel_penalties(config)
         if inplace_backward and has_penalties and not in_kernel:
@@ -256,7 +260,7 @@ def _troll(batch, old_topk, policy_weight, weight, config, backend, inplace_back
                              "KL penalty reads the logits again)")
         loss, logp, entropy, terms = troll.fused_troll_loss(
             batch.logits, batch.tokens, batch.advantages, batch.old, old_topk, batch.ref, policy_weight, weight,
-            config, backend, inplace_backward, penalties=in_kernel)
+            config, backend, inplace_backward, penalties=in_kernel, temperature=temperature)
         if in_kernel or not has_penalties:
             return loss, logp, entropy, terms
     else:
@@ -264,12 +268,12 @@ def _troll(batch, old_topk, policy_weight, weight, config, backend, inplace_back
         if is_source(batch.logits):
             terms = batch.logits._troll_token_loss(*args)
         else:
-            terms = troll.troll_token_loss(batch.logits, *args)
+            terms = troll.troll_token_loss(batch.logits, *args, temperature=temperature)
         loss = ref.weighted(terms.loss, policy_weight).sum()
         logp, entropy = terms.logp, terms.entropy
     if has_penalties:
         # The penalties need differentiable log-probs / entropy: one more fused pass.
-        logp, entropy = _token_logprobs(batch, _temperature(batch, config), backend, False)
+        logp, entropy = _token_logprobs(batch, temperature, backend, False)
         logp, entropy = logp.reshape(-1), entropy.reshape(-1)
         valid = batch.mask > 0
         penalties = ref.penalty_terms(_masked(logp, valid), _masked(entropy, valid), batch.ref, weight, config,
@@ -554,9 +558,6 @@ def _checked_temperature(temperature, tokens, config, checks, ref_logits, teache
     if temperature is None:
         return None
     if isinstance(temperature, Tensor):
-        if config.loss == "troll":
-            raise ValueError("temperature: a per-token tensor is not supported with loss='troll' (its sparse "
-                             "support is scaled by one T); pass a number")
         if teacher is not None or teacher_logprobs is not None:
             raise ValueError("temperature: a per-token tensor is not supported with a distillation teacher; "
                              "pass a number")

@@ -296,15 +296,20 @@ def checked_old_topk(old_topk, tokens: Tensor, vocab: int, valid: Tensor,
     return SparseLogprobs(ids, logprobs, old_topk.count, old_topk.vocab)
 
 
-def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens=None) -> TrollTerms:
+def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens=None,
+                     temperature=None) -> TrollTerms:
     """Per-token TROLL loss on flattened tokens (advantages / old_logprobs are float32 [N]). Tokens
     outside ``valid_tokens`` (bool [N]) see zero logits on their support: a finite loss and an exact zero
-    gradient, whatever their logits hold."""
-    temperature = config.temperature
-    new_ids, new_values, logp, entropy, new_lse = row_topk(logits.detach(), tokens, temperature, config.troll_k,
-                                                           backend)
+    gradient, whatever their logits hold. ``temperature``: the call's validated number or per-token
+    float64 tensor (README "Per-token temperature"); None: ``config.temperature``."""
+    temperature = config.temperature if temperature is None else temperature
+    scalar, temperatures = split_temperature(temperature)
+    new_ids, new_values, logp, entropy, new_lse = row_topk(logits.detach(), tokens, scalar, config.troll_k,
+                                                           backend, temperatures)
     new_ids, _, _ = _kept(new_values, new_ids, new_lse, config.troll_threshold)
     lead = tokens.shape
+    # Each row's support logits are scaled by its own T.
+    row_temperature = scalar if temperatures is None else temperatures.reshape(lead).unsqueeze(-1)
     old_ids = old_topk.ids.to(torch.int64)
     old_lp = old_topk.logprobs.double()
     token_ids = tokens.to(torch.int64).unsqueeze(-1)
@@ -324,7 +329,7 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     valid = first & (support_ids >= 0) & (support_ids < logits.shape[-1])
     safe_ids = torch.where(valid, support_ids, 0)
 
-    x = SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / temperature  # differentiable
+    x = SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / row_temperature  # differentiable
     if valid_tokens is not None:
         x = torch.where(valid_tokens.reshape(lead).unsqueeze(-1), x, torch.zeros_like(x))
     # A support entry whose logit is -inf carries no probability under a or q (for eta < inf) and
@@ -382,17 +387,18 @@ def _penalty_params(config, penalties: bool) -> TokenLossParams:
 
 
 def fused_troll_loss(logits, tokens, advantages, old_logprobs, old_topk, ref_logprobs, policy_weight, weight, config,
-                     backend, inplace=False, penalties=True):
+                     backend, inplace=False, penalties=True, temperature=None):
     """TROLL with its KL / entropy penalties in one kernel per row: (loss, logp, entropy, terms).
     ``loss`` is the weighted scalar (``policy_weight`` on the TROLL term, ``weight`` on the penalties);
     ``penalties=False`` leaves the KL / entropy terms out (the caller adds them). ``old_topk`` as from
-    :func:`checked_old_topk`."""
+    :func:`checked_old_topk`; ``temperature`` as :func:`troll_token_loss`'s."""
     zeros = torch.zeros_like(advantages)
     per_token = (advantages.contiguous(), (zeros if old_logprobs is None else old_logprobs).contiguous(),
                  (zeros if ref_logprobs is None else ref_logprobs).contiguous(), policy_weight.contiguous(),
                  weight.contiguous())
     loss, logp, entropy, eta, kl_before, kl_after, support = fused_troll(
-        logits, tokens, per_token, old_topk.ids, old_topk.logprobs, config, _penalty_params(config, penalties), backend, inplace)
+        logits, tokens, per_token, old_topk.ids, old_topk.logprobs, config, _penalty_params(config, penalties), backend, inplace,
+        temperature)
     terms = TrollTerms(loss.detach().new_zeros(0), eta, kl_before, kl_after, support, logp.reshape(-1),
                        entropy.reshape(-1), fused=True)
     return loss, logp.reshape(-1), entropy.reshape(-1), terms

@@ -98,9 +98,11 @@ class FusedTroll(FusedPolicyLoss):
 
 
 def fused_troll(logits: Tensor, tokens: Tensor, per_token, old_ids: Tensor, old_logprobs: Tensor, config, params,
-                backend: str, inplace: bool):
-    """(loss, logp, entropy, eta, kl_before, kl_after, support): the loss a differentiable scalar."""
+                backend: str, inplace: bool, temperature=None):
+    """(loss, logp, entropy, eta, kl_before, kl_after, support): the loss a differentiable scalar.
+    ``temperature``: a number or per-token float64 tensor; None: ``config.temperature``."""
+    temperature = config.temperature if temperature is None else temperature
     troll_inputs = (old_ids, old_logprobs, int(config.troll_k), float(config.troll_threshold),
-                    float(config.troll_eps), float(config.troll_alpha), config.temperature)
+                    float(config.troll_eps), float(config.troll_alpha), temperature)
     loss, logp, stats = FusedTroll.apply(logits, tokens, per_token, troll_inputs, params, backend, bool(inplace))
     return (loss, logp, *stats.unbind(0))
