@@ -67,7 +67,8 @@ def assert_matches(out, grad, expected_loss, expected_grad):
 
 
 def _log_softmax(rows, temperature):
-    x = rows / temperature
+    """log softmax(rows / T) of [N, V] rows; ``temperature`` a number or one per row."""
+    x = rows / (temperature.double().reshape(-1, 1) if isinstance(temperature, torch.Tensor) else temperature)
     top = x.max(-1, keepdim=True).values
     return x - top - torch.log(torch.exp(x - top).sum(-1, keepdim=True))
 
@@ -212,7 +213,7 @@ def oracle_lp_reg(batch, coef, min_p, rho, clip_low=0.2, clip_high=0.2, temperat
         support = proxy > 0
         kl = (proxy[support] * (torch.log(proxy[support]) - log_probs[t][support])).sum()
         total = total + coef * kl / len(valid)
-        regularised += int(float(kl) > 0)
+        regularised += int(float(kl) > 1e-12)  # a proxy that keeps every finite entry: KL 0 up to rounding
     loss, grad = _finish(total, logits, batch["logits"].shape)
     return loss, grad, regularised
 
@@ -379,6 +380,26 @@ def test_lp_reg_runs_on_the_kernels(case, backend, generator, monkeypatch):
     # their one-hot parts cancel in fp32 at the chosen entry, a few 2^-24 of the term's scale coef w / T.
     # Here (one row: the clipped PPO term adds nothing) that exceeds 2e-6 of the largest entry.
     term_scale = 2.0 / valid / 0.7
+    atol = 2e-6 * expected_grad.abs().max().item() + 4 * 2**-24 * term_scale
+    torch.testing.assert_close(grad.double(), expected_grad, atol=atol, rtol=2e-6)
+    torch.testing.assert_close(out.metrics["lp_reg_frac"], torch.tensor(regularised / valid))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lp_reg_per_token_temperature(backend, generator):
+    """policy_loss(temperature=<per token>) with Lp-Reg: each selected row's proxy and pi at its own
+    T (the oracle divides each row by its T), values and gradients; V 61, masked rows, a -inf logit."""
+    batch, min_p = make_batch(generator, shape=(4, 6), scale=0.5), 0.1
+    batch["expert_mask"] = None
+    temperature = (0.6 + torch.rand(batch["tokens"].shape, generator=generator)).double()
+    loss, expected_grad, regularised = oracle_lp_reg(batch, 2.0, min_p, 1.0, temperature=temperature)
+    assert regularised > 0
+    config = C(lp_reg_coef=2.0, lp_reg_min_p=min_p, lp_reg_rho=1.0)
+    out, grad = run(batch, config, backend, temperature=temperature)
+    torch.testing.assert_close(out.loss.double(), loss, atol=2e-5, rtol=2e-5)
+    # As test_lp_reg_runs_on_the_kernels: fp32 cancellation at the chosen entry, scale coef w / min T.
+    valid = int(batch["mask"].sum())
+    term_scale = 2.0 / valid / temperature.min().item()
     atol = 2e-6 * expected_grad.abs().max().item() + 4 * 2**-24 * term_scale
     torch.testing.assert_close(grad.double(), expected_grad, atol=atol, rtol=2e-6)
     torch.testing.assert_close(out.metrics["lp_reg_frac"], torch.tensor(regularised / valid))

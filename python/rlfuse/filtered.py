@@ -63,16 +63,19 @@ def _kept_statistics(logits: Tensor, tokens: Tensor, temperature: Tensor, scalar
     return logp, entropy
 
 
-def min_p_logprobs(rows: Tensor, tokens: Tensor, temperature: float, min_p: float,
+def min_p_logprobs(rows: Tensor, tokens: Tensor, temperature: float | Tensor, min_p: float,
                    backend: str) -> tuple[Tensor, Tensor]:
     """``(kept, full)`` [rows], fp32, differentiable in ``rows`` ([rows, V]): each row's token
     log-prob over the sampler's min-p kept set (``kept_min`` from the score op; -inf outside the set)
     and over the whole row, both at ``x = z * fp32(1 / fp32(T))`` (per-row temperatures, as the
-    sampler takes them), on a kernel ``backend``. No data checks and no host read, so it traces
+    sampler takes them; ``temperature`` a number or one value per row), on a kernel ``backend``. No data checks and no host read, so it traces
     under ``torch.compile(fullgraph=True)``: for rows the caller knows to be valid (Lp-Reg's selected
     rows, docs/SPEC.md section 11)."""
     count, device = rows.shape[0], rows.device
-    temperatures = torch.full((count,), temperature, dtype=torch.float32, device=device)
+    if isinstance(temperature, Tensor):
+        temperatures = temperature.reshape(count).to(torch.float32)
+    else:
+        temperatures = torch.full((count,), temperature, dtype=torch.float32, device=device)
     no_top_k = torch.zeros(count, dtype=torch.int32, device=device)
     no_top_p = torch.ones(count, dtype=torch.float32, device=device)
     min_ps = torch.full((count,), min_p, dtype=torch.float32, device=device)

@@ -561,9 +561,6 @@ def _checked_temperature(temperature, tokens, config, checks, ref_logits, teache
         if teacher is not None or teacher_logprobs is not None:
             raise ValueError("temperature: a per-token tensor is not supported with a distillation teacher; "
                              "pass a number")
-        if config.lp_reg_coef != 0:
-            raise ValueError("temperature: a per-token tensor is not supported with Lp-Reg (lp_reg_coef); pass a "
-                             "number")
         return check.check_temperature(temperature, tokens, checks).reshape(-1)
     return check.check_temperature(temperature)
 

@@ -133,8 +133,9 @@ def _valid_extreme(values: Tensor, valid: Tensor, kind: str) -> Tensor:
     return torch.where(valid.any(), extreme, math.nan)
 
 
-def _proxy_kl(rows: Tensor, tokens: Tensor, temperature: float, min_p: float, backend: str) -> tuple[Tensor, Tensor]:
-    """``(KL(proxy || pi), kept)`` per row (docs/SPEC.md section 11): the reference on
+def _proxy_kl(rows: Tensor, tokens: Tensor, temperature, min_p: float, backend: str) -> tuple[Tensor, Tensor]:
+    """``(KL(proxy || pi), kept)`` per row (docs/SPEC.md section 11; ``temperature`` a number or one
+    value per row): the reference on
     ``backend='torch'``; else ``log proxy(y) - log pi(y)`` from the kernels (0 where ``y`` is outside
     the kept set, whose rows get no weight)."""
     if backend == "torch":
@@ -144,12 +145,13 @@ def _proxy_kl(rows: Tensor, tokens: Tensor, temperature: float, min_p: float, ba
     return torch.where(kept, kept_logp - logp, 0.0), kept
 
 
-def lp_reg_loss(logits, batch, logp: Tensor, aggregation: Tensor, config, temperature: float,
+def lp_reg_loss(logits, batch, logp: Tensor, aggregation: Tensor, config, temperature,
                 backend: str) -> tuple[Tensor, dict]:
     """Lp-Reg: ``lp_reg_coef * sum_t w_t KL_t(proxy || pi)`` over the regularised tokens (the
     ``max(1, floor(rho n_neg))`` lowest-probability valid tokens with ``A < 0`` whose token the
     min-p proxy keeps), ``w`` the aggregation weights; from those rows only (``logp`` detached).
-    ``temperature``: the call's (a number); ``backend``: the resolved one."""
+    ``temperature``: the call's (a number or a flat per-token tensor, README "Per-token
+    temperature"); ``backend``: the resolved one."""
     valid = batch.mask > 0
     logp = torch.where(valid, logp.reshape(-1).float(), 0.0)
     positions, live = mixed.lp_reg_candidates(logp, batch.advantages, batch.mask, config.lp_reg_rho)
@@ -158,6 +160,8 @@ def lp_reg_loss(logits, batch, logp: Tensor, aggregation: Tensor, config, temper
     # the gradient through their zero weight.
     rows = torch.where(live[:, None], logits.reshape(-1, vocab)[positions], 0.0)
     chosen = batch.tokens.reshape(-1)[positions].clamp(0, vocab - 1)
+    if isinstance(temperature, Tensor):  # the selected rows keep their own T
+        temperature = temperature.reshape(-1)[positions]
     kl, kept = _proxy_kl(rows, chosen, temperature, config.lp_reg_min_p, backend)
     selected = live & kept
     loss = config.lp_reg_coef * weighted(kl, torch.where(selected, aggregation[positions], 0.0)).sum()

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from .token_logprobs import _scaled
+
 
 def _valid_mean(values: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp(min=1)
@@ -106,13 +108,14 @@ def lp_reg_candidates(logp: Tensor, advantages: Tensor, mask: Tensor, rho: float
     return positions, live
 
 
-def filtered_proxy_kl(rows: Tensor, tokens: Tensor, temperature: float, min_p: float) -> tuple[Tensor, Tensor]:
-    """``(KL(proxy || pi), kept)`` per row, differentiable in ``rows``: ``x = z / T``, the proxy is
+def filtered_proxy_kl(rows: Tensor, tokens: Tensor, temperature, min_p: float) -> tuple[Tensor, Tensor]:
+    """``(KL(proxy || pi), kept)`` per row, differentiable in ``rows``: ``x = z / T`` (``temperature``
+    a number or one value per row), the proxy is
     ``pi`` restricted to the min-p set ``{j : x_j >= max x + log(min_p)}`` (docs/SPEC.md section 8)
     and renormalised, so ``KL = log sum_j e^(x_j - M) - log sum_{kept} e^(x_j - M)`` (``M`` the row
     max, always kept); ``kept`` says whether the chosen token is in the set (detached). The gradient
     is ``(p - proxy) / T``, the same whether the proxy is detached or not."""
-    x = rows.double() / temperature if rows.dtype == torch.float64 else rows.float() / temperature
+    x = _scaled(rows, temperature)
     top = x.detach().amax(-1, keepdim=True)
     in_set = x.detach() >= top + math.log(min_p)
     shifted = x - top
