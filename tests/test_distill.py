@@ -106,10 +106,14 @@ def _close_values(got, expected, vocab):
     torch.testing.assert_close(got.double().cpu(), expected, atol=3e-5 + 2e-6 * vocab**0.5, rtol=2e-4)
 
 
-def _close_grad(got, expected, dtype):
+def _close_grad(got, expected, dtype, temperature=1.0):
     eps = {torch.float32: 3e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     scale = expected.abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(got.double(), expected, atol=eps * scale + 1e-7, rtol=eps)
+    # Each entry is (1 / T) g p_j (log p_j - log q_j - KL)-like: a difference of O(p_j / T) terms. When
+    # the two rows nearly agree the result is far below its terms, and fp32 rounds at the terms' scale
+    # (found by hypothesis: V = 2, T = 0.5, beta = 0: 8e-7 off a 1e-3 gradient), hence the 1 / T floor.
+    floor = 1e-7 + (2e-6 / temperature if dtype == torch.float32 else 0.0)
+    torch.testing.assert_close(got.double(), expected, atol=eps * scale + floor, rtol=eps)
 
 
 def _check_full(student, teacher, target, kind, beta=0.5, temperature=1.0, mask=None, aggregation="token-mean"):
@@ -119,8 +123,8 @@ def _check_full(student, teacher, target, kind, beta=0.5, temperature=1.0, mask=
     assert out.per_token.shape == student.shape[:-1]
     _close_values(out.per_token, values, student.shape[-1])
     assert gs.dtype == student.dtype and gt.dtype == teacher.dtype
-    _close_grad(gs, ref_gs, student.dtype)
-    _close_grad(gt, ref_gt, teacher.dtype)
+    _close_grad(gs, ref_gs, student.dtype, temperature)
+    _close_grad(gt, ref_gt, teacher.dtype, temperature)
     return out
 
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "cpu_kernels.h"
 #include "row_kernels.h"
@@ -81,36 +82,17 @@ void jsd_fwd_rows(const JsdFwdArgs& a, int64_t begin, int64_t end) {
 void jsd_bwd_rows(const JsdBwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float x[kChunk];
   alignas(64) float y[kChunk];
-  const int64_t esize = element_size(a.dtype);
   for (int64_t row = begin; row < end; ++row) {
-    const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
-    const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
-    const float inv_temp = row_inv_temp(a, row);
-    char* dst_x = a.grad_logits ? const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row)) : nullptr;
-    char* dst_y = a.grad_other ? const_cast<char*>(row_pointer(a.grad_other, a.dtype, a.grad_other_layout, row)) : nullptr;
-    const float g = a.grad_jsd[row] * inv_temp;
-    if (g == 0.0f) {  // masked row: zeros, without reading (possibly garbage) logits
-      if (dst_x) std::memset(dst_x, 0, a.vocab * esize);
-      if (dst_y) std::memset(dst_y, 0, a.vocab * esize);
-      continue;
-    }
     const Vec lse_p = splat(a.lse[row]), lse_q = splat(a.other_lse[row]);
     const Vec kl_p = splat(a.kl_logits[row]), kl_q = splat(a.kl_other[row]);
-    const float coef_x = -(1.0f - a.beta) * g, coef_y = -a.beta * g;
-    for (int64_t start = 0; start < a.vocab; start += kChunk) {
-      const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
-      for (int64_t i = 0; i < padded; i += kLanes) {
-        const Vec log_p = load_vec(x + i) - lse_p, log_q = load_vec(y + i) - lse_q;
-        const Vec pv = exp_nonpositive(log_p), qv = exp_nonpositive(log_q);
-        const MixtureLogs m = mixture_logs(log_p, log_q, a.beta);
-        store_vec(x + i, pv == 0.0f ? splat(0.0f) : coef_x * (pv * (m.u + kl_p)));
-        store_vec(y + i, qv == 0.0f ? splat(0.0f) : coef_y * (qv * (m.v + kl_q)));
-      }
-      if (dst_x) store_converted(x, n, a.dtype, dst_x + start * esize);
-      if (dst_y) store_converted(y, n, a.dtype, dst_y + start * esize);
-    }
+    pair_gradient_row(a, row, a.grad_jsd[row], x, y, [&](Vec xv, Vec yv, float g) {
+      const float coef_x = -(1.0f - a.beta) * g, coef_y = -a.beta * g;
+      const Vec log_p = xv - lse_p, log_q = yv - lse_q;
+      const Vec pv = exp_nonpositive(log_p), qv = exp_nonpositive(log_q);
+      const MixtureLogs m = mixture_logs(log_p, log_q, a.beta);
+      return std::pair{pv == 0.0f ? splat(0.0f) : coef_x * (pv * (m.u + kl_p)),
+                       qv == 0.0f ? splat(0.0f) : coef_y * (qv * (m.v + kl_q))};
+    });
   }
 }
 

@@ -150,6 +150,40 @@ RLFUSE_ALWAYS_INLINE void row_gradient(const char* src, char* dst, DType dtype, 
   }
 }
 
+// Gradient pass of a two-row op (KlDivBwdArgs, JsdBwdArgs: logits x and other y, same field names):
+// upstream g = grad[row] * inv_temp; a row with g == 0 is written as zeros without reading the inputs
+// (masked rows may hold garbage). Otherwise, per chunk of both rows (x, y: kChunk floats each),
+// element(x_lanes, y_lanes, g) returns the lanes' gradients (dx, dy), and each requested gradient
+// (null: not requested) is stored in `dtype`.
+template <typename PairArgs, typename Element>
+RLFUSE_ALWAYS_INLINE void pair_gradient_row(const PairArgs& a, int64_t row, float upstream, float* x, float* y,
+                                            Element element) {
+  const int64_t esize = element_size(a.dtype);
+  const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
+  const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+  char* dst_x = a.grad_logits ? const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row)) : nullptr;
+  char* dst_y = a.grad_other ? const_cast<char*>(row_pointer(a.grad_other, a.dtype, a.grad_other_layout, row)) : nullptr;
+  const float inv_temp = row_inv_temp(a, row);
+  const float g = upstream * inv_temp;
+  if (g == 0.0f) {
+    if (dst_x) std::memset(dst_x, 0, a.vocab * esize);
+    if (dst_y) std::memset(dst_y, 0, a.vocab * esize);
+    return;
+  }
+  for (int64_t start = 0; start < a.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, a.vocab - start);
+    const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
+    load_chunk(src_y, a.dtype, start, n, inv_temp, y);
+    for (int64_t i = 0; i < padded; i += kLanes) {
+      const auto [gx, gy] = element(load_vec(x + i), load_vec(y + i), g);
+      store_vec(x + i, gx);
+      store_vec(y + i, gy);
+    }
+    if (dst_x) store_converted(x, n, a.dtype, dst_x + start * esize);
+    if (dst_y) store_converted(y, n, a.dtype, dst_y + start * esize);
+  }
+}
+
 // A top-k entry and the selection order of the top-k kernels (row_topk, troll): strict "ranks
 // before": larger value first, then lower id.
 struct Entry {
