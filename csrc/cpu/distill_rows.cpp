@@ -41,26 +41,17 @@ void jsd_fwd_rows(const JsdFwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float x[kChunk];
   alignas(64) float y[kChunk];
   for (int64_t row = begin; row < end; ++row) {
-    const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
-    const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
-    const float inv_temp = row_inv_temp(a, row);
     // Read 1: both rows' statistics, through the same code (identical rows, identical results).
     RowStats p = empty_stats(), q = empty_stats();
-    for (int64_t start = 0; start < a.vocab; start += kChunk) {
-      const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
+    for_each_pair_chunk(a, row, x, y, [&](int64_t, int64_t, int64_t padded) {
       online_chunk(x, padded, p);
       online_chunk(y, padded, q);
-    }
+    });
     const float log_sum_p = std::log(p.sum), log_sum_q = std::log(q.sum);
     // Read 2: the mixture sums. log p = (x - max) - log sum: exact for the probable entries.
     const Vec max_p = splat(p.max), max_q = splat(q.max);
     Vec sum_pu = splat(0.0f), sum_qv = splat(0.0f);
-    for (int64_t start = 0; start < a.vocab; start += kChunk) {
-      const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
+    for_each_pair_chunk(a, row, x, y, [&](int64_t, int64_t, int64_t padded) {
       for (int64_t i = 0; i < padded; i += kLanes) {
         const Vec log_p = (load_vec(x + i) - max_p) - log_sum_p;
         const Vec log_q = (load_vec(y + i) - max_q) - log_sum_q;
@@ -69,7 +60,7 @@ void jsd_fwd_rows(const JsdFwdArgs& a, int64_t begin, int64_t end) {
         sum_pu += pv == 0.0f ? splat(0.0f) : pv * m.u;
         sum_qv += qv == 0.0f ? splat(0.0f) : qv * m.v;
       }
-    }
+    });
     const float kl_p = -lane_sum(sum_pu), kl_q = -lane_sum(sum_qv);
     a.kl_logits[row] = kl_p;
     a.kl_other[row] = kl_q;

@@ -30,18 +30,12 @@ void kl_div_fwd_rows(const KlDivFwdArgs& a, int64_t begin, int64_t end) {
   alignas(64) float x[kChunk];
   alignas(64) float y[kChunk];
   for (int64_t row = begin; row < end; ++row) {
-    const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
-    const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
-    const float inv_temp = row_inv_temp(a, row);
     // Online statistics of both softmaxes, each with its cross term against the other row.
     RowStats p = empty_stats(), q = empty_stats();
-    for (int64_t start = 0; start < a.vocab; start += kChunk) {
-      const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
-      load_chunk(src_y, a.dtype, start, n, inv_temp, y);
+    for_each_pair_chunk(a, row, x, y, [&](int64_t, int64_t, int64_t padded) {
       online_chunk(x, padded, p, Cross{x, y});
       online_chunk(y, padded, q, Cross{y, x});
-    }
+    });
     const float log_sum_p = std::log(p.sum);
     const float log_sum_q = std::log(q.sum);
     // lse_p - lse_q as (max_p - max_q) + (log s_p - log s_q): exact when the maxima are close,

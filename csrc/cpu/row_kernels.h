@@ -150,6 +150,21 @@ RLFUSE_ALWAYS_INLINE void row_gradient(const char* src, char* dst, DType dtype, 
   }
 }
 
+// The two-row ops (KL, JSD): reads row `row` of a.logits and a.other (scaled by the row's 1/T) into
+// x and y (kChunk floats each), chunk by chunk, and calls body(start, n, padded) after each chunk.
+template <typename PairArgs, typename Body>
+RLFUSE_ALWAYS_INLINE void for_each_pair_chunk(const PairArgs& a, int64_t row, float* x, float* y, Body body) {
+  const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
+  const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
+  const float inv_temp = row_inv_temp(a, row);
+  for (int64_t start = 0; start < a.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, a.vocab - start);
+    const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
+    load_chunk(src_y, a.dtype, start, n, inv_temp, y);
+    body(start, n, padded);
+  }
+}
+
 // Gradient pass of a two-row op (KlDivBwdArgs, JsdBwdArgs: logits x and other y, same field names):
 // upstream g = grad[row] * inv_temp; a row with g == 0 is written as zeros without reading the inputs
 // (masked rows may hold garbage). Otherwise, per chunk of both rows (x, y: kChunk floats each),
@@ -159,8 +174,6 @@ template <typename PairArgs, typename Element>
 RLFUSE_ALWAYS_INLINE void pair_gradient_row(const PairArgs& a, int64_t row, float upstream, float* x, float* y,
                                             Element element) {
   const int64_t esize = element_size(a.dtype);
-  const char* src_x = row_pointer(a.logits, a.dtype, a.layout, row);
-  const char* src_y = row_pointer(a.other, a.dtype, a.other_layout, row);
   char* dst_x = a.grad_logits ? const_cast<char*>(row_pointer(a.grad_logits, a.dtype, a.grad_layout, row)) : nullptr;
   char* dst_y = a.grad_other ? const_cast<char*>(row_pointer(a.grad_other, a.dtype, a.grad_other_layout, row)) : nullptr;
   const float inv_temp = row_inv_temp(a, row);
@@ -170,10 +183,7 @@ RLFUSE_ALWAYS_INLINE void pair_gradient_row(const PairArgs& a, int64_t row, floa
     if (dst_y) std::memset(dst_y, 0, a.vocab * esize);
     return;
   }
-  for (int64_t start = 0; start < a.vocab; start += kChunk) {
-    const int64_t n = std::min(kChunk, a.vocab - start);
-    const int64_t padded = load_chunk(src_x, a.dtype, start, n, inv_temp, x);
-    load_chunk(src_y, a.dtype, start, n, inv_temp, y);
+  for_each_pair_chunk(a, row, x, y, [&](int64_t start, int64_t n, int64_t padded) {
     for (int64_t i = 0; i < padded; i += kLanes) {
       const auto [gx, gy] = element(load_vec(x + i), load_vec(y + i), g);
       store_vec(x + i, gx);
@@ -181,7 +191,7 @@ RLFUSE_ALWAYS_INLINE void pair_gradient_row(const PairArgs& a, int64_t row, floa
     }
     if (dst_x) store_converted(x, n, a.dtype, dst_x + start * esize);
     if (dst_y) store_converted(y, n, a.dtype, dst_y + start * esize);
-  }
+  });
 }
 
 // A top-k entry and the selection order of the top-k kernels (row_topk, troll): strict "ranks
