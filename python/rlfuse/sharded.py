@@ -1299,51 +1299,18 @@ def _sharded_troll_token_loss(src: ShardedLogits, tokens, advantages, old_logpro
     the global top-k (``_global_topk``: one all_gather, which also gives the token's log-prob and
     entropy) and the support's logits from their owners (``_ShardedGather``: one all-reduce). The
     projection (``[N, |S|]``, float64) runs replicated on every rank, with troll.py's own functions."""
-    from .troll import (LOG_FLOOR, TrollProjection, TrollTerms, _kept, _masked_log_softmax, kl_on_support)
+    from .troll import _kept, troll_terms
 
     temperature = config.temperature
     backend = src._resolve(backend, "row_topk")
-    lead = src._lead()
-    tokens = tokens.reshape(lead)
-    device = src.device
+    tokens = tokens.reshape(src._lead())
     new_ids, new_values, new_lse, logp, entropy = src._global_topk(config.troll_k, temperature, backend, tokens)
-    new_ids, _, _ = _kept(new_values, new_ids, new_lse, config.troll_threshold)
-    old_ids = old_topk.ids.to(torch.int64).reshape(*lead, old_topk.ids.shape[-1])
-    old_lp = old_topk.logprobs.double().reshape(*lead, old_topk.ids.shape[-1])
-    token_ids = tokens.to(torch.int64).unsqueeze(-1)
-    candidates = torch.cat([token_ids, old_ids, new_ids.to(torch.int64)], -1)
-    old_values = torch.cat([
-        old_logprobs.double().reshape(lead).unsqueeze(-1),
-        old_lp,
-        torch.full(new_ids.shape, LOG_FLOOR, dtype=torch.float64, device=device),
-    ], -1)
-    support_ids, order = torch.sort(candidates, dim=-1, stable=True)
-    b_raw = old_values.gather(-1, order)
-    first = torch.ones_like(support_ids, dtype=torch.bool)
-    first[..., 1:] = support_ids[..., 1:] != support_ids[..., :-1]
-    valid = first & (support_ids >= 0) & (support_ids < src.vocab)
-    safe_ids = torch.where(valid, support_ids, 0)
 
-    x = _ShardedGather.apply(src.local_logits, safe_ids, valid, src.vocab_start, src.group).double() / temperature
-    if valid_tokens is not None:
-        x = torch.where(valid_tokens.reshape(lead).unsqueeze(-1), x, torch.zeros_like(x))
-    a = _masked_log_softmax(x, valid)
-    b = _masked_log_softmax(torch.where(valid, b_raw, 0.0), valid)
-    log_q, eta = TrollProjection.apply(a, b, valid, config.troll_eps)
+    def support_logits(safe_ids, valid):
+        return _ShardedGather.apply(src.local_logits, safe_ids, valid, src.vocab_start, src.group).double() / temperature
 
-    at_token = valid & (support_ids == token_ids)
-    log_q_y = torch.where(at_token, log_q, 0.0).sum(-1)
-    b_y = torch.where(at_token, b, 0.0).sum(-1)
-    adv = advantages.double().reshape(lead)
-    policy = -adv * torch.exp(log_q_y - b_y)
-    trust = kl_on_support(a, log_q.detach(), valid)
-    loss = policy + config.troll_alpha * trust
-    with torch.no_grad():
-        kl_before = kl_on_support(a, b, valid)
-        kl_after = kl_on_support(log_q, b, valid)
-    return TrollTerms(loss.float().reshape(-1), eta.float().reshape(-1), kl_before.float().reshape(-1),
-                      kl_after.float().reshape(-1), valid.sum(-1).float().reshape(-1), logp.reshape(-1),
-                      entropy.reshape(-1))
+    return troll_terms(support_logits, _kept(new_values, new_ids, new_lse, config.troll_threshold)[0], logp,
+                       entropy, tokens, advantages, old_logprobs, old_topk, config, src.vocab, valid_tokens)
 
 
 # --- LinearLogits with the lm_head split over a group (rlfuse.LinearLogits(..., group=...)) -----------

@@ -306,12 +306,25 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     scalar, temperatures = split_temperature(temperature)
     new_ids, new_values, logp, entropy, new_lse = row_topk(logits.detach(), tokens, scalar, config.troll_k,
                                                            backend, temperatures)
-    new_ids, _, _ = _kept(new_values, new_ids, new_lse, config.troll_threshold)
-    lead = tokens.shape
     # Each row's support logits are scaled by its own T.
-    row_temperature = scalar if temperatures is None else temperatures.reshape(lead).unsqueeze(-1)
-    old_ids = old_topk.ids.to(torch.int64)
-    old_lp = old_topk.logprobs.double()
+    row_temperature = scalar if temperatures is None else temperatures.reshape(tokens.shape).unsqueeze(-1)
+
+    def support_logits(safe_ids, valid):  # differentiable
+        return SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / row_temperature
+
+    return troll_terms(support_logits, _kept(new_values, new_ids, new_lse, config.troll_threshold)[0], logp,
+                       entropy, tokens, advantages, old_logprobs, old_topk, config, logits.shape[-1], valid_tokens)
+
+
+def troll_terms(support_logits, new_ids, logp, entropy, tokens, advantages, old_logprobs, old_topk, config, vocab,
+                valid_tokens=None) -> TrollTerms:
+    """TROLL's per-token terms once the new kept ids (``new_ids``, -1 for none) and the token's log-prob
+    and entropy are known; ``support_logits(safe_ids, valid)`` returns the support's scaled logits as
+    float64 with a gradient. Shared by the single-device path and ``ShardedLogits`` (which gathers the
+    logits from their owners)."""
+    lead = tokens.shape
+    old_ids = old_topk.ids.to(torch.int64).reshape(*lead, old_topk.ids.shape[-1])
+    old_lp = old_topk.logprobs.double().reshape(*lead, old_topk.ids.shape[-1])
     token_ids = tokens.to(torch.int64).unsqueeze(-1)
     # Candidates in priority order: the chosen token (old_logprobs, as every other variant's ratio
     # uses), old kept (their stored log-prob), new kept (floor). A stable sort groups duplicates
@@ -320,16 +333,15 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     old_values = torch.cat([
         old_logprobs.double().reshape(lead).unsqueeze(-1),
         old_lp,
-        torch.full(new_ids.shape, LOG_FLOOR, dtype=torch.float64, device=logits.device),
+        torch.full(new_ids.shape, LOG_FLOOR, dtype=torch.float64, device=new_ids.device),
     ], -1)
     support_ids, order = torch.sort(candidates, dim=-1, stable=True)
     b_raw = old_values.gather(-1, order)
     first = torch.ones_like(support_ids, dtype=torch.bool)
     first[..., 1:] = support_ids[..., 1:] != support_ids[..., :-1]
-    valid = first & (support_ids >= 0) & (support_ids < logits.shape[-1])
-    safe_ids = torch.where(valid, support_ids, 0)
+    valid = first & (support_ids >= 0) & (support_ids < vocab)
 
-    x = SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / row_temperature  # differentiable
+    x = support_logits(torch.where(valid, support_ids, 0), valid)
     if valid_tokens is not None:
         x = torch.where(valid_tokens.reshape(lead).unsqueeze(-1), x, torch.zeros_like(x))
     # A support entry whose logit is -inf carries no probability under a or q (for eta < inf) and
