@@ -72,10 +72,7 @@ class SupportLogprobs(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         x = logits.gather(-1, safe_ids).to(compute) * inv_temp
         x_a = logits.gather(-1, anchor.unsqueeze(-1)).to(compute) * inv_temp
-        exact = (x - x_a) + logp_a.to(compute).unsqueeze(-1)
-        rounded = x - lse.to(compute).unsqueeze(-1)
-        logs = torch.where(torch.isfinite(x_a), exact, rounded)
-        logs = torch.where(valid, logs, float("-inf"))
+        logs = support_logprobs(x, x_a, logp_a.to(compute), lse.to(compute), valid)
         ctx.save_for_backward(logits, safe_ids, valid, lse, entropy, logs)
         ctx.temperature, ctx.backend = temperature, backend
         return logs
@@ -89,19 +86,33 @@ class SupportLogprobs(torch.autograd.Function):
         no_target = torch.full_like(ids[..., 0], -1)
         grad = token_logprobs_bwd(logits, no_target, lse, entropy, total.float(), torch.zeros_like(lse),
                                   temperature, backend)
-        # The support's entries, exactly: (g_k - G s_k) / T (s_k = 0 where log s_k = -inf).
-        probs = torch.where(valid, logs.exp(), 0.0)
-        values = (g - total.unsqueeze(-1) * probs) / temperature
-        # Invalid slots repeat the first valid slot (same index, same value: deterministic); rows
-        # without one rewrite entry 0 with what it holds.
-        first = valid.to(torch.int8).argmax(-1, keepdim=True)
-        has_any = valid.any(-1, keepdim=True)
-        fill_idx = torch.where(has_any, ids.gather(-1, first), 0)
-        fill_val = torch.where(has_any, values.gather(-1, first), grad[..., :1].to(values.dtype))
-        idx = torch.where(valid, ids, fill_idx)
-        val = torch.where(valid, values, fill_val)
-        grad = grad.scatter(-1, idx, val.to(grad.dtype))
-        return grad, None, None, None, None
+        return write_support_gradient(grad, ids, g, logs, valid, valid, temperature), None, None, None, None
+
+
+def support_logprobs(x, x_a, logp_a, lse, valid):
+    """``log s_k`` on a support from its scaled logits ``x [..., K]``, the anchor's ``x_a [..., 1]`` and
+    log-prob ``logp_a``: ``(x_k - x_a) + log s_a``, exact for the probable ids (no rounded lse), or
+    ``x_k - lse`` where the anchor logit is -inf; -inf outside ``valid``."""
+    exact = (x - x_a) + logp_a.unsqueeze(-1)
+    rounded = x - lse.unsqueeze(-1)
+    return torch.where(valid, torch.where(torch.isfinite(x_a), exact, rounded), float("-inf"))
+
+
+def write_support_gradient(grad, ids, g, logs, valid, written, temperature):
+    """``grad`` (the dense ``-G s_j / T``) with the support's entries written exactly:
+    ``(g_k - G s_k) / T``, ``G = sum g``, ``s_k = 0`` where ``log s_k = -inf``. Only the slots in
+    ``written`` are written (a shard: the ids it owns, local); the others repeat the row's first
+    written slot (same index, same value: deterministic), and a row without one rewrites entry 0
+    with what it holds."""
+    probs = torch.where(valid, logs.exp(), 0.0)
+    values = (g - g.sum(-1, keepdim=True) * probs) / temperature
+    first = written.to(torch.int8).argmax(-1, keepdim=True)
+    has_any = written.any(-1, keepdim=True)
+    fill_idx = torch.where(has_any, ids.gather(-1, first), 0)
+    fill_val = torch.where(has_any, values.gather(-1, first), grad[..., :1].to(values.dtype))
+    idx = torch.where(written, ids, fill_idx)
+    val = torch.where(written, values, fill_val)
+    return grad.scatter(-1, idx, val.to(grad.dtype))
 
 
 # --- validation -----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from . import _validation as check
 from .backends import resolve_backend
+from .distill import support_logprobs, write_support_gradient
 from .ops._launch import split_temperature
 from .ops.kl_div import DIRECTIONS, kl_div_bwd, kl_div_fwd
 from .ops.row_topk import row_topk
@@ -914,10 +915,7 @@ class _ShardedSupportLogprobs(torch.autograd.Function):
         logp_a, entropy, lse = _token_finish(*packed[..., :4].to(stats).unbind(-1), shift)
         scaled = packed[..., 4:] * (1.0 / temperature)
         x_a, x = scaled[..., :1], scaled[..., 1:]
-        exact = (x - x_a) + logp_a.to(compute).unsqueeze(-1)
-        rounded = x - lse.to(compute).unsqueeze(-1)
-        logs = torch.where(torch.isfinite(x_a), exact, rounded)
-        logs = torch.where(valid, logs, NEG_INF)
+        logs = support_logprobs(x, x_a, logp_a.to(compute), lse.to(compute), valid)
         ctx.save_for_backward(local_logits, local_cols[..., 1:], owned[..., 1:] & valid, valid, lse, entropy, logs)
         ctx.temperature, ctx.backend = temperature, backend
         return logs
@@ -939,17 +937,8 @@ class _ShardedSupportLogprobs(torch.autograd.Function):
         else:
             grad = token_logprobs_bwd(local_logits.detach(), no_target, lse, entropy, total.float(), zero,
                                       temperature, ctx.backend)
-        # The owned support entries, exactly: (g_k - G s_k) / T. Slots owned elsewhere (or invalid)
-        # repeat the row's first owned slot (same index, same value); rows without one rewrite entry 0.
-        probs = torch.where(valid, logs.exp(), 0.0)
-        values = (g - total.unsqueeze(-1) * probs) / temperature
-        first = own.to(torch.int8).argmax(-1, keepdim=True)
-        has_any = own.any(-1, keepdim=True)
-        fill_idx = torch.where(has_any, local_ids.gather(-1, first), 0)
-        fill_val = torch.where(has_any, values.gather(-1, first), grad[..., :1].to(values.dtype))
-        idx = torch.where(own, local_ids, fill_idx)
-        val = torch.where(own, values, fill_val)
-        return grad.scatter(-1, idx, val.to(grad.dtype)), *none
+        # The owned support entries, exactly (slots owned elsewhere or invalid are not written).
+        return write_support_gradient(grad, local_ids, g, logs, valid, own, temperature), *none
 
 
 def _is_split(x) -> bool:

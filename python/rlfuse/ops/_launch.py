@@ -18,6 +18,7 @@ import types
 import torch
 
 from .. import _schema
+from .._layout import as_rows, contiguous_layout
 from ..backends import compiled_extension
 
 DTYPE_TAGS = {getattr(torch, name): tag for name, tag in _schema.DTYPE.items()}
@@ -67,6 +68,37 @@ def inv_temps(temperatures: torch.Tensor | None) -> torch.Tensor | None:
 def rows_f32(values: torch.Tensor | None) -> torch.Tensor | None:
     """An optional per-row input as the kernels take it: flat contiguous fp32."""
     return None if values is None else values.reshape(-1).to(torch.float32).contiguous()
+
+
+def pair_rows_forward(logits: torch.Tensor, other: torch.Tensor, outputs: tuple[str, ...], launch) -> tuple:
+    """The two-row ops' forward (KL, JSD): one fp32 per-row result per name in ``outputs``;
+    ``launch(**args)`` gets the rows of both inputs and the results' buffers by those names (not
+    called for no rows)."""
+    x, layout = as_rows(logits)
+    y, other_layout = as_rows(other)
+    outs = {name: torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device) for name in outputs}
+    if layout[0] > 0:
+        launch(logits=x, layout=layout, other=y, other_layout=other_layout, vocab=logits.shape[-1], **outs)
+    return tuple(outs.values())
+
+
+def pair_rows_backward(logits: torch.Tensor, other: torch.Tensor, need_logits: bool, need_other: bool,
+                       row_values: dict, launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-row ops' backward (KL, JSD): ``launch(**args)`` gets the rows of both inputs, the
+    per-row ``row_values`` flattened to fp32 and the requested gradients' buffers (None otherwise);
+    a gradient that is not needed comes back empty."""
+    x, layout = as_rows(logits)
+    y, other_layout = as_rows(other)
+    rows, vocab = layout[0], logits.shape[-1]
+    grad_x = empty_gradient(logits) if need_logits else None
+    grad_y = empty_gradient(other) if need_other else None
+    if rows > 0 and (need_logits or need_other):
+        grad_layout = contiguous_layout(rows, vocab)
+        launch(logits=x, layout=layout, other=y, other_layout=other_layout, vocab=vocab,
+               **{name: t.reshape(-1).float().contiguous() for name, t in row_values.items()},
+               grad_logits=grad_x, grad_layout=grad_layout, grad_other=grad_y, grad_other_layout=grad_layout)
+    empty = logits.new_empty(0)
+    return (grad_x if need_logits else empty, grad_y if need_other else empty)
 
 
 def _converter(field: _schema.Field):

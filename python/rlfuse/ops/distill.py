@@ -9,13 +9,14 @@ needs one. ``beta`` must be in (0, 1): beta = 0 and 1 are the KLs of ``rlfuse::k
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._layout import as_rows, contiguous_layout
 from ._fake import ROW, gradient, out_op
-from ._launch import empty_gradient, inv_temps, kernels, reference_temperature
+from ._launch import inv_temps, kernels, pair_rows_backward, pair_rows_forward, reference_temperature
 
 OP = "distill"
 
@@ -26,16 +27,9 @@ def jsd_fwd(logits: Tensor, other: Tensor, temperature: float, beta: float, back
     """(jsd, kl_logits = KL(p || m), kl_other = KL(q || m), lse, other_lse), fp32 per row."""
     if backend == "torch":
         return reference.jsd_statistics(logits, other, beta, reference_temperature(temperature, temperatures))
-    x, layout = as_rows(logits)
-    y, other_layout = as_rows(other)
-    outs = tuple(torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device) for _ in range(5))
-    if layout[0] > 0:
-        jsd, kl_logits, kl_other, lse, other_lse = outs
-        kernels(backend, OP).jsd_fwd(logits=x, layout=layout, other=y, other_layout=other_layout,
-                                     vocab=logits.shape[-1], inv_temp=1.0 / temperature, beta=beta, jsd=jsd,
-                                     kl_logits=kl_logits, kl_other=kl_other, lse=lse, other_lse=other_lse,
-                                     inv_temps=inv_temps(temperatures))
-    return outs
+    return pair_rows_forward(logits, other, ("jsd", "kl_logits", "kl_other", "lse", "other_lse"),
+                             functools.partial(kernels(backend, OP).jsd_fwd, inv_temp=1.0 / temperature, beta=beta,
+                                               inv_temps=inv_temps(temperatures)))
 
 
 @out_op("rlfuse::jsd_bwd", gradient("logits", when="need_logits"), gradient("other", when="need_other"))
@@ -48,21 +42,11 @@ def jsd_bwd(logits: Tensor, other: Tensor, kl_logits: Tensor, kl_other: Tensor, 
         grad_x, grad_y = reference.jsd_gradients(logits, other, kl_logits, kl_other, grad_jsd, beta,
                                                  reference_temperature(temperature, temperatures))
         return (grad_x.to(logits.dtype) if need_logits else empty, grad_y.to(other.dtype) if need_other else empty)
-    x, layout = as_rows(logits)
-    y, other_layout = as_rows(other)
-    rows, vocab = layout[0], logits.shape[-1]
-    grad_x = empty_gradient(logits) if need_logits else None
-    grad_y = empty_gradient(other) if need_other else None
-    if rows > 0 and (need_logits or need_other):
-        flat = {name: t.reshape(-1).float().contiguous() for name, t in
-                (("kl_logits", kl_logits), ("kl_other", kl_other), ("lse", lse), ("other_lse", other_lse),
-                 ("grad_jsd", grad_jsd))}
-        grad_layout = contiguous_layout(rows, vocab)
-        kernels(backend, OP).jsd_bwd(logits=x, layout=layout, other=y, other_layout=other_layout, vocab=vocab,
-                                     inv_temp=1.0 / temperature, beta=beta, **flat, grad_logits=grad_x,
-                                     grad_layout=grad_layout, grad_other=grad_y, grad_other_layout=grad_layout,
-                                     inv_temps=inv_temps(temperatures))
-    return (grad_x if need_logits else empty, grad_y if need_other else empty)
+    return pair_rows_backward(logits, other, need_logits, need_other,
+                              dict(kl_logits=kl_logits, kl_other=kl_other, lse=lse, other_lse=other_lse,
+                                   grad_jsd=grad_jsd),
+                              functools.partial(kernels(backend, OP).jsd_bwd, inv_temp=1.0 / temperature, beta=beta,
+                                                inv_temps=inv_temps(temperatures)))
 
 
 def _setup_context(ctx, inputs, output):

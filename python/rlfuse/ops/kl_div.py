@@ -8,13 +8,14 @@ unused and the kernels get fp32(1 / T) as ``inv_temps``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._layout import as_rows, contiguous_layout
 from ._fake import ROW, gradient, out_op
-from ._launch import empty_gradient, inv_temps, kernels, reference_temperature
+from ._launch import inv_temps, kernels, pair_rows_backward, pair_rows_forward, reference_temperature
 
 OP = "kl_div"
 DIRECTIONS = {"forward": 0, "reverse": 1}
@@ -30,14 +31,9 @@ def kl_div_fwd(logits: Tensor, other: Tensor, temperature: float, direction: int
     if backend == "torch":
         return reference.kl_statistics(logits, other, _direction_name(direction),
                                        reference_temperature(temperature, temperatures))
-    x, layout = as_rows(logits)
-    y, other_layout = as_rows(other)
-    kl, lse, other_lse = (torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device) for _ in range(3))
-    if layout[0] > 0:
-        kernels(backend, OP).kl_div_fwd(logits=x, layout=layout, other=y, other_layout=other_layout,
-                                        vocab=logits.shape[-1], inv_temp=1.0 / temperature, direction=direction,
-                                        kl=kl, lse=lse, other_lse=other_lse, inv_temps=inv_temps(temperatures))
-    return kl, lse, other_lse
+    return pair_rows_forward(logits, other, ("kl", "lse", "other_lse"),
+                             functools.partial(kernels(backend, OP).kl_div_fwd, inv_temp=1.0 / temperature,
+                                               direction=direction, inv_temps=inv_temps(temperatures)))
 
 
 @out_op("rlfuse::kl_div_bwd", gradient("logits", when="need_logits"), gradient("other", when="need_other"))
@@ -50,21 +46,10 @@ def kl_div_bwd(logits: Tensor, other: Tensor, kl: Tensor, lse: Tensor, other_lse
                                                 reference_temperature(temperature, temperatures))
         empty = logits.new_empty(0)
         return (grad_x.to(logits.dtype) if need_logits else empty, grad_y.to(other.dtype) if need_other else empty)
-    x, layout = as_rows(logits)
-    y, other_layout = as_rows(other)
-    rows, vocab = layout[0], logits.shape[-1]
-    grad_x = empty_gradient(logits) if need_logits else None
-    grad_y = empty_gradient(other) if need_other else None
-    if rows > 0 and (need_logits or need_other):
-        flat = {name: t.reshape(-1).contiguous() for name, t in
-                (("kl", kl), ("lse", lse), ("other_lse", other_lse), ("grad_kl", grad_kl.float()))}
-        grad_layout = contiguous_layout(rows, vocab)
-        kernels(backend, OP).kl_div_bwd(logits=x, layout=layout, other=y, other_layout=other_layout, vocab=vocab,
-                                        inv_temp=1.0 / temperature, direction=direction, **flat, grad_logits=grad_x,
-                                        grad_layout=grad_layout, grad_other=grad_y, grad_other_layout=grad_layout,
-                                        inv_temps=inv_temps(temperatures))
-    empty = logits.new_empty(0)
-    return (grad_x if need_logits else empty, grad_y if need_other else empty)
+    return pair_rows_backward(logits, other, need_logits, need_other,
+                              dict(kl=kl, lse=lse, other_lse=other_lse, grad_kl=grad_kl),
+                              functools.partial(kernels(backend, OP).kl_div_bwd, inv_temp=1.0 / temperature,
+                                                direction=direction, inv_temps=inv_temps(temperatures)))
 
 
 def _setup_context(ctx, inputs, output):
