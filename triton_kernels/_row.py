@@ -44,6 +44,36 @@ def _row_or(values_ptr, row, default, GIVEN: tl.constexpr):
 
 
 @triton.jit
+def _pair_rows(logits_ptr, other_ptr, inv_temps_ptr, inv_temp, inner, stride_outer, stride_inner,
+               other_inner, other_stride_outer, other_stride_inner, HAS_ROW_TEMP: tl.constexpr):
+    """(row, inv_temp, x_row, y_row) of a two-row kernel's program (kl_div.py, distill.py): the
+    logits row x and the other row y, each at its own layout, one inv_temp for both."""
+    row = tl.program_id(0).to(tl.int64)
+    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
+    x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
+    y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
+    return row, inv_temp, x_row, y_row
+
+
+@triton.jit
+def _load_pair(x_row, y_row, offs, vocab):
+    """(zx, zy, mask): a chunk of both rows of a two-row kernel in fp32, -inf past the end."""
+    mask = offs < vocab
+    zx = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    zy = tl.load(y_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    return zx, zy, mask
+
+
+@triton.jit
+def _store_grad(grad_row, offs, mask, g, grad):
+    """Stores a gradient chunk in grad_row's dtype; g == 0 (the row's upstream gradient: a masked
+    row) writes zeros even where the row holds NaN / inf. The program has read the chunk first,
+    so a gradient may alias its own input."""
+    grad = tl.where(g == 0.0, 0.0, grad)
+    tl.store(grad_row + offs, grad.to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _exp(x):
     # Straight to the exp2 instruction: tl.exp adds subnormal-range handling we do not need.
     return tl.exp2(x * LOG2E)

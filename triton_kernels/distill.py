@@ -22,8 +22,8 @@ Backward (one more read of both rows, one write of each requested gradient), ``g
 import triton
 import triton.language as tl
 
-from ._launch import MIN_BLOCK_V, AotKernel, block_config, optional_rows
-from ._row import _exp, _row_or, _row_ptr, _row_stats
+from ._launch import layout_signature, optional_rows, pair_aot_kernels, pair_block_config, pair_grad_args
+from ._row import _exp, _load_pair, _pair_rows, _row_ptr, _row_stats, _store_grad
 
 
 @triton.jit
@@ -47,10 +47,9 @@ def _jsd_fwd_kernel(
     vocab, inv_temp, beta,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
-    x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
-    y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
+    row, inv_temp, x_row, y_row = _pair_rows(logits_ptr, other_ptr, inv_temps_ptr, inv_temp, inner, stride_outer,
+                                             stride_inner, other_inner, other_stride_outer, other_stride_inner,
+                                             HAS_ROW_TEMP)
     # Read 1: the statistics of each row.
     max_x, log_sum_x, _ = _row_stats(x_row, vocab, inv_temp, BLOCK_V, VEC)
     max_y, log_sum_y, _ = _row_stats(y_row, vocab, inv_temp, BLOCK_V, VEC)
@@ -59,10 +58,7 @@ def _jsd_fwd_kernel(
     sum_pu = tl.zeros([BLOCK_V], tl.float32)
     sum_qv = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, vocab, BLOCK_V):
-        offs = start + cols
-        mask = offs < vocab
-        zx = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        zy = tl.load(y_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        zx, zy, _mask = _load_pair(x_row, y_row, start + cols, vocab)
         log_p = (zx * inv_temp - max_x) - log_sum_x
         log_q = (zy * inv_temp - max_y) - log_sum_y
         p = _exp(log_p)
@@ -90,10 +86,9 @@ def _jsd_bwd_kernel(
     vocab, inv_temp, beta, inv_temps_ptr,
     BLOCK_V: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
-    x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
-    y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
+    row, inv_temp, x_row, y_row = _pair_rows(logits_ptr, other_ptr, inv_temps_ptr, inv_temp, inner, stride_outer,
+                                             stride_inner, other_inner, other_stride_outer, other_stride_inner,
+                                             HAS_ROW_TEMP)
     lse_p = tl.load(lse_ptr + row)
     lse_q = tl.load(other_lse_ptr + row)
     kl_p = tl.load(kl_logits_ptr + row)
@@ -108,29 +103,16 @@ def _jsd_bwd_kernel(
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
-        mask = offs < vocab
-        zx = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        zy = tl.load(y_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        zx, zy, mask = _load_pair(x_row, y_row, offs, vocab)
         log_p = zx * inv_temp - lse_p
         log_q = zy * inv_temp - lse_q
         p = _exp(log_p)
         q = _exp(log_q)
         u, v = _mixture_logs(log_p, log_q, beta)
-        # g == 0 (a masked row) writes zeros even where the row holds NaN / inf.
         if GRAD_X:
-            gx = tl.where(g == 0.0, 0.0, tl.where(p == 0.0, 0.0, coef_x * (p * (u + kl_p))))
-            tl.store(grad_row + offs, gx.to(grad_ptr.dtype.element_ty), mask=mask)
+            _store_grad(grad_row, offs, mask, g, tl.where(p == 0.0, 0.0, coef_x * (p * (u + kl_p))))
         if GRAD_Y:
-            gy = tl.where(g == 0.0, 0.0, tl.where(q == 0.0, 0.0, coef_y * (q * (v + kl_q))))
-            tl.store(grad_other_row + offs, gy.to(grad_other_ptr.dtype.element_ty), mask=mask)
-
-
-def _block_config(vocab, on_gpu, block_v=None):
-    """block_config's (BLOCK_V, num_warps), the GPU chunk halved: a chunk loads two rows."""
-    block, num_warps = block_config(vocab, on_gpu, block_v)
-    if block_v is None and on_gpu:
-        block = max(block // 2, MIN_BLOCK_V)
-    return block, num_warps
+            _store_grad(grad_other_row, offs, mask, g, tl.where(q == 0.0, 0.0, coef_y * (q * (v + kl_q))))
 
 
 def _check_beta(beta):
@@ -147,17 +129,15 @@ def jsd_fwd(logits, layout, other, other_layout, vocab, inv_temp, beta, jsd, kl_
     ``other_layout``. ``block_v`` overrides the vocab chunk (a power of two). ``inv_temps``:
     optional per-row inv_temp (contiguous fp32 [rows]) for both rows.
     """
-    rows, inner, stride_outer, stride_inner = layout
-    other_rows, other_inner, other_stride_outer, other_stride_inner = other_layout
-    assert other_rows == rows, "layout and other_layout must describe the same rows"
+    rows = layout[0]
+    assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
     beta = _check_beta(beta)
     if rows == 0:
         return
     inv_temps, has_row_temp = optional_rows(inv_temps, jsd)
-    block, num_warps = _block_config(vocab, logits.device.type != "cpu", block_v)
+    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
     _jsd_fwd_kernel[(rows,)](
-        logits, other, jsd, kl_logits, kl_other, lse, other_lse, inv_temps,
-        inner, stride_outer, stride_inner, other_inner, other_stride_outer, other_stride_inner,
+        logits, other, jsd, kl_logits, kl_other, lse, other_lse, inv_temps, *layout[1:], *other_layout[1:],
         vocab, float(inv_temp), beta,
         BLOCK_V=block, VEC=min(16 // logits.element_size(), block), HAS_ROW_TEMP=has_row_temp,
         num_warps=num_warps,
@@ -169,19 +149,14 @@ def jsd_bwd(logits, layout, other, other_layout, vocab, inv_temp, beta, kl_logit
     """Writes dJSD/dlogits and dJSD/dother scaled by ``grad_jsd`` (contiguous fp32 [rows]); either
     gradient may be None (skipped). A gradient may be its own input tensor (same layout).
     ``inv_temps`` must be the forward's."""
-    rows = layout[0]
-    assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
     beta = _check_beta(beta)
-    grad_x, grad_y = grad_logits is not None, grad_other is not None
-    if not grad_x:
-        grad_logits, grad_layout = logits, layout
-    if not grad_y:
-        grad_other, grad_other_layout = other, other_layout
-    assert grad_layout[0] == rows and grad_other_layout[0] == rows, "gradient layouts must describe the same rows"
+    grad_x, grad_y, grad_logits, grad_layout, grad_other, grad_other_layout = pair_grad_args(
+        logits, layout, other, other_layout, grad_logits, grad_layout, grad_other, grad_other_layout)
+    rows = layout[0]
     if rows == 0 or not (grad_x or grad_y):
         return
     inv_temps, has_row_temp = optional_rows(inv_temps, lse)
-    block, num_warps = _block_config(vocab, logits.device.type != "cpu", block_v)
+    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
     _jsd_bwd_kernel[(rows,)](
         logits, other, kl_logits, kl_other, lse, other_lse, grad_jsd, grad_logits, grad_other,
         *layout[1:], *other_layout[1:], *grad_layout[1:], *grad_other_layout[1:],
@@ -190,53 +165,17 @@ def jsd_bwd(logits, layout, other, other_layout, vocab, inv_temp, beta, kl_logit
     )
 
 
-def _aot_kernels():
-    layout_sig = {"inner": "i32", "stride_outer": "i64", "stride_inner": "i32"}
-
-    def layouts(*prefixes):
-        return {f"{prefix}{k}": v for prefix in prefixes for k, v in layout_sig.items()}
-
-    scalars = {"vocab": "i32", "inv_temp": "fp32", "beta": "fp32"}
-    fwd_sig = {
-        "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}", "jsd_ptr": "*fp32",
-        "kl_logits_ptr": "*fp32", "kl_other_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32",
-        "inv_temps_ptr": "*fp32",
-        **layouts("", "other_"), **scalars, "BLOCK_V": "constexpr", "VEC": "constexpr",
-        "HAS_ROW_TEMP": "constexpr",
-    }
-    bwd_sig = {
-        "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
-        "kl_logits_ptr": "*fp32", "kl_other_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32",
-        "grad_jsd_ptr": "*fp32", "grad_ptr": "*{dtype}", "grad_other_ptr": "*{dtype}",
-        **layouts("", "other_", "grad_", "grad_other_"), **scalars, "inv_temps_ptr": "*fp32",
-        "BLOCK_V": "constexpr", "GRAD_X": "constexpr", "GRAD_Y": "constexpr", "HAS_ROW_TEMP": "constexpr",
-    }
-
-    def aligned(sig):
-        return tuple(k for k, v in sig.items() if v.startswith("*")) + tuple(
-            k for k in sig if k.endswith("stride_outer") or k.endswith("stride_inner")) + ("vocab",)
-
-    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
-    block, num_warps = _block_config(151936, on_gpu=True)
-    entries = []
-    # (dtype, aligned, per-row inv_temps): without them, and bf16 with.
-    for dtype, is_aligned, row_temp in (("bf16", True, False), ("fp16", True, False), ("fp32", True, False),
-                                        ("bf16", False, False), ("bf16", True, True)):
-        tag = (dtype if is_aligned else f"{dtype},unaligned") + (",inv_temps" if row_temp else "")
-        entries.append(AotKernel(
-            name=f"jsd_fwd[{tag}]", fn=_jsd_fwd_kernel,
-            signature={k: v.format(dtype=dtype) for k, v in fwd_sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "HAS_ROW_TEMP": row_temp},
-            num_warps=num_warps, aligned=aligned(fwd_sig) if is_aligned else ()))
-        # Gradient on the student only (frozen teacher), or on both.
-        for grads, grad_y in (("dx", False), ("dx,dy", True)):
-            entries.append(AotKernel(
-                name=f"jsd_bwd[{tag},{grads}]", fn=_jsd_bwd_kernel,
-                signature={k: v.format(dtype=dtype) for k, v in bwd_sig.items()},
-                constexprs={"BLOCK_V": block, "GRAD_X": True, "GRAD_Y": grad_y, "HAS_ROW_TEMP": row_temp},
-                num_warps=num_warps, aligned=aligned(bwd_sig) if is_aligned else ()))
-    return entries
-
-
 # Specialisations compiled by aot.py: the launchers' GPU configuration for large vocabularies.
-AOT_KERNELS = _aot_kernels()
+AOT_KERNELS = pair_aot_kernels("jsd", _jsd_fwd_kernel, {
+    "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}", "jsd_ptr": "*fp32",
+    "kl_logits_ptr": "*fp32", "kl_other_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32",
+    "inv_temps_ptr": "*fp32", **layout_signature("", "other_"), "vocab": "i32", "inv_temp": "fp32", "beta": "fp32",
+    "BLOCK_V": "constexpr", "VEC": "constexpr", "HAS_ROW_TEMP": "constexpr",
+}, _jsd_bwd_kernel, {
+    "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
+    "kl_logits_ptr": "*fp32", "kl_other_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32",
+    "grad_jsd_ptr": "*fp32", "grad_ptr": "*{dtype}", "grad_other_ptr": "*{dtype}",
+    **layout_signature("", "other_", "grad_", "grad_other_"), "vocab": "i32", "inv_temp": "fp32", "beta": "fp32",
+    "inv_temps_ptr": "*fp32",
+    "BLOCK_V": "constexpr", "GRAD_X": "constexpr", "GRAD_Y": "constexpr", "HAS_ROW_TEMP": "constexpr",
+})

@@ -22,8 +22,8 @@ Backward (one more read of both rows, one write of each requested gradient), wit
 import triton
 import triton.language as tl
 
-from ._launch import MIN_BLOCK_V, AotKernel, block_config, optional_rows
-from ._row import FLT_MAX, _combine, _exp, _online, _row_or, _row_ptr
+from ._launch import layout_signature, optional_rows, pair_aot_kernels, pair_block_config, pair_grad_args
+from ._row import FLT_MAX, _combine, _exp, _load_pair, _online, _pair_rows, _row_ptr, _store_grad
 
 
 @triton.jit
@@ -33,10 +33,9 @@ def _kl_div_fwd_kernel(
     vocab, inv_temp, direction,
     BLOCK_V: tl.constexpr, VEC: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
-    x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
-    y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
+    row, inv_temp, x_row, y_row = _pair_rows(logits_ptr, other_ptr, inv_temps_ptr, inv_temp, inner, stride_outer,
+                                             stride_inner, other_inner, other_stride_outer, other_stride_inner,
+                                             HAS_ROW_TEMP)
 
     # [LANES, VEC] chunks, one 16-byte load per lane and row (see _row.py).
     LANES: tl.constexpr = BLOCK_V // VEC
@@ -48,10 +47,7 @@ def _kl_div_fwd_kernel(
     sy = tl.zeros([LANES], tl.float32)
     ty = tl.zeros([LANES], tl.float32)
     for start in range(0, vocab, BLOCK_V):
-        offs = start + cols
-        mask = offs < vocab
-        zx = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        zy = tl.load(y_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        zx, zy, _mask = _load_pair(x_row, y_row, start + cols, vocab)
         # x - y as (zx - zy) * inv_temp: exactly 0 for equal entries, where zx * inv_temp - y
         # may be contracted to an FMA that leaves the rounding error of y.
         mx, sx, tx = _online(mx, sx, tx, zx * inv_temp, (zx - zy) * inv_temp, False)
@@ -80,10 +76,9 @@ def _kl_div_bwd_kernel(
     vocab, inv_temp, direction,
     BLOCK_V: tl.constexpr, GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr, HAS_ROW_TEMP: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    inv_temp = _row_or(inv_temps_ptr, row, inv_temp, HAS_ROW_TEMP)
-    x_row = _row_ptr(logits_ptr, row, inner, stride_outer, stride_inner)
-    y_row = _row_ptr(other_ptr, row, other_inner, other_stride_outer, other_stride_inner)
+    row, inv_temp, x_row, y_row = _pair_rows(logits_ptr, other_ptr, inv_temps_ptr, inv_temp, inner, stride_outer,
+                                             stride_inner, other_inner, other_stride_outer, other_stride_inner,
+                                             HAS_ROW_TEMP)
     lse_p = tl.load(lse_ptr + row)
     lse_q = tl.load(other_lse_ptr + row)
     kl = tl.load(kl_ptr + row)
@@ -100,30 +95,15 @@ def _kl_div_bwd_kernel(
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
-        mask = offs < vocab
-        zx = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        zy = tl.load(y_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        zx, zy, mask = _load_pair(x_row, y_row, offs, vocab)
         p = _exp(zx * inv_temp - lse_p)
         q = _exp(zy * inv_temp - lse_q)
-        # Same program reads then writes each element: a gradient may alias its own input.
         if GRAD_X:
             gx_fwd = tl.where(p == 0.0, 0.0, p * ((zx - zy) * inv_temp + c_fwd))
-            # g == 0 (a masked row) writes zeros even where the row holds NaN / inf.
-            gx = tl.where(g == 0.0, 0.0, g * tl.where(forward, gx_fwd, p - q))
-            tl.store(grad_row + offs, gx.to(grad_ptr.dtype.element_ty), mask=mask)
+            _store_grad(grad_row, offs, mask, g, g * tl.where(forward, gx_fwd, p - q))
         if GRAD_Y:
             gy_rev = tl.where(q == 0.0, 0.0, q * ((zy - zx) * inv_temp + c_rev))
-            gy = tl.where(g == 0.0, 0.0, g * tl.where(forward, q - p, gy_rev))
-            tl.store(grad_other_row + offs, gy.to(grad_other_ptr.dtype.element_ty), mask=mask)
-
-
-def _block_config(vocab, on_gpu, block_v=None):
-    """block_config's (BLOCK_V, num_warps), the GPU chunk halved: a chunk loads two rows, so
-    each thread keeps as many bytes in flight as token_logprobs' one-row chunk."""
-    block, num_warps = block_config(vocab, on_gpu, block_v)
-    if block_v is None and on_gpu:
-        block = max(block // 2, MIN_BLOCK_V)
-    return block, num_warps
+            _store_grad(grad_other_row, offs, mask, g, g * tl.where(forward, q - p, gy_rev))
 
 
 def _check_direction(direction):
@@ -141,18 +121,15 @@ def kl_div_fwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
     vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab. ``inv_temps``:
     optional per-row inv_temp (contiguous fp32 [rows]) for both rows.
     """
-    rows, inner, stride_outer, stride_inner = layout
-    other_rows, other_inner, other_stride_outer, other_stride_inner = other_layout
-    assert other_rows == rows, "layout and other_layout must describe the same rows"
+    rows = layout[0]
+    assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
     direction = _check_direction(direction)
     if rows == 0:
         return
     inv_temps, has_row_temp = optional_rows(inv_temps, kl)
-    block, num_warps = _block_config(vocab, logits.device.type != "cpu", block_v)
+    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
     _kl_div_fwd_kernel[(rows,)](
-        logits, other, kl, lse, other_lse, inv_temps,
-        inner, stride_outer, stride_inner, other_inner, other_stride_outer, other_stride_inner,
-        vocab, float(inv_temp), direction,
+        logits, other, kl, lse, other_lse, inv_temps, *layout[1:], *other_layout[1:], vocab, float(inv_temp), direction,
         BLOCK_V=block, VEC=min(16 // logits.element_size(), block), HAS_ROW_TEMP=has_row_temp,
         num_warps=num_warps,
     )
@@ -167,21 +144,14 @@ def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
     that gradient (its layout is then ignored). A gradient may be its own input tensor (same
     layout) for an in-place backward. ``inv_temps`` must be the forward's.
     """
-    rows, inner, stride_outer, stride_inner = layout
-    assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
     direction = _check_direction(direction)
-    grad_x, grad_y = grad_logits is not None, grad_other is not None
-    # A skipped gradient gets its input as a never-written stand-in.
-    if not grad_x:
-        grad_logits, grad_layout = logits, layout
-    if not grad_y:
-        grad_other, grad_other_layout = other, other_layout
-    assert grad_layout[0] == rows and grad_other_layout[0] == rows, \
-        "gradient layouts must describe the same rows"
+    grad_x, grad_y, grad_logits, grad_layout, grad_other, grad_other_layout = pair_grad_args(
+        logits, layout, other, other_layout, grad_logits, grad_layout, grad_other, grad_other_layout)
+    rows = layout[0]
     if rows == 0 or not (grad_x or grad_y):
         return
     inv_temps, has_row_temp = optional_rows(inv_temps, kl)
-    block, num_warps = _block_config(vocab, logits.device.type != "cpu", block_v)
+    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
     _kl_div_bwd_kernel[(rows,)](
         logits, other, kl, lse, other_lse, grad_kl, grad_logits, grad_other, inv_temps,
         *layout[1:], *other_layout[1:], *grad_layout[1:], *grad_other_layout[1:],
@@ -190,53 +160,16 @@ def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
     )
 
 
-def _aot_kernels():
-    layout_sig = {"inner": "i32", "stride_outer": "i64", "stride_inner": "i32"}
-
-    def layouts(*prefixes):
-        return {f"{prefix}{k}": v for prefix in prefixes for k, v in layout_sig.items()}
-
-    scalars = {"vocab": "i32", "inv_temp": "fp32", "direction": "i32"}
-    fwd_sig = {
-        "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
-        "kl_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32", "inv_temps_ptr": "*fp32",
-        **layouts("", "other_"), **scalars, "BLOCK_V": "constexpr", "VEC": "constexpr",
-        "HAS_ROW_TEMP": "constexpr",
-    }
-    bwd_sig = {
-        "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
-        "kl_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32", "grad_kl_ptr": "*fp32",
-        "grad_ptr": "*{dtype}", "grad_other_ptr": "*{dtype}", "inv_temps_ptr": "*fp32",
-        **layouts("", "other_", "grad_", "grad_other_"), **scalars,
-        "BLOCK_V": "constexpr", "GRAD_X": "constexpr", "GRAD_Y": "constexpr", "HAS_ROW_TEMP": "constexpr",
-    }
-    # What a launch usually specialises as multiples of 16 (see token_logprobs.py): pointers,
-    # strides, vocab. "unaligned" is a vocab like 50257 (scalar loads).
-    fwd_aligned = tuple(k for k, v in fwd_sig.items() if v.startswith("*")) + tuple(
-        k for k in fwd_sig if k.endswith("stride_outer") or k.endswith("stride_inner")) + ("vocab",)
-    bwd_aligned = tuple(k for k, v in bwd_sig.items() if v.startswith("*")) + tuple(
-        k for k in bwd_sig if k.endswith("stride_outer") or k.endswith("stride_inner")) + ("vocab",)
-    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
-    block, num_warps = _block_config(151936, on_gpu=True)
-    entries = []
-    # (dtype, aligned, per-row inv_temps): without them, and bf16 with.
-    for dtype, aligned, row_temp in (("bf16", True, False), ("fp16", True, False), ("fp32", True, False),
-                                     ("bf16", False, False), ("bf16", True, True)):
-        tag = (dtype if aligned else f"{dtype},unaligned") + (",inv_temps" if row_temp else "")
-        entries.append(AotKernel(
-            name=f"kl_div_fwd[{tag}]", fn=_kl_div_fwd_kernel,
-            signature={k: v.format(dtype=dtype) for k, v in fwd_sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "HAS_ROW_TEMP": row_temp},
-            num_warps=num_warps, aligned=fwd_aligned if aligned else ()))
-        # Gradient on the policy only (frozen reference / teacher), or on both (distillation).
-        for grads, grad_y in (("dx", False), ("dx,dy", True)):
-            entries.append(AotKernel(
-                name=f"kl_div_bwd[{tag},{grads}]", fn=_kl_div_bwd_kernel,
-                signature={k: v.format(dtype=dtype) for k, v in bwd_sig.items()},
-                constexprs={"BLOCK_V": block, "GRAD_X": True, "GRAD_Y": grad_y, "HAS_ROW_TEMP": row_temp},
-                num_warps=num_warps, aligned=bwd_aligned if aligned else ()))
-    return entries
-
-
 # Specialisations compiled by aot.py: the launchers' GPU configuration for large vocabularies.
-AOT_KERNELS = _aot_kernels()
+AOT_KERNELS = pair_aot_kernels("kl_div", _kl_div_fwd_kernel, {
+    "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
+    "kl_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32", "inv_temps_ptr": "*fp32",
+    **layout_signature("", "other_"), "vocab": "i32", "inv_temp": "fp32", "direction": "i32",
+    "BLOCK_V": "constexpr", "VEC": "constexpr", "HAS_ROW_TEMP": "constexpr",
+}, _kl_div_bwd_kernel, {
+    "logits_ptr": "*{dtype}", "other_ptr": "*{dtype}",
+    "kl_ptr": "*fp32", "lse_ptr": "*fp32", "other_lse_ptr": "*fp32", "grad_kl_ptr": "*fp32",
+    "grad_ptr": "*{dtype}", "grad_other_ptr": "*{dtype}", "inv_temps_ptr": "*fp32",
+    **layout_signature("", "other_", "grad_", "grad_other_"), "vocab": "i32", "inv_temp": "fp32", "direction": "i32",
+    "BLOCK_V": "constexpr", "GRAD_X": "constexpr", "GRAD_Y": "constexpr", "HAS_ROW_TEMP": "constexpr",
+})

@@ -26,7 +26,7 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, optional_rows
+from ._launch import AOT_VOCAB, aot_kernel, block_config, layout_signature, optional_rows, vec_width
 from ._row import _row_or
 from .token_logprobs import _row_ptr, _row_stats, _token_logp, _write_grad_row
 
@@ -374,9 +374,7 @@ def _aot_kernels():
         "weight_ptr": "*fp32", "loss_ptr": "*fp32", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
         "grad_ptr": "*{dtype}",
         "inv_temps_ptr": "*fp32", "clip_low_ptr": "*fp32", "clip_high_ptr": "*fp32", "dual_clip_ptr": "*fp32",
-        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
-        "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
-        "vocab": "i32", "inv_temp": "fp32",
+        **layout_signature("", "grad_"), "vocab": "i32", "inv_temp": "fp32",
         "params": TokenLossFloats(*["fp32"] * len(TokenLossFloats._fields)),
         "BLOCK_V": "constexpr", "VEC": "constexpr",
         "POLICY": "constexpr", "KL": "constexpr", "MODE": "constexpr",
@@ -384,12 +382,7 @@ def _aot_kernels():
         "HAS_DUAL_CLIP": "constexpr",
     }
     row_flags = ("HAS_ROW_TEMP", "HAS_CLIP_LOW", "HAS_CLIP_HIGH", "HAS_DUAL_CLIP")
-    aligned = ("logits_ptr", "tokens_ptr", "advantages_ptr", "old_logp_ptr", "ref_logp_ptr",
-               "policy_weight_ptr", "weight_ptr", "loss_ptr", "logp_ptr", "entropy_ptr",
-               "grad_ptr", "inv_temps_ptr", "clip_low_ptr", "clip_high_ptr", "dual_clip_ptr",
-               "stride_outer", "stride_inner", "grad_stride_outer", "grad_stride_inner", "vocab")
-    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
-    block, num_warps = block_config(151936, on_gpu=True)
+    block, num_warps = block_config(AOT_VOCAB, on_gpu=True)
     # (dtype, aligned, policy, kl, cispo mode, per-row inputs). The entropy bonus is a runtime
     # scalar: every entry compiles it. bf16 covers every policy kind (every CISPO mode) of the
     # schema, the KL kinds taken in turn so that each is compiled at least once.
@@ -412,20 +405,15 @@ def _aot_kernels():
     for dtype, is_aligned, policy, kl, mode, row_inputs in variants:
         variant = policy + (f"-{mode}" if policy == "cispo" else "")
         tag = f"{dtype},{variant},{kl}" + ("" if is_aligned else ",unaligned") + (",rows" if row_inputs else "")
-        entries.append(AotKernel(
-            name=f"policy_loss_fused[{tag}]", fn=_policy_loss_fused_kernel,
-            signature={k: v if isinstance(v, tuple) else v.format(dtype=dtype) for k, v in sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype],
-                        "POLICY": _schema.POLICY_KIND[policy], "KL": _schema.KL_KIND[kl],
-                        "MODE": _schema.CISPO_MODE[mode], **dict.fromkeys(row_flags, row_inputs)},
-            num_warps=num_warps, aligned=aligned if is_aligned else ()))
+        entries.append(aot_kernel(
+            f"policy_loss_fused[{tag}]", _policy_loss_fused_kernel, sig, dtype, is_aligned, num_warps,
+            {"BLOCK_V": block, "VEC": vec_width(dtype), "POLICY": _schema.POLICY_KIND[policy],
+             "KL": _schema.KL_KIND[kl], "MODE": _schema.CISPO_MODE[mode], **dict.fromkeys(row_flags, row_inputs)}))
+    rescale_sig = {"grad_ptr": "*{dtype}", "upstream_ptr": "*fp32", "applied_ptr": "*fp32", **layout_signature(""),
+                   "vocab": "i32", "BLOCK_V": "constexpr"}
     for dtype in ("bf16", "fp16", "fp32"):
-        entries.append(AotKernel(
-            name=f"rescale_rows[{dtype}]", fn=_rescale_rows_kernel,
-            signature={"grad_ptr": f"*{dtype}", "upstream_ptr": "*fp32", "applied_ptr": "*fp32", "inner": "i32",
-                       "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32", "BLOCK_V": "constexpr"},
-            constexprs={"BLOCK_V": block}, num_warps=num_warps,
-            aligned=("grad_ptr", "upstream_ptr", "applied_ptr", "stride_outer", "stride_inner", "vocab")))
+        entries.append(aot_kernel(f"rescale_rows[{dtype}]", _rescale_rows_kernel, rescale_sig, dtype, True, num_warps,
+                                  {"BLOCK_V": block}))
     return entries
 
 

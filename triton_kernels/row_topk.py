@@ -23,7 +23,7 @@ two >= max(k, 2); only the first k slots are written.
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, optional_rows
+from ._launch import AOT_VOCAB, aot_kernel, block_config, layout_signature, optional_rows, vec_width
 from ._row import _row_or, _row_ptr, _row_stats, _token_logp
 
 SENTINEL = tl.constexpr(-(2**63))
@@ -130,29 +130,22 @@ def _aot_kernels():
     sig = {
         "logits_ptr": "*{dtype}", "tokens_ptr": "*i64", "ids_ptr": "*i32", "values_ptr": "*fp32",
         "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "inv_temps_ptr": "*fp32",
-        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
-        "inv_temp": "fp32", "k": "i32",
+        **layout_signature(""), "vocab": "i32", "inv_temp": "fp32", "k": "i32",
         "BLOCK_V": "constexpr", "VEC": "constexpr", "BLOCK_S": "constexpr", "K": "constexpr",
         "HAS_ROW_TEMP": "constexpr",
     }
-    # As in token_logprobs: pointers, strides and vocab usually multiples of 16, and k = 64.
-    aligned = ("logits_ptr", "tokens_ptr", "ids_ptr", "values_ptr", "logp_ptr", "entropy_ptr",
-               "lse_ptr", "inv_temps_ptr", "stride_outer", "stride_inner", "vocab", "k")
-    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
-    block, num_warps = block_config(151936, on_gpu=True)
+    block, num_warps = block_config(AOT_VOCAB, on_gpu=True)
     K, block_s = _select_config(64, block)
     entries = []
     # bf16 and fp32 cover both load widths; every entry costs ~10-30 s of compile time in CI.
     # Without per-row inv_temps: with them the kernel only loads its inv_temp (124-125 registers, no
     # stack on sm_80/90/100 when compiled), not worth ~10 s per arch here.
-    for dtype, is_aligned in (("bf16", True), ("fp32", True)):
-        tag = dtype if is_aligned else f"{dtype},unaligned"
-        entries.append(AotKernel(
-            name=f"row_topk[{tag},K={K}]", fn=_row_topk_kernel,
-            signature={name: t.format(dtype=dtype) for name, t in sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "BLOCK_S": block_s, "K": K,
-                        "HAS_ROW_TEMP": False},
-            num_warps=num_warps, aligned=aligned if is_aligned else ()))
+    # Aligned arguments as in token_logprobs, and k = 64.
+    for dtype in ("bf16", "fp32"):
+        entries.append(aot_kernel(
+            f"row_topk[{dtype},K={K}]", _row_topk_kernel, sig, dtype, True, num_warps,
+            {"BLOCK_V": block, "VEC": vec_width(dtype), "BLOCK_S": block_s, "K": K, "HAS_ROW_TEMP": False},
+            extra_aligned=("k",)))
     return entries
 
 

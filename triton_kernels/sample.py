@@ -33,10 +33,10 @@ The same random bits and thresholds as the CPU kernel (csrc/cpu/sample_rows.cpp,
 exp(x_j - max) / -log u_j instead: the same argmax up to float rounding at near-ties).
 
 Interpreter: every call of a @triton.jit helper costs about a millisecond under
-TRITON_INTERPRET=1 (the interpreter re-patches triton.language per call), so the loop bodies
-(bisection steps, draws) inline _scaled / _key / _exp and the Gumbel noise G_j = -log(-log u_j)
-instead of calling them (the statistics pass, _row.py's, makes one call per chunk); the generated
-GPU code is the same.
+TRITON_INTERPRET=1 (the interpreter re-patches triton.language per call), so the passes over a
+row make few per chunk: _chunk_keys (the chunk's x and keys, _scaled and _key inline) and, drawing,
+_gumbel; exp is inline (the statistics pass, _row.py's, makes one call per chunk). The generated
+GPU code is the same as with every helper called.
 
 Outputs: tokens[row, s] (int64), logprobs[row, s] = x_tok - lse(kept set),
 raw_logprobs[row, s] = x_tok - lse(all), entropy[row] of the unfiltered distribution at T.
@@ -48,7 +48,7 @@ same expressions (docs/SPEC.md section 8, "Scoring"); KEPT_MIN writes the row's 
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, optional_rows
+from ._launch import AOT_VOCAB, aot_kernel, block_config, layout_signature, optional_rows, vec_width
 from ._row import LOG2E, _row_ptr, _row_stats
 
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -80,6 +80,14 @@ def _rng_row_key(seed, sample):
     return _mix32(h ^ sample)
 
 
+@triton.jit
+def _gumbel(row_key, cols, use_gumbel):
+    """G_j = -log(-log u_j), u_j = rng_uniform(rng_bits(row_key, j)), of the columns j (0 unless
+    use_gumbel); ``row_key`` and ``cols`` broadcast against each other."""
+    u = ((_mix32(row_key + cols.to(tl.uint32) * GOLDEN) >> 9).to(tl.float32) + 0.5) * TWO_POW_M23
+    return tl.where(use_gumbel, -tl.log(-tl.log(u)), 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Row passes.
 # ---------------------------------------------------------------------------------------------
@@ -105,18 +113,24 @@ def _key_value(key):
 
 
 @triton.jit
+def _chunk_keys(logits_row, offs, vocab, inv_temp):
+    """(x, _key(x)) of a chunk, x = _scaled(z) and -inf past the row's end (so never kept: every
+    threshold is at least key(min finite x)); _scaled and _key inline."""
+    z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
+    x = z.to(tl.float32) * inv_temp
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return x, tl.where(bits >= 0, bits, bits ^ INT32_MAX)
+
+
+@triton.jit
 def _count_mass(logits_row, vocab, inv_temp, row_max, key_ge, BLOCK_V: tl.constexpr):
     """(#entries, sum exp(x - max)) over the entries with _key(x) >= key_ge (int32)."""
     cols = tl.arange(0, BLOCK_V)
     count = tl.zeros([BLOCK_V], tl.int32)
     mass = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, vocab, BLOCK_V):
-        offs = start + cols
-        z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-        x = z.to(tl.float32) * inv_temp
-        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-        keep = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= key_ge  # _key(x) >= key_ge
-        # Masked (-inf) entries are never kept: key_ge >= key(min finite x).
+        x, key = _chunk_keys(logits_row, start + cols, vocab, inv_temp)
+        keep = key >= key_ge
         count += keep.to(tl.int32)
         mass += tl.where(keep, tl.exp2((x - row_max) * LOG2E), 0.0)
     return tl.sum(count, axis=0), tl.sum(mass, axis=0)
@@ -127,23 +141,9 @@ def _bisect(logits_row, vocab, inv_temp, row_max, lo, hi, lo_mass, need_count, n
             BLOCK_V: tl.constexpr):
     """Largest key in [lo, hi] (int64) where the predicate holds, assuming it holds at lo:
     count >= need_count and mass >= need_mass (both monotone). Returns (key, its mass)."""
-    cols = tl.arange(0, BLOCK_V)
     while lo < hi:
         mid = lo + ((hi - lo + 1) >> 1)
-        key_ge = mid.to(tl.int32)
-        # _count_mass(..., key_ge), inline.
-        count_v = tl.zeros([BLOCK_V], tl.int32)
-        mass_v = tl.zeros([BLOCK_V], tl.float32)
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + cols
-            z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-            x = z.to(tl.float32) * inv_temp
-            bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-            keep = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= key_ge
-            count_v += keep.to(tl.int32)
-            mass_v += tl.where(keep, tl.exp2((x - row_max) * LOG2E), 0.0)
-        count = tl.sum(count_v, axis=0)
-        mass = tl.sum(mass_v, axis=0)
+        count, mass = _count_mass(logits_row, vocab, inv_temp, row_max, mid.to(tl.int32), BLOCK_V)
         ok = (count >= need_count) & (mass >= need_mass)
         lo = tl.where(ok, mid, lo)
         lo_mass = tl.where(ok, mass, lo_mass)
@@ -160,21 +160,9 @@ def _draw_one(logits_row, vocab, inv_temp, thr_key, row_key, use_gumbel, BLOCK_V
     best_id = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
-        z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-        x = z.to(tl.float32) * inv_temp
-        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-        # _key(x) >= thr_key; masked (-inf) entries never pass: thr_key >= key(min finite x).
-        kept = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= thr_key
-        # G_j = -log(-log u_j), u_j = rng_uniform(rng_bits(row_key, j)), inline.
-        h = row_key + offs.to(tl.uint32) * GOLDEN
-        h ^= h >> 16
-        h *= MIX_MUL1
-        h ^= h >> 15
-        h *= MIX_MUL2
-        h ^= h >> 16
-        u = ((h >> 9).to(tl.float32) + 0.5) * TWO_POW_M23
-        g = tl.where(use_gumbel, -tl.log(-tl.log(u)), 0.0)
-        score = tl.where(kept, x + g, float("-inf"))
+        x, key = _chunk_keys(logits_row, offs, vocab, inv_temp)
+        kept = key >= thr_key
+        score = tl.where(kept, x + _gumbel(row_key, offs, use_gumbel), float("-inf"))
         # Strictly greater: each lane sees increasing ids, so it keeps its first best.
         better = score > best
         best = tl.where(better, score, best)
@@ -204,18 +192,9 @@ def _draw(logits_row, vocab, inv_temp, thr_key, seed, s0, use_gumbel, BLOCK_V: t
         best_id = tl.zeros([S_BLOCK, BLOCK_V], tl.int32)
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
-            z = tl.load(logits_row + offs, mask=offs < vocab, other=float("-inf"))
-            x = z.to(tl.float32) * inv_temp
-            bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-            kept = tl.where(bits >= 0, bits, bits ^ INT32_MAX) >= thr_key
-            h = row_keys[:, None] + offs[None, :].to(tl.uint32) * GOLDEN  # G_j as in _draw_one, inline
-            h ^= h >> 16
-            h *= MIX_MUL1
-            h ^= h >> 15
-            h *= MIX_MUL2
-            h ^= h >> 16
-            u = ((h >> 9).to(tl.float32) + 0.5) * TWO_POW_M23
-            g = tl.where(use_gumbel, -tl.log(-tl.log(u)), 0.0)
+            x, key = _chunk_keys(logits_row, offs, vocab, inv_temp)
+            kept = key >= thr_key
+            g = _gumbel(row_keys[:, None], offs[None, :], use_gumbel)
             score = tl.where(kept[None, :], x[None, :] + g, float("-inf"))
             better = score > best
             best = tl.where(better, score, best)
@@ -375,32 +354,25 @@ def _aot_kernels():
         "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64",
         "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "raw_logprobs_ptr": "*fp32",
         "entropy_ptr": "*fp32", "score_ptr": "*i64", "kept_min_ptr": "*fp32",
-        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
-        "num_samples": "i32", "adaptive": "i32",
+        **layout_signature(""), "vocab": "i32", "num_samples": "i32", "adaptive": "i32",
         "t_min": "fp32", "t_max": "fp32", "h_low": "fp32", "h_high": "fp32",
         "BLOCK_V": "constexpr", "VEC": "constexpr", "S_BLOCK": "constexpr", "SCORE": "constexpr",
         "KEPT_MIN": "constexpr",
     }
-    # As in token_logprobs: pointers, strides and vocab usually multiples of 16.
-    aligned = tuple(k for k, v in sig.items() if v.startswith("*")) + (
-        "stride_outer", "stride_inner", "vocab")
-    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     entries = []
     # bf16 and fp32 cover both load widths at the launcher's GPU configuration for a large
     # vocabulary (one draw per pass, any num_samples); the last entry is its configuration for
     # many draws from a small row (16 draws per pass over V = 256).
     # The last is score mode with the thresholds written (filtered log-probs, bf16 large vocabulary).
-    for dtype, vocab, num_samples, score in (("bf16", 151936, 1, False), ("fp32", 151936, 1, False),
-                                             ("bf16", 256, 16, False), ("bf16", 151936, 1, True)):
+    for dtype, vocab, num_samples, score in (("bf16", AOT_VOCAB, 1, False), ("fp32", AOT_VOCAB, 1, False),
+                                             ("bf16", 256, 16, False), ("bf16", AOT_VOCAB, 1, True)):
         block, s_block, num_warps = sample_config(vocab, num_samples, on_gpu=True)
         tag = dtype if s_block == 1 else f"{dtype},S_BLOCK={s_block}"
         tag += ",SCORE" if score else ""
-        entries.append(AotKernel(
-            name=f"sample[{tag}]", fn=_sample_kernel,
-            signature={name: t.format(dtype=dtype) for name, t in sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "S_BLOCK": s_block, "SCORE": score,
-                        "KEPT_MIN": score}, options=SCORE_OPTIONS if score else {},
-            num_warps=num_warps, aligned=aligned))
+        entries.append(aot_kernel(
+            f"sample[{tag}]", _sample_kernel, sig, dtype, True, num_warps,
+            {"BLOCK_V": block, "VEC": vec_width(dtype), "S_BLOCK": s_block, "SCORE": score, "KEPT_MIN": score},
+            options=SCORE_OPTIONS if score else {}))
     return entries
 
 

@@ -9,7 +9,7 @@ per-row inv_temp, and ``kept_min``, the sampler's kept set: statistics over x >=
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, optional_rows
+from ._launch import AOT_VOCAB, aot_kernel, aot_variants, block_config, layout_signature, optional_rows, vec_width
 from ._row import _exp, _row_or, _row_ptr, _row_stats, _token_logp
 
 
@@ -20,6 +20,15 @@ def _grad_coeffs(g_logp, g_entropy, entropy, inv_temp):
     base = (-g_logp - g_entropy * entropy) * inv_temp
     slope = -g_entropy * inv_temp
     return target, base, slope
+
+
+@triton.jit
+def _dense_grad(log_p, cols, token_col, target, base, slope):
+    """dL/dz_j of _grad_coeffs at the columns ``cols`` from their log p_j; p_j = 0 (e.g. a -inf
+    logit) gives exactly 0, not 0 * inf."""
+    p = _exp(log_p)
+    g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
+    return tl.where(cols == token_col, g + target, g)
 
 
 @triton.jit
@@ -51,11 +60,7 @@ def _write_grad_row(logits_row, grad_row, token, vocab, inv_temp, lse, g_logp, g
             mask = offs < vocab
             z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
             x = z.to(tl.float32) * inv_temp
-            log_p = x - lse
-            p = _exp(log_p)
-            # p = 0 (e.g. a -inf logit) gives exactly 0, not 0 * inf.
-            g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
-            g = tl.where(offs == token_col, g + target, g)
+            g = _dense_grad(x - lse, offs, token_col, target, base, slope)
             if KEPT:
                 g = tl.where(x < kept_min, 0.0, g)
             # Same program reads then writes each element, so grad_row may alias logits_row.
@@ -104,6 +109,25 @@ def _token_logprobs_bwd_kernel(
                     kept_min, HAS_KEPT_MIN)
 
 
+def _launch(kernel, pointers, lse, layouts, vocab, inv_temp, inv_temps, kept_min, block_v, vec=False):
+    """kernel[(rows,)] at block_config's configuration for ``vocab``, with arguments ``pointers``
+    (the logits first), the optional per-row inputs (``lse`` their stand-in when None), each of
+    ``layouts`` but its rows (all must describe the same rows), vocab, inv_temp; with ``vec``
+    also VEC (the forward's statistics pass)."""
+    rows = layouts[0][0]
+    assert all(layout[0] == rows for layout in layouts), "layout and grad_layout must describe the same rows"
+    if rows == 0:
+        return
+    inv_temps, has_row_temp = optional_rows(inv_temps, lse)
+    kept_min, has_kept_min = optional_rows(kept_min, lse)
+    block, num_warps = block_config(vocab, pointers[0].device.type != "cpu", block_v)
+    lanes = {"VEC": min(16 // pointers[0].element_size(), block)} if vec else {}
+    kernel[(rows,)](
+        *pointers, inv_temps, kept_min, *[n for layout in layouts for n in layout[1:]], vocab, float(inv_temp),
+        BLOCK_V=block, **lanes, HAS_ROW_TEMP=has_row_temp, HAS_KEPT_MIN=has_kept_min, num_warps=num_warps,
+    )
+
+
 def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, lse, inv_temps=None, kept_min=None, *, block_v=None):
     """logp, entropy, lse (fp32 [rows]) of the logits rows described by ``layout``.
 
@@ -111,18 +135,8 @@ def token_logprobs_fwd(logits, layout, vocab, tokens, inv_temp, logp, entropy, l
     overrides the vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab.
     ``inv_temps`` and ``kept_min`` (contiguous fp32 [rows], optional): see the module docstring.
     """
-    rows, inner, stride_outer, stride_inner = layout
-    if rows == 0:
-        return
-    inv_temps, has_row_temp = optional_rows(inv_temps, lse)
-    kept_min, has_kept_min = optional_rows(kept_min, lse)
-    block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
-    _token_logprobs_fwd_kernel[(rows,)](
-        logits, tokens, logp, entropy, lse, inv_temps, kept_min,
-        inner, stride_outer, stride_inner, vocab, float(inv_temp),
-        BLOCK_V=block, VEC=min(16 // logits.element_size(), block),
-        HAS_ROW_TEMP=has_row_temp, HAS_KEPT_MIN=has_kept_min, num_warps=num_warps,
-    )
+    _launch(_token_logprobs_fwd_kernel, (logits, tokens, logp, entropy, lse), lse, (layout,), vocab, inv_temp,
+            inv_temps, kept_min, block_v, vec=True)
 
 
 def token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, grad_logp,
@@ -133,28 +147,15 @@ def token_logprobs_bwd(logits, layout, vocab, tokens, inv_temp, lse, entropy, gr
     ``grad_logits`` may be ``logits`` itself (same layout) for an in-place backward. ``inv_temps``
     and ``kept_min`` must be the forward's.
     """
-    rows, inner, stride_outer, stride_inner = layout
-    grad_rows, grad_inner, grad_stride_outer, grad_stride_inner = grad_layout
-    assert grad_rows == rows, "layout and grad_layout must describe the same rows"
-    if rows == 0:
-        return
-    inv_temps, has_row_temp = optional_rows(inv_temps, lse)
-    kept_min, has_kept_min = optional_rows(kept_min, lse)
-    block, num_warps = block_config(vocab, logits.device.type != "cpu", block_v)
-    _token_logprobs_bwd_kernel[(rows,)](
-        logits, tokens, lse, entropy, grad_logp, grad_entropy, grad_logits, inv_temps, kept_min,
-        inner, stride_outer, stride_inner, grad_inner, grad_stride_outer, grad_stride_inner,
-        vocab, float(inv_temp),
-        BLOCK_V=block, HAS_ROW_TEMP=has_row_temp, HAS_KEPT_MIN=has_kept_min, num_warps=num_warps,
-    )
+    _launch(_token_logprobs_bwd_kernel, (logits, tokens, lse, entropy, grad_logp, grad_entropy, grad_logits), lse,
+            (layout, grad_layout), vocab, inv_temp, inv_temps, kept_min, block_v)
 
 
 def _aot_kernels():
     fwd_sig = {
         "logits_ptr": "*{dtype}", "tokens_ptr": "*i64",
         "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
-        "inv_temps_ptr": "*fp32", "kept_min_ptr": "*fp32",
-        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32", "vocab": "i32",
+        "inv_temps_ptr": "*fp32", "kept_min_ptr": "*fp32", **layout_signature(""), "vocab": "i32",
         "inv_temp": "fp32", "BLOCK_V": "constexpr", "VEC": "constexpr",
         "HAS_ROW_TEMP": "constexpr", "HAS_KEPT_MIN": "constexpr",
     }
@@ -162,36 +163,18 @@ def _aot_kernels():
         "logits_ptr": "*{dtype}", "tokens_ptr": "*i64", "lse_ptr": "*fp32",
         "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
         "grad_ptr": "*{dtype}", "inv_temps_ptr": "*fp32", "kept_min_ptr": "*fp32",
-        "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
-        "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
-        "vocab": "i32", "inv_temp": "fp32",
+        **layout_signature("", "grad_"), "vocab": "i32", "inv_temp": "fp32",
         "BLOCK_V": "constexpr", "HAS_ROW_TEMP": "constexpr", "HAS_KEPT_MIN": "constexpr",
     }
-    # What a launch usually specialises as multiples of 16: pointers, strides and a vocab like
-    # 151936 or 128256. "unaligned" is a vocab like 50257 (scalar loads).
-    fwd_aligned = ("logits_ptr", "tokens_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "inv_temps_ptr",
-                   "kept_min_ptr", "stride_outer", "stride_inner", "vocab")
-    bwd_aligned = ("logits_ptr", "tokens_ptr", "lse_ptr", "entropy_ptr", "grad_logp_ptr",
-                   "grad_entropy_ptr", "grad_ptr", "inv_temps_ptr", "kept_min_ptr", "stride_outer",
-                   "stride_inner", "grad_stride_outer", "grad_stride_inner", "vocab")
-    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
-    block, num_warps = block_config(151936, on_gpu=True)
+    block, num_warps = block_config(AOT_VOCAB, on_gpu=True)
     entries = []
-    # (dtype, aligned, per-row inputs): without them, and bf16 with both (a sampler's scoring pass).
-    for dtype, aligned, row_inputs in (("bf16", True, False), ("fp16", True, False), ("fp32", True, False),
-                                       ("bf16", False, False), ("bf16", True, True)):
-        tag = (dtype if aligned else f"{dtype},unaligned") + (",inv_temps,kept_min" if row_inputs else "")
+    # Both per-row inputs given at once: a sampler's scoring pass.
+    for tag, dtype, aligned, row_inputs in aot_variants("inv_temps,kept_min"):
         flags = {"HAS_ROW_TEMP": row_inputs, "HAS_KEPT_MIN": row_inputs}
-        entries.append(AotKernel(
-            name=f"token_logprobs_fwd[{tag}]", fn=_token_logprobs_fwd_kernel,
-            signature={k: v.format(dtype=dtype) for k, v in fwd_sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], **flags},
-            num_warps=num_warps, aligned=fwd_aligned if aligned else ()))
-        entries.append(AotKernel(
-            name=f"token_logprobs_bwd[{tag}]", fn=_token_logprobs_bwd_kernel,
-            signature={k: v.format(dtype=dtype) for k, v in bwd_sig.items()},
-            constexprs={"BLOCK_V": block, **flags},
-            num_warps=num_warps, aligned=bwd_aligned if aligned else ()))
+        entries.append(aot_kernel(f"token_logprobs_fwd[{tag}]", _token_logprobs_fwd_kernel, fwd_sig, dtype, aligned,
+                                  num_warps, {"BLOCK_V": block, "VEC": vec_width(dtype), **flags}))
+        entries.append(aot_kernel(f"token_logprobs_bwd[{tag}]", _token_logprobs_bwd_kernel, bwd_sig, dtype, aligned,
+                                  num_warps, {"BLOCK_V": block, **flags}))
     return entries
 
 

@@ -24,11 +24,11 @@ Per row:
 import triton
 import triton.language as tl
 
-from ._launch import AotKernel, block_config, optional_rows
-from ._row import FLT_MAX, _combine, _exp, _online, _row_or, _row_ptr, _token_logp
+from ._launch import AOT_VOCAB, aot_kernel, block_config, layout_signature, optional_rows, vec_width
+from ._row import FLT_MAX, _combine, _online, _row_or, _row_ptr, _token_logp
 from .policy_loss import KL_KIND, TokenLossFloats, _token_loss, kernel_constexprs
 from .row_topk import SENTINEL, _decode_key, _sort_key
-from .token_logprobs import _grad_coeffs
+from .token_logprobs import _dense_grad, _grad_coeffs
 
 try:  # installed as rlfuse.triton_kernels
     from .. import _schema
@@ -278,27 +278,16 @@ def _troll_kernel(
         mask = offs < vocab
         if dense:
             z = tl.load(logits_row + offs, mask=mask, other=float("-inf"))
-            log_p = z.to(tl.float32) * inv_temp - lse
-            p = _exp(log_p)
-            g = tl.where(p == 0.0, 0.0, p * (base + slope * log_p))
-            g = tl.where(offs == token_col, g + target, g)
+            g = _dense_grad(z.to(tl.float32) * inv_temp - lse, offs, token_col, target, base, slope)
         else:
             g = tl.zeros([BLOCK_V], tl.float32)
         tl.store(grad_row + offs, g.to(grad_row.dtype.element_ty), mask=mask)
     tl.debug_barrier()
     # Each support entry: its dense part (the same formula, from the logit read in step 2) plus
     # the TROLL gradient, in one rounding.
-    log_p_a = x_a - lse
-    p_a = _exp(log_p_a)
-    dense_a = tl.where(p_a == 0.0, 0.0, p_a * (base + slope * log_p_a))
-    dense_a = tl.where(ids_a == token_col, dense_a + target, dense_a)
-    dense_a = tl.where(dense, dense_a, 0.0)
+    dense_a = tl.where(dense, _dense_grad(x_a - lse, ids_a, token_col, target, base, slope), 0.0)
     tl.store(grad_row + tl.where(valid_a, ids_a, 0), (dense_a + sparse_a).to(grad_row.dtype.element_ty), mask=valid_a)
-    log_p_b = x_b - lse
-    p_b32 = _exp(log_p_b)
-    dense_b = tl.where(p_b32 == 0.0, 0.0, p_b32 * (base + slope * log_p_b))
-    dense_b = tl.where(ids_b == token_col, dense_b + target, dense_b)
-    dense_b = tl.where(dense, dense_b, 0.0)
+    dense_b = tl.where(dense, _dense_grad(x_b - lse, ids_b, token_col, target, base, slope), 0.0)
     tl.store(grad_row + tl.where(valid_b, ids_b, 0), (dense_b + sparse_b).to(grad_row.dtype.element_ty), mask=valid_b)
 
 
@@ -350,33 +339,26 @@ def _aot_kernels():
         "old_ids_ptr": "*i32", "old_logprobs_ptr": "*fp32",
         "loss_ptr": "*fp32", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "eta_ptr": "*fp32",
         "kl_before_ptr": "*fp32", "kl_after_ptr": "*fp32", "support_ptr": "*fp32", "grad_ptr": "*{dtype}",
-        "inv_temps_ptr": "*fp32", "inner": "i32", "stride_outer": "i64", "stride_inner": "i32",
-        "grad_inner": "i32", "grad_stride_outer": "i64", "grad_stride_inner": "i32",
+        "inv_temps_ptr": "*fp32", **layout_signature("", "grad_"),
         "vocab": "i32", "inv_temp": "fp32", "old_k": "i32", "k": "i32",
         "keep_below": "fp64", "eps": "fp64", "alpha": "fp64",
         "params": TokenLossFloats(*["fp32"] * len(TokenLossFloats._fields)),
         "BLOCK_V": "constexpr", "VEC": "constexpr", "K": "constexpr", "OA": "constexpr", "OK": "constexpr",
         "POLICY": "constexpr", "KL": "constexpr", "MODE": "constexpr", "HAS_ROW_TEMP": "constexpr",
     }
-    aligned = ("logits_ptr", "tokens_ptr", "advantages_ptr", "old_logp_ptr", "ref_logp_ptr", "policy_weight_ptr",
-               "weight_ptr", "old_ids_ptr", "old_logprobs_ptr", "loss_ptr", "logp_ptr", "entropy_ptr", "eta_ptr",
-               "kl_before_ptr", "kl_after_ptr", "support_ptr", "grad_ptr", "inv_temps_ptr", "stride_outer", "stride_inner",
-               "grad_stride_outer", "grad_stride_inner", "vocab", "old_k", "k")
-    bytes_per = {"bf16": 2, "fp16": 2, "fp32": 4}
     # The launcher's GPU configuration at K = 64 (LossConfig.troll()'s default), large vocabulary:
     # without penalties and with the k3 KL penalty (the policy field is not read: ppo). Per-row
     # inv_temps only replace the scalar by one load (bf16 k3 compiled with them: 252-254 registers,
     # no stack on sm_80/90/100), not worth ~20 s per arch here.
-    block, num_warps, K, OA, OK = _config(151936, 64, 64, on_gpu=True)
+    block, num_warps, K, OA, OK = _config(AOT_VOCAB, 64, 64, on_gpu=True)
     entries = []
     for dtype, kl in (("bf16", "none"), ("bf16", "k3"), ("fp32", "none")):
-        entries.append(AotKernel(
-            name=f"troll[{dtype},{kl},K={K}]", fn=_troll_kernel,
-            signature={name: t if isinstance(t, tuple) else t.format(dtype=dtype) for name, t in sig.items()},
-            constexprs={"BLOCK_V": block, "VEC": 16 // bytes_per[dtype], "K": K, "OA": OA, "OK": OK,
-                        "POLICY": _schema.POLICY_KIND["ppo"], "KL": _schema.KL_KIND[kl],
-                        "MODE": _schema.CISPO_MODE["two_sided"], "HAS_ROW_TEMP": False},
-            num_warps=num_warps, aligned=aligned))
+        entries.append(aot_kernel(
+            f"troll[{dtype},{kl},K={K}]", _troll_kernel, sig, dtype, True, num_warps,
+            {"BLOCK_V": block, "VEC": vec_width(dtype), "K": K, "OA": OA, "OK": OK,
+             "POLICY": _schema.POLICY_KIND["ppo"], "KL": _schema.KL_KIND[kl],
+             "MODE": _schema.CISPO_MODE["two_sided"], "HAS_ROW_TEMP": False},
+            extra_aligned=("old_k", "k")))
     return entries
 
 

@@ -195,19 +195,11 @@ struct FwdLauncher {
 struct BwdLauncher {
   template <typename T, int kBlock>
   static void launch(const JsdBwdArgs& args, unsigned grid, cudaStream_t stream) {
-    if (args.grad_logits != nullptr && args.grad_other != nullptr) {
-      jsd_bwd_kernel<T, kBlock, true, true><<<grid, kBlock, 0, stream>>>(args);
-    } else if (args.grad_logits != nullptr) {
-      jsd_bwd_kernel<T, kBlock, true, false><<<grid, kBlock, 0, stream>>>(args);
-    } else {
-      jsd_bwd_kernel<T, kBlock, false, true><<<grid, kBlock, 0, stream>>>(args);
-    }
+    with_requested_grads(args, [&](auto grad_p, auto grad_q) {
+      jsd_bwd_kernel<T, kBlock, grad_p, grad_q><<<grid, kBlock, 0, stream>>>(args);
+    });
   }
 };
-
-bool same_rows(const RowLayout& layout, const RowLayout& other) {
-  return valid_layout(other) && other.rows == layout.rows;
-}
 
 bool valid_beta(float beta) { return beta > 0.0f && beta < 1.0f; }
 
@@ -221,20 +213,8 @@ int jsd_fwd_cuda(const JsdFwdArgs& args, void* stream) {
 }
 
 int jsd_bwd_cuda(const JsdBwdArgs& args, void* stream) {
-  if (!valid_beta(args.beta) || !same_rows(args.layout, args.other_layout)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if (args.grad_logits != nullptr && !same_rows(args.layout, args.grad_layout)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if (args.grad_other != nullptr && !same_rows(args.layout, args.grad_other_layout)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if (args.grad_logits == nullptr && args.grad_other == nullptr) {
-    const bool valid = valid_layout(args.layout) && args.vocab >= 0;
-    return static_cast<int>(valid ? cudaSuccess : cudaErrorInvalidValue);
-  }
-  return dispatch<BwdLauncher>(args, stream);
+  if (!valid_beta(args.beta)) return static_cast<int>(cudaErrorInvalidValue);
+  return launch_pair_backward(args, [&] { return dispatch<BwdLauncher>(args, stream); });
 }
 
 }  // namespace rlfuse

@@ -395,22 +395,11 @@ struct FwdLauncher {
 struct BwdLauncher {
   template <typename T, int kBlock>
   static void launch(const KlDivBwdArgs& args, unsigned grid, cudaStream_t stream) {
-    if (args.inv_temps != nullptr) {
-      launch_grads<T, kBlock, true>(args, grid, stream);
-    } else {
-      launch_grads<T, kBlock, false>(args, grid, stream);
-    }
-  }
-
-  template <typename T, int kBlock, bool kRowTemps>
-  static void launch_grads(const KlDivBwdArgs& args, unsigned grid, cudaStream_t stream) {
-    if (args.grad_logits != nullptr && args.grad_other != nullptr) {
-      kl_div_bwd_kernel<T, kBlock, true, true, kRowTemps><<<grid, kBlock, 0, stream>>>(args);
-    } else if (args.grad_logits != nullptr) {
-      kl_div_bwd_kernel<T, kBlock, true, false, kRowTemps><<<grid, kBlock, 0, stream>>>(args);
-    } else {
-      kl_div_bwd_kernel<T, kBlock, false, true, kRowTemps><<<grid, kBlock, 0, stream>>>(args);
-    }
+    with_flag(args.inv_temps != nullptr, [&](auto row_temps) {
+      with_requested_grads(args, [&](auto grad_p, auto grad_q) {
+        kl_div_bwd_kernel<T, kBlock, grad_p, grad_q, row_temps><<<grid, kBlock, 0, stream>>>(args);
+      });
+    });
   }
 };
 
@@ -439,11 +428,6 @@ KlDivBwdArgs oriented(KlDivBwdArgs args) {
   return args;
 }
 
-// The kernels read and write layout.rows rows of every buffer.
-bool same_rows(const RowLayout& layout, const RowLayout& other) {
-  return valid_layout(other) && other.rows == layout.rows;
-}
-
 }  // namespace
 
 int kl_div_fwd_cuda(const KlDivFwdArgs& args, void* stream) {
@@ -454,21 +438,8 @@ int kl_div_fwd_cuda(const KlDivFwdArgs& args, void* stream) {
 }
 
 int kl_div_bwd_cuda(const KlDivBwdArgs& args, void* stream) {
-  if (!valid_direction(args.direction) || !same_rows(args.layout, args.other_layout)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if (args.grad_logits != nullptr && !same_rows(args.layout, args.grad_layout)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if (args.grad_other != nullptr && !same_rows(args.layout, args.grad_other_layout)) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  if (args.grad_logits == nullptr && args.grad_other == nullptr) {
-    // Nothing to write; still reject what dispatch() would.
-    const bool valid = valid_layout(args.layout) && args.vocab >= 0;
-    return static_cast<int>(valid ? cudaSuccess : cudaErrorInvalidValue);
-  }
-  return dispatch<BwdLauncher>(oriented(args), stream);
+  if (!valid_direction(args.direction)) return static_cast<int>(cudaErrorInvalidValue);
+  return launch_pair_backward(args, [&] { return dispatch<BwdLauncher>(oriented(args), stream); });
 }
 
 }  // namespace rlfuse

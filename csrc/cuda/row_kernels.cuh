@@ -501,6 +501,52 @@ inline bool valid_layout(const RowLayout& layout) {
   return layout.rows >= 0 && layout.inner >= 1;
 }
 
+// Calls launch(std::true_type{}) or launch(std::false_type{}) as `flag` says: a run-time choice
+// between the two instantiations of a kernel with a bool template parameter.
+template <typename Launch>
+void with_flag(bool flag, Launch&& launch) {
+  if (flag) {
+    launch(std::true_type{});
+  } else {
+    launch(std::false_type{});
+  }
+}
+
+// The two-row kernels read and write layout.rows rows of every buffer.
+inline bool same_rows(const RowLayout& layout, const RowLayout& other) {
+  return valid_layout(other) && other.rows == layout.rows;
+}
+
+// A two-row backward (kl_div.cu, distill.cu: Args with grad_logits and grad_other, either null): checks the rows (both
+// logit rows and each requested gradient: layout.rows rows), then returns launch() unless no
+// gradient is requested, which launches nothing (still rejecting what dispatch() would).
+template <typename Args, typename Launch>
+int launch_pair_backward(const Args& args, Launch&& launch) {
+  if (!same_rows(args.layout, args.other_layout) ||
+      (args.grad_logits != nullptr && !same_rows(args.layout, args.grad_layout)) ||
+      (args.grad_other != nullptr && !same_rows(args.layout, args.grad_other_layout))) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (args.grad_logits == nullptr && args.grad_other == nullptr) {
+    const bool valid = valid_layout(args.layout) && args.vocab >= 0;
+    return static_cast<int>(valid ? cudaSuccess : cudaErrorInvalidValue);
+  }
+  return launch();
+}
+
+// Calls launch(grad_p, grad_q) with std::bool_constant's that say which gradients `args`
+// requests (at least one): the backward kernels are compiled for each combination.
+template <typename Args, typename Launch>
+void with_requested_grads(const Args& args, Launch&& launch) {
+  if (args.grad_logits != nullptr && args.grad_other != nullptr) {
+    launch(std::true_type{}, std::true_type{});
+  } else if (args.grad_logits != nullptr) {
+    launch(std::true_type{}, std::false_type{});
+  } else {
+    launch(std::false_type{}, std::true_type{});
+  }
+}
+
 // Picks the element type and block size for `args` (any *Args with dtype, layout and vocab) and
 // calls Launcher::launch<T, kBlock>(args, grid, stream). Empty inputs launch nothing.
 template <typename Launcher, typename Args>

@@ -82,14 +82,7 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
     __syncthreads();
     const float inv_temp = row_scale;
     const RowStats stats = row_stats<T, kBlock>(row_logits, vocab, inv_temp, warp_stats);
-    walk_row<T, kBlock>(row_logits, vocab, thread_index(), [&](const auto& z, int64_t, int64_t) {
-#pragma unroll
-      for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
-        const float x = scaled(z[m], inv_temp);
-        if (selectable(x)) atomicAdd(&hist[order_key(x) >> Digit<0>::kShift], 1u);
-      }
-    });
-    __syncthreads();
+    top_digit_histogram<T, kBlock>(row_logits, vocab, inv_temp, hist);
     if (thread_index() == 0) {
       const float x_target = target_logit(row_logits, vocab, args.tokens[row], inv_temp);
       const RowResult result = finalize(stats, x_target);
@@ -98,46 +91,9 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>) row_topk_kernel(Ro
       args.lse[row] = result.lse;
     }
 
-    // ---- 2. radix select
-    // Entries to output: k, or fewer when the row has fewer selectable entries.
-    const int need =
-        select_digit<kBlock, Digit<0>::kBins>(hist, k, warp_counts, &bucket, &row_need);
-    if (need > 0) {
-      const Selection selection =
-          refine_selection<T, kBlock>(row_logits, vocab, inv_temp, hist, warp_counts, &bucket, row_need);
-      const uint32_t prefix = selection.prefix;
-      const int shift = selection.shift;
-      const int above = selection.above;
-      const int count = selection.count;
-
-      // ---- 3. gather (the histogram is dead: select_digit's barriers come after its reads)
-      // Too many ties at the exact k-th key (shift == 0): take the keys above it here, the
-      // lowest-id ties below.
-      const bool tied = above + count > kMaxK;
-      const uint32_t lowest = tied ? prefix + 1 : prefix << shift;  // keys <= +inf's: no wrap
-      const auto gather = [&](const auto& z, int64_t col0, int64_t stride) {
-        constexpr int kSize = Pack<T>::kSize;
-#pragma unroll
-        for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
-          const float x = scaled(z[m], inv_temp);
-          const uint32_t key = order_key(x);
-          if (selectable(x) && key >= lowest) {
-            const int slot = next_slot(&gathered);
-            const int64_t col = col0 + (m / kSize) * stride + m % kSize;
-            if (slot < kMaxK) candidates[slot] = candidate(key, col);  // always: exact counts
-          }
-        }
-      };
-      walk_row<T, kBlock>(row_logits, vocab, thread_index(), gather);
-      __syncthreads();
-      if (tied) {
-        gather_ties<T, kBlock>(row_logits, vocab, inv_temp, prefix, above, row_need - above,
-                               candidates, warp_counts);
-      }
-
-      // ---- 4. sort
-      sort_candidates<kBlock>(candidates, tied ? row_need : above + count);
-    }
+    // ---- 2.-4. radix select, gather and sort (topk_select.cuh)
+    select_top_k<T, kBlock>(row_logits, vocab, inv_temp, k, candidates, warp_counts, &bucket,
+                            &gathered, row_need);
 
     int32_t* ids = args.topk_ids + row * args.k;
     float* values = args.topk_values + row * args.k;

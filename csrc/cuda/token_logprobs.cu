@@ -58,22 +58,18 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks<kBlock>)
 struct FwdLauncher {
   template <typename T, int kBlock>
   static void launch(const TokenLogprobsFwdArgs& args, unsigned grid, cudaStream_t stream) {
-    if (args.kept_min != nullptr) {
-      token_logprobs_fwd_kernel<T, kBlock, true><<<grid, kBlock, 0, stream>>>(args);
-    } else {
-      token_logprobs_fwd_kernel<T, kBlock, false><<<grid, kBlock, 0, stream>>>(args);
-    }
+    with_flag(args.kept_min != nullptr, [&](auto has_kept_set) {
+      token_logprobs_fwd_kernel<T, kBlock, has_kept_set><<<grid, kBlock, 0, stream>>>(args);
+    });
   }
 };
 
 struct BwdLauncher {
   template <typename T, int kBlock>
   static void launch(const TokenLogprobsBwdArgs& args, unsigned grid, cudaStream_t stream) {
-    if (args.kept_min != nullptr) {
-      token_logprobs_bwd_kernel<T, kBlock, true><<<grid, kBlock, 0, stream>>>(args);
-    } else {
-      token_logprobs_bwd_kernel<T, kBlock, false><<<grid, kBlock, 0, stream>>>(args);
-    }
+    with_flag(args.kept_min != nullptr, [&](auto has_kept_set) {
+      token_logprobs_bwd_kernel<T, kBlock, has_kept_set><<<grid, kBlock, 0, stream>>>(args);
+    });
   }
 };
 

@@ -208,9 +208,9 @@ __device__ __forceinline__ void sort_candidates(uint64_t* candidates, int n) {
 
 // The refinement of the radix select after its top digit (step 2 of row_topk.cu): while the entries
 // in the selected digit plus all above it are more than kMaxK, one more histogram pass over the
-// entries that still match the prefix selects the next digit. ``bucket`` holds the top digit's
-// selection; the result says which keys the gather takes (>= prefix << shift, or > prefix when
-// ``above + count > kMaxK``: too many ties at the exact k-th key).
+// entries that still match the prefix selects the next digit. The selection says which keys the
+// gather takes (>= prefix << shift, or > prefix when ``above + count > kMaxK``: too many ties at
+// the exact k-th key).
 struct Selection {
   uint32_t prefix;
   int shift;
@@ -218,39 +218,96 @@ struct Selection {
   int count;
 };
 
+// One refinement step: digit kLevel of the entries under `s`, if they are still too many.
+template <typename T, int kBlock, int kLevel>
+__device__ __forceinline__ void refine_digit(const T* row_logits, int64_t vocab, float inv_temp,
+                                             uint32_t* hist, int* warp_counts, Bucket* bucket,
+                                             int row_need, Selection& s) {
+  if (s.above + s.count <= kMaxK) return;
+  clear<kBlock>(hist, Digit<kLevel>::kBins);
+  __syncthreads();
+  refine_histogram<T, kBlock, kLevel>(row_logits, vocab, inv_temp, s.prefix, hist);
+  __syncthreads();
+  select_digit<kBlock, Digit<kLevel>::kBins>(hist, row_need - s.above, warp_counts, bucket,
+                                             nullptr);
+  const Bucket b = *bucket;
+  s = Selection{(s.prefix << Digit<kLevel>::kBits) | b.digit, Digit<kLevel>::kShift,
+                s.above + b.above, b.count};
+}
+
+// The whole refinement: `bucket` holds the top digit's selection.
 template <typename T, int kBlock>
-__device__ __forceinline__ Selection refine_selection(const T* row_logits, int64_t vocab, float inv_temp,
-                                                      uint32_t* hist, int* warp_counts, Bucket* bucket,
+__device__ __forceinline__ Selection refine_selection(const T* row_logits, int64_t vocab,
+                                                      float inv_temp, uint32_t* hist,
+                                                      int* warp_counts, Bucket* bucket,
                                                       int row_need) {
-  Bucket b = *bucket;
-  uint32_t prefix = b.digit;
-  int shift = Digit<0>::kShift;
-  int above = b.above;
-  if (above + b.count > kMaxK) {
-    clear<kBlock>(hist, Digit<1>::kBins);
-    __syncthreads();
-    refine_histogram<T, kBlock, 1>(row_logits, vocab, inv_temp, prefix, hist);
-    __syncthreads();
-    select_digit<kBlock, Digit<1>::kBins>(hist, row_need - above, warp_counts, bucket,
-                                          nullptr);
-    b = *bucket;
-    prefix = (prefix << Digit<1>::kBits) | b.digit;
-    shift = Digit<1>::kShift;
-    above += b.above;
+  const Bucket b = *bucket;
+  Selection s{b.digit, Digit<0>::kShift, b.above, b.count};
+  refine_digit<T, kBlock, 1>(row_logits, vocab, inv_temp, hist, warp_counts, bucket, row_need, s);
+  refine_digit<T, kBlock, 2>(row_logits, vocab, inv_temp, hist, warp_counts, bucket, row_need, s);
+  return s;
+}
+
+// Step 1's second half (row_topk.cu): the histogram of the top digit over the selectable entries.
+// Ends with a barrier, after which it is complete.
+template <typename T, int kBlock>
+__device__ __forceinline__ void top_digit_histogram(const T* row_logits, int64_t vocab,
+                                                    float inv_temp, uint32_t* hist) {
+  walk_row<T, kBlock>(row_logits, vocab, thread_index(), [&](const auto& z, int64_t, int64_t) {
+#pragma unroll
+    for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
+      const float x = scaled(z[m], inv_temp);
+      if (selectable(x)) atomicAdd(&hist[order_key(x) >> Digit<0>::kShift], 1u);
+    }
+  });
+  __syncthreads();
+}
+
+// Steps 2-4 of row_topk.cu on a row whose top-digit histogram is in `candidates` (top_digit_histogram;
+// `*gathered` is 0): radix select, gather and sort. Leaves min(k, selectable entries) in
+// `row_need` and the top entries, sorted, in candidates[0, row_need). `row_logits` and `row_need`
+// are the kernel's __shared__ variables, taken by reference so that each use re-reads them rather
+// than holding them in registers through the passes (row_topk.cu's register note).
+template <typename T, int kBlock>
+__device__ __forceinline__ void select_top_k(const T* const& row_logits, int64_t vocab,
+                                             float inv_temp, int k, uint64_t* candidates,
+                                             int* warp_counts, Bucket* bucket, int* gathered,
+                                             int& row_need) {
+  uint32_t* hist = reinterpret_cast<uint32_t*>(candidates);
+  // ---- 2. radix select
+  // Entries to output: k, or fewer when the row has fewer selectable entries.
+  const int need = select_digit<kBlock, Digit<0>::kBins>(hist, k, warp_counts, bucket, &row_need);
+  if (need <= 0) return;
+  const Selection s =
+      refine_selection<T, kBlock>(row_logits, vocab, inv_temp, hist, warp_counts, bucket, row_need);
+
+  // ---- 3. gather (the histogram is dead: select_digit's barriers come after its reads)
+  // Too many ties at the exact k-th key (shift == 0): take the keys above it here, the lowest-id
+  // ties below.
+  const bool tied = s.above + s.count > kMaxK;
+  const uint32_t lowest = tied ? s.prefix + 1 : s.prefix << s.shift;  // keys <= +inf's: no wrap
+  const auto gather = [&](const auto& z, int64_t col0, int64_t stride) {
+    constexpr int kSize = Pack<T>::kSize;
+#pragma unroll
+    for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
+      const float x = scaled(z[m], inv_temp);
+      const uint32_t key = order_key(x);
+      if (selectable(x) && key >= lowest) {
+        const int slot = next_slot(gathered);
+        const int64_t col = col0 + (m / kSize) * stride + m % kSize;
+        if (slot < kMaxK) candidates[slot] = candidate(key, col);  // always: exact counts
+      }
+    }
+  };
+  walk_row<T, kBlock>(row_logits, vocab, thread_index(), gather);
+  __syncthreads();
+  if (tied) {
+    gather_ties<T, kBlock>(row_logits, vocab, inv_temp, s.prefix, s.above, row_need - s.above,
+                           candidates, warp_counts);
   }
-  if (above + b.count > kMaxK) {
-    clear<kBlock>(hist, Digit<2>::kBins);
-    __syncthreads();
-    refine_histogram<T, kBlock, 2>(row_logits, vocab, inv_temp, prefix, hist);
-    __syncthreads();
-    select_digit<kBlock, Digit<2>::kBins>(hist, row_need - above, warp_counts, bucket,
-                                          nullptr);
-    b = *bucket;
-    prefix = (prefix << Digit<2>::kBits) | b.digit;
-    shift = Digit<2>::kShift;
-    above += b.above;
-  }
-  return Selection{prefix, shift, above, b.count};
+
+  // ---- 4. sort
+  sort_candidates<kBlock>(candidates, tied ? row_need : s.above + s.count);
 }
 
 }  // namespace

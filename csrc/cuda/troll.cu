@@ -135,48 +135,11 @@ __global__ void __launch_bounds__(kBlock, 1) troll_kernel(TrollArgs args) {
       __syncthreads();  // the next row reuses row_logits
       continue;
     }
-    walk_row<T, kBlock>(row_logits, vocab, thread_index(), [&](const auto& z, int64_t, int64_t) {
-#pragma unroll
-      for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
-        const float x = scaled(z[m], inv_temp);
-        if (selectable(x)) atomicAdd(&hist[order_key(x) >> Digit<0>::kShift], 1u);
-      }
-    });
-    __syncthreads();
+    top_digit_histogram<T, kBlock>(row_logits, vocab, inv_temp, hist);
 
-    // ---- 2. radix select, gather and sort of the top k (row_topk.cu)
-    const int need =
-        select_digit<kBlock, Digit<0>::kBins>(hist, k, warp_counts, &bucket, &row_need);
-    if (need > 0) {
-      const Selection selection =
-          refine_selection<T, kBlock>(row_logits, vocab, inv_temp, hist, warp_counts, &bucket, row_need);
-      const uint32_t prefix = selection.prefix;
-      const int shift = selection.shift;
-      const int above = selection.above;
-      const int count = selection.count;
-      const bool tied = above + count > kMaxK;
-      const uint32_t lowest = tied ? prefix + 1 : prefix << shift;
-      const auto gather = [&](const auto& z, int64_t col0, int64_t stride) {
-        constexpr int kSize = Pack<T>::kSize;
-#pragma unroll
-        for (int m = 0; m < chunk_size<decltype(z)>; ++m) {
-          const float x = scaled(z[m], inv_temp);
-          const uint32_t key = order_key(x);
-          if (selectable(x) && key >= lowest) {
-            const int slot = next_slot(&gathered);
-            const int64_t col = col0 + (m / kSize) * stride + m % kSize;
-            if (slot < kMaxK) candidates[slot] = candidate(key, col);
-          }
-        }
-      };
-      walk_row<T, kBlock>(row_logits, vocab, thread_index(), gather);
-      __syncthreads();
-      if (tied) {
-        gather_ties<T, kBlock>(row_logits, vocab, inv_temp, prefix, above, row_need - above,
-                               candidates, warp_counts);
-      }
-      sort_candidates<kBlock>(candidates, tied ? row_need : above + count);
-    }
+    // ---- 2. radix select, gather and sort of the top k (topk_select.cuh, as row_topk.cu)
+    select_top_k<T, kBlock>(row_logits, vocab, inv_temp, k, candidates, warp_counts, &bucket,
+                            &gathered, row_need);
 
     // ---- 3. the support. New kept ids: the sorted top entries while the mass before them is
     // < 1 - threshold (thread 0, in order, float64 as the CPU kernel).

@@ -974,16 +974,10 @@ def sharded_jsd(student, teacher, beta: float, temperature: float, backend: str,
         layout = _linear_layout(student, teacher)
     except ValueError as error:
         raise ValueError(str(error).replace("kl_divergence", "distill_loss", 1)) from None
-    if isinstance(teacher, ShardedLogits):
-        other_input, wrap_other = teacher.local_logits, True
-    elif isinstance(teacher, Tensor):
-        other_input, wrap_other = teacher, False
-    else:
-        other_input, wrap_other = teacher._local(), True
+    other_input, wrap_other = _other_rows(layout, teacher)
 
     def jsd(x, y):
-        y = layout.wrap(y) if wrap_other else y
-        return (layout.wrap(x)._jsd(y, beta, temperature, backend).float(),)
+        return (layout.wrap(x)._jsd(wrap_other(y), beta, temperature, backend).float(),)
 
     return map_rows(jsd, [student._local(), other_input], mask=valid)[0].reshape(lead)
 
@@ -1389,6 +1383,14 @@ def _linear_layout(src, other):
     return layout
 
 
+def _other_rows(layout, other):
+    """The other side of a two-row op over a split LinearLogits' chunks: what ``map_rows`` slices (a
+    full tensor, or the local logits of a shard) and how a chunk of it meets the student's chunk."""
+    if isinstance(other, Tensor):
+        return other, lambda y: y
+    return (other.local_logits if isinstance(other, ShardedLogits) else other._local()), layout.wrap
+
+
 def linear_kl_divergence(src, other, direction, temperature, backend, mask=None) -> Tensor:
     """``kl_divergence`` with a split LinearLogits on either side: ``ShardedLogits._kl_divergence`` on each
     chunk's local logits (2 all-reduces per chunk), masked rows dropped before any GEMM."""
@@ -1397,16 +1399,10 @@ def linear_kl_divergence(src, other, direction, temperature, backend, mask=None)
     if src.shard_layout is None:  # src unsharded, other split: only a mismatch is possible
         _linear_layout(other, src)
     layout = _linear_layout(src, other)
-    if isinstance(other, ShardedLogits):
-        other_input, wrap_other = other.local_logits, True
-    elif isinstance(other, Tensor):
-        other_input, wrap_other = other, False
-    else:
-        other_input, wrap_other = other._local(), True
+    other_input, wrap_other = _other_rows(layout, other)
 
     def kl(x, y, *t):
-        y = layout.wrap(y) if wrap_other else y
-        return (layout.wrap(x)._kl_divergence(y, direction, chunk_temperature(temperature, t), backend),)
+        return (layout.wrap(x)._kl_divergence(wrap_other(y), direction, chunk_temperature(temperature, t), backend),)
 
     return map_rows(kl, [src._local(), other_input], temperature_rows(temperature), mask=mask)[0].reshape(
         src.shape[:-1])
