@@ -39,19 +39,46 @@ def optional_rows(values, stand_in):
     return (stand_in, False) if values is None else (values, True)
 
 
-def pair_grad_args(logits, layout, other, other_layout, grad_logits, grad_layout, grad_other, grad_other_layout):
-    """(GRAD_X, GRAD_Y, grad_logits, grad_layout, grad_other, grad_other_layout) of a two-row
-    backward: a skipped gradient (None, its layout ignored) gets its input as a stand-in the kernel
-    never writes. Checks that all the layouts describe the same rows."""
+def pair_forward(kernel, logits, layout, other, other_layout, vocab, inv_temp, op_scalar, outputs, inv_temps,
+                 block_v):
+    """Launches a two-row forward (kl_div, distill) with arguments (logits, other, *outputs,
+    inv_temps, both layouts but their rows, vocab, inv_temp, op_scalar); ``outputs[0]`` stands in
+    for missing ``inv_temps``."""
+    rows = layout[0]
+    assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
+    if rows == 0:
+        return
+    inv_temps, has_row_temp = optional_rows(inv_temps, outputs[0])
+    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
+    kernel[(rows,)](
+        logits, other, *outputs, inv_temps, *layout[1:], *other_layout[1:], vocab, float(inv_temp), op_scalar,
+        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), HAS_ROW_TEMP=has_row_temp, num_warps=num_warps,
+    )
+
+
+def pair_backward(kernel, logits, layout, other, other_layout, vocab, inv_temp, op_scalar, inputs, grad_logits,
+                  grad_layout, grad_other, grad_other_layout, inv_temps, block_v, inv_temps_last=False):
+    """Launches a two-row backward with arguments (logits, other, *inputs, grad_logits, grad_other,
+    inv_temps, the four layouts but their rows, vocab, inv_temp, op_scalar), ``inv_temps`` last
+    instead with ``inv_temps_last``. A skipped gradient (None, its layout ignored) gets its input as
+    a stand-in the kernel never writes; ``inputs[0]`` stands in for missing ``inv_temps``."""
     grad_x, grad_y = grad_logits is not None, grad_other is not None
     if not grad_x:
         grad_logits, grad_layout = logits, layout
     if not grad_y:
         grad_other, grad_other_layout = other, other_layout
-    assert other_layout[0] == layout[0], "layout and other_layout must describe the same rows"
-    assert grad_layout[0] == layout[0] and grad_other_layout[0] == layout[0], \
-        "gradient layouts must describe the same rows"
-    return grad_x, grad_y, grad_logits, grad_layout, grad_other, grad_other_layout
+    rows = layout[0]
+    assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
+    assert grad_layout[0] == rows and grad_other_layout[0] == rows, "gradient layouts must describe the same rows"
+    if rows == 0 or not (grad_x or grad_y):
+        return
+    inv_temps, has_row_temp = optional_rows(inv_temps, inputs[0])
+    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
+    pointers = (logits, other, *inputs, grad_logits, grad_other)
+    layouts = (*layout[1:], *other_layout[1:], *grad_layout[1:], *grad_other_layout[1:])
+    scalars = (vocab, float(inv_temp), op_scalar)
+    args = (*pointers, *layouts, *scalars, inv_temps) if inv_temps_last else (*pointers, inv_temps, *layouts, *scalars)
+    kernel[(rows,)](*args, BLOCK_V=block, GRAD_X=grad_x, GRAD_Y=grad_y, HAS_ROW_TEMP=has_row_temp, num_warps=num_warps)
 
 
 @dataclass(frozen=True)

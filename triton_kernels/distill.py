@@ -22,7 +22,7 @@ Backward (one more read of both rows, one write of each requested gradient), ``g
 import triton
 import triton.language as tl
 
-from ._launch import layout_signature, optional_rows, pair_aot_kernels, pair_block_config, pair_grad_args
+from ._launch import layout_signature, pair_aot_kernels, pair_backward, pair_forward
 from ._row import _exp, _load_pair, _pair_rows, _row_ptr, _row_stats, _store_grad
 
 
@@ -129,19 +129,8 @@ def jsd_fwd(logits, layout, other, other_layout, vocab, inv_temp, beta, jsd, kl_
     ``other_layout``. ``block_v`` overrides the vocab chunk (a power of two). ``inv_temps``:
     optional per-row inv_temp (contiguous fp32 [rows]) for both rows.
     """
-    rows = layout[0]
-    assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
-    beta = _check_beta(beta)
-    if rows == 0:
-        return
-    inv_temps, has_row_temp = optional_rows(inv_temps, jsd)
-    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
-    _jsd_fwd_kernel[(rows,)](
-        logits, other, jsd, kl_logits, kl_other, lse, other_lse, inv_temps, *layout[1:], *other_layout[1:],
-        vocab, float(inv_temp), beta,
-        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), HAS_ROW_TEMP=has_row_temp,
-        num_warps=num_warps,
-    )
+    pair_forward(_jsd_fwd_kernel, logits, layout, other, other_layout, vocab, inv_temp, _check_beta(beta),
+                 (jsd, kl_logits, kl_other, lse, other_lse), inv_temps, block_v)
 
 
 def jsd_bwd(logits, layout, other, other_layout, vocab, inv_temp, beta, kl_logits, kl_other, lse, other_lse,
@@ -149,20 +138,9 @@ def jsd_bwd(logits, layout, other, other_layout, vocab, inv_temp, beta, kl_logit
     """Writes dJSD/dlogits and dJSD/dother scaled by ``grad_jsd`` (contiguous fp32 [rows]); either
     gradient may be None (skipped). A gradient may be its own input tensor (same layout).
     ``inv_temps`` must be the forward's."""
-    beta = _check_beta(beta)
-    grad_x, grad_y, grad_logits, grad_layout, grad_other, grad_other_layout = pair_grad_args(
-        logits, layout, other, other_layout, grad_logits, grad_layout, grad_other, grad_other_layout)
-    rows = layout[0]
-    if rows == 0 or not (grad_x or grad_y):
-        return
-    inv_temps, has_row_temp = optional_rows(inv_temps, lse)
-    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
-    _jsd_bwd_kernel[(rows,)](
-        logits, other, kl_logits, kl_other, lse, other_lse, grad_jsd, grad_logits, grad_other,
-        *layout[1:], *other_layout[1:], *grad_layout[1:], *grad_other_layout[1:],
-        vocab, float(inv_temp), beta, inv_temps,
-        BLOCK_V=block, GRAD_X=grad_x, GRAD_Y=grad_y, HAS_ROW_TEMP=has_row_temp, num_warps=num_warps,
-    )
+    pair_backward(_jsd_bwd_kernel, logits, layout, other, other_layout, vocab, inv_temp, _check_beta(beta),
+                  (kl_logits, kl_other, lse, other_lse, grad_jsd), grad_logits, grad_layout, grad_other,
+                  grad_other_layout, inv_temps, block_v, inv_temps_last=True)
 
 
 # Specialisations compiled by aot.py: the launchers' GPU configuration for large vocabularies.

@@ -22,7 +22,7 @@ Backward (one more read of both rows, one write of each requested gradient), wit
 import triton
 import triton.language as tl
 
-from ._launch import layout_signature, optional_rows, pair_aot_kernels, pair_block_config, pair_grad_args
+from ._launch import layout_signature, pair_aot_kernels, pair_backward, pair_forward
 from ._row import FLT_MAX, _combine, _exp, _load_pair, _online, _pair_rows, _row_ptr, _store_grad
 
 
@@ -121,18 +121,8 @@ def kl_div_fwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
     vocab chunk (a power of two), e.g. to test multi-chunk rows at small vocab. ``inv_temps``:
     optional per-row inv_temp (contiguous fp32 [rows]) for both rows.
     """
-    rows = layout[0]
-    assert other_layout[0] == rows, "layout and other_layout must describe the same rows"
-    direction = _check_direction(direction)
-    if rows == 0:
-        return
-    inv_temps, has_row_temp = optional_rows(inv_temps, kl)
-    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
-    _kl_div_fwd_kernel[(rows,)](
-        logits, other, kl, lse, other_lse, inv_temps, *layout[1:], *other_layout[1:], vocab, float(inv_temp), direction,
-        BLOCK_V=block, VEC=min(16 // logits.element_size(), block), HAS_ROW_TEMP=has_row_temp,
-        num_warps=num_warps,
-    )
+    pair_forward(_kl_div_fwd_kernel, logits, layout, other, other_layout, vocab, inv_temp, _check_direction(direction),
+                 (kl, lse, other_lse), inv_temps, block_v)
 
 
 def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, kl, lse, other_lse,
@@ -144,20 +134,9 @@ def kl_div_bwd(logits, layout, other, other_layout, vocab, inv_temp, direction, 
     that gradient (its layout is then ignored). A gradient may be its own input tensor (same
     layout) for an in-place backward. ``inv_temps`` must be the forward's.
     """
-    direction = _check_direction(direction)
-    grad_x, grad_y, grad_logits, grad_layout, grad_other, grad_other_layout = pair_grad_args(
-        logits, layout, other, other_layout, grad_logits, grad_layout, grad_other, grad_other_layout)
-    rows = layout[0]
-    if rows == 0 or not (grad_x or grad_y):
-        return
-    inv_temps, has_row_temp = optional_rows(inv_temps, kl)
-    block, num_warps = pair_block_config(vocab, logits.device.type != "cpu", block_v)
-    _kl_div_bwd_kernel[(rows,)](
-        logits, other, kl, lse, other_lse, grad_kl, grad_logits, grad_other, inv_temps,
-        *layout[1:], *other_layout[1:], *grad_layout[1:], *grad_other_layout[1:],
-        vocab, float(inv_temp), direction,
-        BLOCK_V=block, GRAD_X=grad_x, GRAD_Y=grad_y, HAS_ROW_TEMP=has_row_temp, num_warps=num_warps,
-    )
+    pair_backward(_kl_div_bwd_kernel, logits, layout, other, other_layout, vocab, inv_temp, _check_direction(direction),
+                  (kl, lse, other_lse, grad_kl), grad_logits, grad_layout, grad_other, grad_other_layout, inv_temps,
+                  block_v)
 
 
 # Specialisations compiled by aot.py: the launchers' GPU configuration for large vocabularies.
