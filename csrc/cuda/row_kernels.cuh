@@ -517,9 +517,10 @@ inline bool same_rows(const RowLayout& layout, const RowLayout& other) {
   return valid_layout(other) && other.rows == layout.rows;
 }
 
-// A two-row backward (kl_div.cu, distill.cu: Args with grad_logits and grad_other, either null): checks the rows (both
-// logit rows and each requested gradient: layout.rows rows), then returns launch() unless no
-// gradient is requested, which launches nothing (still rejecting what dispatch() would).
+// A two-row backward (kl_div.cu, distill.cu: Args with grad_logits and grad_other, either null):
+// checks the rows (both logit rows and each requested gradient: layout.rows rows), then returns
+// launch() unless no gradient is requested, which launches nothing (still rejecting what
+// dispatch() would).
 template <typename Args, typename Launch>
 int launch_pair_backward(const Args& args, Launch&& launch) {
   if (!same_rows(args.layout, args.other_layout) ||
