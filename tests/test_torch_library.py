@@ -90,13 +90,37 @@ def test_fake_tensor_shapes():
 
 # --- every op (issue 14): opcheck, fakes, torch.compile(fullgraph=True) of every public path -------
 
-ALL_OPS = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_inplace", "policy_loss_fused",
-           "policy_loss_fused_inplace", "kl_div_fwd", "kl_div_bwd", "row_topk", "sample", "generator_draws"]
+# Every op of the rlfuse namespace and the test that runs opcheck on it ("file::test").
+OPCHECKED_BY = {
+    "token_logprobs_fwd": "test_torch_library::test_opcheck_forward",
+    "token_logprobs_bwd": "test_torch_library::test_opcheck_backward_ops",
+    "token_logprobs_bwd_inplace": "test_torch_library::test_opcheck_backward_ops",
+    "policy_loss_fused": "test_torch_library::test_opcheck_policy_loss_fused",
+    "policy_loss_fused_inplace": "test_torch_library::test_opcheck_policy_loss_fused",
+    "kl_div_fwd": "test_kl_div::test_opcheck",
+    "kl_div_bwd": "test_torch_library::test_opcheck_row_topk_and_kl_backward",
+    "row_topk": "test_torch_library::test_opcheck_row_topk_and_kl_backward",
+    "sample": "test_torch_library::test_opcheck_sample",
+    "sample_score": "test_filtered_logprobs::test_opcheck_sample_score",
+    "generator_draws": "test_torch_library::test_opcheck_generator_draws",
+    "jsd_fwd": "test_distill::test_opcheck_jsd_ops",
+    "jsd_bwd": "test_distill::test_opcheck_jsd_ops",
+    "troll_fused": "test_troll::test_fused_troll_opcheck",
+    "troll_fused_inplace": "test_troll::test_fused_troll_opcheck",
+}
 
 
-def test_every_op_is_a_torch_library_op():
-    for name in ALL_OPS:
-        assert hasattr(torch.ops.rlfuse, name), name
+def test_every_op_is_opchecked():
+    """A new op of the namespace fails here until a test runs opcheck on it."""
+    import importlib
+    import inspect
+
+    registered = {name for name in torch.ops.rlfuse._dir}  # the ops loaded with rlfuse
+    assert registered == set(OPCHECKED_BY), registered ^ set(OPCHECKED_BY)
+    for name, where in OPCHECKED_BY.items():
+        module, test = where.split("::")
+        source = inspect.getsource(getattr(importlib.import_module(module), test))
+        assert "opcheck" in source and name in source, (name, where)
 
 
 def _sample_args(rows_shape=(2, 3), vocab=37, num_samples=1, adaptive=None, backend="cpu"):
@@ -265,6 +289,55 @@ def test_compile_fullgraph_kl_divergence_and_sparse_logprobs(backend):
         kl, ids = f(xs * 1.0, ys * 1.0)
         kl.backward()
         results.append((kl.detach(), ids, xs.grad, ys.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
+def _preset_case(name, generator, b=3, t=6, vocab=41):
+    """A LossConfig preset (or a knob on dapo) and the inputs it needs."""
+    knobs = {"per-token temperature": dict(temperature=torch.rand(b, t, generator=generator) + 0.5),
+             "top_k top_p filter": dict(top_k=8, top_p=0.9), "distill teacher": dict(distill_coef=0.2),
+             "rollout seq_mask_tis": dict(rollout_correction="seq_mask_tis", rollout_cap=3.0)}
+    logits = torch.randn(b, t, vocab, generator=generator)
+    tokens = torch.randint(0, vocab, (b, t), generator=generator)
+    old = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0] + 0.2 * torch.randn(b, t)
+    kwargs = dict(advantages=torch.randn(b, t, generator=generator), old_logprobs=old, ref_logprobs=old + 0.1,
+                  rollout_logprobs=old - 0.1, mask=torch.rand(b, t, generator=generator) > 0.2)
+    if name in knobs:
+        knob = knobs[name]
+        config = LossConfig.dapo(**{k: v for k, v in knob.items() if k != "temperature"})
+        kwargs.update({k: v for k, v in knob.items() if k == "temperature"})
+    else:
+        config = getattr(LossConfig, name)()
+    if config.distill_coef:
+        kwargs["teacher"] = logits + 0.3 * torch.randn(b, t, vocab, generator=generator)
+    if config.loss == "troll":
+        kwargs["old_topk"] = rlfuse.sparse_logprobs(logits + 0.2, tokens, k=6)
+    if config.entropy_ratio_clip:
+        kwargs["old_entropy"] = torch.rand(b, t, generator=generator) * 2
+    if config.mixes_expert_tokens:
+        kwargs["expert_mask"] = torch.rand(b, t, generator=generator) > 0.5
+    return logits, tokens, config, kwargs
+
+
+PRESETS = sorted(name for name, value in vars(LossConfig).items() if isinstance(value, classmethod))
+
+
+@pytest.mark.parametrize("name", PRESETS + ["per-token temperature", "top_k top_p filter", "distill teacher",
+                                            "rollout seq_mask_tis"])
+def test_compile_fullgraph_every_preset(name):
+    """Every LossConfig preset (and the per-call knobs) traces whole, with the eager loss and gradient."""
+    logits, tokens, config, kwargs = _preset_case(name, torch.Generator().manual_seed(13))
+
+    def loss_fn(x):
+        return rlfuse.policy_loss(x, tokens, config=config, backend="cpu", **kwargs).loss
+
+    results = []
+    for fn in (loss_fn, _compiled(loss_fn)):
+        leaf = logits.clone().requires_grad_(True)
+        loss = fn(leaf * 1.0)
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
 
