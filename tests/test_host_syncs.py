@@ -24,6 +24,7 @@ from rlfuse import LossConfig
 from rlfuse import losses
 from rlfuse import reference as ref
 from rlfuse.ops import policy_loss as policy_ops
+from _presets import PRESET_CASES, preset_case
 
 aten = torch.ops.aten
 BACKENDS = [b for b in ("cpu", "torch") if b in rlfuse.available_backends("cpu")]
@@ -162,6 +163,19 @@ def test_policy_loss_forward_and_backward_never_read_the_host(validation_off, na
     call = _policy_loss_call(generator, name, backend, packed)
     with count_host_reads() as reads:
         out = call()
+    assert reads == [], f"{name}: host reads {reads}"
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", PRESET_CASES)
+def test_every_preset_never_reads_the_host(validation_off, name, backend, generator):
+    """Every LossConfig preset and per-call knob (tests/_presets.py), forward and backward."""
+    logits, tokens, config, kwargs = preset_case(name, generator)
+    leaf = logits.requires_grad_(True)
+    with count_host_reads() as reads:
+        out = rlfuse.policy_loss(leaf, tokens, config=config, backend=backend, **kwargs)
+        out.loss.backward()
     assert reads == [], f"{name}: host reads {reads}"
     assert torch.isfinite(out.loss)
 

@@ -13,6 +13,7 @@ from rlfuse.ops import row_topk as topk_ops
 from rlfuse.ops import sample as sample_ops
 from rlfuse.ops import token_logprobs as ops
 from conftest import kernel_backends
+from _presets import PRESET_CASES, preset_case
 
 BACKENDS = kernel_backends("cpu")
 
@@ -293,41 +294,10 @@ def test_compile_fullgraph_kl_divergence_and_sparse_logprobs(backend):
         torch.testing.assert_close(compiled, eager)
 
 
-def _preset_case(name, generator, b=3, t=6, vocab=41):
-    """A LossConfig preset (or a knob on dapo) and the inputs it needs."""
-    knobs = {"per-token temperature": dict(temperature=torch.rand(b, t, generator=generator) + 0.5),
-             "top_k top_p filter": dict(top_k=8, top_p=0.9), "distill teacher": dict(distill_coef=0.2),
-             "rollout seq_mask_tis": dict(rollout_correction="seq_mask_tis", rollout_cap=3.0)}
-    logits = torch.randn(b, t, vocab, generator=generator)
-    tokens = torch.randint(0, vocab, (b, t), generator=generator)
-    old = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0] + 0.2 * torch.randn(b, t)
-    kwargs = dict(advantages=torch.randn(b, t, generator=generator), old_logprobs=old, ref_logprobs=old + 0.1,
-                  rollout_logprobs=old - 0.1, mask=torch.rand(b, t, generator=generator) > 0.2)
-    if name in knobs:
-        knob = knobs[name]
-        config = LossConfig.dapo(**{k: v for k, v in knob.items() if k != "temperature"})
-        kwargs.update({k: v for k, v in knob.items() if k == "temperature"})
-    else:
-        config = getattr(LossConfig, name)()
-    if config.distill_coef:
-        kwargs["teacher"] = logits + 0.3 * torch.randn(b, t, vocab, generator=generator)
-    if config.loss == "troll":
-        kwargs["old_topk"] = rlfuse.sparse_logprobs(logits + 0.2, tokens, k=6)
-    if config.entropy_ratio_clip:
-        kwargs["old_entropy"] = torch.rand(b, t, generator=generator) * 2
-    if config.mixes_expert_tokens:
-        kwargs["expert_mask"] = torch.rand(b, t, generator=generator) > 0.5
-    return logits, tokens, config, kwargs
-
-
-PRESETS = sorted(name for name, value in vars(LossConfig).items() if isinstance(value, classmethod))
-
-
-@pytest.mark.parametrize("name", PRESETS + ["per-token temperature", "top_k top_p filter", "distill teacher",
-                                            "rollout seq_mask_tis"])
+@pytest.mark.parametrize("name", PRESET_CASES)
 def test_compile_fullgraph_every_preset(name):
     """Every LossConfig preset (and the per-call knobs) traces whole, with the eager loss and gradient."""
-    logits, tokens, config, kwargs = _preset_case(name, torch.Generator().manual_seed(13))
+    logits, tokens, config, kwargs = preset_case(name, torch.Generator().manual_seed(13))
 
     def loss_fn(x):
         return rlfuse.policy_loss(x, tokens, config=config, backend="cpu", **kwargs).loss
