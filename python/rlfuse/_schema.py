@@ -193,6 +193,10 @@ _GRAD_LOGITS = Field("grad_logits", "void*",
                      "same dtype as logits; may alias `logits` (in place). Rows whose upstream gradients "
                      "are zero are written as zeros without reading the logits")
 _GRAD_LAYOUT = Field("grad_layout", "RowLayout", "rows of grad_logits")
+# The two-row ops (KL, JSD): the other input, and the gradients of both (either may be null).
+_OTHER = (Field("other", "const void*", "same dtype as logits"), Field("other_layout", "RowLayout", "rows of other"))
+_PAIR_GRADS = (Field("grad_logits", "void*", "nullable"), _GRAD_LAYOUT, Field("grad_other", "void*", "nullable"),
+               Field("grad_other_layout", "RowLayout", "rows of grad_other"))
 _INV_TEMPS = Field("inv_temps", "const float*",
                    "[rows] per-row fp32(1 / T) (a per-token temperature), or null: inv_temp for every row",
                    optional=True)
@@ -251,8 +255,7 @@ POLICY_LOSS_FUSED_ARGS = Struct("PolicyLossFusedArgs", (
 
 KL_DIV_FWD_ARGS = Struct("KlDivFwdArgs", (
     _LOGITS, _DTYPE, _LAYOUT,
-    Field("other", "const void*", "same dtype as logits"),
-    Field("other_layout", "RowLayout", "rows of other"),
+    *_OTHER,
     _VOCAB, _INV_TEMP,
     Field("direction", "int", "KlDirection", enum="KlDirection"),
     Field("kl", "float*", "[rows]"),
@@ -267,18 +270,14 @@ KL_DIV_FWD_ARGS = Struct("KlDivFwdArgs", (
 
 KL_DIV_BWD_ARGS = Struct("KlDivBwdArgs", (
     _LOGITS, _DTYPE, _LAYOUT,
-    Field("other", "const void*", "same dtype as logits"),
-    Field("other_layout", "RowLayout", "rows of other"),
+    *_OTHER,
     _VOCAB, _INV_TEMP,
     Field("direction", "int", "KlDirection", enum="KlDirection"),
     Field("kl", "const float*", "[rows] from the forward"),
     Field("lse", "const float*", "[rows] from the forward"),
     Field("other_lse", "const float*", "[rows] from the forward"),
     Field("grad_kl", "const float*", "[rows]"),
-    Field("grad_logits", "void*", "nullable"),
-    _GRAD_LAYOUT,
-    Field("grad_other", "void*", "nullable"),
-    Field("grad_other_layout", "RowLayout", "rows of grad_other"),
+    *_PAIR_GRADS,
     _INV_TEMPS,
 ), "KL backward: one more read of both rows, writes of the requested gradients (each may be null):\n"
    "  forward: dKL/dx_j = p_j (log p_j - log q_j - KL),  dKL/dy_j = q_j - p_j\n"
@@ -288,8 +287,7 @@ KL_DIV_BWD_ARGS = Struct("KlDivBwdArgs", (
 
 JSD_FWD_ARGS = Struct("JsdFwdArgs", (
     _LOGITS, _DTYPE, _LAYOUT,
-    Field("other", "const void*", "same dtype as logits"),
-    Field("other_layout", "RowLayout", "rows of other"),
+    *_OTHER,
     _VOCAB, _INV_TEMP,
     Field("beta", "float", "mixture weight of q, in (0, 1): m = (1 - beta) p + beta q"),
     Field("jsd", "float*", "[rows] beta KL(q || m) + (1 - beta) KL(p || m)"),
@@ -308,8 +306,7 @@ JSD_FWD_ARGS = Struct("JsdFwdArgs", (
 
 JSD_BWD_ARGS = Struct("JsdBwdArgs", (
     _LOGITS, _DTYPE, _LAYOUT,
-    Field("other", "const void*", "same dtype as logits"),
-    Field("other_layout", "RowLayout", "rows of other"),
+    *_OTHER,
     _VOCAB, _INV_TEMP,
     Field("beta", "float", "as in the forward"),
     Field("kl_logits", "const float*", "[rows] from the forward"),
@@ -317,10 +314,7 @@ JSD_BWD_ARGS = Struct("JsdBwdArgs", (
     Field("lse", "const float*", "[rows] from the forward"),
     Field("other_lse", "const float*", "[rows] from the forward"),
     Field("grad_jsd", "const float*", "[rows]"),
-    Field("grad_logits", "void*", "nullable"),
-    _GRAD_LAYOUT,
-    Field("grad_other", "void*", "nullable"),
-    Field("grad_other_layout", "RowLayout", "rows of grad_other"),
+    *_PAIR_GRADS,
     _INV_TEMPS,
 ), "JSD backward: one more read of both rows, a write of each requested gradient (either may be null):\n"
    "  dJSD/dx_j = -(1 - beta) p_j (u_j + KL(p || m))  (0 where p_j = 0)\n"
