@@ -255,19 +255,19 @@ STOP_GRADIENT = ("gppo", "cispo_upper", "cispo_two_sided", "cispo_cap", "k3+")
 
 @pytest.mark.parametrize("name", sorted(set(TOKEN_LOCAL) - set(STOP_GRADIENT)))
 def test_reference_token_terms_gradcheck(name, generator):
-    config = TOKEN_LOCAL[name]
-    n = 12
-    logp = (-3 + torch.randn(n, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    fn, args = _reference_token_loss(TOKEN_LOCAL[name], generator, 12, -3.0)
+    torch.autograd.gradcheck(fn, args)
+
+
+def _reference_token_loss(config, generator, n, mean_logp):
+    """ref.token_loss as a function of (logp, entropy) on random float64 inputs, and those inputs."""
+    logp = (mean_logp + torch.randn(n, generator=generator, dtype=torch.float64)).requires_grad_(True)
     entropy = torch.rand(n, generator=generator, dtype=torch.float64).requires_grad_(True)
     old = logp.detach() + 0.3 * torch.randn(n, generator=generator, dtype=torch.float64)
     ref_lp = logp.detach() + 0.3 * torch.randn(n, generator=generator, dtype=torch.float64)
     adv = torch.randn(n, generator=generator, dtype=torch.float64)
     weights = torch.rand(n, generator=generator, dtype=torch.float64)
-
-    def fn(lp, h):
-        return ref.token_loss(lp, h, old, ref_lp, adv, weights, weights, config)
-
-    torch.autograd.gradcheck(fn, (logp, entropy))
+    return (lambda lp, h: ref.token_loss(lp, h, old, ref_lp, adv, weights, weights, config)), (logp, entropy)
 
 
 def test_metrics(generator):
@@ -381,19 +381,8 @@ def test_every_kernel_variant_has_a_differentiable_reference_token_loss(kind):
     """The fused path's reference (ref.token_loss) for every kernel variant, with a KL penalty, under
     gradcheck: a variant whose per-token math needs an input the reference does not forward (CPGD's
     drift needs old_logp) fails here, whichever variant it is."""
-    g = torch.Generator().manual_seed(len(kind))
-    n = 9
-    logp = (-2 + torch.randn(n, generator=g, dtype=torch.float64)).requires_grad_(True)
-    entropy = torch.rand(n, generator=g, dtype=torch.float64).requires_grad_(True)
-    old = logp.detach() + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
-    ref_lp = logp.detach() + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
-    adv = torch.randn(n, generator=g, dtype=torch.float64)
-    weights = torch.rand(n, generator=g, dtype=torch.float64)
     config = LossConfig(loss=kind, kl="k3", kl_coef=0.1, entropy_coef=0.01)
-
-    def fn(lp, h):
-        return ref.token_loss(lp, h, old, ref_lp, adv, weights, weights, config)
-
-    assert torch.isfinite(fn(logp, entropy)).all()
+    fn, args = _reference_token_loss(config, torch.Generator().manual_seed(len(kind)), 9, -2.0)
+    assert torch.isfinite(fn(*args)).all()
     if kind not in ("gppo", "cispo"):  # stop-gradient weights by design (STOP_GRADIENT above)
-        torch.autograd.gradcheck(fn, (logp, entropy))
+        torch.autograd.gradcheck(fn, args)

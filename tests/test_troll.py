@@ -191,24 +191,33 @@ def reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, c
     return total.detach(), x_full.grad / _per_row(temperature)
 
 
+def _check_against_dense_reference(generator, shape, vocab, k, eps, temperature, drift, backend, topk_backend=None):
+    """policy_loss(LossConfig.troll()) on random logits (old logits ``drift`` away) against the dense
+    reference, loss and gradient; returns (out, leaf, tokens)."""
+    logits = torch.randn(*shape, vocab, generator=generator) * 2
+    tokens = torch.randint(0, vocab, shape, generator=generator)
+    old_logits = logits + drift * torch.randn(logits.shape, generator=generator)
+    config = LossConfig.troll(troll_k=k, troll_eps=eps, temperature=temperature)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=k, temperature=temperature,
+                                      backend=topk_backend or backend)
+    old = torch.log_softmax(old_logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    advantages = torch.randn(shape, generator=generator)
+    leaf = logits.clone().requires_grad_(True)
+    out = rlfuse.policy_loss(leaf, tokens, advantages, old_logprobs=old, old_topk=old_topk, config=config,
+                             backend=backend)
+    out.loss.backward()
+    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old, old_logits, config)
+    torch.testing.assert_close(out.loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-4)
+    return out, leaf, tokens
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("eps", [0.05, 50.0])
 def test_troll_loss_matches_dense_reference(backend, eps, generator):
     vocab, k = 120, 8
-    logits = torch.randn(2, 5, vocab, generator=generator) * 2
-    tokens = torch.randint(0, vocab, (2, 5), generator=generator)
-    old_logits = logits + 0.7 * torch.randn(logits.shape, generator=generator)
-    config = LossConfig.troll(troll_k=k, troll_eps=eps, temperature=0.9)
-    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=k, temperature=config.temperature, backend="torch")
-    old_logprobs = torch.log_softmax(old_logits / config.temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    advantages = torch.randn(2, 5, generator=generator)
-    leaf = logits.clone().requires_grad_(True)
-    out = rlfuse.policy_loss(leaf, tokens, advantages, old_logprobs=old_logprobs, old_topk=old_topk, config=config,
-                             backend=backend)
-    out.loss.backward()
-    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old_logprobs, old_logits, config)
-    torch.testing.assert_close(out.loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-4)
+    out, leaf, tokens = _check_against_dense_reference(generator, (2, 5), vocab, k, eps, 0.9, 0.7, backend,
+                                                       topk_backend="torch")
     assert (leaf.grad != 0).sum() <= out.metrics["troll_support_mean"] * tokens.numel()  # sparse gradient
     if eps == 50.0:
         assert out.metrics["troll_projected_frac"].item() == 0.0
@@ -325,20 +334,7 @@ def test_troll_support_matches_spec_for_any_k(backend, seed, k, vocab, temperatu
     every old top-k token keeps its real log-prob (the old bug: up to 21% gradient error)."""
     assume(backend != "triton" or seed % 3 == 0)  # (seconds per fused call under the interpreter)
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(2, 3, vocab, generator=g) * 2
-    tokens = torch.randint(0, vocab, (2, 3), generator=g)
-    old_logits = logits + 0.8 * torch.randn(logits.shape, generator=g)
-    config = LossConfig.troll(troll_k=k, troll_eps=eps, temperature=temperature)
-    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, k=k, temperature=temperature, backend=backend)
-    old = torch.log_softmax(old_logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    advantages = torch.randn(2, 3, generator=g)
-    leaf = logits.clone().requires_grad_(True)
-    out = rlfuse.policy_loss(leaf, tokens, advantages, old_logprobs=old, old_topk=old_topk, config=config,
-                             backend=backend)
-    out.loss.backward()
-    expected_loss, expected_grad = reference_troll_loss(logits, tokens, advantages, old, old_logits, config)
-    torch.testing.assert_close(out.loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(leaf.grad.double(), expected_grad, atol=1e-5, rtol=1e-4)
+    _check_against_dense_reference(g, (2, 3), vocab, k, eps, temperature, 0.8, backend)
 
 
 # --- the fused kernels (schema.h TrollArgs) ---------------------------------------------------------
