@@ -1,6 +1,7 @@
 """Row building blocks of the Triton kernels (docs/SPEC.md section 1), the port of csrc/cpu/row_kernels.h
 and csrc/cuda/row_kernels.cuh: row addressing and the one online statistics pass of every op
-(token log-probs, policy loss, top-k, sampling; with its cross-term form, the KL).
+(token log-probs, policy loss, top-k, sampling; with its cross-term form, the KL), and what the
+two-row kernels (KL, JSD) share: their rows, a chunk of both, a gradient chunk's store.
 
 Optional per-row inputs (docs/SPEC.md section 1; python/rlfuse/_schema.py ``optional`` fields): a
 kernel takes each as a pointer plus a constexpr flag, so a launch without it compiles the read
