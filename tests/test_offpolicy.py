@@ -14,7 +14,8 @@ import torch
 import rlfuse
 from rlfuse import LossConfig
 from rlfuse import reference as ref
-from _policy_oracle import oracle_policy_loss
+from _policy_batch import assert_matches, oracle, run
+from _policy_batch import make_batch as _make_batch
 from conftest import kernel_backends
 
 C = LossConfig
@@ -57,42 +58,10 @@ GENERAL = {
 }
 
 
+
 def make_batch(generator, batch=4, seq=9, vocab=257, per_sequence_adv=True, spread=0.3, peak=0.0):
-    logits = torch.randn(batch, seq, vocab, generator=generator) * 2
-    tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
-    if peak:  # chosen tokens up to ~0.9 likely, so that probability differences reach prime-rl's bounds
-        logits.scatter_add_(-1, tokens[..., None], peak * torch.rand(batch, seq, 1, generator=generator))
-    with torch.no_grad():
-        current, _ = ref.token_logprobs_reference(logits.double(), tokens)
-    old = (current + 0.3 * torch.randn(batch, seq, generator=generator, dtype=torch.float64)).float()
-    ref_lp = (current + 0.3 * torch.randn(batch, seq, generator=generator, dtype=torch.float64)).float()
-    rollout = (old + spread * torch.randn(batch, seq, generator=generator)).float()
-    advantages = torch.randn(batch if per_sequence_adv else (batch, seq), generator=generator)
-    mask = torch.rand(batch, seq, generator=generator) > 0.2
-    mask[:, 0] = True
-    return dict(logits=logits, tokens=tokens, advantages=advantages, old_logprobs=old, ref_logprobs=ref_lp,
-                rollout_logprobs=rollout, mask=mask)
-
-
-def run(batch, config, backend, path="auto", **overrides):
-    logits = batch["logits"].detach().clone().requires_grad_(True)
-    kwargs = {k: v for k, v in batch.items() if k != "logits"}
-    kwargs.update(overrides)
-    out = rlfuse.policy_loss(logits, config=config, backend=backend, path=path, **kwargs)
-    out.loss.backward()
-    return out, logits.grad
-
-
-def oracle(batch, config, **overrides):
-    b = {**batch, **overrides}
-    return oracle_policy_loss(b["logits"], b["tokens"], b["advantages"], b["old_logprobs"], b["ref_logprobs"],
-                              b["rollout_logprobs"], b["mask"], config=config)
-
-
-def assert_matches(out, grad, expected_loss, expected_grad):
-    torch.testing.assert_close(out.loss.double(), expected_loss, atol=2e-5, rtol=2e-5)
-    scale = expected_grad.abs().max().item()
-    torch.testing.assert_close(grad.double(), expected_grad, atol=2e-6 * scale + 1e-8, rtol=2e-6)
+    return _make_batch(generator, batch, seq, vocab, per_sequence_adv=per_sequence_adv, old_spread=0.3,
+                       rollout_spread=spread, mask_drop=0.2, peak=peak)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
