@@ -55,3 +55,11 @@ def assert_matches(out, grad, expected_loss, expected_grad, eps=2e-6, floor=1e-8
     torch.testing.assert_close(out.loss.double(), expected_loss, atol=2e-5, rtol=2e-5)
     scale = expected_grad.abs().max().item()
     torch.testing.assert_close(grad.double(), expected_grad, atol=eps * scale + floor, rtol=eps)
+
+
+def check_against_oracle(batch, config, backend, path):
+    """``policy_loss`` takes ``path`` ("fused": the fused path on a kernel backend, the general one on
+    backend="torch") and matches the oracle."""
+    out, grad = run(batch, config, backend)
+    assert out.metrics["path"] == ("general" if backend == "torch" else path)
+    assert_matches(out, grad, *oracle(batch, config))

@@ -14,7 +14,7 @@ import torch
 import rlfuse
 from rlfuse import LossConfig
 from rlfuse import reference as ref
-from _policy_batch import assert_matches, oracle, run
+from _policy_batch import assert_matches, check_against_oracle, oracle, run
 from _policy_batch import make_batch as _make_batch
 from conftest import kernel_backends
 
@@ -68,20 +68,14 @@ def make_batch(generator, batch=4, seq=9, vocab=257, per_sequence_adv=True, spre
 @pytest.mark.parametrize("name", sorted(FUSED))
 def test_fused_corrections_match_the_oracle(name, backend, generator):
     batch = make_batch(generator, per_sequence_adv=not name.startswith("opsm"))
-    config = FUSED[name]
-    out, grad = run(batch, config, backend)
-    assert out.metrics["path"] == ("general" if backend == "torch" else "fused")
-    assert_matches(out, grad, *oracle(batch, config))
+    check_against_oracle(batch, FUSED[name], backend, "fused")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", sorted(GENERAL))
 def test_general_corrections_match_the_oracle(name, backend, generator):
     batch = make_batch(generator)
-    config = GENERAL[name]
-    out, grad = run(batch, config, backend)
-    assert out.metrics["path"] == "general"
-    assert_matches(out, grad, *oracle(batch, config))
+    check_against_oracle(batch, GENERAL[name], backend, "general")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

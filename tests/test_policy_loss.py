@@ -8,7 +8,7 @@ import torch
 import rlfuse
 from rlfuse import LossConfig
 from rlfuse import reference as ref
-from _policy_batch import assert_matches, make_batch, oracle, run
+from _policy_batch import assert_matches, check_against_oracle, make_batch, oracle, run
 from _policy_oracle import oracle_policy_loss
 from conftest import kernel_backends
 
@@ -57,20 +57,14 @@ KERNEL_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
 @pytest.mark.parametrize("name", sorted(TOKEN_LOCAL))
 def test_token_local_variants(name, backend, generator):
     batch = make_batch(generator, per_sequence_adv=name.startswith("grpo"))
-    config = TOKEN_LOCAL[name]
-    out, grad = run(batch, config, backend)
-    assert out.metrics["path"] == ("general" if backend == "torch" else "fused")
-    assert_matches(out, grad, *oracle(batch, config))
+    check_against_oracle(batch, TOKEN_LOCAL[name], backend, "fused")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", sorted(GENERAL))
 def test_sequence_and_batch_level_variants(name, backend, generator):
     batch = make_batch(generator, per_sequence_adv=name.startswith("gspo"))
-    config = GENERAL[name]
-    out, grad = run(batch, config, backend)
-    assert out.metrics["path"] == "general"
-    assert_matches(out, grad, *oracle(batch, config))
+    check_against_oracle(batch, GENERAL[name], backend, "general")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
