@@ -63,3 +63,18 @@ def check_against_oracle(batch, config, backend, path):
     out, grad = run(batch, config, backend)
     assert out.metrics["path"] == ("general" if backend == "torch" else path)
     assert_matches(out, grad, *oracle(batch, config))
+
+
+def dapo_k3_problem(dtype, seed=0, rows=6, vocab=41):
+    """DAPO with a k3 KL on ``rows`` random packed rows: (logits, tokens, advantages, the other
+    ``policy_loss`` arguments, the oracle's logits gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * 2).to(dtype)
+    tokens = torch.randint(0, vocab, (rows,), generator=g)
+    advantages = torch.randn(rows, generator=g)
+    old = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1).float() + 0.3 * torch.randn(
+        rows, generator=g)
+    config = rlfuse.LossConfig.dapo(kl="k3", kl_coef=0.1)
+    kwargs = dict(old_logprobs=old, ref_logprobs=old - 0.1, config=config)
+    _, expected = oracle_policy_loss(logits, tokens, advantages, old=old, ref_lp=old - 0.1, config=config)
+    return logits, tokens, advantages, kwargs, expected

@@ -19,7 +19,7 @@ import torch
 
 import rlfuse
 from _oracle import grad_tolerance
-from _policy_oracle import oracle_policy_loss
+from _policy_batch import dapo_k3_problem
 from conftest import kernel_backends
 from rlfuse._layout import inplace_layout
 from rlfuse.ops import policy_loss as fused_op
@@ -57,19 +57,6 @@ def no_host_reads():
             setattr(torch.Tensor, name, method)
 
 
-def _problem(dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(6, 41, generator=g) * 2).to(dtype)
-    tokens = torch.randint(0, 41, (6,), generator=g)
-    advantages = torch.randn(6, generator=g)
-    old = torch.log_softmax(logits.double(), -1).gather(-1, tokens[:, None]).squeeze(-1).float() + 0.3 * torch.randn(
-        6, generator=g)
-    config = rlfuse.LossConfig.dapo(kl="k3", kl_coef=0.1)
-    kwargs = dict(old_logprobs=old, ref_logprobs=old - 0.1, config=config)
-    _, expected = oracle_policy_loss(logits, tokens, advantages, old=old, ref_lp=old - 0.1, config=config)
-    return logits, tokens, advantages, kwargs, expected
-
-
 def _backwards(logits, tokens, advantages, kwargs, backend, inplace, scales):
     leaf = logits.clone().requires_grad_(True)
     out = rlfuse.policy_loss(leaf, tokens, advantages, backend=backend, inplace_backward=inplace, **kwargs)
@@ -86,7 +73,7 @@ def _backwards(logits, tokens, advantages, kwargs, backend, inplace, scales):
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_device_rescale_matches_every_nonzero_upstream_gradient(device_path, backend, inplace, dtype):
-    logits, tokens, advantages, kwargs, expected = _problem(dtype)
+    logits, tokens, advantages, kwargs, expected = dapo_k3_problem(dtype)
     scales = [1.0, 0.25, 3.0, -2.0, 1.0, 1e-3]
     for scale, got in zip(scales, _backwards(logits, tokens, advantages, kwargs, backend, inplace, scales)):
         torch.testing.assert_close(got, expected * scale, **grad_tolerance(dtype, expected))
@@ -95,7 +82,7 @@ def test_device_rescale_matches_every_nonzero_upstream_gradient(device_path, bac
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_zero_upstream_gradient_then_nonzero_is_nan(device_path, backend, inplace):
-    logits, tokens, advantages, kwargs, expected = _problem(torch.float32, seed=1)
+    logits, tokens, advantages, kwargs, expected = dapo_k3_problem(torch.float32, seed=1)
     grads = _backwards(logits, tokens, advantages, kwargs, backend, inplace, [0.5, 0.0, 0.0, 2.0, 1.0])
     torch.testing.assert_close(grads[0], expected * 0.5, **grad_tolerance(torch.float32, expected))
     assert torch.equal(grads[1], torch.zeros_like(expected))  # the correct gradient of that backward
@@ -105,7 +92,7 @@ def test_zero_upstream_gradient_then_nonzero_is_nan(device_path, backend, inplac
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_non_finite_upstream_gradient_then_finite_is_nan(device_path, backend):
-    logits, tokens, advantages, kwargs, expected = _problem(torch.float32, seed=2)
+    logits, tokens, advantages, kwargs, expected = dapo_k3_problem(torch.float32, seed=2)
     grads = _backwards(logits, tokens, advantages, kwargs, backend, False, [math.inf, 1.0])
     assert not torch.isfinite(grads[0]).any()
     assert torch.isnan(grads[1]).all()
