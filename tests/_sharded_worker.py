@@ -1259,6 +1259,97 @@ def distill_linear_split(rank, world):
     torch.testing.assert_close(distill_term(src, src, kind="jsd", beta=0.3), torch.zeros(lead).reshape(-1))
 
 
+@case
+def distill_per_token_temperature(rank, world):
+    """distill_loss with one temperature per token (tests/test_token_temperature.py checks the unsharded
+    calls against float64 oracles) on vocabulary-split sources: jsd with ShardedLogits on both sides,
+    forward_kl against a full tensor, sparse_kl and sampled_reverse_kl with a ShardedLogits student,
+    jsd and sparse_kl with a split LinearLogits (chunks of 4 valid rows), and policy_loss with a teacher;
+    masked tokens; values equal to the unsharded call on every rank, each rank its columns' gradient.
+    A bad value on one rank only raises on every rank."""
+    from rlfuse import LossConfig
+
+    vocab, lead = 203, (3, 5)
+    mask = _distill_mask(lead)
+    g = torch.Generator().manual_seed(70)
+    temperature = 0.25 + 3.75 * torch.rand(lead, generator=g)
+    layout = permuted_layout(vocab, world)
+    starts, sizes = layout
+    cols = slice(starts[rank], starts[rank] + sizes[rank])
+    s_full, t_full = _distill_pair(71, lead, vocab)
+    t_full = torch.where(torch.isfinite(s_full), t_full, float("-inf"))  # (KL(t || s) finite)
+    tokens = tokens_for(71, lead, vocab, s_full)
+    teacher_lp = rlfuse.token_logprobs(s_full, tokens, temperature) + 0.3 * torch.randn(lead, generator=g)
+    sparse = rlfuse.sparse_logprobs(t_full, tokens, 12, 1e-4, temperature)
+    cases = [("jsd", 0.3, "both", {}), ("forward_kl", 0.5, "student", {}),
+             ("sparse_kl", 0.5, "student", dict(sparse_convention="tail")),
+             ("sparse_kl", 0.5, "student", dict(sparse_convention="verl")),
+             ("sampled_reverse_kl", 0.5, "student", dict(estimator="k3"))]
+    for backend in ("cpu", "torch"):
+        for kind, beta, sides, extra in cases:
+            label = f"{kind} {extra} ({backend})"
+            student, s_local = make(s_full, layout, rank, True, requires_grad=True)
+            ref_s = s_full.clone().requires_grad_(True)
+            if kind == "sparse_kl":
+                teacher = ref_teacher = sparse
+            elif kind == "sampled_reverse_kl":
+                teacher = ref_teacher = None
+                extra = dict(extra, teacher_logprobs=teacher_lp)
+            elif sides == "both":
+                teacher, t_local = make(t_full, layout, rank, True, requires_grad=True)
+                ref_teacher = t_full.clone().requires_grad_(True)
+            else:
+                teacher = t_full.clone().requires_grad_(True)
+                ref_teacher = t_full.clone().requires_grad_(True)
+            kwargs = dict(kind=kind, beta=beta, temperature=temperature, mask=mask, backend=backend, **extra)
+            out = distill_loss(student, teacher, tokens, **kwargs)
+            ref = distill_loss(ref_s, ref_teacher, tokens, **kwargs)
+            same_on_all_ranks(out.per_token)
+            assert torch.equal(out.per_token[~mask], torch.zeros_like(out.per_token[~mask])), label
+            torch.testing.assert_close(out.per_token, ref.per_token, rtol=1e-4, atol=2e-5, msg=label)
+            out.loss.backward()
+            ref.loss.backward()
+            torch.testing.assert_close(s_local.grad, ref_s.grad[..., cols], **DISTILL_GRAD, msg=label)
+            if kind in ("jsd", "forward_kl"):
+                want = ref_teacher.grad[..., cols]
+                got = t_local.grad if sides == "both" else teacher.grad[..., cols]
+                torch.testing.assert_close(got, want, **DISTILL_GRAD, msg=label + " (teacher)")
+    # A split LinearLogits student (chunks of valid rows): jsd against a full teacher, sparse_kl.
+    dim = 9
+    for kind, teacher_of in (("jsd", lambda ref: ref.materialize().detach() * 0.7 + 0.3),
+                             ("sparse_kl", lambda ref: rlfuse.sparse_logprobs(ref.materialize().detach() * 0.7,
+                                                                              tokens, 9, 1e-4, temperature))):
+        src, ref, llayout, leaves = _linear_pair(rank, world, vocab, dim, lead, 72, chunk_tokens=4, scale=1.5)
+        teacher = teacher_of(ref)
+        kwargs = dict(kind=kind, beta=0.4, temperature=temperature, mask=mask, backend="cpu")
+        got, want = distill_loss(src, teacher, **kwargs), distill_loss(ref, teacher, **kwargs)
+        same_on_all_ranks(got.per_token)
+        torch.testing.assert_close(got.per_token, want.per_token, rtol=1e-4, atol=2e-5, msg=f"linear {kind}")
+        got.loss.backward()
+        want.loss.backward()
+        _check_linear_grads(llayout, rank, leaves, f"linear {kind}", rtol=1e-4, atol=2e-5)
+    # policy_loss with a teacher: the per-token T reaches the distillation term.
+    adv = torch.randn(lead, generator=g)
+    old = rlfuse.token_logprobs(s_full, tokens, temperature) + 0.1 * torch.randn(lead, generator=g)
+    config = LossConfig.dapo(distill_coef=0.3, distill_kind="jsd", distill_beta=0.4)
+    student, s_local = make(s_full, layout, rank, True, requires_grad=True)
+    ref_s = s_full.clone().requires_grad_(True)
+    out = rlfuse.policy_loss(student, tokens, adv, old_logprobs=old, mask=mask.float(), config=config,
+                             temperature=temperature, teacher=t_full)
+    ref = rlfuse.policy_loss(ref_s, tokens, adv, old_logprobs=old, mask=mask.float(), config=config, path="general",
+                             temperature=temperature, teacher=t_full)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(out.metrics["distill"], ref.metrics["distill"], rtol=1e-4, atol=2e-5)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(s_local.grad, ref_s.grad[..., cols], rtol=1e-4, atol=1e-6)
+    bad = temperature.clone()
+    if rank == world - 1:
+        bad[1, 2] = 0.0
+    words = ["temperature values must lie in"] if rank == world - 1 else [f"rank {world - 1}"]
+    _expect_on_every_rank(ValueError, words, lambda: distill_loss(student, t_full, kind="jsd", temperature=bad))
+
+
 # --- the process group ---------------------------------------------------------------------------------------
 
 

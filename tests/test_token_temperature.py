@@ -4,8 +4,9 @@ Every backend against float64 oracles written here from the definition (``softma
 T per row), values and gradients with respect to the logits; a constant tensor gives bit for bit the
 scalar's results (the kernels get fp32(1 / T) rounded from the float64 T, as the scalar path);
 masks, -inf logits, V below and above one Triton block (1024 when interpreting), one row;
-``LinearLogits`` chunks; bad tensors. ShardedLogits: ``tests/_sharded_worker.py``
-(``per_token_temperature``).
+``LinearLogits`` chunks; bad tensors; distillation (``distill_loss`` every kind, and
+``policy_loss(teacher=...)``: each row's student and teacher at that row's T). ShardedLogits:
+``tests/_sharded_worker.py`` (``per_token_temperature``, ``distill_per_token_temperature``).
 
 Tolerances (fp32 accumulation in every kernel): with T in [0.25, 4] and |z| <~ 16, |x| = |z / T| <= 64,
 so a log-prob or entropy carries a few ulp of 64 (7.6e-6): atol 5e-5, rtol 1e-5. Gradients are
@@ -21,6 +22,7 @@ import torch
 
 import rlfuse
 from rlfuse import ops
+from rlfuse.distill import distill_loss, distill_term
 
 BACKENDS = rlfuse.available_backends("cpu")
 VALUES = dict(rtol=1e-5, atol=5e-5)
@@ -409,13 +411,21 @@ def test_bad_temperature_tensors():
         t = temperature.detach().clone()
         t[1, 2] = bad_value
         cases.append((t, ValueError, "temperature values must lie in"))
+    cases.append((temperature.to("meta"), ValueError, "temperature is on meta but logits are on cpu"))
     for value, error, words in cases:
         for call in (lambda: rlfuse.token_logprobs(z, tokens, value),
                      lambda: rlfuse.entropy(z, value),
                      lambda: rlfuse.kl_divergence(z, z, temperature=value),
                      lambda: rlfuse.sparse_logprobs(z, tokens, 3, temperature=value),
                      lambda: rlfuse.policy_loss(z, tokens, torch.ones(2), old_logprobs=torch.zeros(2, 3),
-                                                temperature=value)):
+                                                temperature=value),
+                     lambda: rlfuse.policy_loss(z, tokens, torch.ones(2), old_logprobs=torch.zeros(2, 3),
+                                                teacher=z.flip(-1), temperature=value),
+                     lambda: distill_loss(z, z.flip(-1), temperature=value),
+                     lambda: distill_term(z, rlfuse.sparse_logprobs(z, tokens, 3), kind="sparse_kl",
+                                          temperature=value),
+                     lambda: distill_loss(z, None, tokens, kind="sampled_reverse_kl",
+                                          teacher_logprobs=torch.zeros(2, 3), temperature=value)):
             with pytest.raises(error, match=words):
                 call()
     t = temperature.detach()
@@ -425,12 +435,252 @@ def test_bad_temperature_tensors():
         rlfuse.policy_loss(rlfuse.LinearLogits(hidden, weight), tokens, torch.ones(2), old_logprobs=old,
                            config=rlfuse.LossConfig.troll(troll_k=4), old_topk=rlfuse.sparse_logprobs(z, tokens, 4),
                            temperature=t)
-    with pytest.raises(ValueError, match="temperature: a per-token tensor is not supported with a distillation"):
-        rlfuse.policy_loss(z, tokens, torch.ones(2), old_logprobs=old, teacher=z, temperature=t)
-    from rlfuse.distill import distill_loss
+    with pytest.raises(ValueError, match="temperature must be a number, a 0-dim tensor or a tensor of the tokens"):
+        distill_loss(z, z.flip(-1), temperature=t.reshape(-1))  # [N] for a [B, T, V] student
 
-    with pytest.raises(TypeError, match="temperature must be a positive number here"):
-        distill_loss(z, z, tokens, temperature=t)
+
+# --- distillation: distill_loss / distill_term and policy_loss(teacher=...) ------------------------------
+
+# (kind, beta, sparse_convention, estimator): every kind of rlfuse.distill, JSD at both KL ends too.
+DISTILL_CASES = [("jsd", 0.3, None, None), ("jsd", 0.0, None, None), ("jsd", 1.0, None, None),
+                 ("forward_kl", 0.5, None, None), ("reverse_kl", 0.5, None, None),
+                 ("sparse_kl", 0.5, "tail", None), ("sparse_kl", 0.5, "verl", None), ("sparse_kl", 0.5, "renorm", None),
+                 ("sampled_reverse_kl", 0.5, None, "k1"), ("sampled_reverse_kl", 0.5, None, "k3")]
+DISTILL_IDS = ["-".join(str(part) for part in case if part is not None) for case in DISTILL_CASES]
+
+
+def _logs(z, temperature):
+    """float64 log softmax(z / T), T one value per row."""
+    return torch.log_softmax(z.double() / temperature.double().unsqueeze(-1), -1)
+
+
+def _kl_rows(log_a, log_b):
+    """sum_j a_j (log a_j - log b_j) per row, the a_j = 0 terms dropped (no -inf - -inf)."""
+    a = log_a.exp()
+    keep = a > 0
+    return torch.where(keep, a * (torch.where(keep, log_a, 0.0) - torch.where(keep, log_b, 0.0)), 0.0).sum(-1)
+
+
+def distill_oracle(student, teacher, kind, beta, temperature, convention=None, tokens=None, estimator=None):
+    """float64 per-token values from the definitions (docs/distillation.md), s = softmax(student / T_row),
+    t = softmax(teacher / T_row); ``teacher`` is (ids, logprobs) for sparse_kl and the teacher's log-probs
+    of ``tokens`` for sampled_reverse_kl. For k1 the value is D = log s - log t and its gradient D d log s
+    (the score function), so the result is a surrogate whose value and gradient are the estimator's."""
+    log_s = _logs(student, temperature)
+    if kind == "sampled_reverse_kl":
+        logp = log_s.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        d = logp - teacher.double()
+        if estimator == "k1":
+            return d.detach() + d.detach() * (logp - logp.detach())
+        u = (-d).clamp(-20.0, 20.0)  # docs/SPEC.md section 5's k3, with its clamps
+        return (u.exp() - u - 1.0).clamp(-10.0, 10.0)
+    if kind == "sparse_kl":
+        ids, logprobs = teacher
+        valid = (ids >= 0) & (logprobs > NEG_INF)
+        s_k = torch.where(valid, log_s.gather(-1, ids.clamp(min=0)), NEG_INF)
+        t_k = torch.where(valid, logprobs.double(), NEG_INF)
+        if convention == "tail":
+            def with_tail(lp):
+                mass = lp.exp().sum(-1).clamp(max=torch.tensor(-1e-7, dtype=torch.float64).exp())
+                return torch.cat([lp, torch.log1p(-mass).unsqueeze(-1)], -1)
+            s_k, t_k = with_tail(s_k), with_tail(t_k)
+        else:
+            t_k = t_k - torch.logsumexp(t_k, -1, keepdim=True)
+            if convention == "renorm":
+                s_k = s_k - torch.logsumexp(s_k, -1, keepdim=True)
+        return _kl_rows(t_k, s_k)
+    log_t = _logs(teacher, temperature)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return _kl_rows(log_t, log_s)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return _kl_rows(log_s, log_t)
+    m = (1.0 - beta) * log_s.exp() + beta * log_t.exp()
+    log_m = torch.where(m > 0, torch.log(torch.where(m > 0, m, 1.0)), NEG_INF)  # (-inf entries: no NaN gradient)
+    return beta * _kl_rows(log_t, log_m) + (1.0 - beta) * _kl_rows(log_s, log_m)
+
+
+def distill_inputs(lead, vocab, seed, kind):
+    """(student, teacher, tokens, T, mask, teacher_logprobs): T in [0.25, 4] per token, two masked
+    tokens, -inf entries (the same in both rows); the sparse teacher its top-6 at each row's T with two
+    empty slots in one row; the sampled teacher's log-probs the student's plus noise; V odd."""
+    z, tokens, temperature = inputs(lead, vocab, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    other = z + 1.5 * torch.randn(z.shape, generator=g)
+    mask = torch.ones(lead, dtype=torch.bool)
+    mask.view(-1)[1] = mask.view(-1)[-2] = False
+    student_lp = _logs(z, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    teacher_logprobs = (student_lp + 0.5 * torch.randn(lead, generator=g, dtype=torch.float64)).float()
+    if kind == "sparse_kl":
+        values, ids = _logs(other, temperature).float().topk(6)
+        ids.view(-1, 6)[2, 4:] = -1
+        values.view(-1, 6)[2, 4:] = NEG_INF
+        other = (ids, values)
+    elif kind == "sampled_reverse_kl":
+        other = None  # (the teacher's log-probs of the tokens only)
+    return z, other, tokens, temperature, mask, teacher_logprobs
+
+
+def _distill_kwargs(kind, beta, convention, estimator, tokens, teacher_logprobs):
+    kwargs = dict(kind=kind, beta=beta)
+    if kind == "sparse_kl":
+        kwargs["sparse_convention"] = convention
+    if kind == "sampled_reverse_kl":
+        kwargs.update(tokens=tokens, teacher_logprobs=teacher_logprobs, estimator=estimator)
+    return kwargs
+
+
+def _distill_oracle_loss(z, teacher, case, temperature, mask, tokens, teacher_logprobs):
+    """(per-token values, token-mean loss) of the oracle; masked rows' logits replaced (not its business)."""
+    kind, beta, convention, estimator = case
+    z = torch.where(mask.unsqueeze(-1), z.double(), 0.0) if not z.requires_grad else z
+    target = teacher_logprobs if kind == "sampled_reverse_kl" else teacher
+    values = torch.where(mask, distill_oracle(z, target, kind, beta, temperature, convention, tokens, estimator), 0.0)
+    return values, values.sum() / mask.sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", DISTILL_CASES, ids=DISTILL_IDS)
+def test_distill_matches_the_oracle(backend, case):
+    """Values and student gradients (and the teacher's, logits teachers) at one T per token, masked
+    tokens exactly 0 with exactly zero gradient; V = 301."""
+    kind, beta, convention, estimator = case
+    z, teacher, tokens, temperature, mask, teacher_lp = distill_inputs((3, 5), 301, 30, kind)
+    logits_teacher = isinstance(teacher, torch.Tensor)
+    x = z.clone().requires_grad_()
+    y = teacher.clone().requires_grad_() if logits_teacher else teacher
+    kwargs = _distill_kwargs(kind, beta, convention, estimator, tokens, teacher_lp)
+    out = distill_loss(x, y, temperature=temperature, mask=mask, backend=backend, **kwargs)
+    rx = torch.where(mask.unsqueeze(-1), z, 0.0).double().requires_grad_()
+    ry = teacher.double().requires_grad_() if logits_teacher else teacher
+    ref_values, ref_loss = _distill_oracle_loss(rx, ry, case, temperature, mask, tokens, teacher_lp)
+    torch.testing.assert_close(out.per_token.double(), ref_values.detach(), **VALUES)
+    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), **VALUES)
+    assert torch.all(out.per_token[~mask] == 0)
+    out.loss.backward()
+    ref_loss.backward()
+    # (the oracle's masked rows are not compared: its student row is zeros there, with KL(s || t) = inf)
+    torch.testing.assert_close(x.grad[mask].double(), rx.grad[mask], **GRADS)
+    assert torch.all(x.grad[~mask] == 0)
+    if logits_teacher:
+        torch.testing.assert_close(y.grad[mask].double(), ry.grad[mask], **GRADS)
+        assert torch.all(y.grad[~mask] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_constant_tensor_is_the_scalar_bit_for_bit(backend):
+    """Every kind: a constant tensor (and a 0-dim one) gives the number's values and gradients bit for bit."""
+    for case in DISTILL_CASES:
+        kind, beta, convention, estimator = case
+        z, teacher, tokens, _, mask, teacher_lp = distill_inputs((2, 3), 45, 31, kind)
+        kwargs = _distill_kwargs(kind, beta, convention, estimator, tokens, teacher_lp)
+        results = []
+        for temperature in (0.7, torch.full(mask.shape, 0.7), torch.tensor(0.7)):
+            x = z.clone().requires_grad_()
+            y = teacher.clone().requires_grad_() if isinstance(teacher, torch.Tensor) else teacher
+            out = distill_loss(x, y, temperature=temperature, mask=mask, backend=backend, **kwargs)
+            out.loss.backward()
+            results.append((out.per_token, out.loss, x.grad) + ((y.grad,) if isinstance(y, torch.Tensor) else ()))
+        for other in results[1:]:
+            for got, want in zip(other, results[0]):
+                assert torch.equal(got, want), f"{case}: a constant tensor differs from the scalar"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_linear_logits(backend):
+    """An unsplit LinearLogits student (chunks of 4 valid rows, masked rows never computed) hands each
+    chunk its rows' temperatures: jsd against a LinearLogits teacher, sparse_kl, sampled_reverse_kl."""
+    g = torch.Generator().manual_seed(32)
+    n, dim, vocab = 11, 6, 53
+    hidden, weight = torch.randn(n, dim, generator=g), torch.randn(vocab, dim, generator=g)
+    t_hidden, t_weight = torch.randn(n, dim, generator=g), torch.randn(vocab, dim, generator=g)
+    temperature = 0.25 + 3.75 * torch.rand(n, generator=g)
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    mask = torch.rand(n, generator=g) > 0.3
+    t_logits = t_hidden @ t_weight.T
+    values, ids = _logs(t_logits, temperature).float().topk(5)
+    teacher_lp = _logs(hidden @ weight.T, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() + 0.3
+    for case, teacher in ((("jsd", 0.3, None, None), rlfuse.LinearLogits(t_hidden, t_weight, chunk_tokens=3)),
+                          (("sparse_kl", 0.5, "tail", None), (ids, values)),
+                          (("sampled_reverse_kl", 0.5, None, "k3"), None)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        kwargs = _distill_kwargs(*case, tokens, teacher_lp)
+        out = distill_loss(rlfuse.LinearLogits(h, w, chunk_tokens=4), teacher, temperature=temperature, mask=mask,
+                           backend=backend, **kwargs)
+        rh, rw = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        ref_teacher = t_logits.double() if case[0] == "jsd" else (ids, values)
+        ref_values, ref_loss = _distill_oracle_loss(rh @ rw.T, ref_teacher, case, temperature, mask, tokens,
+                                                    teacher_lp)
+        torch.testing.assert_close(out.per_token.double(), ref_values.detach(), **VALUES)
+        out.loss.backward()
+        ref_loss.backward()
+        torch.testing.assert_close(h.grad.double(), rh.grad, **GRADS)
+        torch.testing.assert_close(w.grad.double(), rw.grad, **GRADS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["fused", "general"])
+@pytest.mark.parametrize("kind", ["jsd", "sparse_kl"])
+def test_policy_loss_with_a_teacher(backend, path, kind):
+    """policy_loss(temperature=T, teacher=...) = the DAPO oracle + distill_coef x the distillation
+    oracle's token-mean, both at each token's T; the NaN masked row gets no gradient."""
+    if backend == "torch" and path == "fused":
+        pytest.skip("the torch backend is the general path")
+    z, tokens, temperature, adv, old, mask = _policy_inputs((3, 5), 301, 33)
+    teacher = z + 1.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(34))
+    case = ("jsd", 0.4, None, None) if kind == "jsd" else ("sparse_kl", 0.5, "tail", None)
+    if kind == "sparse_kl":
+        values, ids = _logs(teacher.nan_to_num(), temperature).float().topk(6)
+        teacher = (ids, values)
+    config = rlfuse.LossConfig.dapo(entropy_coef=0.01, temperature=2.0, distill_coef=0.3, distill_kind=kind,
+                                    distill_beta=case[1])
+    x = z.clone().requires_grad_()
+    out = rlfuse.policy_loss(x, tokens, adv, old_logprobs=old, mask=mask, config=config, backend=backend, path=path,
+                             temperature=temperature, teacher=teacher)
+    assert out.metrics["path"] == path
+    valid = mask > 0
+    ref = z.double().requires_grad_()
+    ref_teacher = teacher.double() if kind == "jsd" else teacher
+    term = torch.where(valid, distill_oracle(ref, ref_teacher, kind, case[1], temperature, case[2]), 0.0)
+    ref_term = term.sum() / valid.sum()
+    ref_loss = _dapo_oracle(ref, tokens, temperature, adv, old, mask, 0.01) + 0.3 * ref_term
+    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), **VALUES)
+    torch.testing.assert_close(out.metrics["distill"].double(), ref_term.detach(), **VALUES)
+    out.loss.backward()
+    ref_loss.backward()
+    assert torch.all(x.grad[~valid] == 0)
+    torch.testing.assert_close(x.grad[valid].double(), ref.grad[valid], **GRADS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_with_a_teacher_constant_tensor_is_the_scalar(backend):
+    z, tokens, _, adv, old, mask = _policy_inputs((2, 4), 40, 35)
+    teacher = z.flip(-1).nan_to_num()
+    config = rlfuse.LossConfig.dapo(distill_coef=0.2, distill_kind="jsd", distill_beta=0.3)
+    results = []
+    for temperature in (0.8, torch.full(tokens.shape, 0.8)):
+        x = z.clone().requires_grad_()
+        out = rlfuse.policy_loss(x, tokens, adv, old_logprobs=old, mask=mask, config=config, backend=backend,
+                                 temperature=temperature, teacher=teacher)
+        out.loss.backward()
+        results.append((out.loss, out.metrics["distill"], out.logprobs, x.grad))
+    for got, want in zip(*results):
+        assert same_bits(got, want)
+
+
+def test_distill_one_host_read():
+    """A temperature tensor's range is read once per call: distill_loss (with a logits teacher: its only
+    read) and policy_loss with a teacher (read with the call's other checks, not again by the term)."""
+    from test_host_syncs import count_host_reads
+
+    z, tokens, temperature = inputs((2, 5), 40, seed=36, neg_inf=False)
+    adv, old = torch.randn(2, 5), torch.randn(2, 5) - 3.0
+    with count_host_reads() as reads:
+        distill_loss(z, z.flip(-1), temperature=temperature, backend="cpu")
+    assert reads == ["Tensor.tolist"], reads
+    with count_host_reads() as reads:
+        rlfuse.policy_loss(z, tokens, adv, old_logprobs=old, temperature=temperature, teacher=z.flip(-1),
+                           backend="cpu", path="general")
+    assert reads == ["Tensor.tolist"], reads
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,8 +13,10 @@
   the k1 / k3 estimators of ``KL(s || t)``.
 
 ``s = softmax(student / T)``; ``t = softmax(teacher / T)`` for logits teachers (sparse and sampled
-teachers' log-probs are used as given). Gradients reach the student, and the teacher's logits when
-they require grad. ``distill_term`` returns the per-token values for other losses to combine.
+teachers' log-probs are used as given). ``T`` is a number or one value per token (a float tensor of
+the student's leading shape: each row's student and teacher logits divided by that row's T).
+Gradients reach the student, and the teacher's logits when they require grad. ``distill_term``
+returns the per-token values for other losses to combine.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from . import _validation as check
 from .backends import resolve_backend
+from .ops._launch import split_temperature
 from .ops.distill import jsd_fwd
 from .ops.kl_div import DIRECTIONS, kl_div_fwd
 from .ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
@@ -60,16 +63,18 @@ class SupportLogprobs(torch.autograd.Function):
     ``log s_k = (x_k - x_a) + log s_a`` is exact for the probable ids (no rounded lse; x_k - lse
     where the anchor logit is -inf). Backward: ``dL/dz_j = (g_j - G s_j) / T`` (g on the support,
     ``G = sum g``): the dense ``-G s_j / T`` from the ``token_logprobs`` gradient kernel with no
-    target, then the support's entries written exactly (fp32) over it."""
+    target, then the support's entries written exactly (fp32) over it. ``temperature``: a number or
+    a float64 tensor of one T per row (``logits.shape[:-1]``)."""
 
     @staticmethod
     def forward(ctx, logits, ids, valid, temperature, backend):
         vocab = logits.shape[-1]
         safe_ids = torch.where(valid, ids.long(), 0).clamp(0, vocab - 1)
         anchor = safe_ids[..., 0].contiguous()
-        logp_a, entropy, lse = token_logprobs_fwd(logits, anchor, temperature, backend, False)
+        scalar, temperatures = split_temperature(temperature)
+        logp_a, entropy, lse = token_logprobs_fwd(logits, anchor, scalar, backend, False, temperatures)
         compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        inv_temp = 1.0 / temperature
+        inv_temp = inverse_temperature(temperature, logits.shape[:-1], compute)
         x = logits.gather(-1, safe_ids).to(compute) * inv_temp
         x_a = logits.gather(-1, anchor.unsqueeze(-1)).to(compute) * inv_temp
         logs = support_logprobs(x, x_a, logp_a.to(compute), lse.to(compute), valid)
@@ -84,9 +89,30 @@ class SupportLogprobs(torch.autograd.Function):
         g = torch.where(valid, grad_logs, 0.0)
         total = g.sum(-1)
         no_target = torch.full_like(ids[..., 0], -1)
+        scalar, temperatures = split_temperature(temperature)
         grad = token_logprobs_bwd(logits, no_target, lse, entropy, total.float(), torch.zeros_like(lse),
-                                  temperature, backend)
+                                  scalar, backend, temperatures)
         return write_support_gradient(grad, ids, g, logs, valid, valid, temperature), None, None, None, None
+
+
+def inverse_temperature(temperature, rows, dtype):
+    """What the support's logits are multiplied by: ``1 / T`` as the number path takes it (a Python
+    float, which torch rounds to ``dtype``), or per row (``temperature`` a float64 tensor of ``rows``
+    values) the float64 ``1 / T`` rounded once to ``dtype``, shape ``[*rows, 1]``: the same bits where
+    the tensor is constant (the kernels' fp32(1 / T) convention, ``ops._launch.inv_temps``)."""
+    if not isinstance(temperature, Tensor):
+        return 1.0 / temperature
+    inverse = torch.reciprocal(temperature.to(torch.float64)).to(dtype)
+    return inverse.reshape(*rows, 1)
+
+
+def _row_temperature(temperature, like: Tensor) -> Tensor:
+    """T in ``like``'s dtype and on its device, ``[*like.shape[:-1], 1]`` for a per-row tensor, 0-dim for a
+    number: both then divide as tensors (torch divides by a Python number on CUDA as a multiply by its
+    reciprocal, which a tensor of constant T would not give bit for bit)."""
+    if isinstance(temperature, Tensor):
+        return temperature.to(device=like.device, dtype=like.dtype).reshape(*like.shape[:-1], 1)
+    return torch.full((), temperature, dtype=like.dtype, device=like.device)
 
 
 def support_logprobs(x, x_a, logp_a, lse, valid):
@@ -103,9 +129,10 @@ def write_support_gradient(grad, ids, g, logs, valid, written, temperature):
     ``(g_k - G s_k) / T``, ``G = sum g``, ``s_k = 0`` where ``log s_k = -inf``. Only the slots in
     ``written`` are written (a shard: the ids it owns, local); the others repeat the row's first
     written slot (same index, same value: deterministic), and a row without one rewrites entry 0
-    with what it holds."""
+    with what it holds. ``temperature``: a number or one T per row (a tensor of ``g.shape[:-1]`` values)."""
     probs = torch.where(valid, logs.exp(), 0.0)
-    values = (g - g.sum(-1, keepdim=True) * probs) / temperature
+    values = g - g.sum(-1, keepdim=True) * probs
+    values = values / _row_temperature(temperature, values)
     first = written.to(torch.int8).argmax(-1, keepdim=True)
     has_any = written.any(-1, keepdim=True)
     fill_idx = torch.where(has_any, ids.gather(-1, first), 0)
@@ -167,7 +194,9 @@ def _sparse_teacher(teacher, student):
 
 def _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs, estimator,
            sparse_convention):
-    """(per-token fp32 values of shape student.shape[:-1], 0 where not valid; resolved backend)."""
+    """(per-token fp32 values of shape student.shape[:-1], 0 where not valid; resolved backend).
+    ``temperature``: a number, or a validated float64 tensor of one T per row."""
+    scalar, temperatures = split_temperature(temperature)
     if kind in ("jsd", "forward_kl", "reverse_kl"):
         check.check_logits(teacher, "teacher")
         if teacher.shape != student.shape:
@@ -178,12 +207,12 @@ def _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, te
             raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
         resolved = resolve_backend(backend, student.device, "kl_div", student.dtype)
         if kind == "jsd" and 0.0 < beta < 1.0:
-            values = jsd_fwd(student, teacher, temperature, beta, resolved)[0]
+            values = jsd_fwd(student, teacher, scalar, beta, resolved, temperatures)[0]
         else:
             # KL(t || s) is the reverse direction of (student, teacher); KL(s || t) the forward one.
             reverse = kind == "forward_kl" or (kind == "jsd" and beta == 0.0)
             direction = DIRECTIONS["reverse" if reverse else "forward"]
-            values = kl_div_fwd(student, teacher, temperature, direction, resolved)[0]
+            values = kl_div_fwd(student, teacher, scalar, direction, resolved, temperatures)[0]
     elif kind == "sparse_kl":
         ids, logprobs = _sparse_teacher(teacher, student)
         resolved = resolve_backend(backend, student.device, "token_logprobs", student.dtype)
@@ -202,7 +231,7 @@ def _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, te
             raise ValueError(f"kind='sampled_reverse_kl' needs teacher_logprobs of shape {tuple(student.shape[:-1])}")
         check.check_tokens(tokens, student)
         resolved = resolve_backend(backend, student.device, "token_logprobs", student.dtype)
-        logp = token_logprobs_fwd(student, tokens, temperature, resolved, False)[0]
+        logp = token_logprobs_fwd(student, tokens, scalar, resolved, False, temperatures)[0]
         teacher_lp = teacher_logprobs.to(device=student.device, dtype=logp.dtype)
         if valid is not None:  # masked positions see zeros (docs/SPEC.md section 9)
             logp = torch.where(valid, logp, 0.0)
@@ -220,10 +249,10 @@ def _source_terms(student, teacher, tokens, kind, beta, temperature, valid, back
                   sparse_convention):
     """``_terms`` where the student or the teacher is a logits source (docs/distillation.md, "Logits
     sources"). Vocabulary-split sources (``ShardedLogits``, ``LinearLogits(group=...)``) run every kind
-    with rlfuse.sharded's collectives (the KLs through ``kl_divergence``, JSD through ``sharded_jsd``,
+    with rlfuse.sharded's collectives (the KLs through ``checked_kl_divergence``, JSD through ``sharded_jsd``,
     ``sparse_kl`` through ``sharded_support_logprobs``); an unsplit LinearLogits runs the tensor terms a
     chunk of rows at a time (masked rows never reach a GEMM)."""
-    from .linear import LinearLogits, map_rows
+    from .linear import LinearLogits, chunk_temperature, map_rows, temperature_rows
     from .sharded import _is_split
 
     lead = tuple(student.shape[:-1])
@@ -256,13 +285,15 @@ def _source_terms(student, teacher, tokens, kind, beta, temperature, valid, back
                             valid, backend, sparse_convention), resolved
     if any(isinstance(x, LinearLogits) for x in (student, teacher)):
         sources = [student] if kind == "sparse_kl" else [student, teacher]
+        before = 2 if kind == "sparse_kl" else 1  # the chunk's teacher: (ids, logprobs) or its logits
 
         def chunk_terms(s, *rest):
-            t = tuple(rest) if kind == "sparse_kl" else rest[0]
-            return (_terms(s, t, None, kind, beta, temperature, None, backend, None, estimator, sparse_convention)[0],)
+            t = tuple(rest[:before]) if kind == "sparse_kl" else rest[0]
+            chunk_t = chunk_temperature(temperature, rest[before:])
+            return (_terms(s, t, None, kind, beta, chunk_t, None, backend, None, estimator, sparse_convention)[0],)
 
-        return map_rows(chunk_terms, sources, per_row if kind == "sparse_kl" else [], mask=valid)[0].reshape(lead), \
-            resolved
+        rows = (per_row if kind == "sparse_kl" else []) + temperature_rows(temperature)
+        return map_rows(chunk_terms, sources, rows, mask=valid)[0].reshape(lead), resolved
     raise NotImplementedError(f"kind={kind!r} is not available for {type(student).__name__} / "
                               f"{type(teacher).__name__}")
 
@@ -273,11 +304,11 @@ def _split_terms(student, teacher, sparse, kind, beta, temperature, valid, backe
     from .sharded import sharded_jsd, sharded_support_logprobs
 
     if kind in ("forward_kl", "reverse_kl") or (kind == "jsd" and beta in (0.0, 1.0)):
-        from .functional import kl_divergence
+        from .functional import checked_kl_divergence
 
         forward = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)  # KL(s || t), else KL(t || s)
-        return kl_divergence(student, teacher, "forward" if forward else "reverse", temperature, mask=valid,
-                             backend=backend)
+        return checked_kl_divergence(student, teacher, "forward" if forward else "reverse", temperature, valid,
+                                     backend)
     if kind == "jsd":
         return sharded_jsd(student, teacher, beta, temperature, backend, valid)
     ids, logprobs = sparse
@@ -296,13 +327,19 @@ def _dtype(logits) -> torch.dtype:
     return logits.compute_dtype() if is_source(logits) else logits.dtype
 
 
-def _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator, sparse_convention):
+def _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator, sparse_convention,
+             temperature_checked=False):
+    """Validated (beta, temperature, valid). ``temperature``: a number, or a float tensor of the
+    student's leading shape (or 0-dim), checked as ``token_logprobs`` checks it (its range a data
+    check: one host read) and returned as float64 of that shape; ``temperature_checked``: a tensor
+    already validated by the caller (``policy_loss``, with its own checks) is taken as it is."""
     if not is_source(student):
         check.check_logits(student, "student")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     beta = _check_beta(beta)
-    temperature = check.check_temperature(temperature)
+    if not (temperature_checked and isinstance(temperature, Tensor)):
+        temperature = check.check_temperature(temperature, logits=student)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if sparse_convention not in SPARSE_CONVENTIONS:
@@ -314,15 +351,25 @@ def _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator,
 
 
 def distill_term(student: Tensor, teacher=None, tokens: Tensor | None = None, *, kind: str = "jsd",
-                 beta: float = 0.5, temperature: float = 1.0, mask: Tensor | None = None, backend: str = "auto",
-                 teacher_logprobs: Tensor | None = None, estimator: str = "k1",
+                 beta: float = 0.5, temperature: float | Tensor = 1.0, mask: Tensor | None = None,
+                 backend: str = "auto", teacher_logprobs: Tensor | None = None, estimator: str = "k1",
                  sparse_convention: str = "tail") -> Tensor:
     """Per-token distillation values, fp32 ``[N]`` (N = ``student.shape[:-1].numel()``, row-major),
     differentiable (student, and teacher logits that require grad), exactly 0 at masked positions,
     which also get exactly zero gradient. Arguments as :func:`distill_loss`. The loss of a caller
     is ``sum_t w_t term_t`` with its own weights."""
+    return checked_distill_term(student, teacher, tokens, kind=kind, beta=beta, temperature=temperature, mask=mask,
+                                backend=backend, teacher_logprobs=teacher_logprobs, estimator=estimator,
+                                sparse_convention=sparse_convention, temperature_checked=False)
+
+
+def checked_distill_term(student, teacher, tokens, *, kind, beta, temperature, mask, backend, teacher_logprobs,
+                         estimator="k1", sparse_convention="tail", temperature_checked=True) -> Tensor:
+    """:func:`distill_term` for a caller that validated a per-token ``temperature`` tensor itself
+    (``policy_loss``: float64, the student's rows, its range read with the call's other checks), so
+    the call makes no second host read for it; a number is checked as always."""
     beta, temperature, valid = _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator,
-                                        sparse_convention)
+                                        sparse_convention, temperature_checked)
     values, _ = _any_terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs,
                            estimator, sparse_convention)
     return values.reshape(-1)
@@ -353,7 +400,7 @@ def _weights(valid, shape, aggregation, device):
 
 
 def distill_loss(student: Tensor, teacher=None, tokens: Tensor | None = None, *, kind: str = "jsd",
-                 beta: float = 0.5, temperature: float = 1.0, mask: Tensor | None = None,
+                 beta: float = 0.5, temperature: float | Tensor = 1.0, mask: Tensor | None = None,
                  aggregation: str = "token-mean", backend: str = "auto", teacher_logprobs: Tensor | None = None,
                  estimator: str = "k1", sparse_convention: str = "tail") -> DistillOutput:
     """Distillation loss between student logits ``[..., V]`` and a teacher (docs/distillation.md).
@@ -362,7 +409,10 @@ def distill_loss(student: Tensor, teacher=None, tokens: Tensor | None = None, *,
     ``rlfuse.SparseLogprobs`` or ``(ids, logprobs)`` of shape ``[..., K]`` (``sparse_kl``), or None
     (``sampled_reverse_kl``, which takes ``tokens`` and ``teacher_logprobs`` of shape ``[...]``).
     ``beta``: JSD's mixture weight (0: ``KL(t || s)``, 1: ``KL(s || t)``). ``temperature`` divides
-    the student's and the teacher's logits. ``mask`` (``[...]``, nonzero = valid). ``aggregation``:
+    the student's and the teacher's logits: a number, or a float tensor of the student's leading shape
+    ``[...]`` (one T per token, both sides of that row; a 0-dim tensor applies to every token; no
+    gradient, so one that requires grad is a ``ValueError``; its range is checked as a data check, one
+    host read). ``mask`` (``[...]``, nonzero = valid). ``aggregation``:
     ``token-mean``, ``seq-mean-token-mean`` (padded ``[B, T]``) or ``sum``. ``estimator``: ``k1`` or
     ``k3`` (``sampled_reverse_kl``). ``sparse_convention``: ``tail`` (TRL), ``verl`` or ``renorm``.
     """

@@ -123,8 +123,9 @@ def policy_loss(
             (``config.chord_mu``) or LUFFY (``config.luffy_gamma``), docs/SPEC.md section 11.
         temperature: overrides ``config.temperature``: a number, or a float tensor of the tokens'
             shape (one T per token, e.g. rollouts sampled at varying temperature; README "Per-token
-            temperature"), on every path and backend (not TROLL or a distillation teacher). The
-            temperature gets no gradient (a tensor that requires grad is a ``ValueError``).
+            temperature"), on every path and backend, a distillation teacher's term included (not
+            TROLL on a logits source). The temperature gets no gradient (a tensor that requires grad
+            is a ``ValueError``).
     """
     config = LossConfig.dapo() if config is None else config
     if not isinstance(config, LossConfig):
@@ -309,15 +310,17 @@ def _full_kl(logits, ref_logits, config, backend, temperature):
 
 
 def _distill(logits, teacher, teacher_logprobs, batch, config, backend):
-    """Per-token distillation term to the (detached) teacher, flattened to [N]."""
-    from .distill import distill_term
+    """Per-token distillation term to the (detached) teacher, flattened to [N]. A per-token
+    temperature (validated with the call's checks) divides each row of both sides by its T."""
+    from .distill import checked_distill_term
 
     if isinstance(teacher, Tensor) or is_source(teacher):
         teacher = teacher.detach()
     with torch.set_grad_enabled(torch.is_grad_enabled() and config.distill_coef != 0):
-        return distill_term(logits, teacher, batch.tokens, kind=config.distill_kind, beta=config.distill_beta,
-                            temperature=_temperature(batch, config), mask=batch.mask.view(batch.tokens.shape),
-                            backend=backend, teacher_logprobs=teacher_logprobs)
+        return checked_distill_term(logits, teacher, batch.tokens, kind=config.distill_kind, beta=config.distill_beta,
+                                    temperature=_temperature(batch, config, batch.tokens.shape),
+                                    mask=batch.mask.view(batch.tokens.shape), backend=backend,
+                                    teacher_logprobs=teacher_logprobs)
 
 
 def _fused_needs_pre_pass(config) -> bool:
@@ -554,13 +557,11 @@ def _token_logprobs(batch, temperature, backend, inplace_backward):
 
 def _checked_temperature(temperature, tokens, config, checks, ref_logits, teacher, teacher_logprobs):
     """``policy_loss``'s ``temperature`` argument: None (``config.temperature`` applies), a number,
-    or a per-token tensor (flattened to [N] float64; its range a data check of the call)."""
+    or a per-token tensor (flattened to [N] float64; its range a data check of the call). A
+    distillation teacher takes it too (``_distill``); ``teacher`` / ``teacher_logprobs`` are unused."""
     if temperature is None:
         return None
     if isinstance(temperature, Tensor):
-        if teacher is not None or teacher_logprobs is not None:
-            raise ValueError("temperature: a per-token tensor is not supported with a distillation teacher; "
-                             "pass a number")
         return check.check_temperature(temperature, tokens, checks).reshape(-1)
     return check.check_temperature(temperature)
 

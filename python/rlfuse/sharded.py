@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import _validation as check
 from .backends import resolve_backend
-from .distill import support_logprobs, write_support_gradient
+from .distill import inverse_temperature, support_logprobs, write_support_gradient
 from .ops._launch import split_temperature
 from .ops.kl_div import DIRECTIONS, kl_div_bwd, kl_div_fwd
 from .ops.row_topk import row_topk
@@ -486,8 +486,9 @@ class ShardedLogits(LogitsSource):
         tensor, of which this rank uses and differentiates its columns), float32 (float64 for float64
         logits), identical on every rank, differentiable with respect to both local shards. Collectives:
         3 all-reduces (MAX of 8 B, SUM of 8 B, SUM of 8 B per token; 16 B + 16 B + 16 B for float64
-        logits). See ``_ShardedJsd``."""
-        temperature = check.check_temperature(temperature)
+        logits). See ``_ShardedJsd``. ``temperature``: a number, or a per-token tensor validated by the
+        caller."""
+        temperature = _number_checked(temperature)
         if not 0.0 < beta < 1.0:
             raise ValueError(f"_jsd takes 0 < beta < 1 (beta 0 / 1 are the KLs), got {beta!r}")
         other_local = self._other_local(other)
@@ -499,8 +500,9 @@ class ShardedLogits(LogitsSource):
         ``[0, V)`` and distinct per row), ``-inf`` at the others; identical on every rank and
         differentiable with respect to the local shard (``distill.SupportLogprobs`` on shards).
         Collectives: 2 all-reduces (MAX of 4 B, SUM of ``16 + 4 (K + 1)`` B per token). See
-        ``_ShardedSupportLogprobs``."""
-        temperature = check.check_temperature(temperature)
+        ``_ShardedSupportLogprobs``. ``temperature``: a number, or a per-token tensor validated by the
+        caller."""
+        temperature = _number_checked(temperature)
         backend = self._resolve(backend, "token_logprobs")
         lead = self._lead()
         if tuple(ids.shape[:-1]) != lead or ids.shape != valid.shape:
@@ -817,6 +819,16 @@ def _jsd_blocks(rows: int, width: int):
     return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
 
+def _flat_rows(temperature, rows: int):
+    """A number as it is; a per-row temperature tensor flat ``[rows]`` (``_ShardedJsd``'s row blocks)."""
+    return temperature.reshape(rows) if isinstance(temperature, Tensor) else temperature
+
+
+def _block(temperature, r0: int, r1: int):
+    """Rows ``r0:r1`` of a flat per-row temperature; a number as it is."""
+    return temperature[r0:r1] if isinstance(temperature, Tensor) else temperature
+
+
 def _jsd_local_parts(x, y, lse_p, lse_q, beta, temperature):
     """log p, log q, p, q, u, v of rows ``x``, ``y`` (a block of local columns) with the global lse's."""
     log_p = _scaled_local(x, temperature) - lse_p.unsqueeze(-1)
@@ -839,8 +851,9 @@ class _ShardedJsd(torch.autograd.Function):
             lse_q_r = torch.logsumexp(_scaled_local(y, temperature), -1)
         else:
             no_ids = torch.full(lead, -1, dtype=torch.int64, device=x.device)
-            lse_p_r = token_logprobs_fwd(x, no_ids, temperature, backend, False)[2]
-            lse_q_r = token_logprobs_fwd(y, no_ids, temperature, backend, False)[2]
+            scalar, temperatures = split_temperature(temperature)
+            lse_p_r = token_logprobs_fwd(x, no_ids, scalar, backend, False, temperatures)[2]
+            lse_q_r = token_logprobs_fwd(y, no_ids, scalar, backend, False, temperatures)[2]
         lse_r = torch.stack([lse_p_r, lse_q_r], -1).to(compute)
         shift = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
         total = _all_reduce(torch.exp(lse_r - shift), dist.ReduceOp.SUM, group)
@@ -849,8 +862,9 @@ class _ShardedJsd(torch.autograd.Function):
         x2, y2 = x.reshape(rows, width), y.reshape(rows, width)
         lp2, lq2 = lse_p.reshape(rows), lse_q.reshape(rows)
         sums = torch.zeros(rows, 2, dtype=compute, device=x.device)
+        t2 = _flat_rows(temperature, rows)
         for r0, r1 in _jsd_blocks(rows, width):
-            p, q, u, v = _jsd_local_parts(x2[r0:r1], y2[r0:r1], lp2[r0:r1], lq2[r0:r1], beta, temperature)
+            p, q, u, v = _jsd_local_parts(x2[r0:r1], y2[r0:r1], lp2[r0:r1], lq2[r0:r1], beta, _block(t2, r0, r1))
             sums[r0:r1, 0] = -torch.where(p == 0, 0.0, p * u).sum(-1)
             sums[r0:r1, 1] = -torch.where(q == 0, 0.0, q * v).sum(-1)
         kl_p, kl_q = _all_reduce(sums, dist.ReduceOp.SUM, group).reshape(*lead, 2).unbind(-1)
@@ -870,12 +884,15 @@ class _ShardedJsd(torch.autograd.Function):
         lead, width = tuple(x.shape[:-1]), x.shape[-1]
         rows = math.prod(lead)
         x2, y2 = x.detach().reshape(rows, width), y.detach().reshape(rows, width)
-        g2 = (grad_jsd.to(lse_p.dtype) / temperature).reshape(rows, 1)
+        t2 = _flat_rows(temperature, rows)
+        g2 = grad_jsd.to(lse_p.dtype).reshape(rows, 1)
+        g2 = g2 / per_row(t2, g2)
         lp2, lq2, kp2, kq2 = (t.reshape(rows, 1) for t in (lse_p, lse_q, kl_p, kl_q))
         grad_x = torch.empty((rows, width), dtype=x.dtype, device=x.device) if need_x else None
         grad_y = torch.empty((rows, width), dtype=y.dtype, device=y.device) if need_y else None
         for r0, r1 in _jsd_blocks(rows, width):
-            p, q, u, v = _jsd_local_parts(x2[r0:r1], y2[r0:r1], lp2[r0:r1, 0], lq2[r0:r1, 0], beta, temperature)
+            p, q, u, v = _jsd_local_parts(x2[r0:r1], y2[r0:r1], lp2[r0:r1, 0], lq2[r0:r1, 0], beta,
+                                          _block(t2, r0, r1))
             g = g2[r0:r1]
             if need_x:
                 gx = torch.where(p == 0, 0.0, -(1.0 - beta) * p * (u + kp2[r0:r1]))
@@ -906,14 +923,15 @@ class _ShardedSupportLogprobs(torch.autograd.Function):
         owned = (cols >= vocab_start) & (cols < vocab_start + size)
         local_cols = torch.where(owned, cols - vocab_start, torch.zeros_like(cols))
         anchor = torch.where(owned[..., 0], local_cols[..., 0], torch.full_like(local_cols[..., 0], -1))
-        logp_r, entropy_r, lse_r = token_logprobs_fwd(local, anchor, temperature, backend, False)
+        scalar, temperatures = split_temperature(temperature)
+        logp_r, entropy_r, lse_r = token_logprobs_fwd(local, anchor, scalar, backend, False, temperatures)
         stats = lse_r.dtype
         shift = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
         terms = _token_terms(logp_r, entropy_r, lse_r, owned[..., 0], shift)
         x_owned = torch.where(owned, local.gather(-1, local_cols).to(compute), 0.0)
         packed = _all_reduce(torch.cat([terms.to(compute), x_owned], -1).contiguous(), dist.ReduceOp.SUM, group)
         logp_a, entropy, lse = _token_finish(*packed[..., :4].to(stats).unbind(-1), shift)
-        scaled = packed[..., 4:] * (1.0 / temperature)
+        scaled = packed[..., 4:] * inverse_temperature(temperature, packed.shape[:-1], compute)
         x_a, x = scaled[..., :1], scaled[..., 1:]
         logs = support_logprobs(x, x_a, logp_a.to(compute), lse.to(compute), valid)
         ctx.save_for_backward(local_logits, local_cols[..., 1:], owned[..., 1:] & valid, valid, lse, entropy, logs)
@@ -935,8 +953,9 @@ class _ShardedSupportLogprobs(torch.autograd.Function):
         if ctx.backend == "torch":
             grad = _torch_token_gradient(local_logits, no_target, lse, entropy, total.float(), zero, temperature)
         else:
+            scalar, temperatures = split_temperature(temperature)
             grad = token_logprobs_bwd(local_logits.detach(), no_target, lse, entropy, total.float(), zero,
-                                      temperature, ctx.backend)
+                                      scalar, ctx.backend, temperatures)
         # The owned support entries, exactly (slots owned elsewhere or invalid are not written).
         return write_support_gradient(grad, local_ids, g, logs, valid, own, temperature), *none
 
@@ -952,13 +971,14 @@ def _split_order(x) -> int:
     return 0 if getattr(x, "shard_layout", None) is not None else 2
 
 
-def sharded_jsd(student, teacher, beta: float, temperature: float, backend: str, valid=None) -> Tensor:
+def sharded_jsd(student, teacher, beta: float, temperature, backend: str, valid=None) -> Tensor:
     """JSD(beta), ``0 < beta < 1``, with a vocabulary-split source on either side (ShardedLogits or a
     split LinearLogits; the other one split the same way or a full ``[..., V]`` tensor): per-token fp32
     values of the tokens' shape, 0 where ``valid`` is False. ``JSD_beta(s, t) = JSD_(1 - beta)(t, s)``
     (the same mixture), so the split side leads. A split LinearLogits runs ``_ShardedJsd`` on each chunk of
-    valid rows' local logits (``map_rows``: 3 all-reduces per chunk); a ShardedLogits on all rows."""
-    from .linear import map_rows
+    valid rows' local logits (``map_rows``: 3 all-reduces per chunk); a ShardedLogits on all rows.
+    ``temperature``: a number, or a validated per-token tensor (each chunk gets its rows' values)."""
+    from .linear import chunk_temperature, map_rows, temperature_rows
 
     lead = tuple(student.shape[:-1])
     if _split_order(teacher) < _split_order(student):
@@ -976,28 +996,32 @@ def sharded_jsd(student, teacher, beta: float, temperature: float, backend: str,
         raise ValueError(str(error).replace("kl_divergence", "distill_loss", 1)) from None
     other_input, wrap_other = _other_rows(layout, teacher)
 
-    def jsd(x, y):
-        return (layout.wrap(x)._jsd(wrap_other(y), beta, temperature, backend).float(),)
+    def jsd(x, y, *t):
+        return (layout.wrap(x)._jsd(wrap_other(y), beta, chunk_temperature(temperature, t), backend).float(),)
 
-    return map_rows(jsd, [student._local(), other_input], mask=valid)[0].reshape(lead)
+    rows = temperature_rows(temperature)
+    return map_rows(jsd, [student._local(), other_input], rows, mask=valid)[0].reshape(lead)
 
 
-def sharded_support_logprobs(student, ids: Tensor, valid: Tensor, temperature: float, backend: str,
+def sharded_support_logprobs(student, ids: Tensor, valid: Tensor, temperature, backend: str,
                              mask=None) -> Tensor:
     """The student's global log-probs at global ``ids [..., K]`` (``valid`` slots, -inf elsewhere) for a
     ShardedLogits or a split LinearLogits student (``map_rows`` over chunks of ``mask``-valid rows:
-    masked rows are never computed and read as -inf), differentiable."""
-    from .linear import map_rows
+    masked rows are never computed and read as -inf), differentiable. ``temperature``: a number, or a
+    validated per-token tensor."""
+    from .linear import chunk_temperature, map_rows, temperature_rows
 
     if isinstance(student, ShardedLogits):
         return student._support_logprobs(ids, valid, temperature, backend)
     layout = student.shard_layout
     lead = tuple(student.shape[:-1])
 
-    def support(x, chunk_ids, chunk_valid):
-        return (layout.wrap(x)._support_logprobs(chunk_ids, chunk_valid, temperature, backend),)
+    def support(x, chunk_ids, chunk_valid, *t):
+        return (layout.wrap(x)._support_logprobs(chunk_ids, chunk_valid, chunk_temperature(temperature, t),
+                                                 backend),)
 
-    logs = map_rows(support, [student._local()], [ids, valid], mask=mask)[0].reshape(*lead, ids.shape[-1])
+    logs = map_rows(support, [student._local()], [ids, valid, *temperature_rows(temperature)],
+                    mask=mask)[0].reshape(*lead, ids.shape[-1])
     return torch.where(valid, logs, NEG_INF)
 
 
