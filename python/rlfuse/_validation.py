@@ -107,7 +107,7 @@ MAX_TEMPERATURE = 1.0 / MIN_TEMPERATURE  # 2^126
 TEMPERATURE_RANGE = f"[{MIN_TEMPERATURE:.8g}, {MAX_TEMPERATURE:.8g}]"
 
 
-PER_TOKEN_TEMPERATURE_OPS = "token_logprobs, entropy, kl_divergence, sparse_logprobs and policy_loss"
+PER_TOKEN_TEMPERATURE_OPS = "token_logprobs, entropy, kl_divergence, sparse_logprobs, distill_loss and policy_loss"
 
 
 def check_temperature(temperature, tokens: torch.Tensor | None = None, checks: DataChecks | None = None,
