@@ -283,7 +283,7 @@ def entropy_and_temperature(rank, world):
 def per_token_temperature(rank, world):
     """A per-token temperature (issue 17): every rank passes the same tokens-shaped tensor for its rows
     of its columns. token_logprobs / entropy, kl_divergence, sparse_logprobs and policy_loss (general
-    path), plus a split LinearLogits, against the unsharded calls (tests/test_token_temperature.py
+    path, TROLL), plus a split LinearLogits, against the unsharded calls (tests/test_token_temperature.py
     checks those against float64 oracles): values on every rank and this rank's gradient slice. A bad
     value on one rank only raises on every rank."""
     from rlfuse import LossConfig
@@ -338,9 +338,22 @@ def per_token_temperature(rank, world):
     out.loss.backward()
     ref.loss.backward()
     torch.testing.assert_close(local.grad, ref_full.grad[..., cols], rtol=1e-4, atol=1e-7)
+    # TROLL: the global top-k and the support at each row's T (the unsharded call at the same T).
+    troll = LossConfig.troll(troll_k=8)
+    src, local = make(full, layout, rank, requires_grad=True)
+    ref_full = full.clone().requires_grad_(True)
+    outs = [rlfuse.policy_loss(x, tokens, adv, old_logprobs=old, mask=mask, config=troll, old_topk=sparse,
+                               temperature=temperature, backend="cpu") for x in (src, ref_full)]
+    _compare_loss_outputs(outs[0], outs[1], "TROLL, per-token temperature", mask)
+    outs[0].loss.backward()
+    outs[1].loss.backward()
+    torch.testing.assert_close(local.grad, ref_full.grad[..., cols], rtol=1e-4, atol=1e-7)
     lsrc, plain, _, leaves = _linear_pair(rank, world, vocab, 7, lead, seed + 7, chunk_tokens=5)
     torch.testing.assert_close(rlfuse.token_logprobs(lsrc, tokens, temperature),
                                rlfuse.token_logprobs(plain, tokens, temperature), **F32)
+    troll_linear = [rlfuse.policy_loss(x, tokens, adv, old_logprobs=old, mask=mask, config=troll, old_topk=sparse,
+                                       temperature=temperature, backend="cpu").loss for x in (lsrc, plain)]
+    torch.testing.assert_close(troll_linear[0], troll_linear[1], **F32)
     bad = temperature.clone()
     if rank == world - 1:
         bad[1, 2] = 0.0

@@ -429,12 +429,6 @@ def test_bad_temperature_tensors():
             with pytest.raises(error, match=words):
                 call()
     t = temperature.detach()
-    old = torch.zeros(2, 3)
-    hidden, weight = torch.randn(2, 3, 8), torch.randn(z.shape[-1], 8)
-    with pytest.raises(ValueError, match="temperature: a per-token tensor is not supported with loss='troll' on a"):
-        rlfuse.policy_loss(rlfuse.LinearLogits(hidden, weight), tokens, torch.ones(2), old_logprobs=old,
-                           config=rlfuse.LossConfig.troll(troll_k=4), old_topk=rlfuse.sparse_logprobs(z, tokens, 4),
-                           temperature=t)
     with pytest.raises(ValueError, match="temperature must be a number, a 0-dim tensor or a tensor of the tokens"):
         distill_loss(z, z.flip(-1), temperature=t.reshape(-1))  # [N] for a [B, T, V] student
 
@@ -703,3 +697,36 @@ def test_opcheck(backend):
             temps.view(-1), params, (torch.full((n,), 0.1), torch.full((n,), 0.3), torch.full((n,), 5.0)))
         torch.library.opcheck(ops.policy_loss.policy_loss_fused,
                               (z.view(n, -1), tokens.view(-1), *per_token, temperature_arg, backend), kwargs)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_troll_on_linear_logits_takes_each_rows_temperature(backend, generator):
+    """TROLL on a LinearLogits (chunks of 4 rows, a mask) with a per-token T: the loss and the hidden /
+    weight gradients of the same call on the materialised logits (itself checked against the dense
+    oracle above)."""
+    b, t, dim, vocab = 2, 5, 12, 83
+    hidden = torch.randn(b, t, dim, generator=generator)
+    weight = torch.randn(vocab, dim, generator=generator) * 0.5
+    tokens = torch.randint(0, vocab, (b, t), generator=generator)
+    temperature = 0.25 + 3.75 * torch.rand(b, t, generator=generator)
+    logits = hidden @ weight.T
+    old_logits = logits + 0.5 * torch.randn(logits.shape, generator=generator)
+    old_topk = rlfuse.sparse_logprobs(old_logits, tokens, 5, temperature=temperature)
+    old = rlfuse.token_logprobs(old_logits, tokens, temperature)
+    mask = torch.rand(b, t, generator=generator) > 0.3
+    config = rlfuse.LossConfig.troll(troll_k=5, kl="k1", kl_coef=0.05)
+    kwargs = dict(advantages=torch.randn(b, t, generator=generator), old_logprobs=old, old_topk=old_topk, mask=mask,
+                  ref_logprobs=old - 0.1, config=config, backend=backend, temperature=temperature)
+    results = []
+    for linear in (False, True):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        source = rlfuse.LinearLogits(h, w, chunk_tokens=4) if linear else h @ w.T
+        out = rlfuse.policy_loss(source, tokens, **kwargs)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.logprobs, h.grad, w.grad))
+    for dense, chunked in zip(*results):
+        torch.testing.assert_close(chunked, dense, rtol=2e-5, atol=2e-6)
+    constant = dict(kwargs, temperature=torch.full((b, t), 1.3, dtype=torch.float64))  # the number 1.3 exactly
+    scalar = dict(kwargs, temperature=1.3, old_topk=old_topk)
+    src = rlfuse.LinearLogits(hidden, weight, chunk_tokens=4)
+    assert torch.equal(rlfuse.policy_loss(src, tokens, **constant).loss, rlfuse.policy_loss(src, tokens, **scalar).loss)

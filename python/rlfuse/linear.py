@@ -378,16 +378,17 @@ class LinearLogits(LogitsSource):
         lead = self.shape[:-1]
         return SparseLogprobs(ids.reshape(*lead, k), logprobs.reshape(*lead, k), count.reshape(lead), self.vocab)
 
-    def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
+    def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens,
+                          temperature=None):
         from .troll import troll_token_loss
 
         if self.shard_layout is not None:
             from .sharded import linear_troll_token_loss
 
             return linear_troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend,
-                                           valid_tokens)
+                                           valid_tokens, temperature)
         return troll_by_chunks(self, self, troll_token_loss, tokens, advantages, old_logprobs, old_topk, config,
-                               backend, valid_tokens)
+                               backend, valid_tokens, temperature)
 
     def _sample(self, **kwargs):
         from .sampling import per_row_seeds, sample
@@ -684,21 +685,24 @@ def chunk_temperature(temperature, chunk_rows):
 
 
 def troll_by_chunks(src, source, troll_chunk, tokens, advantages, old_logprobs, old_topk, config, backend,
-                    valid_tokens):
-    """TROLL's per-token terms a chunk of valid rows at a time: ``troll_chunk(chunk_logits, ...)`` (the
-    signature of ``troll.troll_token_loss``) on the chunks of ``source`` (``src`` itself or a split
-    source's local part), the old top-k sliced with the rows. ``fused`` says whether every chunk ran a
-    fused TROLL kernel."""
+                    valid_tokens, temperature=None):
+    """TROLL's per-token terms a chunk of valid rows at a time: ``troll_chunk(chunk_logits, ...,
+    temperature=)`` (the signature of ``troll.troll_token_loss``) on the chunks of ``source`` (``src``
+    itself or a split source's local part), the old top-k (and a per-token temperature) sliced with the
+    rows. ``fused`` says whether every chunk ran a fused TROLL kernel."""
     from .troll import SparseLogprobs, TrollTerms
 
     fused = []
+    temperature = config.temperature if temperature is None else temperature
 
-    def terms(x, tok, adv, old, ids, logprobs, count):
-        out = troll_chunk(x, tok, adv, old, SparseLogprobs(ids, logprobs, count, src.vocab), config, backend)
+    def terms(x, tok, adv, old, ids, logprobs, count, *t):
+        out = troll_chunk(x, tok, adv, old, SparseLogprobs(ids, logprobs, count, src.vocab), config, backend,
+                          temperature=chunk_temperature(temperature, t))
         fused.append(out.fused)
         return out.tensors()
 
-    per_row = [tokens, advantages, old_logprobs, old_topk.ids, old_topk.logprobs, old_topk.count]
+    per_row = [tokens, advantages, old_logprobs, old_topk.ids, old_topk.logprobs, old_topk.count,
+               *temperature_rows(temperature)]
     values = map_rows(terms, [source], per_row, mask=valid_tokens)
     return TrollTerms(*values, fused=bool(fused) and all(fused))
 

@@ -123,8 +123,8 @@ def policy_loss(
             (``config.chord_mu``) or LUFFY (``config.luffy_gamma``), docs/SPEC.md section 11.
         temperature: overrides ``config.temperature``: a number, or a float tensor of the tokens'
             shape (one T per token, e.g. rollouts sampled at varying temperature; README "Per-token
-            temperature"), on every path and backend, a distillation teacher's term included (not
-            TROLL on a logits source). The temperature gets no gradient (a tensor that requires grad
+            temperature"), on every path, backend and logits source, TROLL and a distillation
+            teacher's term included. The temperature gets no gradient (a tensor that requires grad
             is a ``ValueError``).
     """
     config = LossConfig.dapo() if config is None else config
@@ -251,9 +251,6 @@ def _troll(batch, old_topk, policy_weight, weight, config, backend, inplace_back
     one more token_logprobs pass (the two-kernel path)."""
     has_penalties = (config.kl is not None and config.kl_coef != 0) or config.entropy_coef != 0
     temperature = _temperature(batch, config)
-    if is_source(batch.logits) and isinstance(temperature, Tensor):
-        raise ValueError("temperature: a per-token tensor is not supported with loss='troll' on a logits source "
-                         "(LinearLogits, ShardedLogits); pass a number or the logits")
     if not is_source(batch.logits) and troll.has_fused_kernel(backend):
         in_kernel = troll.kernel_penalties(config)
         if inplace_backward and has_penalties and not in_kernel:
@@ -267,7 +264,7 @@ def _troll(batch, old_topk, policy_weight, weight, config, backend, inplace_back
     else:
         args = (batch.tokens, batch.advantages, batch.old, old_topk, config, backend, batch.mask > 0)
         if is_source(batch.logits):
-            terms = batch.logits._troll_token_loss(*args)
+            terms = batch.logits._troll_token_loss(*args, temperature=temperature)
         else:
             terms = troll.troll_token_loss(batch.logits, *args, temperature=temperature)
         loss = ref.weighted(terms.loss, policy_weight).sum()

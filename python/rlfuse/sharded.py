@@ -599,11 +599,12 @@ class ShardedLogits(LogitsSource):
 
     # --- losses ----------------------------------------------------------------------------------------
 
-    def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens=None):
+    def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens=None,
+                          temperature=None):
         """``troll.troll_token_loss`` on sharded logits: the support from the global top-k, its logits
         gathered from their owners (one all-reduce of ``[N, |S|]``), the projection replicated."""
         return _sharded_troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend,
-                                        valid_tokens)
+                                         valid_tokens, temperature)
 
 
 # --- combining per-shard statistics ---------------------------------------------------------------
@@ -1301,20 +1302,22 @@ class _ShardedGather(torch.autograd.Function):
 
 
 def _sharded_troll_token_loss(src: ShardedLogits, tokens, advantages, old_logprobs, old_topk, config, backend,
-                              valid_tokens=None):
+                              valid_tokens=None, temperature=None):
     """``troll.troll_token_loss`` with the two vocabulary-sized steps made global: the new kept ids from
     the global top-k (``_global_topk``: one all_gather, which also gives the token's log-prob and
     entropy) and the support's logits from their owners (``_ShardedGather``: one all-reduce). The
     projection (``[N, |S|]``, float64) runs replicated on every rank, with troll.py's own functions."""
-    from .troll import _kept, troll_terms
+    from .troll import _kept, support_temperature, troll_terms
 
-    temperature = config.temperature
+    temperature = config.temperature if temperature is None else temperature
     backend = src._resolve(backend, "row_topk")
     tokens = tokens.reshape(src._lead())
     new_ids, new_values, new_lse, logp, entropy = src._global_topk(config.troll_k, temperature, backend, tokens)
+    row_temperature = support_temperature(temperature, tokens.shape, src.device)
 
     def support_logits(safe_ids, valid):
-        return _ShardedGather.apply(src.local_logits, safe_ids, valid, src.vocab_start, src.group).double() / temperature
+        gathered = _ShardedGather.apply(src.local_logits, safe_ids, valid, src.vocab_start, src.group)
+        return gathered.double() / row_temperature
 
     return troll_terms(support_logits, _kept(new_values, new_ids, new_lse, config.troll_threshold)[0], logp,
                        entropy, tokens, advantages, old_logprobs, old_topk, config, src.vocab, valid_tokens)
@@ -1449,13 +1452,15 @@ def linear_sparse_logprobs(src, tokens, k, threshold, temperature, backend):
     return SparseLogprobs(ids.reshape(*lead, k), logprobs.reshape(*lead, k), count.reshape(lead), layout.vocab)
 
 
-def linear_troll_token_loss(src, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
+def linear_troll_token_loss(src, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens,
+                            temperature=None):
     """TROLL on a split LinearLogits: ``_sharded_troll_token_loss`` on each chunk of valid rows."""
     from .linear import troll_by_chunks
 
     layout = src.shard_layout
-    return troll_by_chunks(src, src._local(), lambda x, *args: _sharded_troll_token_loss(layout.wrap(x), *args),
-                           tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens)
+    return troll_by_chunks(src, src._local(),
+                           lambda x, *args, **kw: _sharded_troll_token_loss(layout.wrap(x), *args, **kw),
+                           tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens, temperature)
 
 
 def linear_sample(src, **kwargs):

@@ -77,7 +77,8 @@ class LogitsSource:
         class sets ``fused_path = True``."""
         raise NotImplementedError
 
-    def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens):
+    def _troll_token_loss(self, tokens, advantages, old_logprobs, old_topk, config, backend, valid_tokens,
+                          temperature=None):
         """``troll.troll_token_loss`` on this source."""
         raise NotImplementedError
 

@@ -306,14 +306,23 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     scalar, temperatures = split_temperature(temperature)
     new_ids, new_values, logp, entropy, new_lse = row_topk(logits.detach(), tokens, scalar, config.troll_k,
                                                            backend, temperatures)
-    # Each row's support logits are scaled by its own T.
-    row_temperature = scalar if temperatures is None else temperatures.reshape(tokens.shape).unsqueeze(-1)
+    row_temperature = support_temperature(temperature, tokens.shape, logits.device)
 
     def support_logits(safe_ids, valid):  # differentiable
         return SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / row_temperature
 
     return troll_terms(support_logits, _kept(new_values, new_ids, new_lse, config.troll_threshold)[0], logp,
                        entropy, tokens, advantages, old_logprobs, old_topk, config, logits.shape[-1], valid_tokens)
+
+
+def support_temperature(temperature, lead, device):
+    """The divisor of the float64 support logits ``[*lead, S]``, ``[*lead, 1]``: each row's own T (a
+    validated per-token tensor) or the number in every row, so that a constant tensor divides
+    exactly as the number does (torch divides by a scalar through its reciprocal)."""
+    scalar, temperatures = split_temperature(temperature)
+    if temperatures is None:
+        return torch.full((*lead, 1), scalar, dtype=torch.float64, device=device)
+    return temperatures.to(torch.float64).reshape(lead).unsqueeze(-1)
 
 
 def troll_terms(support_logits, new_ids, logp, entropy, tokens, advantages, old_logprobs, old_topk, config, vocab,
