@@ -224,6 +224,33 @@ def test_sparse_logprobs(validation_off, backend, generator):
     assert reads == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_token_temperature", [False, True])
+def test_distill_loss_makes_at_most_one_host_read(backend, per_token_temperature, generator):
+    """Every kind: none without validation; with it, one read when the call has data to check (a
+    per-token temperature's values, the sampled tokens' ids), read together."""
+    from rlfuse.distill import distill_loss
+
+    x = torch.randn(3, 4, 50, generator=generator, requires_grad=True)
+    teacher = torch.randn(3, 4, 50, generator=generator)
+    tokens = torch.randint(0, 50, (3, 4), generator=generator)
+    temperature = torch.rand(3, 4, generator=generator) + 0.5 if per_token_temperature else 0.8
+    kinds = {"jsd": dict(teacher=teacher), "reverse_kl": dict(teacher=teacher),
+             "sparse_kl": dict(teacher=rlfuse.sparse_logprobs(teacher, tokens, 5)),
+             "sampled_reverse_kl": dict(tokens=tokens, teacher_logprobs=torch.randn(3, 4, generator=generator))}
+    previous = rlfuse.set_validation(False)
+    try:
+        for validate in (False, True):
+            rlfuse.set_validation(validate)
+            for kind, kwargs in kinds.items():
+                with count_host_reads() as reads:
+                    distill_loss(x, kind=kind, temperature=temperature, backend=backend, **kwargs).loss.backward()
+                has_data = per_token_temperature or kind == "sampled_reverse_kl"
+                assert reads == (["Tensor.tolist"] if validate and has_data else []), (kind, validate, reads)
+    finally:
+        rlfuse.set_validation(previous)
+
+
 SAMPLE_CALLS = {
     "plain": dict(),
     "filters": dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.02, num_samples=3),

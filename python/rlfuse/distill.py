@@ -229,7 +229,6 @@ def _terms(student, teacher, tokens, kind, beta, temperature, valid, backend, te
             raise ValueError("kind='sampled_reverse_kl' needs the sampled tokens")
         if not isinstance(teacher_logprobs, Tensor) or tuple(teacher_logprobs.shape) != tuple(student.shape[:-1]):
             raise ValueError(f"kind='sampled_reverse_kl' needs teacher_logprobs of shape {tuple(student.shape[:-1])}")
-        check.check_tokens(tokens, student)
         resolved = resolve_backend(backend, student.device, "token_logprobs", student.dtype)
         logp = token_logprobs_fwd(student, tokens, scalar, resolved, False, temperatures)[0]
         teacher_lp = teacher_logprobs.to(device=student.device, dtype=logp.dtype)
@@ -262,7 +261,6 @@ def _source_terms(student, teacher, tokens, kind, beta, temperature, valid, back
             raise TypeError("kind='sampled_reverse_kl' takes no teacher logits")
         if tokens is None or not isinstance(teacher_logprobs, Tensor) or tuple(teacher_logprobs.shape) != lead:
             raise ValueError(f"kind='sampled_reverse_kl' needs tokens and teacher_logprobs of shape {lead}")
-        check.check_tokens(tokens, student)
         logp = student._token_logprobs(tokens, temperature, backend, valid)[0]
         teacher_lp = teacher_logprobs.to(device=student.device, dtype=logp.dtype)
         if valid is not None:
@@ -328,18 +326,27 @@ def _dtype(logits) -> torch.dtype:
 
 
 def _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator, sparse_convention,
-             temperature_checked=False):
+             inputs_checked=False):
     """Validated (beta, temperature, valid). ``temperature``: a number, or a float tensor of the
-    student's leading shape (or 0-dim), checked as ``token_logprobs`` checks it (its range a data
-    check: one host read) and returned as float64 of that shape; ``temperature_checked``: a tensor
-    already validated by the caller (``policy_loss``, with its own checks) is taken as it is."""
+    student's leading shape (or 0-dim), checked as ``token_logprobs`` checks it and returned as
+    float64 of that shape. Its range and the sampled tokens' ids are data checks, read together (one
+    host read). ``inputs_checked``: the caller (``policy_loss``, with its own checks) validated a
+    temperature tensor and the tokens, which are taken as they are."""
     if not is_source(student):
         check.check_logits(student, "student")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     beta = _check_beta(beta)
-    if not (temperature_checked and isinstance(temperature, Tensor)):
-        temperature = check.check_temperature(temperature, logits=student)
+    checks = check.DataChecks(student)
+    read = False  # whether any data check was added (a split source's run() is a collective)
+    if not (inputs_checked and isinstance(temperature, Tensor)):
+        read = isinstance(temperature, Tensor)
+        temperature = check.check_temperature(temperature, checks=checks, logits=student)
+    if kind == "sampled_reverse_kl" and tokens is not None and not inputs_checked:
+        check.check_tokens(tokens, student, checks)
+        read = True
+    if read:
+        checks.run()
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if sparse_convention not in SPARSE_CONVENTIONS:
@@ -360,16 +367,16 @@ def distill_term(student: Tensor, teacher=None, tokens: Tensor | None = None, *,
     is ``sum_t w_t term_t`` with its own weights."""
     return checked_distill_term(student, teacher, tokens, kind=kind, beta=beta, temperature=temperature, mask=mask,
                                 backend=backend, teacher_logprobs=teacher_logprobs, estimator=estimator,
-                                sparse_convention=sparse_convention, temperature_checked=False)
+                                sparse_convention=sparse_convention, inputs_checked=False)
 
 
 def checked_distill_term(student, teacher, tokens, *, kind, beta, temperature, mask, backend, teacher_logprobs,
-                         estimator="k1", sparse_convention="tail", temperature_checked=True) -> Tensor:
-    """:func:`distill_term` for a caller that validated a per-token ``temperature`` tensor itself
-    (``policy_loss``: float64, the student's rows, its range read with the call's other checks), so
-    the call makes no second host read for it; a number is checked as always."""
+                         estimator="k1", sparse_convention="tail", inputs_checked=True) -> Tensor:
+    """:func:`distill_term` for a caller that validated a per-token ``temperature`` tensor and the
+    tokens itself (``policy_loss``, with the call's other checks), so the term makes no second host
+    read for them; a number is checked as always."""
     beta, temperature, valid = _prepare(student, teacher, tokens, kind, beta, temperature, mask, estimator,
-                                        sparse_convention, temperature_checked)
+                                        sparse_convention, inputs_checked)
     values, _ = _any_terms(student, teacher, tokens, kind, beta, temperature, valid, backend, teacher_logprobs,
                            estimator, sparse_convention)
     return values.reshape(-1)
