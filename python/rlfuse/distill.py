@@ -33,6 +33,7 @@ from .ops.distill import jsd_fwd
 from .ops.kl_div import DIRECTIONS, kl_div_fwd
 from .ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 from .reference.distill import sampled_kl_terms, sparse_kl_terms
+from .reference.token_logprobs import row_divisor
 from .source import is_source
 from .troll import SparseLogprobs
 
@@ -106,15 +107,6 @@ def inverse_temperature(temperature, rows, dtype):
     return inverse.reshape(*rows, 1)
 
 
-def _row_temperature(temperature, like: Tensor) -> Tensor:
-    """T in ``like``'s dtype and on its device, ``[*like.shape[:-1], 1]`` for a per-row tensor, 0-dim for a
-    number: both then divide as tensors (torch divides by a Python number on CUDA as a multiply by its
-    reciprocal, which a tensor of constant T would not give bit for bit)."""
-    if isinstance(temperature, Tensor):
-        return temperature.to(device=like.device, dtype=like.dtype).reshape(*like.shape[:-1], 1)
-    return torch.full((), temperature, dtype=like.dtype, device=like.device)
-
-
 def support_logprobs(x, x_a, logp_a, lse, valid):
     """``log s_k`` on a support from its scaled logits ``x [..., K]``, the anchor's ``x_a [..., 1]`` and
     log-prob ``logp_a``: ``(x_k - x_a) + log s_a``, exact for the probable ids (no rounded lse), or
@@ -132,7 +124,7 @@ def write_support_gradient(grad, ids, g, logs, valid, written, temperature):
     with what it holds. ``temperature``: a number or one T per row (a tensor of ``g.shape[:-1]`` values)."""
     probs = torch.where(valid, logs.exp(), 0.0)
     values = g - g.sum(-1, keepdim=True) * probs
-    values = values / _row_temperature(temperature, values)
+    values = values / row_divisor(temperature, values)
     first = written.to(torch.int8).argmax(-1, keepdim=True)
     has_any = written.any(-1, keepdim=True)
     fill_idx = torch.where(has_any, ids.gather(-1, first), 0)

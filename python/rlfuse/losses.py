@@ -143,8 +143,7 @@ def policy_loss(
     batch = _prepare(logits, tokens, advantages, old_logprobs, ref_logprobs, rollout_logprobs, mask, cu_seqlens,
                      config, checks)
     _clip_inputs(batch, config, tokens, old_entropy, checks)  # per-token clip bounds, ERC's old entropy
-    batch.temperature = _checked_temperature(temperature, tokens, config, checks, ref_logits, teacher,
-                                             teacher_logprobs)
+    batch.temperature = _checked_temperature(temperature, tokens, checks)
     source = is_source(logits)
     if inplace_backward:
         if source:
@@ -552,10 +551,9 @@ def _token_logprobs(batch, temperature, backend, inplace_backward):
     return logp, entropy
 
 
-def _checked_temperature(temperature, tokens, config, checks, ref_logits, teacher, teacher_logprobs):
+def _checked_temperature(temperature, tokens, checks):
     """``policy_loss``'s ``temperature`` argument: None (``config.temperature`` applies), a number,
-    or a per-token tensor (flattened to [N] float64; its range a data check of the call). A
-    distillation teacher takes it too (``_distill``); ``teacher`` / ``teacher_logprobs`` are unused."""
+    or a per-token tensor (flattened to [N] float64; its range a data check of the call)."""
     if temperature is None:
         return None
     if isinstance(temperature, Tensor):

@@ -50,7 +50,7 @@ from .ops._launch import split_temperature
 from .ops.kl_div import DIRECTIONS, kl_div_bwd, kl_div_fwd
 from .ops.row_topk import row_topk
 from .ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
-from .reference.token_logprobs import per_row
+from .reference.token_logprobs import per_row, row_divisor
 from .source import LogitsSource
 
 __all__ = ["ShardedLogits", "vocab_parallel_log_probs_from_logits", "vocab_parallel_entropy"]
@@ -1307,17 +1307,16 @@ def _sharded_troll_token_loss(src: ShardedLogits, tokens, advantages, old_logpro
     the global top-k (``_global_topk``: one all_gather, which also gives the token's log-prob and
     entropy) and the support's logits from their owners (``_ShardedGather``: one all-reduce). The
     projection (``[N, |S|]``, float64) runs replicated on every rank, with troll.py's own functions."""
-    from .troll import _kept, support_temperature, troll_terms
+    from .troll import _kept, troll_terms
 
     temperature = config.temperature if temperature is None else temperature
     backend = src._resolve(backend, "row_topk")
     tokens = tokens.reshape(src._lead())
     new_ids, new_values, new_lse, logp, entropy = src._global_topk(config.troll_k, temperature, backend, tokens)
-    row_temperature = support_temperature(temperature, tokens.shape, src.device)
 
     def support_logits(safe_ids, valid):
-        gathered = _ShardedGather.apply(src.local_logits, safe_ids, valid, src.vocab_start, src.group)
-        return gathered.double() / row_temperature
+        x = _ShardedGather.apply(src.local_logits, safe_ids, valid, src.vocab_start, src.group).double()
+        return x / row_divisor(temperature, x)
 
     return troll_terms(support_logits, _kept(new_values, new_ids, new_lse, config.troll_threshold)[0], logp,
                        entropy, tokens, advantages, old_logprobs, old_topk, config, src.vocab, valid_tokens)

@@ -25,6 +25,7 @@ from .ops._launch import empty_buffer, split_temperature
 from .ops.policy_loss import TokenLossParams, _param_from_config
 from .ops.row_topk import row_topk
 from .ops.troll import fused_troll
+from .reference.token_logprobs import row_divisor
 from .source import is_source
 
 LOG_FLOOR = math.log(1e-12)  # old log-prob of support tokens the old policy did not keep
@@ -306,23 +307,13 @@ def troll_token_loss(logits, tokens, advantages, old_logprobs, old_topk, config,
     scalar, temperatures = split_temperature(temperature)
     new_ids, new_values, logp, entropy, new_lse = row_topk(logits.detach(), tokens, scalar, config.troll_k,
                                                            backend, temperatures)
-    row_temperature = support_temperature(temperature, tokens.shape, logits.device)
 
-    def support_logits(safe_ids, valid):  # differentiable
-        return SparseGather.apply(logits, safe_ids.to(logits.device), valid).double() / row_temperature
+    def support_logits(safe_ids, valid):  # differentiable; each row at its own T
+        x = SparseGather.apply(logits, safe_ids.to(logits.device), valid).double()
+        return x / row_divisor(temperature, x)
 
     return troll_terms(support_logits, _kept(new_values, new_ids, new_lse, config.troll_threshold)[0], logp,
                        entropy, tokens, advantages, old_logprobs, old_topk, config, logits.shape[-1], valid_tokens)
-
-
-def support_temperature(temperature, lead, device):
-    """The divisor of the float64 support logits ``[*lead, S]``, ``[*lead, 1]``: each row's own T (a
-    validated per-token tensor) or the number in every row, so that a constant tensor divides
-    exactly as the number does (torch divides by a scalar through its reciprocal)."""
-    scalar, temperatures = split_temperature(temperature)
-    if temperatures is None:
-        return torch.full((*lead, 1), scalar, dtype=torch.float64, device=device)
-    return temperatures.to(torch.float64).reshape(lead).unsqueeze(-1)
 
 
 def troll_terms(support_logits, new_ids, logp, entropy, tokens, advantages, old_logprobs, old_topk, config, vocab,

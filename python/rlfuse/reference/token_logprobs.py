@@ -21,6 +21,15 @@ def per_row(value, like: torch.Tensor):
     return value
 
 
+def row_divisor(value, like: torch.Tensor) -> torch.Tensor:
+    """``per_row`` as a tensor for a number too (0-dim, ``like``'s dtype and device), for the kernels'
+    callers that promise a constant per-token tensor the number's bits: dividing by a tensor is a
+    true division on every device, where CUDA divides by a Python number through its reciprocal."""
+    if isinstance(value, torch.Tensor):
+        return per_row(value, like)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
 def _scaled(logits: torch.Tensor, temperature) -> torch.Tensor:
     """x = z / T, computed in at least float32; ``temperature`` a number or one value per row."""
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
