@@ -68,9 +68,9 @@ def min_p_logprobs(rows: Tensor, tokens: Tensor, temperature: float | Tensor, mi
     """``(kept, full)`` [rows], fp32, differentiable in ``rows`` ([rows, V]): each row's token
     log-prob over the sampler's min-p kept set (``kept_min`` from the score op; -inf outside the set)
     and over the whole row, both at ``x = z * fp32(1 / fp32(T))`` (per-row temperatures, as the
-    sampler takes them; ``temperature`` a number or one value per row), on a kernel ``backend``. No data checks and no host read, so it traces
-    under ``torch.compile(fullgraph=True)``: for rows the caller knows to be valid (Lp-Reg's selected
-    rows, docs/SPEC.md section 11)."""
+    sampler takes them; ``temperature`` a number or one value per row), on a kernel ``backend``. No
+    data checks and no host read, so it traces under ``torch.compile(fullgraph=True)``: for rows the
+    caller knows to be valid (Lp-Reg's selected rows, docs/SPEC.md section 11)."""
     count, device = rows.shape[0], rows.device
     if isinstance(temperature, Tensor):
         temperatures = temperature.reshape(count).to(torch.float32)

@@ -135,9 +135,8 @@ def _valid_extreme(values: Tensor, valid: Tensor, kind: str) -> Tensor:
 
 def _proxy_kl(rows: Tensor, tokens: Tensor, temperature, min_p: float, backend: str) -> tuple[Tensor, Tensor]:
     """``(KL(proxy || pi), kept)`` per row (docs/SPEC.md section 11; ``temperature`` a number or one
-    value per row): the reference on
-    ``backend='torch'``; else ``log proxy(y) - log pi(y)`` from the kernels (0 where ``y`` is outside
-    the kept set, whose rows get no weight)."""
+    value per row): the reference on ``backend='torch'``; else ``log proxy(y) - log pi(y)`` from the
+    kernels (0 where ``y`` is outside the kept set, whose rows get no weight)."""
     if backend == "torch":
         return mixed.filtered_proxy_kl(rows, tokens, temperature, min_p)
     kept_logp, logp = min_p_logprobs(rows, tokens, temperature, min_p, backend)
