@@ -561,32 +561,42 @@ def sample_bad_rows_raise_on_every_rank(rank, world):
 
 @case
 def troll_token_loss_matches(rank, world):
+    """ShardedLogits' TROLL terms and gradient against the single-device ones, also with -inf current
+    logits on the support (old top-k ids and a chosen token): they leave the projection there as on
+    one device (the sharded path once kept them in, a NaN loss)."""
     from rlfuse import LossConfig
     from rlfuse.troll import troll_token_loss
 
     vocab, lead, seed = 700, (10,), 70
     layout = rank_order_layout(vocab, world)
-    full = full_logits(seed, lead, vocab, scale=2.0, neg_inf=False)
-    old_full = full + 0.3 * full_logits(seed + 1, lead, vocab, neg_inf=False)
+    starts, sizes = layout
     tokens = tokens_for(seed, lead, vocab)
     config = LossConfig.troll()
-    old_topk = rlfuse.sparse_logprobs(old_full, tokens, config.troll_k, backend="cpu")
-    old_logp = rlfuse.token_logprobs(old_full, tokens, backend="cpu")
     adv = torch.randn(lead, generator=torch.Generator().manual_seed(seed + 3))
     valid = torch.ones(lead, dtype=torch.bool)
     valid[4] = False
-    src, local = make(full, layout, rank, requires_grad=True)
-    got = src._troll_token_loss(tokens, adv, old_logp, old_topk, config, "cpu", valid)
-    ref_full = full.clone().requires_grad_(True)
-    want = troll_token_loss(ref_full, tokens, adv, old_logp, old_topk, config, "cpu", valid)
-    for name in ("loss", "eta", "kl_before", "kl_after", "support", "logp", "entropy"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=2e-5, msg=name)
-    w = torch.where(valid, 1.0, 0.0)
-    (got.loss * w).sum().backward()
-    (want.loss * w).sum().backward()
-    starts, sizes = layout
-    torch.testing.assert_close(local.grad, ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]],
-                               rtol=1e-4, atol=1e-6)
+    for support_neg_inf in (False, True):
+        full = full_logits(seed, lead, vocab, scale=2.0, neg_inf=False)
+        old_full = full + 0.3 * full_logits(seed + 1, lead, vocab, neg_inf=False)
+        old_topk = rlfuse.sparse_logprobs(old_full, tokens, config.troll_k, backend="cpu")
+        old_logp = rlfuse.token_logprobs(old_full, tokens, backend="cpu")
+        if support_neg_inf:
+            for row in (0, 3, 7):  # two old top-k ids; row 7 also its chosen token
+                full[row, old_topk.ids[row, :2].long()] = float("-inf")
+            full[7, tokens[7]] = float("-inf")
+        src, local = make(full, layout, rank, requires_grad=True)
+        got = src._troll_token_loss(tokens, adv, old_logp, old_topk, config, "cpu", valid)
+        ref_full = full.clone().requires_grad_(True)
+        want = troll_token_loss(ref_full, tokens, adv, old_logp, old_topk, config, "cpu", valid)
+        assert torch.isfinite(want.loss[valid]).all()
+        for name in ("loss", "eta", "kl_before", "kl_after", "support", "logp", "entropy"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=2e-5,
+                                       equal_nan=True, msg=f"{name}, -inf on the support: {support_neg_inf}")
+        w = torch.where(valid, 1.0, 0.0)
+        (got.loss * w).sum().backward()
+        (want.loss * w).sum().backward()
+        torch.testing.assert_close(local.grad, ref_full.grad[..., starts[rank]:starts[rank] + sizes[rank]],
+                                   rtol=1e-4, atol=1e-6)
 
 
 # --- drop-ins -----------------------------------------------------------------------------------------------
